@@ -1,0 +1,116 @@
+"""The weight map: Hugging Face tensor names -> jaxmoe parameters, per family.
+
+Dense weights go to a pure dict shaped like `nnx.state(MoEDecoder).to_pure_dict()`
+(torch Linear [out, in] becomes an NNX kernel [in, out]). Routed experts go to
+per-layer ExpertWeights stacks. Two expert layouts exist in the wild:
+  per expert: `...experts.E.{gate_proj,up_proj,down_proj}.weight` (Mixtral:
+              `block_sparse_moe.experts.E.{w1,w3,w2}.weight`)
+  fused:      `...mlp.experts.gate_up_proj` [E, 2I, D] and `...mlp.experts.down_proj` [E, D, I]
+Each layer must use exactly one of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Literal
+
+from jaxmoe.config import MoEConfig
+
+# Buffers some checkpoints carry that are recomputed, never loaded.
+IGNORED = re.compile(r".*\.rotary_emb\.inv_freq$")
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseTarget:
+    path: tuple  # key path into the dense pure dict
+    shape: tuple[int, ...]  # the Hugging Face tensor's shape
+    transpose: bool  # torch Linear weight -> NNX kernel
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertTarget:
+    layer: int
+    part: Literal["gate", "up", "down", "gate_up_fused", "down_fused"]
+    expert: int | None  # None for the fused layout (all experts in one tensor)
+    shape: tuple[int, ...]
+
+
+def _linear(prefix: str, path: tuple, d_in: int, d_out: int, bias: bool) -> dict:
+    out = {f"{prefix}.weight": DenseTarget(path + ("kernel",), (d_out, d_in), True)}
+    if bias:
+        out[f"{prefix}.bias"] = DenseTarget(path + ("bias",), (d_out,), False)
+    return out
+
+
+def _norm(prefix: str, path: tuple, dim: int) -> dict:
+    return {f"{prefix}.weight": DenseTarget(path + ("weight",), (dim,), False)}
+
+
+def dense_targets(cfg: MoEConfig) -> dict[str, DenseTarget]:
+    """Every dense tensor the checkpoint must contain, by Hugging Face name."""
+    d, h, hk, dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    t = {"model.embed_tokens.weight": DenseTarget(("embed_tokens", "embedding"), (cfg.vocab_size, d), False)}
+    t |= _norm("model.norm", ("norm",), d)
+    if not cfg.tie_word_embeddings:
+        t |= _linear("lm_head", ("lm_head",), d, cfg.vocab_size, False)
+    moe_prefix = "block_sparse_moe" if cfg.family == "mixtral" else "mlp"
+    for i in range(cfg.num_layers):
+        p, path = f"model.layers.{i}", ("layers", i)
+        t |= _norm(f"{p}.input_layernorm", path + ("input_layernorm",), d)
+        t |= _norm(f"{p}.post_attention_layernorm", path + ("post_attention_layernorm",), d)
+        attn = path + ("self_attn",)
+        t |= _linear(f"{p}.self_attn.q_proj", attn + ("q_proj",), d, h * dh, cfg.qkv_bias)
+        t |= _linear(f"{p}.self_attn.k_proj", attn + ("k_proj",), d, hk * dh, cfg.qkv_bias)
+        t |= _linear(f"{p}.self_attn.v_proj", attn + ("v_proj",), d, hk * dh, cfg.qkv_bias)
+        t |= _linear(f"{p}.self_attn.o_proj", attn + ("o_proj",), h * dh, d, cfg.o_bias)
+        if cfg.qk_norm == "per_head":
+            t |= _norm(f"{p}.self_attn.q_norm", attn + ("q_norm",), dh)
+            t |= _norm(f"{p}.self_attn.k_norm", attn + ("k_norm",), dh)
+        elif cfg.qk_norm == "full":
+            t |= _norm(f"{p}.self_attn.q_norm", attn + ("q_norm",), h * dh)
+            t |= _norm(f"{p}.self_attn.k_norm", attn + ("k_norm",), hk * dh)
+        mlp = path + ("mlp",)
+        if not cfg.moe_layers[i]:
+            for name, (a, b) in _mlp_shapes(d, cfg.dense_intermediate_size).items():
+                t |= _linear(f"{p}.mlp.{name}", mlp + (name,), a, b, False)
+            continue
+        t |= _linear(f"{p}.{moe_prefix}.gate", mlp + ("gate",), d, cfg.num_experts, False)
+        if cfg.shared_expert_intermediate_size:
+            for name, (a, b) in _mlp_shapes(d, cfg.shared_expert_intermediate_size).items():
+                t |= _linear(f"{p}.mlp.shared_expert.{name}", mlp + ("shared_expert", name), a, b, False)
+            t |= _linear(f"{p}.mlp.shared_expert_gate", mlp + ("shared_expert_gate",), d, 1, False)
+    return t
+
+
+def _mlp_shapes(d: int, width: int) -> dict[str, tuple[int, int]]:
+    return {"gate_proj": (d, width), "up_proj": (d, width), "down_proj": (width, d)}
+
+
+def router_aliases(cfg: MoEConfig) -> dict[str, str]:
+    """Mixtral checkpoints written by transformers 5 name the router `mlp.gate`."""
+    if cfg.family != "mixtral":
+        return {}
+    return {
+        f"model.layers.{i}.mlp.gate.weight": f"model.layers.{i}.block_sparse_moe.gate.weight"
+        for i in cfg.moe_layer_ids
+    }
+
+
+def expert_targets(cfg: MoEConfig) -> tuple[dict[str, ExpertTarget], dict[str, ExpertTarget]]:
+    """(per-expert names, fused names) for every routed-expert tensor."""
+    d, i_, e = cfg.hidden_size, cfg.expert_intermediate_size, cfg.num_experts
+    if cfg.family == "mixtral":
+        prefix, names = "block_sparse_moe.experts", {"gate": "w1", "up": "w3", "down": "w2"}
+    else:
+        prefix, names = "mlp.experts", {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+    shapes = {"gate": (i_, d), "up": (i_, d), "down": (d, i_)}
+    per_expert, fused = {}, {}
+    for layer in cfg.moe_layer_ids:
+        p = f"model.layers.{layer}"
+        for x in range(e):
+            for part, name in names.items():
+                per_expert[f"{p}.{prefix}.{x}.{name}.weight"] = ExpertTarget(layer, part, x, shapes[part])
+        fused[f"{p}.mlp.experts.gate_up_proj"] = ExpertTarget(layer, "gate_up_fused", None, (e, 2 * i_, d))
+        fused[f"{p}.mlp.experts.down_proj"] = ExpertTarget(layer, "down_fused", None, (e, d, i_))
+    return per_expert, fused

@@ -1,0 +1,142 @@
+"""The MoE decoder: embeddings, decoder layers, final norm and LM head.
+
+Shapes:
+  B batch, T tokens in this call, S KV-cache length, D hidden, V vocab,
+  L layers, E experts, K experts per token.
+The module holds the dense weights only. Routed experts arrive as an argument
+(`experts[l]` is an ExpertWeights for MoE layers, None for dense ones) and the
+MoE function is chosen by the caller, so the same module serves the resident
+engine, an offloaded engine and the per-expert reference.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxmoe.config import MoEConfig
+from jaxmoe.model.experts import ExpertWeights, Routing, moe_ffn, route
+from jaxmoe.model.layers import Attention, DenseMLP, RMSNorm, linear
+
+MoEFn = Callable[[jax.Array, jax.Array, jax.Array, ExpertWeights], jax.Array]
+Experts = Sequence[ExpertWeights | None]  # one entry per layer
+
+
+class LayerKV(NamedTuple):
+    k: jax.Array  # [B, S, Hk, Dh]
+    v: jax.Array  # [B, S, Hk, Dh]
+
+
+def init_kv_cache(cfg: MoEConfig, batch: int, length: int) -> tuple[LayerKV, ...]:
+    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+    return tuple(LayerKV(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)) for _ in range(cfg.num_layers))
+
+
+class SparseMoeBlock(nnx.Module):
+    """Router plus (Qwen2-MoE) the always-on shared expert; routed experts come from outside."""
+
+    def __init__(self, cfg: MoEConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.gate = linear(cfg, cfg.hidden_size, cfg.num_experts, False, rngs)
+        if cfg.shared_expert_intermediate_size:
+            self.shared_expert = DenseMLP(cfg, cfg.shared_expert_intermediate_size, rngs)
+            self.shared_expert_gate = linear(cfg, cfg.hidden_size, 1, False, rngs)
+
+    def route(self, h: jax.Array) -> Routing:
+        return route(self.cfg, self.gate(h))
+
+    def __call__(self, h: jax.Array, routing: Routing, experts: ExpertWeights, moe_fn: MoEFn) -> jax.Array:
+        out = moe_fn(h, routing.ids, routing.weights, experts)
+        if self.cfg.shared_expert_intermediate_size:
+            out = out + jax.nn.sigmoid(self.shared_expert_gate(h)) * self.shared_expert(h)
+        return out
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: MoEConfig, layer: int, rngs: nnx.Rngs):
+        self.is_moe = cfg.moe_layers[layer]
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
+        self.self_attn = Attention(cfg, rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
+        if self.is_moe:
+            self.mlp = SparseMoeBlock(cfg, rngs)
+        else:
+            self.mlp = DenseMLP(cfg, cfg.dense_intermediate_size, rngs)
+
+    def attend(self, x: jax.Array, positions: jax.Array, kv: LayerKV) -> tuple[jax.Array, LayerKV]:
+        out, k, v = self.self_attn(self.input_layernorm(x), positions, kv.k, kv.v)
+        return x + out, LayerKV(k, v)
+
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, kv: LayerKV, experts: ExpertWeights | None, moe_fn: MoEFn
+    ) -> tuple[jax.Array, LayerKV, Routing | None]:
+        x, kv = self.attend(x, positions, kv)
+        b, t, d = x.shape
+        h = self.post_attention_layernorm(x).reshape(b * t, d)  # [B*T, D]
+        if not self.is_moe:
+            return x + self.mlp(h).reshape(b, t, d), kv, None
+        routing = self.mlp.route(h)
+        return x + self.mlp(h, routing, experts, moe_fn).reshape(b, t, d), kv, routing
+
+
+class MoEDecoder(nnx.Module):
+    def __init__(self, cfg: MoEConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed_tokens = nnx.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            dtype=cfg.dtype,
+            param_dtype=cfg.dtype,
+            embedding_init=nnx.initializers.normal(0.02),
+            rngs=rngs,
+        )
+        self.layers = nnx.List([DecoderLayer(cfg, i, rngs) for i in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = linear(cfg, cfg.hidden_size, cfg.vocab_size, False, rngs)
+
+    def __call__(
+        self,
+        tokens: jax.Array,  # [B, T] int32
+        positions: jax.Array,  # [B, T] int32
+        kv: Sequence[LayerKV],
+        experts: Experts,
+        moe_fn: MoEFn = moe_ffn,
+    ) -> tuple[jax.Array, tuple[LayerKV, ...], tuple[Routing | None, ...]]:
+        """Final-norm hidden states [B, T, D], the updated cache and each layer's routing."""
+        x = self.embed_tokens(tokens)
+        new_kv, routings = [], []
+        for layer, layer_kv, layer_experts in zip(self.layers, kv, experts, strict=True):
+            x, layer_kv, routing = layer(x, positions, layer_kv, layer_experts, moe_fn)
+            new_kv.append(layer_kv)
+            routings.append(routing)
+        return self.norm(x), tuple(new_kv), tuple(routings)
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """[..., D] -> fp32 [..., V]."""
+        if self.cfg.tie_word_embeddings:
+            out = self.embed_tokens.attend(h)
+        else:
+            out = self.lm_head(h)
+        return out.astype(jnp.float32)
+
+
+def init_experts(cfg: MoEConfig, key: jax.Array) -> tuple[ExpertWeights | None, ...]:
+    """Random routed experts (normal, std 0.02) for every MoE layer."""
+    e, d, i = cfg.num_experts, cfg.hidden_size, cfg.expert_intermediate_size
+    out = []
+    for layer, key_l in enumerate(jax.random.split(key, cfg.num_layers)):
+        if not cfg.moe_layers[layer]:
+            out.append(None)
+            continue
+        k1, k2 = jax.random.split(key_l)
+        out.append(
+            ExpertWeights(
+                (0.02 * jax.random.normal(k1, (e, d, 2 * i))).astype(cfg.dtype),
+                (0.02 * jax.random.normal(k2, (e, i, d))).astype(cfg.dtype),
+            )
+        )
+    return tuple(out)

@@ -1,0 +1,121 @@
+"""Dense building blocks: RMSNorm, RoPE, attention over a static KV cache, dense MLP.
+
+Shapes:
+  B batch, T tokens in this call, S KV-cache length (static), D hidden,
+  H query heads, Hk key/value heads, G = H // Hk, Dh head dim, I MLP width.
+Attribute names follow the Hugging Face modules so the weight map stays readable.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxmoe.config import MoEConfig
+
+
+def _dtype(cfg: MoEConfig):
+    return jnp.dtype(cfg.dtype)
+
+
+def linear(cfg: MoEConfig, d_in: int, d_out: int, bias: bool, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(
+        d_in,
+        d_out,
+        use_bias=bias,
+        dtype=_dtype(cfg),
+        param_dtype=_dtype(cfg),
+        kernel_init=nnx.initializers.normal(0.02),
+        rngs=rngs,
+    )
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # Normalise in fp32, cast back, then scale: the order transformers uses.
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * x32.astype(x.dtype)
+
+
+def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables for absolute positions [B, T] -> two [B, T, 1, Dh] arrays."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: MoEConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        h, hk, dh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+        self.q_proj = linear(cfg, d, h * dh, cfg.qkv_bias, rngs)
+        self.k_proj = linear(cfg, d, hk * dh, cfg.qkv_bias, rngs)
+        self.v_proj = linear(cfg, d, hk * dh, cfg.qkv_bias, rngs)
+        self.o_proj = linear(cfg, h * dh, d, cfg.o_bias, rngs)
+        # Qwen3 normalises each head; OLMoE the whole projected width before the head split.
+        norm_dims = {"per_head": (dh, dh), "full": (h * dh, hk * dh)}.get(cfg.qk_norm)
+        if norm_dims:
+            self.q_norm = RMSNorm(norm_dims[0], cfg.rms_norm_eps, _dtype(cfg))
+            self.k_norm = RMSNorm(norm_dims[1], cfg.rms_norm_eps, _dtype(cfg))
+
+    def __call__(
+        self,
+        x: jax.Array,  # [B, T, D]
+        positions: jax.Array,  # [B, T] absolute position of each token
+        k_cache: jax.Array,  # [B, S, Hk, Dh]
+        v_cache: jax.Array,  # [B, S, Hk, Dh]
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        cfg = self.cfg
+        b, t, _ = x.shape
+        h, hk, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if cfg.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if cfg.clip_qkv is not None:
+            q, k, v = (jnp.clip(a, -cfg.clip_qkv, cfg.clip_qkv) for a in (q, k, v))
+        q, k, v = q.reshape(b, t, h, dh), k.reshape(b, t, hk, dh), v.reshape(b, t, hk, dh)
+        if cfg.qk_norm == "per_head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rope_cos_sin(positions, dh, cfg.rope_theta, x.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        # Write this call's keys/values at their absolute positions, then attend over
+        # the whole static cache: every call sees the same key length S, so a prompt
+        # gives the same numbers alone or padded inside a batch.
+        rows = jnp.arange(b)[:, None]
+        k_cache = k_cache.at[rows, positions].set(k.astype(k_cache.dtype), mode="drop")
+        v_cache = v_cache.at[rows, positions].set(v.astype(v_cache.dtype), mode="drop")
+
+        q = q.reshape(b, t, hk, h // hk, dh)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k_cache) * (dh**-0.5)  # [B, Hk, G, T, S]
+        visible = jnp.arange(k_cache.shape[1])[None, None, :] <= positions[:, :, None]  # [B, T, S]
+        scores = jnp.where(visible[:, None, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v_cache).reshape(b, t, h * dh)
+        return self.o_proj(out), k_cache, v_cache
+
+
+class DenseMLP(nnx.Module):
+    """SwiGLU MLP: dense layers (`mlp_only_layers`) and Qwen2-MoE's shared expert."""
+
+    def __init__(self, cfg: MoEConfig, width: int, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        self.gate_proj = linear(cfg, d, width, False, rngs)
+        self.up_proj = linear(cfg, d, width, False, rngs)
+        self.down_proj = linear(cfg, width, d, False, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))

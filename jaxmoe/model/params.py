@@ -1,0 +1,31 @@
+"""Between pure parameter dicts (what checkpoints hold) and the NNX module."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxmoe.config import MoEConfig
+from jaxmoe.model.decoder import MoEDecoder
+
+
+def abstract_model(cfg: MoEConfig) -> MoEDecoder:
+    """The module with ShapeDtypeStructs for weights: allocates nothing."""
+    return nnx.eval_shape(lambda: MoEDecoder(cfg, nnx.Rngs(0)))
+
+
+def dense_shapes(cfg: MoEConfig) -> dict:
+    """The dense pure dict as ShapeDtypeStructs (a restore target)."""
+    return nnx.state(abstract_model(cfg)).to_pure_dict()
+
+
+def build_model(cfg: MoEConfig, dense: dict) -> MoEDecoder:
+    """Fill the module from a dense pure dict (numpy or jax arrays)."""
+    graphdef, state = nnx.split(abstract_model(cfg))
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, dense))
+    return nnx.merge(graphdef, state)
+
+
+def dense_dict(model: MoEDecoder) -> dict:
+    return nnx.state(model).to_pure_dict()
