@@ -1,0 +1,93 @@
+"""Tiny random Hugging Face MoE models, built locally (no downloads).
+
+`tiny_hf_model(family, variant)` covers the options each family's code path
+branches on; parity, conversion and generation tests share it. The large
+initializer_range keeps logits well separated, so greedy tokens are stable and
+a wrong weight shows up far above fp32 noise.
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+FAMILIES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
+VARIANTS = {
+    "mixtral": ("base", "mha_tied"),
+    "olmoe": ("base", "clip_norm"),
+    "qwen2_moe": ("base", "sparse_step"),
+    "qwen3_moe": ("base", "dense_layer"),
+}
+
+_COMMON = dict(
+    vocab_size=32,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_experts_per_tok=2,
+    initializer_range=0.2,
+    max_position_embeddings=256,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=None,
+)
+
+# Expert width 24 (2I=48 != D=64) so a transposed expert tensor fails the shape check.
+_VARIANT_KWARGS = {
+    ("mixtral", "base"): dict(intermediate_size=24, num_local_experts=4),
+    ("mixtral", "mha_tied"): dict(
+        intermediate_size=24, num_local_experts=4, num_key_value_heads=4, tie_word_embeddings=True
+    ),
+    ("olmoe", "base"): dict(intermediate_size=24, num_experts=4, clip_qkv=None, norm_topk_prob=False),
+    ("olmoe", "clip_norm"): dict(intermediate_size=24, num_experts=4, clip_qkv=0.5, norm_topk_prob=True),
+    ("qwen2_moe", "base"): dict(
+        intermediate_size=40,
+        moe_intermediate_size=24,
+        shared_expert_intermediate_size=36,
+        num_experts=4,
+        mlp_only_layers=[1],
+        norm_topk_prob=False,
+        qkv_bias=False,
+    ),
+    ("qwen2_moe", "sparse_step"): dict(
+        intermediate_size=40,
+        moe_intermediate_size=24,
+        shared_expert_intermediate_size=36,
+        num_experts=4,
+        decoder_sparse_step=2,
+        norm_topk_prob=True,
+        qkv_bias=True,
+    ),
+    ("qwen3_moe", "base"): dict(
+        head_dim=24, intermediate_size=40, moe_intermediate_size=24, num_experts=4, norm_topk_prob=True
+    ),
+    ("qwen3_moe", "dense_layer"): dict(
+        intermediate_size=40,
+        moe_intermediate_size=24,
+        num_experts=4,
+        mlp_only_layers=[0],
+        num_key_value_heads=4,
+        norm_topk_prob=False,
+    ),
+}
+
+_CLASSES = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM"),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+}
+
+
+def tiny_hf_model(family: str, variant: str = "base", seed=0) -> transformers.PreTrainedModel:
+    """A random fp32 model in eval mode with eager attention (the reference for parity)."""
+    if (family, variant) not in _VARIANT_KWARGS:
+        raise ValueError(f"unknown tiny model {family!r}/{variant!r}; known: {sorted(_VARIANT_KWARGS)}")
+    config_name, model_name = _CLASSES[family]
+    config = getattr(transformers, config_name)(
+        **{**_COMMON, **_VARIANT_KWARGS[family, variant]}, architectures=[model_name], dtype="float32"
+    )
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return getattr(transformers, model_name)(config).eval()
