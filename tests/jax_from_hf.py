@@ -1,0 +1,18 @@
+"""Build a jaxmoe model straight from an in-memory transformers model (no files)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxmoe.checkpoint.assemble import assemble
+from jaxmoe.config import from_hf_dict
+from jaxmoe.model import build_model
+
+
+def jaxmoe_from_hf(hf_model):
+    """(config, MoEDecoder, experts) holding the same fp32 weights as `hf_model`."""
+    state = {k: v.detach().float().numpy() for k, v in hf_model.state_dict().items()}
+    cfg = from_hf_dict({**hf_model.config.to_dict(), "dtype": "float32"})
+    dense, experts = assemble(cfg, list(state), lambda n: state[n].shape, state.__getitem__, "state_dict")
+    return cfg, build_model(cfg, dense), jax.tree.map(jnp.asarray, experts)
