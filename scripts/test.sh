@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Run the test suite on CPU JAX; sets up .venv with the test extra on first run.
+# Arguments go to pytest.
+set -euo pipefail
+source "$(dirname "$0")/setup_env.sh" "test"
+cd "$ROOT"
+exec "$PY" -m pytest -q "$@"
