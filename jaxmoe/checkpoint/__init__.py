@@ -1,0 +1,18 @@
+"""Hugging Face safetensors -> jaxmoe checkpoints (Orbax), and loading them."""
+
+from jaxmoe.checkpoint.assemble import CheckpointError, assemble
+from jaxmoe.checkpoint.convert import convert_hf, count_params
+from jaxmoe.checkpoint.safetensors_io import SafetensorsCheckpoint
+from jaxmoe.checkpoint.store import LoadedModel, load, restore_params, save_params
+
+__all__ = [
+    "CheckpointError",
+    "LoadedModel",
+    "SafetensorsCheckpoint",
+    "assemble",
+    "convert_hf",
+    "count_params",
+    "load",
+    "restore_params",
+    "save_params",
+]
