@@ -6,6 +6,7 @@ import pytest
 # Tests run on CPU JAX unless a GPU test asks for more; helper modules live beside the tests.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(__file__))
+from hf_models import fuse_experts, tiny_hf_model  # noqa: E402
 
 
 def _has_gpu() -> bool:
@@ -22,5 +23,28 @@ def pytest_collection_modifyitems(config, items):
         skip = pytest.mark.skip(reason="needs a CUDA GPU")
         for item in items:
             if item.get_closest_marker("gpu"):
-                item.pending_skip = True
                 item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory):
+    """(family, variant, layout) -> (transformers model, saved directory), each built once."""
+    models, dirs = {}, {}
+
+    def get(family: str, variant: str = "base", layout: str = "single"):
+        if (family, variant) not in models:
+            models[family, variant] = tiny_hf_model(family, variant)
+        model = models[family, variant]
+        if (family, variant, layout) not in dirs:
+            path = tmp_path_factory.mktemp(f"{family}-{variant}-{layout}")
+            if layout == "sharded":
+                model.save_pretrained(path, max_shard_size="20KB")
+                assert (path / "model.safetensors.index.json").is_file()
+            else:
+                model.save_pretrained(path)
+            if layout == "fused":
+                fuse_experts(path)
+            dirs[family, variant, layout] = path
+        return model, dirs[family, variant, layout]
+
+    return get

@@ -8,8 +8,13 @@ a wrong weight shows up far above fp32 noise.
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
+import numpy as np
 import torch
 import transformers
+from safetensors.numpy import load_file, save_file
 
 FAMILIES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
 VARIANTS = {
@@ -91,3 +96,26 @@ def tiny_hf_model(family: str, variant: str = "base", seed=0) -> transformers.Pr
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     return getattr(transformers, model_name)(config).eval()
+
+
+EXPERT = re.compile(r"model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(\w+)\.weight")
+PART = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
+
+
+def fuse_experts(path: Path) -> None:
+    """Rewrite a per-expert model.safetensors in the fused layout (transformers 5's in-memory one)."""
+    file = path / "model.safetensors"
+    out, parts = {}, {}
+    for name, value in load_file(file).items():
+        if m := EXPERT.fullmatch(name):
+            parts.setdefault(int(m[1]), {}).setdefault(PART[m[3]], {})[int(m[2])] = value
+        else:
+            out[name.replace(".block_sparse_moe.gate.", ".mlp.gate.")] = value
+    assert parts, "no per-expert tensors to fuse"
+    for layer, p in parts.items():
+        experts = sorted(p["gate"])
+        out[f"model.layers.{layer}.mlp.experts.gate_up_proj"] = np.stack(
+            [np.concatenate([p["gate"][e], p["up"][e]], axis=0) for e in experts]
+        )  # [E, 2I, D]
+        out[f"model.layers.{layer}.mlp.experts.down_proj"] = np.stack([p["down"][e] for e in experts])  # [E, D, I]
+    save_file(out, file, metadata={"format": "pt"})

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -17,60 +16,13 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from hf_models import FAMILIES, VARIANTS, tiny_hf_model
+from hf_models import FAMILIES, VARIANTS
 from jaxmoe.checkpoint import CheckpointError, SafetensorsCheckpoint, convert_hf, load, restore_params
 from jaxmoe.config import ConfigError
 from jaxmoe.model import init_kv_cache
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENS = np.random.RandomState(0).randint(0, 32, (2, 7))
-EXPERT = re.compile(r"model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(\w+)\.weight")
-PART = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
-
-
-def fuse_experts(path: Path) -> None:
-    """Rewrite a per-expert model.safetensors in the fused layout (transformers 5's in-memory one)."""
-    file = path / "model.safetensors"
-    out, parts = {}, {}
-    for name, value in load_file(file).items():
-        if m := EXPERT.fullmatch(name):
-            parts.setdefault(int(m[1]), {}).setdefault(PART[m[3]], {})[int(m[2])] = value
-        else:
-            out[name.replace(".block_sparse_moe.gate.", ".mlp.gate.")] = value
-    assert parts, "no per-expert tensors to fuse"
-    for layer, p in parts.items():
-        experts = sorted(p["gate"])
-        out[f"model.layers.{layer}.mlp.experts.gate_up_proj"] = np.stack(
-            [np.concatenate([p["gate"][e], p["up"][e]], axis=0) for e in experts]
-        )  # [E, 2I, D]
-        out[f"model.layers.{layer}.mlp.experts.down_proj"] = np.stack([p["down"][e] for e in experts])  # [E, D, I]
-    save_file(out, file, metadata={"format": "pt"})
-
-
-@pytest.fixture(scope="session")
-def hf_checkpoint(tmp_path_factory):
-    """(family, variant, layout) -> (transformers model, saved directory), each built once."""
-    models, dirs = {}, {}
-
-    def get(family: str, variant: str = "base", layout: str = "single"):
-        if (family, variant) not in models:
-            models[family, variant] = tiny_hf_model(family, variant)
-        model = models[family, variant]
-        if (family, variant, layout) not in dirs:
-            path = tmp_path_factory.mktemp(f"{family}-{variant}-{layout}")
-            if layout == "sharded":
-                model.save_pretrained(path, max_shard_size="20KB")
-                assert (path / "model.safetensors.index.json").is_file()
-            else:
-                model.save_pretrained(path)
-            if layout == "fused":
-                fuse_experts(path)
-            dirs[family, variant, layout] = path
-        return model, dirs[family, variant, layout]
-
-    return get
-
-
 def jaxmoe_logits(loaded, tokens: np.ndarray) -> np.ndarray:
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t), (b, t))

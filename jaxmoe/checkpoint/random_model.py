@@ -59,6 +59,7 @@ def make_random_checkpoint(dst: str | Path, hf_config: dict = TINY_OLMOE, seed: 
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
         byte_level_tokenizer().save(str(tmp / "tokenizer.json"))
         (tmp / "README.md").write_text("Random weights (seed %d): generated text is noise.\n" % seed)
+        tmp.chmod(0o755)  # mkdtemp makes it private
         os.rename(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
