@@ -1,0 +1,1 @@
+"""Peer systems the benchmark compares jaxmoe against; each module imports its own stack."""

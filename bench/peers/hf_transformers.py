@@ -1,0 +1,94 @@
+"""Peer: Hugging Face transformers `OlmoeForCausalLM.generate`, every weight on one device.
+
+Kept out of the library (jaxmoe never imports torch). The benchmark builds the
+jaxmoe model from the model built here, so both engines run the same weights:
+same config, same seed, same torch device (CPU and CUDA random streams differ).
+"""
+
+from __future__ import annotations
+
+import time
+
+import ml_dtypes
+import numpy as np
+import torch
+import transformers
+from transformers.generation.streamers import BaseStreamer
+
+
+def olmoe_config(shape: dict, dtype: str) -> transformers.OlmoeConfig:
+    """An OLMoE config; no EOS, so every run generates exactly the tokens asked for."""
+    return transformers.OlmoeConfig(
+        **shape, architectures=["OlmoeForCausalLM"], dtype=dtype, eos_token_id=None, pad_token_id=0
+    )
+
+
+def build(config: transformers.PretrainedConfig, seed: int, device: str) -> transformers.PreTrainedModel:
+    """Random init (transformers' default initializers) directly on `device`, in the config's dtype."""
+    dtype = config.dtype if isinstance(config.dtype, torch.dtype) else getattr(torch, config.dtype)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def tensors(model: torch.nn.Module):
+    """(names, shape_of, read) over the state dict, the arguments `jaxmoe.checkpoint.assemble` takes."""
+    sd = model.state_dict()
+
+    def read(name: str) -> np.ndarray:
+        t = sd[name].detach().to("cpu").contiguous()
+        if t.dtype == torch.bfloat16:  # numpy has no bf16: reinterpret the bits
+            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return t.numpy()
+
+    return list(sd), lambda name: tuple(sd[name].shape), read
+
+
+def expert_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".experts." in n)
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+class _Clock(BaseStreamer):
+    """generate() hands the streamer the prompt, then each new token once it is on the host."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def generate(model, prompts: list[list[int]], new_tokens: int) -> dict:
+    """Greedy `model.generate`; TTFT and decode rate from the streamer's per-token timestamps."""
+    device = model.device
+    ids = torch.tensor(prompts, device=device)
+    clock = _Clock()
+    with torch.inference_mode():
+        start = time.perf_counter()
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            streamer=clock,
+        )
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    first, last = clock.times[1], clock.times[-1]  # times[0]: the prompt
+    steps = len(clock.times) - 2
+    decoded = steps * len(prompts)
+    return {
+        "token_ids": out[:, ids.shape[1] :].tolist(),
+        "ttft_ms": 1e3 * (first - start),
+        "tpot_ms": 1e3 * (last - first) / steps if steps else None,
+        "decode_tokens_per_s": decoded / (last - first) if steps else None,
+    }
