@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxmoe.config import MoEConfig
-from jaxmoe.model import ExpertWeights, moe_ffn, moe_ffn_reference, route
+from jaxmoe.model import ExpertWeights, moe_ffn, moe_ffn_reference, num_unique_experts, route
 
 
 def _weights(e, d, i, dtype, seed=0):
@@ -25,29 +25,35 @@ def _cfg(e, k, **kw):
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("n,e,k", [(1, 4, 2), (7, 8, 2), (33, 16, 4), (64, 8, 8)])
+# (1, 16, 2) and (3, 16, 2) gather a few experts; the others use every expert in place.
+@pytest.mark.parametrize("n,e,k", [(1, 16, 2), (3, 16, 2), (7, 8, 2), (33, 16, 4), (64, 8, 8)])
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
 def test_fast_path_equals_per_expert_loop(n, e, k, dtype, tol):
     x = jax.random.normal(jax.random.key(1), (n, 16), dtype)
     w = _weights(e, 16, 8, dtype)
     routing = route(_cfg(e, k, dtype=jnp.dtype(dtype).name), x @ jax.random.normal(jax.random.key(2), (16, e), dtype))
-    fast = moe_ffn(x, routing.ids, routing.weights, w)
+    fast = moe_ffn(x, routing.ids, routing.weights, w, num_unique_experts(e, n, k))
     ref = moe_ffn_reference(x, routing.ids, routing.weights, w)
     assert fast.dtype == ref.dtype == dtype
     np.testing.assert_allclose(np.asarray(fast, np.float32), np.asarray(ref, np.float32), atol=tol, rtol=tol)
 
 
-def test_fast_path_ignores_expert_placement():
-    """Permuting the expert stack and remapping ids gives identical output: what a cache relies on."""
-    x = jax.random.normal(jax.random.key(3), (9, 16))
+@pytest.mark.parametrize("n,slots", [(3, 8), (3, 20), (9, 8), (9, 20)])
+def test_fast_path_ignores_expert_placement(n, slots):
+    """Experts moved into other slots of a (possibly larger) pool, ids remapped: identical output.
+    This is what lets a device cache hold experts anywhere."""
+    x = jax.random.normal(jax.random.key(3), (n, 16))
     w = _weights(8, 16, 8, jnp.float32)
-    ids = jax.random.randint(jax.random.key(4), (9, 2), 0, 8)
-    weights = jax.nn.softmax(jax.random.normal(jax.random.key(5), (9, 2)))
-    perm = np.random.RandomState(0).permutation(8)
-    slot_of = np.argsort(perm)  # expert e lives in slot slot_of[e]
-    moved = ExpertWeights(w.w_gate_up[perm], w.w_down[perm])
+    ids = jax.random.randint(jax.random.key(4), (n, 2), 0, 8)
+    weights = jax.nn.softmax(jax.random.normal(jax.random.key(5), (n, 2)))
+    slot_of = np.random.RandomState(0).permutation(slots)[:8]  # expert e lives in slot slot_of[e]
+    pool = ExpertWeights(
+        jnp.zeros((slots, 16, 16)).at[slot_of].set(w.w_gate_up), jnp.zeros((slots, 8, 16)).at[slot_of].set(w.w_down)
+    )
+    unique = num_unique_experts(8, n, 2)  # the same static bound in both, as the engines use
     np.testing.assert_array_equal(
-        np.asarray(moe_ffn(x, ids, weights, w)), np.asarray(moe_ffn(x, jnp.asarray(slot_of)[ids], weights, moved))
+        np.asarray(moe_ffn(x, ids, weights, w, unique)),
+        np.asarray(moe_ffn(x, jnp.asarray(slot_of)[ids], weights, pool, unique)),
     )
 
 

@@ -1,7 +1,14 @@
 """The MoE decoder (Flax NNX dense parts) and the pure routed-expert functions."""
 
 from jaxmoe.model.decoder import LayerKV, MoEDecoder, init_experts, init_kv_cache
-from jaxmoe.model.experts import ExpertWeights, Routing, moe_ffn, moe_ffn_reference, route
+from jaxmoe.model.experts import (
+    ExpertWeights,
+    Routing,
+    moe_ffn,
+    moe_ffn_reference,
+    num_unique_experts,
+    route,
+)
 from jaxmoe.model.params import abstract_model, build_model, dense_dict, dense_shapes
 
 __all__ = [
@@ -17,5 +24,6 @@ __all__ = [
     "init_kv_cache",
     "moe_ffn",
     "moe_ffn_reference",
+    "num_unique_experts",
     "route",
 ]

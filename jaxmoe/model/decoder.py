@@ -18,10 +18,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxmoe.config import MoEConfig
-from jaxmoe.model.experts import ExpertWeights, Routing, moe_ffn, route
+from jaxmoe.model.experts import ExpertWeights, Routing, moe_ffn, num_unique_experts, route
 from jaxmoe.model.layers import Attention, DenseMLP, RMSNorm, linear
 
-MoEFn = Callable[[jax.Array, jax.Array, jax.Array, ExpertWeights], jax.Array]
+MoEFn = Callable[..., jax.Array]  # (x, ids, weights, experts, num_unique) -> [N, D]
 Experts = Sequence[ExpertWeights | None]  # one entry per layer
 
 
@@ -49,7 +49,8 @@ class SparseMoeBlock(nnx.Module):
         return route(self.cfg, self.gate(h))
 
     def __call__(self, h: jax.Array, routing: Routing, experts: ExpertWeights, moe_fn: MoEFn) -> jax.Array:
-        out = moe_fn(h, routing.ids, routing.weights, experts)
+        unique = num_unique_experts(self.cfg.num_experts, *routing.ids.shape)
+        out = moe_fn(h, routing.ids, routing.weights, experts, unique)
         if self.cfg.shared_expert_intermediate_size:
             out = out + jax.nn.sigmoid(self.shared_expert_gate(h)) * self.shared_expert(h)
         return out

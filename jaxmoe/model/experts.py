@@ -3,6 +3,7 @@
 Shapes:
   N tokens (flattened batch x time), D hidden, E experts (or cache slots),
   K experts per token, I expert width.
+  U distinct experts computed in one call (static).
 Expert weights are never owned by the model: the resident engine passes the full
 [E, ...] stacks, an offloaded engine passes its cache slots with ids remapped.
 """
@@ -50,22 +51,35 @@ def _combine(y: jax.Array, weights: jax.Array, dtype) -> jax.Array:
     return jnp.sum((y * weights[..., None]).astype(jnp.float32), axis=1).astype(dtype)
 
 
-def moe_ffn(x: jax.Array, ids: jax.Array, weights: jax.Array, w: ExpertWeights) -> jax.Array:
-    """Grouped-matmul MoE: sort the N*K (token, expert) rows by expert, one ragged dot per projection.
+def moe_ffn(x: jax.Array, ids: jax.Array, weights: jax.Array, w: ExpertWeights, num_unique: int) -> jax.Array:
+    """Compute each distinct chosen expert once over all N tokens, then pick each (token, k) row.
 
-    x [N, D], ids [N, K] (indices into w's leading axis), weights [N, K] -> [N, D].
+    x [N, D], ids [N, K] (indices into w's leading axis G), weights [N, K] -> [N, D].
+    `num_unique` is the static number of distinct experts computed, normally
+    min(num_experts, N * K). When it equals G every group is used in place;
+    otherwise the distinct ids are gathered first (a copy of U experts). The value
+    of a (token, k) row depends only on the token and the expert's weights, not
+    on where the expert sits in `w`, which is what lets a cache reorder experts.
     """
     n, k = ids.shape
-    num_groups, width = w.w_down.shape[0], w.w_down.shape[1]
-    flat = ids.reshape(-1)  # [N*K]
-    order = jnp.argsort(flat, stable=True)  # rows grouped by expert
-    group_sizes = jnp.bincount(flat, length=num_groups).astype(jnp.int32)  # [E]
-    xs = jnp.take(x, order // k, axis=0)  # [N*K, D]
-    gate_up = jax.lax.ragged_dot(xs, w.w_gate_up, group_sizes)  # [N*K, 2I]
-    h = jax.nn.silu(gate_up[:, :width]) * gate_up[:, width:]
-    ys = jax.lax.ragged_dot(h, w.w_down, group_sizes)  # [N*K, D]
-    y = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, -1)  # back to (token, k) order
+    width = w.w_down.shape[1]
+    if num_unique == w.w_down.shape[0]:
+        unique, w_gate_up, w_down = jnp.arange(num_unique, dtype=ids.dtype), w.w_gate_up, w.w_down
+    else:
+        # Padding repeats the largest id so `unique` stays sorted for searchsorted.
+        unique = jnp.unique(ids, size=num_unique, fill_value=jnp.max(ids))
+        w_gate_up, w_down = w.w_gate_up[unique], w.w_down[unique]  # [U, D, 2I], [U, I, D]
+    gate_up = jnp.einsum("nd,udf->unf", x, w_gate_up)  # [U, N, 2I]
+    h = jax.nn.silu(gate_up[..., :width]) * gate_up[..., width:]
+    y_u = jnp.einsum("uni,uid->und", h, w_down)  # [U, N, D]
+    pos = jnp.searchsorted(unique, ids)  # [N, K] position of each chosen expert in `unique`
+    y = y_u[pos, jnp.arange(n)[:, None]]  # [N, K, D]
     return _combine(y, weights, x.dtype)
+
+
+def num_unique_experts(num_experts: int, tokens: int, top_k: int) -> int:
+    """Static bound on the distinct experts `tokens` tokens can choose."""
+    return min(num_experts, tokens * top_k)
 
 
 def expert_ffn(x: jax.Array, w_gate_up: jax.Array, w_down: jax.Array) -> jax.Array:
@@ -75,8 +89,10 @@ def expert_ffn(x: jax.Array, w_gate_up: jax.Array, w_down: jax.Array) -> jax.Arr
     return (jax.nn.silu(gate_up[:, :width]) * gate_up[:, width:]) @ w_down
 
 
-def moe_ffn_reference(x: jax.Array, ids: jax.Array, weights: jax.Array, w: ExpertWeights) -> jax.Array:
-    """Naive reference: every expert on every token, one expert at a time."""
+def moe_ffn_reference(
+    x: jax.Array, ids: jax.Array, weights: jax.Array, w: ExpertWeights, num_unique: int | None = None
+) -> jax.Array:
+    """Naive reference: every expert on every token, one expert at a time (`num_unique` unused)."""
     n, k = ids.shape
     y = jnp.zeros((n, k, x.shape[-1]), x.dtype)
     for e in range(w.w_down.shape[0]):
