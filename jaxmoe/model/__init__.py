@@ -4,6 +4,8 @@ from jaxmoe.model.decoder import LayerKV, MoEDecoder, init_experts, init_kv_cach
 from jaxmoe.model.experts import (
     ExpertWeights,
     Routing,
+    combine,
+    expert_rows,
     moe_ffn,
     moe_ffn_reference,
     num_unique_experts,
@@ -17,6 +19,8 @@ __all__ = [
     "MoEDecoder",
     "Routing",
     "abstract_model",
+    "combine",
+    "expert_rows",
     "build_model",
     "dense_dict",
     "dense_shapes",

@@ -48,12 +48,11 @@ class SparseMoeBlock(nnx.Module):
     def route(self, h: jax.Array) -> Routing:
         return route(self.cfg, self.gate(h))
 
-    def __call__(self, h: jax.Array, routing: Routing, experts: ExpertWeights, moe_fn: MoEFn) -> jax.Array:
-        unique = num_unique_experts(self.cfg.num_experts, *routing.ids.shape)
-        out = moe_fn(h, routing.ids, routing.weights, experts, unique)
+    def add_shared(self, h: jax.Array, routed: jax.Array) -> jax.Array:
+        """Routed output [N, D] plus, for Qwen2-MoE, the gated shared expert."""
         if self.cfg.shared_expert_intermediate_size:
-            out = out + jax.nn.sigmoid(self.shared_expert_gate(h)) * self.shared_expert(h)
-        return out
+            return routed + jax.nn.sigmoid(self.shared_expert_gate(h)) * self.shared_expert(h)
+        return routed
 
 
 class DecoderLayer(nnx.Module):
@@ -71,16 +70,25 @@ class DecoderLayer(nnx.Module):
         out, k, v = self.self_attn(self.input_layernorm(x), positions, kv.k, kv.v)
         return x + out, LayerKV(k, v)
 
+    def attend_and_route(self, x: jax.Array, positions: jax.Array, kv: LayerKV):
+        """The half of a MoE layer before its experts: (x, kv, h [B*T, D], routing)."""
+        x, kv = self.attend(x, positions, kv)
+        h = self.post_attention_layernorm(x).reshape(-1, x.shape[-1])
+        return x, kv, h, self.mlp.route(h)
+
+    def finish_moe(self, x: jax.Array, h: jax.Array, routed: jax.Array) -> jax.Array:
+        """The half after: residual plus routed output [B*T, D] (plus any shared expert)."""
+        return x + self.mlp.add_shared(h, routed).reshape(x.shape)
+
     def __call__(
         self, x: jax.Array, positions: jax.Array, kv: LayerKV, experts: ExpertWeights | None, moe_fn: MoEFn
     ) -> tuple[jax.Array, LayerKV, Routing | None]:
-        x, kv = self.attend(x, positions, kv)
-        b, t, d = x.shape
-        h = self.post_attention_layernorm(x).reshape(b * t, d)  # [B*T, D]
         if not self.is_moe:
-            return x + self.mlp(h).reshape(b, t, d), kv, None
-        routing = self.mlp.route(h)
-        return x + self.mlp(h, routing, experts, moe_fn).reshape(b, t, d), kv, routing
+            x, kv = self.attend(x, positions, kv)
+            return x + self.mlp(self.post_attention_layernorm(x)), kv, None
+        x, kv, h, routing = self.attend_and_route(x, positions, kv)
+        unique = num_unique_experts(self.mlp.cfg.num_experts, *routing.ids.shape)
+        return self.finish_moe(x, h, moe_fn(h, routing.ids, routing.weights, experts, unique)), kv, routing
 
 
 class MoEDecoder(nnx.Module):

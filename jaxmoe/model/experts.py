@@ -42,7 +42,7 @@ def route(cfg: MoEConfig, logits: jax.Array) -> Routing:
     return Routing(logits, ids.astype(jnp.int32), top_w)
 
 
-def _combine(y: jax.Array, weights: jax.Array, dtype) -> jax.Array:
+def combine(y: jax.Array, weights: jax.Array, dtype) -> jax.Array:
     """Weighted sum over the K chosen experts: [N, K, D] x [N, K] -> [N, D].
 
     The product takes the weights' dtype (fp32 for Mixtral) as transformers does;
@@ -52,16 +52,22 @@ def _combine(y: jax.Array, weights: jax.Array, dtype) -> jax.Array:
 
 
 def moe_ffn(x: jax.Array, ids: jax.Array, weights: jax.Array, w: ExpertWeights, num_unique: int) -> jax.Array:
-    """Compute each distinct chosen expert once over all N tokens, then pick each (token, k) row.
+    """The routed-expert output: x [N, D], ids [N, K] into w's leading axis, weights [N, K] -> [N, D]."""
+    return combine(expert_rows(x, ids, w, num_unique), weights, x.dtype)
 
-    x [N, D], ids [N, K] (indices into w's leading axis G), weights [N, K] -> [N, D].
+
+def expert_rows(x: jax.Array, ids: jax.Array, w: ExpertWeights, num_unique: int) -> jax.Array:
+    """Each chosen expert's output for its token, [N, K, D], uncombined.
+
+    Each distinct chosen expert is computed once over all N tokens, then each
+    (token, k) row is picked.
     `num_unique` is the static number of distinct experts computed, normally
     min(num_experts, N * K). When it equals G every group is used in place;
     otherwise the distinct ids are gathered first (a copy of U experts). The value
     of a (token, k) row depends only on the token and the expert's weights, not
     on where the expert sits in `w`, which is what lets a cache reorder experts.
     """
-    n, k = ids.shape
+    n = ids.shape[0]
     width = w.w_down.shape[1]
     if num_unique == w.w_down.shape[0]:
         unique, w_gate_up, w_down = jnp.arange(num_unique, dtype=ids.dtype), w.w_gate_up, w.w_down
@@ -73,8 +79,7 @@ def moe_ffn(x: jax.Array, ids: jax.Array, weights: jax.Array, w: ExpertWeights, 
     h = jax.nn.silu(gate_up[..., :width]) * gate_up[..., width:]
     y_u = jnp.einsum("uni,uid->und", h, w_down)  # [U, N, D]
     pos = jnp.searchsorted(unique, ids)  # [N, K] position of each chosen expert in `unique`
-    y = y_u[pos, jnp.arange(n)[:, None]]  # [N, K, D]
-    return _combine(y, weights, x.dtype)
+    return y_u[pos, jnp.arange(n)[:, None]]  # [N, K, D]
 
 
 def num_unique_experts(num_experts: int, tokens: int, top_k: int) -> int:
@@ -98,4 +103,4 @@ def moe_ffn_reference(
     for e in range(w.w_down.shape[0]):
         out_e = expert_ffn(x, w.w_gate_up[e], w.w_down[e])  # [N, D]
         y = jnp.where((ids == e)[..., None], out_e[:, None, :], y)
-    return _combine(y, weights, x.dtype)
+    return combine(y, weights, x.dtype)
