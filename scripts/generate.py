@@ -26,6 +26,7 @@ from jaxmoe.checkpoint import CheckpointError, load
 from jaxmoe.checkpoint.random_model import make_random_checkpoint
 from jaxmoe.config import ConfigError
 from jaxmoe.engine import ContextError, ResidentEngine, SamplingParams
+from jaxmoe.engine.resident import check_fits
 from jaxmoe.engine.metrics import tree_bytes
 from jaxmoe.tokenizer import eos_ids, load_tokenizer
 
@@ -80,7 +81,7 @@ def run(args: argparse.Namespace) -> dict:
 
     engine = ResidentEngine(loaded.config, loaded.model, loaded.experts)
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
-    engine.check_fits(prompts, args.max_new_tokens)
+    check_fits(loaded.config, prompts, args.max_new_tokens)
     with tqdm(total=args.max_new_tokens, desc="tokens", unit="tok", file=sys.stderr, leave=False) as bar:
         result = engine.generate(prompts, args.max_new_tokens, sampling, args.seed, eos_ids(loaded.generation_config), bar.update)
 

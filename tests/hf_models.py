@@ -77,6 +77,15 @@ _VARIANT_KWARGS = {
     ),
 }
 
+# Wider variants for the offloading tests: 16 experts over 3 layers give a cache something to do.
+_WIDE = dict(num_hidden_layers=3, intermediate_size=24, moe_intermediate_size=16, num_experts=16)
+_VARIANT_KWARGS |= {
+    ("mixtral", "wide"): dict(num_hidden_layers=3, intermediate_size=16, num_local_experts=16),
+    ("olmoe", "wide"): dict(num_hidden_layers=3, intermediate_size=16, num_experts=16, num_experts_per_tok=4),
+    ("qwen2_moe", "wide"): dict(_WIDE, shared_expert_intermediate_size=20, mlp_only_layers=[1], norm_topk_prob=True),
+    ("qwen3_moe", "wide"): dict(_WIDE, head_dim=24, num_experts_per_tok=3, norm_topk_prob=True),
+}
+
 _CLASSES = {
     "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM"),

@@ -15,3 +15,11 @@ def device_peak_bytes(device=None) -> int | None:
     if not stats:
         return None
     return stats.get("peak_bytes_in_use")
+
+
+def fmt_bytes(n: float) -> str:
+    """Bytes for messages: 12.6 MB, 5.37 GB."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{int(n)} B"

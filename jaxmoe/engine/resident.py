@@ -18,12 +18,30 @@ from flax import nnx
 from jaxmoe.config import MoEConfig
 from jaxmoe.engine.buckets import cache_bucket, prompt_bucket
 from jaxmoe.engine.metrics import device_peak_bytes, tree_bytes
+from jaxmoe.engine.programs import Programs
 from jaxmoe.engine.sampling import SamplingParams, sample
 from jaxmoe.model import ExpertWeights, MoEDecoder, init_kv_cache, moe_ffn
 
 
 class ContextError(ValueError):
     """Prompt plus new tokens do not fit the model's context."""
+
+
+def check_fits(config: MoEConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+    """Refuse, before any work, prompts that are empty, out of vocabulary or past the context."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    vocab = config.vocab_size
+    bad = [t for p in prompts for t in p if not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+    longest = max(len(p) for p in prompts)
+    context = config.max_position_embeddings
+    if longest + max_new_tokens > context:
+        raise ContextError(
+            f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = {longest + max_new_tokens} "
+            f"exceeds the model's context of {context} tokens (max_position_embeddings)"
+        )
 
 
 @dataclasses.dataclass
@@ -44,8 +62,7 @@ class ResidentEngine:
         self.graphdef, self.state = nnx.split(model)
         self.experts = tuple(experts)
         self.moe_fn = moe_fn
-        self._compiled: dict[tuple, jax.stages.Compiled] = {}
-        self.compile_seconds = 0.0
+        self.programs = Programs()
 
     # -- jitted math ------------------------------------------------------------
     # Step counters and positions stay on the device and come back incremented, so
@@ -65,34 +82,7 @@ class ResidentEngine:
         tok = sample(model.logits(h[:, 0]), jax.random.fold_in(root, step), sampling)
         return tok, positions + 1, step + 1, kv
 
-    def _program(self, name: str, sampling: SamplingParams, *args) -> jax.stages.Compiled:
-        """AOT-compiled program per (phase, shapes, sampling): a new shape bucket compiles once."""
-        shapes = tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(args[2:]))
-        key = (name, sampling, shapes)
-        if key not in self._compiled:
-            fn = self._prefill if name == "prefill" else self._decode
-            jitted = jax.jit(fn, static_argnames="sampling", donate_argnames="kv")
-            start = time.perf_counter()
-            self._compiled[key] = jitted.lower(*args, sampling=sampling).compile()
-            self.compile_seconds += time.perf_counter() - start
-        return self._compiled[key]
-
     # -- host loop --------------------------------------------------------------
-    def check_fits(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
-        vocab = self.config.vocab_size
-        bad = [t for p in prompts for t in p if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
-        longest = max(len(p) for p in prompts)
-        context = self.config.max_position_embeddings
-        if longest + max_new_tokens > context:
-            raise ContextError(
-                f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = {longest + max_new_tokens} "
-                f"exceeds the model's context of {context} tokens (max_position_embeddings)"
-            )
-
     def generate(
         self,
         prompts: Sequence[Sequence[int]],
@@ -105,7 +95,7 @@ class ResidentEngine:
         """Generate up to `max_new_tokens` per prompt; a row stops at its first EOS."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        self.check_fits(prompts, max_new_tokens)
+        check_fits(self.config, prompts, max_new_tokens)
         b = len(prompts)
         lengths = np.array([len(p) for p in prompts], np.int32)
         p_len = prompt_bucket(int(lengths.max()))
@@ -117,7 +107,7 @@ class ResidentEngine:
         root = jax.random.key(seed)
 
         args = (self.state, self.experts, jnp.asarray(tokens), jnp.asarray(lengths), kv, root)
-        prefill = self._program("prefill", sampling, *args)
+        prefill = self.programs.get("prefill", self._prefill, {"sampling": sampling}, ("kv",), *args)
         start = time.perf_counter()
         tok, positions, step_dev, kv = prefill(*args)
         first = np.asarray(tok)  # the first token is what TTFT measures
@@ -128,7 +118,8 @@ class ResidentEngine:
         done = np.array([t in eos for t in first])
         if on_token:
             on_token(1)
-        decode = self._program("decode", sampling, self.state, self.experts, tok, positions, step_dev, kv, root)
+        args = (self.state, self.experts, tok, positions, step_dev, kv, root)
+        decode = self.programs.get("decode", self._decode, {"sampling": sampling}, ("kv",), *args)
         decode_start, steps = time.perf_counter(), 0
         for _ in range(1, max_new_tokens):
             if done.all():
@@ -149,7 +140,7 @@ class ResidentEngine:
             "tpot_ms": 1e3 * decode_seconds / steps if steps else None,
             "decode_tokens_per_s": decoded / decode_seconds if steps else None,
             "peak_device_bytes": device_peak_bytes() or tree_bytes((self.state, self.experts)) + kv_bytes,
-            "compile_ms": 1e3 * self.compile_seconds,
+            "compile_ms": 1e3 * self.programs.compile_seconds,
             "batch": b,
             "prompt_bucket": p_len,
         }

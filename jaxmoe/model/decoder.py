@@ -104,8 +104,8 @@ class MoEDecoder(nnx.Module):
         )
         self.layers = nnx.List([DecoderLayer(cfg, i, rngs) for i in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
-        if not cfg.tie_word_embeddings:
-            self.lm_head = linear(cfg, cfg.hidden_size, cfg.vocab_size, False, rngs)
+        # Tied embeddings: the embedding matrix is the head.
+        self.lm_head = None if cfg.tie_word_embeddings else linear(cfg, cfg.hidden_size, cfg.vocab_size, False, rngs)
 
     def __call__(
         self,
@@ -126,11 +126,12 @@ class MoEDecoder(nnx.Module):
 
     def logits(self, h: jax.Array) -> jax.Array:
         """[..., D] -> fp32 [..., V]."""
-        if self.cfg.tie_word_embeddings:
-            out = self.embed_tokens.attend(h)
-        else:
-            out = self.lm_head(h)
-        return out.astype(jnp.float32)
+        return head_logits(self.embed_tokens, self.lm_head, h)
+
+
+def head_logits(embed: nnx.Embed, lm_head: nnx.Linear | None, h: jax.Array) -> jax.Array:
+    out = embed.attend(h) if lm_head is None else lm_head(h)
+    return out.astype(jnp.float32)
 
 
 def init_experts(cfg: MoEConfig, key: jax.Array) -> tuple[ExpertWeights | None, ...]:

@@ -1,0 +1,259 @@
+"""Offloaded generation: dense weights and KV cache on the device, routed experts in
+pinned host memory, a byte-budgeted device expert cache in between.
+
+Each MoE layer runs as:
+  attend_route program -> one host read of the routing ids -> the schedule plans
+  the pass(es) -> the cache issues `device_put` for the misses -> expert program
+The copies are issued before the expert program that needs them is dispatched: a
+copy issued after a dispatched computation waits for it (the ordering rule in the
+project's gpu-facts). The model code is the same as the resident engine's; only
+where the experts come from differs, so the tokens are the same.
+
+Shapes: B batch, T tokens per call (prompt bucket or 1), S cache length, D hidden,
+K experts per token.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxmoe.config import MoEConfig
+from jaxmoe.engine.buckets import cache_bucket, prompt_bucket
+from jaxmoe.engine.metrics import device_peak_bytes, tree_bytes
+from jaxmoe.engine.programs import Programs
+from jaxmoe.engine.resident import GenerationResult, check_fits
+from jaxmoe.engine.sampling import SamplingParams, sample
+from jaxmoe.model import ExpertWeights, MoEDecoder, combine, expert_rows, init_kv_cache, moe_ffn, num_unique_experts
+from jaxmoe.model.decoder import head_logits
+from jaxmoe.offload.cache import DeviceExpertCache
+from jaxmoe.offload.host_store import HostExpertStore
+from jaxmoe.offload.policy import make_policy
+from jaxmoe.offload.schedule import PassPlan
+
+
+class _Ends(nnx.Module):
+    """Embedding, final norm and LM head: the model minus its layers (shared, not copied)."""
+
+    def __init__(self, model: MoEDecoder):
+        self.embed_tokens = model.embed_tokens
+        self.norm = model.norm
+        self.lm_head = model.lm_head
+
+
+# -- the jitted pieces: the same module methods the resident forward calls -------
+def _embed(graphdef, state, tokens):
+    return nnx.merge(graphdef, state).embed_tokens(tokens)
+
+
+def _head(graphdef, state, x, index, root, step, sampling):
+    ends = nnx.merge(graphdef, state)
+    h = ends.norm(x)
+    last = h[jnp.arange(x.shape[0]), index]  # [B, D]
+    logits = head_logits(ends.embed_tokens, ends.lm_head, last)
+    return sample(logits, jax.random.fold_in(root, step), sampling)
+
+
+def _dense_layer(graphdef, state, x, positions, kv):
+    x, kv, _ = nnx.merge(graphdef, state)(x, positions, kv, None, moe_ffn)
+    return x, kv
+
+
+def _attend_route(graphdef, state, x, positions, kv):
+    x, kv, h, routing = nnx.merge(graphdef, state).attend_and_route(x, positions, kv)
+    return x, kv, h, routing.ids, routing.weights
+
+
+def _experts(graphdef, state, x, h, slot_ids, in_pass, weights, y_prev, pool, staged, staged_slots, num_unique):
+    """Scatter the staged copies into their slots, compute this pass's rows, finish the layer.
+
+    Rows outside the pass keep y_prev, so after a layer's last pass y holds every row,
+    each computed exactly as the resident kernel computes it.
+    """
+    gate_up, down = pool
+    for (s_gate_up, s_down), slot in zip(staged, staged_slots):
+        gate_up = gate_up.at[slot].set(s_gate_up, mode="drop")  # padding slot S is out of range
+        down = down.at[slot].set(s_down, mode="drop")
+    anchor = slot_ids.reshape(-1)[jnp.argmax(in_pass.reshape(-1))]  # any slot of this pass
+    ids = jnp.where(in_pass, slot_ids, anchor)
+    y_pass = expert_rows(h, ids, ExpertWeights(gate_up, down), num_unique)
+    y = jnp.where(in_pass[..., None], y_pass, y_prev)
+    x = nnx.merge(graphdef, state).finish_moe(x, h, combine(y, weights, h.dtype))
+    return x, y, (gate_up, down)
+
+
+class OffloadedEngine:
+    def __init__(
+        self,
+        config: MoEConfig,
+        model: MoEDecoder,
+        store: HostExpertStore,
+        expert_budget_bytes: int,
+        policy: str = "lru",
+        check_budget: bool = False,
+    ):
+        self.config, self.store = config, store
+        self.expert_budget_bytes, self.policy_name = int(expert_budget_bytes), policy
+        make_policy(policy)  # fail now on a bad name
+        self.check_budget = check_budget
+        self.ends = nnx.split(_Ends(model))
+        self.layers = [nnx.split(layer) for layer in model.layers]
+        self.dense_bytes = tree_bytes(nnx.state(model))
+        self.programs = Programs()
+        self.cache: DeviceExpertCache | None = None
+        self.plan: list[PassPlan] = []  # what the last generate executed
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, expert_budget_bytes: int, policy: str = "lru", **kw):
+        """Dense weights to the device, experts restored straight into pinned host memory."""
+        from jaxmoe.checkpoint import load
+        from jaxmoe.offload.host_store import ensure_host_memory, total_expert_bytes
+        from jaxmoe.config import load_hf_config
+
+        cfg = load_hf_config(path)
+        ensure_host_memory(total_expert_bytes(cfg))  # before anything is allocated
+        pinned = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
+        loaded = load(path, sharding=pinned)
+        store = HostExpertStore.from_stacks(cfg, loaded.experts)
+        engine = cls(cfg, loaded.model, store, expert_budget_bytes, policy, **kw)
+        engine.generation_config, engine.tokenizer_path = loaded.generation_config, loaded.tokenizer_path
+        return engine
+
+    # -- programs ---------------------------------------------------------------
+    def _run(self, name: str, fn: Callable, static: dict, donate: tuple, graphdef, *args):
+        """Compile (once per shapes) with the graphdef baked in, then call."""
+        bound = lambda *a, **kw: fn(graphdef, *a, **kw)  # noqa: E731
+        return self.programs.get((name, graphdef), bound, static, donate, *args)(*args)
+
+    def _ensure_cache(self, batch: int) -> None:
+        unique_max = num_unique_experts(self.config.num_experts, batch, self.config.top_k)
+        if self.cache is None or self.cache.unique_max != unique_max:
+            self.cache = DeviceExpertCache(
+                self.store, self.expert_budget_bytes, make_policy(self.policy_name), unique_max,
+                check_budget=self.check_budget,
+            )  # fmt: skip
+
+    # -- one forward over the layers --------------------------------------------
+    def _forward(self, tokens, positions: np.ndarray, valid: np.ndarray, step: int, kv: list):
+        """tokens/positions/valid [B, T]; rows not `valid` (padding, finished rows) load no experts."""
+        x = self._run("embed", _embed, {}, (), *self.ends, tokens)
+        positions = jnp.asarray(positions)
+        for layer, (graphdef, state) in enumerate(self.layers):
+            if not self.config.moe_layers[layer]:
+                x, kv[layer] = self._run("dense", _dense_layer, {}, ("kv",), graphdef, state, x, positions, kv[layer])
+                continue
+            x_in, kv[layer], h, ids, weights = self._run(
+                "attend_route", _attend_route, {}, ("kv",), graphdef, state, x, positions, kv[layer]
+            )
+            x = self._experts_passes(step, layer, graphdef, state, x_in, h, ids, weights, valid.reshape(-1))
+        return x
+
+    def _experts_passes(self, step, layer, graphdef, state, x, h, ids, weights, valid_rows):
+        ids_host = np.asarray(ids)  # the one host sync of this layer
+        needed = np.unique(ids_host[valid_rows])
+        n, k = ids_host.shape
+        unique = num_unique_experts(self.config.num_experts, n, k)
+        y = jnp.zeros((n, k, self.config.hidden_size), x.dtype)
+        out = x
+        for plan in self.cache.schedule.plan_layer(step, layer, needed):
+            staged, staged_slots, copies = self.cache.issue(plan)
+            self.cache.wait(copies)
+            table = np.full(self.config.num_experts, -1, np.int32)
+            table[list(plan.experts)] = plan.slots
+            slot_ids = table[ids_host]
+            in_pass = (slot_ids >= 0) & valid_rows[:, None]
+            out, y, self.cache.pool = self._run(
+                "experts", _experts, {"num_unique": unique}, ("pool",), graphdef, state, x, h,
+                jnp.asarray(np.maximum(slot_ids, 0)), jnp.asarray(in_pass), weights, y,
+                self.cache.pool, staged, jnp.asarray(staged_slots),
+            )  # fmt: skip
+        return out
+
+    # -- generation ------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        sampling: SamplingParams = SamplingParams(),
+        seed: int = 0,
+        eos_ids: Sequence[int] = (),
+        on_token: Callable[[int], None] | None = None,
+    ) -> GenerationResult:
+        """Same contract and tokens as ResidentEngine.generate; metrics add the cache counters."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        check_fits(self.config, prompts, max_new_tokens)
+        b = len(prompts)
+        self._ensure_cache(b)
+        cache = self.cache
+        cache.counters = type(cache.counters)()
+        cache.schedule.executed = []
+        lengths = np.array([len(p) for p in prompts], np.int32)
+        p_len = prompt_bucket(int(lengths.max()))
+        tokens = np.zeros((b, p_len), np.int32)
+        for row, prompt in enumerate(prompts):
+            tokens[row, : len(prompt)] = prompt
+        kv = list(init_kv_cache(self.config, b, cache_bucket(p_len, max_new_tokens)))
+        kv_bytes = tree_bytes(kv)
+        root = jax.random.key(seed)
+        positions = np.broadcast_to(np.arange(p_len, dtype=np.int32), (b, p_len))
+        eos = set(int(e) for e in eos_ids)
+
+        start = time.perf_counter()
+        x = self._forward(jnp.asarray(tokens), positions, positions < lengths[:, None], 0, kv)
+        head_static = {"sampling": sampling}
+        tok = self._run("head", _head, head_static, (), *self.ends, x, jnp.asarray(lengths - 1), root, jnp.int32(0))
+        first = np.asarray(tok)
+        ttft = time.perf_counter() - start
+
+        out = [[int(t)] for t in first]
+        done = np.array([t in eos for t in first])
+        if on_token:
+            on_token(1)
+        pos = lengths.copy()
+        zeros = jnp.zeros((b,), jnp.int32)
+        decode_start, steps = time.perf_counter(), 0
+        for step in range(1, max_new_tokens):
+            if done.all():
+                break
+            x = self._forward(tok[:, None], pos[:, None], ~done[:, None], step, kv)
+            tok = self._run("head", _head, head_static, (), *self.ends, x, zeros, root, jnp.int32(step))
+            host = np.asarray(tok)
+            pos += 1
+            steps += 1
+            for row in np.flatnonzero(~done):
+                out[row].append(int(host[row]))
+                done[row] = host[row] in eos
+            if on_token:
+                on_token(1)
+        decode_seconds = time.perf_counter() - decode_start
+
+        self.plan = list(cache.schedule.executed)
+        c = cache.counters
+        decoded = sum(len(o) - 1 for o in out)
+        metrics = {
+            "ttft_ms": 1e3 * ttft,
+            "tpot_ms": 1e3 * decode_seconds / steps if steps else None,
+            "decode_tokens_per_s": decoded / decode_seconds if steps else None,
+            "peak_device_bytes": device_peak_bytes() or self.dense_bytes + kv_bytes + c.peak_bytes,
+            "compile_ms": 1e3 * self.programs.compile_seconds,
+            "batch": b,
+            "prompt_bucket": p_len,
+            "policy": self.policy_name,
+            "expert_budget_bytes": self.expert_budget_bytes,
+            "cache_slots": cache.num_slots,
+            "expert_hits": c.expert_hits,
+            "expert_misses": c.expert_misses,
+            "hit_rate": c.hit_rate,
+            "h2d_bytes": c.h2d_bytes,
+            "prefetch_issued": c.prefetch_issued,
+            "prefetch_used": c.prefetch_used,
+            "stall_ms": 1e3 * c.stall_s,
+        }
+        return GenerationResult(out, metrics)

@@ -1,0 +1,115 @@
+"""The transfer schedule: which experts to copy, where to put them, what to evict.
+
+Plain Python over small tables; nothing here touches an array, so every decision
+can be built and tested without a device. The device cache executes a PassPlan
+by issuing the copies it lists; the engine records the plans it executed.
+
+A layer's experts are computed in one pass when they fit; a prefill that routes
+to more experts than the cache holds takes several passes, each with at most
+`num_slots` experts resident and at most `staging` of them newly copied.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+from typing import Sequence
+
+from jaxmoe.offload.policy import EvictionPolicy, Key
+
+
+@dataclasses.dataclass(frozen=True)
+class PassPlan:
+    step: int  # token step: 0 is the prefill, n the n-th decode step
+    layer: int
+    index: int  # pass number within this layer and step
+    experts: tuple[int, ...]  # computed in this pass, ascending
+    slots: tuple[int, ...]  # cache slot of each expert, aligned with `experts`
+    hits: tuple[int, ...]  # already on the device
+    loads: tuple[tuple[int, int], ...]  # (expert, slot): host -> device copies to issue before dispatch
+    evicted: tuple[Key, ...]  # (layer, expert) whose slots were given up
+
+    def to_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "layer": self.layer,
+            "pass": self.index,
+            "experts": list(self.experts),
+            "hits": list(self.hits),
+            "loads": [list(x) for x in self.loads],
+            "evicted": [list(x) for x in self.evicted],
+        }
+
+
+class Schedule:
+    """Slot table plus policy; `plan_layer` is the only way slots change."""
+
+    def __init__(self, num_slots: int, staging: int, policy: EvictionPolicy):
+        if num_slots < 1 or staging < 0:
+            raise ValueError(f"need at least one slot (got {num_slots}) and staging >= 0 (got {staging})")
+        self.num_slots, self.staging, self.policy = num_slots, staging, policy
+        self.slot_of: dict[Key, int] = {}
+        self._free = list(range(num_slots))  # a heap: lowest free slot first, so plans are deterministic
+        self._tick = 0
+        self.executed: list[PassPlan] = []
+
+    def preload(self, keys: Sequence[Key]) -> list[tuple[Key, int]]:
+        """Place `keys` in free slots (everything-resident budgets); returns (key, slot)."""
+        if len(keys) > len(self._free):
+            raise ValueError(f"{len(keys)} experts do not fit {len(self._free)} free slots")
+        placed = [(key, heapq.heappop(self._free)) for key in keys]
+        self.slot_of.update(placed)
+        return placed
+
+    def _evict(self, key: Key) -> int:
+        slot = self.slot_of.pop(key)
+        heapq.heappush(self._free, slot)
+        return slot
+
+    def plan_layer(self, step: int, layer: int, needed: Sequence[int]) -> list[PassPlan]:
+        needed = sorted(set(int(e) for e in needed))
+        evicted: list[Key] = []
+        # With no staging room every expert is preloaded and nothing may be evicted.
+        if self.policy.keep_only_current and self.staging:
+            for key in [k for k in self.slot_of if k[0] != layer or k[1] not in needed]:
+                self._evict(key)
+                evicted.append(key)
+        hits = [e for e in needed if (layer, e) in self.slot_of]
+        misses = [e for e in needed if (layer, e) not in self.slot_of]
+        if misses and self.staging == 0:
+            raise RuntimeError("a load is needed but the cache has no staging room")
+        passes = []
+        while hits or misses or not passes:
+            room = self.num_slots - len(hits)
+            take = misses[: min(self.staging, room)]
+            misses = misses[len(take) :]
+            passes.append(self._plan_pass(step, layer, len(passes), hits, take, evicted))
+            hits, evicted = [], []
+        self.executed.extend(passes)
+        return passes
+
+    def _plan_pass(self, step, layer, index, hits, misses, evicted) -> PassPlan:
+        self._tick += 1
+        pinned = {(layer, e) for e in hits + misses}
+        loads = []
+        for e in misses:
+            if not self._free:
+                victim = self.policy.victim(k for k in self.slot_of if k not in pinned)
+                self._evict(victim)
+                evicted.append(victim)
+            slot = heapq.heappop(self._free)
+            self.slot_of[(layer, e)] = slot
+            loads.append((e, slot))
+        experts = tuple(sorted(hits + misses))
+        for e in experts:
+            self.policy.on_use((layer, e), self._tick)
+        return PassPlan(
+            step=step,
+            layer=layer,
+            index=index,
+            experts=experts,
+            slots=tuple(self.slot_of[(layer, e)] for e in experts),
+            hits=tuple(hits),
+            loads=tuple(loads),
+            evicted=tuple(evicted),
+        )
