@@ -5,6 +5,8 @@
 
 Without --model the shipped default model is used; until a trained one ships that
 is a randomly initialised checkpoint (created on first use), whose text is noise.
+With --expert-budget-gb the experts live in pinned host memory and a device cache
+of that many bytes (10^9 per GB) holds what the current step needs.
 With --json exactly one JSON object goes to stdout; logs and progress go to stderr.
 """
 
@@ -26,7 +28,11 @@ from jaxmoe.checkpoint import CheckpointError, load
 from jaxmoe.checkpoint.random_model import make_random_checkpoint
 from jaxmoe.config import ConfigError
 from jaxmoe.engine import ContextError, ResidentEngine, SamplingParams
+from jaxmoe.engine.offloaded import OffloadedEngine
 from jaxmoe.engine.resident import check_fits
+from jaxmoe.offload.cache import BudgetError
+from jaxmoe.offload.host_store import HostMemoryError
+from jaxmoe.offload.policy import POLICIES
 from jaxmoe.engine.metrics import tree_bytes
 from jaxmoe.tokenizer import eos_ids, load_tokenizer
 
@@ -48,10 +54,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=0, help="0 keeps every token")
     p.add_argument("--top-p", type=float, default=1.0, help="1.0 keeps every token")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--expert-budget-gb", type=float,
+                   help="device expert cache budget in 10^9 bytes; experts live in pinned host memory "
+                   "(default: every expert resident on the device)")  # fmt: skip
+    p.add_argument("--policy", choices=sorted(POLICIES), default="lru", help="expert cache policy (with a budget)")
+    p.add_argument("--plan", action="store_true", help="include the executed transfer plan in the JSON")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     args = p.parse_args(argv)
     if not args.prompts:
         p.error("give at least one --prompt or --prompt-ids")
+    if args.expert_budget_gb is not None and args.expert_budget_gb <= 0:
+        p.error(f"--expert-budget-gb must be positive, got {args.expert_budget_gb}")
     return args
 
 
@@ -72,43 +85,60 @@ def parse_ids(text: str) -> list[int]:
         raise ValueError(f"--prompt-ids {text!r}: expected integers separated by spaces") from None
 
 
-def run(args: argparse.Namespace) -> dict:
-    loaded = load(args.model or default_model())
-    tokenizer = load_tokenizer(loaded.tokenizer_path) if loaded.tokenizer_path else None
-    if tokenizer is None and any(kind == "text" for kind, _ in args.prompts):
-        raise ValueError(f"{loaded.path} has no tokenizer.json: use --prompt-ids")
-    prompts = [tokenizer.encode(v).ids if kind == "text" else parse_ids(v) for kind, v in args.prompts]
+def build_engine(path: Path, args: argparse.Namespace):
+    """(engine, config, generation_config, tokenizer_path): offloaded when a budget is given."""
+    if args.expert_budget_gb is None:
+        loaded = load(path)
+        engine = ResidentEngine(loaded.config, loaded.model, loaded.experts)
+        return engine, loaded.config, loaded.generation_config, loaded.tokenizer_path
+    engine = OffloadedEngine.from_checkpoint(path, int(args.expert_budget_gb * 1e9), args.policy)
+    return engine, engine.config, engine.generation_config, engine.tokenizer_path
 
-    engine = ResidentEngine(loaded.config, loaded.model, loaded.experts)
+
+def resident_metrics(engine: ResidentEngine) -> dict:
+    return {
+        "policy": "resident",
+        "expert_budget_bytes": tree_bytes(engine.experts),  # every expert is on the device
+        # A resident run moves no expert bytes and keeps no cache to hit or miss.
+        "expert_hits": None,
+        "expert_misses": 0,
+        "hit_rate": None,
+        "h2d_bytes": 0,
+        "prefetch_issued": 0,
+        "prefetch_used": 0,
+        "stall_ms": 0.0,
+    }
+
+
+def run(args: argparse.Namespace) -> dict:
+    engine, config, generation_config, tokenizer_path = build_engine(args.model or default_model(), args)
+    tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else None
+    if tokenizer is None and any(kind == "text" for kind, _ in args.prompts):
+        raise ValueError(f"{args.model} has no tokenizer.json: use --prompt-ids")
+    prompts = [tokenizer.encode(v).ids if kind == "text" else parse_ids(v) for kind, v in args.prompts]
+    check_fits(config, prompts, args.max_new_tokens)
+
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
-    check_fits(loaded.config, prompts, args.max_new_tokens)
     with tqdm(total=args.max_new_tokens, desc="tokens", unit="tok", file=sys.stderr, leave=False) as bar:
-        result = engine.generate(prompts, args.max_new_tokens, sampling, args.seed, eos_ids(loaded.generation_config), bar.update)
+        result = engine.generate(prompts, args.max_new_tokens, sampling, args.seed, eos_ids(generation_config), bar.update)
 
     outputs = [
         {"text": tokenizer.decode(ids) if tokenizer else None, "token_ids": ids} for ids in result.token_ids
     ]
     metrics = dict(result.metrics)
-    metrics.update(
-        policy="resident",
-        expert_budget_bytes=tree_bytes(loaded.experts),  # every expert is on the device
-        # Counted by the offloading engine; a resident run moves no expert bytes.
-        expert_hits=None,
-        expert_misses=0,
-        hit_rate=None,
-        h2d_bytes=0,
-        prefetch_issued=0,
-        prefetch_used=0,
-        stall_ms=0.0,
-    )
-    return {"outputs": outputs, "metrics": metrics}
+    if isinstance(engine, ResidentEngine):
+        metrics.update(resident_metrics(engine))
+    report = {"outputs": outputs, "metrics": metrics}
+    if args.plan:
+        report["plan"] = [p.to_dict() for p in getattr(engine, "plan", [])]
+    return report
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         report = run(args)
-    except (CheckpointError, ConfigError, ContextError, ValueError) as e:
+    except (CheckpointError, ConfigError, ContextError, BudgetError, HostMemoryError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:
@@ -118,7 +148,10 @@ def main(argv=None) -> int:
             print(out["text"] if out["text"] is not None else " ".join(map(str, out["token_ids"])))
         m = report["metrics"]
         tps = f"{m['decode_tokens_per_s']:.1f}" if m["decode_tokens_per_s"] else "n/a"
-        print(f"[ttft {m['ttft_ms']:.1f} ms, decode {tps} tok/s]", file=sys.stderr)
+        cache = ""
+        if m["hit_rate"] is not None and m["policy"] != "resident":
+            cache = f", {m['policy']} hit rate {m['hit_rate']:.2f}, {m['h2d_bytes'] / 1e6:.1f} MB moved"
+        print(f"[ttft {m['ttft_ms']:.1f} ms, decode {tps} tok/s{cache}]", file=sys.stderr)
     return 0
 
 

@@ -47,30 +47,41 @@ class _Ends(nnx.Module):
         self.lm_head = model.lm_head
 
 
+class _Piece:
+    """A module split for per-call speed: graphdef, and its weights as a flat tuple of arrays."""
+
+    def __init__(self, module: nnx.Module):
+        self.graphdef, state = nnx.split(module)
+        self.leaves, self.treedef = jax.tree.flatten(state)
+        self.leaves = tuple(self.leaves)
+
+    def merge(self, leaves) -> nnx.Module:
+        return nnx.merge(self.graphdef, jax.tree.unflatten(self.treedef, leaves))
+
+
 # -- the jitted pieces: the same module methods the resident forward calls -------
-def _embed(graphdef, state, tokens):
-    return nnx.merge(graphdef, state).embed_tokens(tokens)
+def _embed(ends, tokens):
+    return ends.embed_tokens(tokens)
 
 
-def _head(graphdef, state, x, index, root, step, sampling):
-    ends = nnx.merge(graphdef, state)
+def _head(ends, x, index, root, step, sampling):
     h = ends.norm(x)
     last = h[jnp.arange(x.shape[0]), index]  # [B, D]
     logits = head_logits(ends.embed_tokens, ends.lm_head, last)
     return sample(logits, jax.random.fold_in(root, step), sampling)
 
 
-def _dense_layer(graphdef, state, x, positions, kv):
-    x, kv, _ = nnx.merge(graphdef, state)(x, positions, kv, None, moe_ffn)
+def _dense_layer(layer, x, positions, kv):
+    x, kv, _ = layer(x, positions, kv, None, moe_ffn)
     return x, kv
 
 
-def _attend_route(graphdef, state, x, positions, kv):
-    x, kv, h, routing = nnx.merge(graphdef, state).attend_and_route(x, positions, kv)
+def _attend_route(layer, x, positions, kv):
+    x, kv, h, routing = layer.attend_and_route(x, positions, kv)
     return x, kv, h, routing.ids, routing.weights
 
 
-def _experts(graphdef, state, x, h, slot_ids, in_pass, weights, y_prev, pool, staged, staged_slots, num_unique):
+def _experts(layer, x, h, slot_ids, in_pass, weights, y_prev, pool, staged, staged_slots, num_unique):
     """Scatter the staged copies into their slots, compute this pass's rows, finish the layer.
 
     Rows outside the pass keep y_prev, so after a layer's last pass y holds every row,
@@ -84,7 +95,7 @@ def _experts(graphdef, state, x, h, slot_ids, in_pass, weights, y_prev, pool, st
     ids = jnp.where(in_pass, slot_ids, anchor)
     y_pass = expert_rows(h, ids, ExpertWeights(gate_up, down), num_unique)
     y = jnp.where(in_pass[..., None], y_pass, y_prev)
-    x = nnx.merge(graphdef, state).finish_moe(x, h, combine(y, weights, h.dtype))
+    x = layer.finish_moe(x, h, combine(y, weights, h.dtype))
     return x, y, (gate_up, down)
 
 
@@ -102,10 +113,12 @@ class OffloadedEngine:
         self.expert_budget_bytes, self.policy_name = int(expert_budget_bytes), policy
         make_policy(policy)  # fail now on a bad name
         self.check_budget = check_budget
-        self.ends = nnx.split(_Ends(model))
-        self.layers = [nnx.split(layer) for layer in model.layers]
+        self.ends = _Piece(_Ends(model))
+        self.layers = [_Piece(layer) for layer in model.layers]
         self.dense_bytes = tree_bytes(nnx.state(model))
         self.programs = Programs()
+        self._by_signature: dict[tuple, jax.stages.Compiled] = {}
+        self._zeros: dict[tuple, jax.Array] = {}
         self.cache: DeviceExpertCache | None = None
         self.plan: list[PassPlan] = []  # what the last generate executed
 
@@ -126,10 +139,24 @@ class OffloadedEngine:
         return engine
 
     # -- programs ---------------------------------------------------------------
-    def _run(self, name: str, fn: Callable, static: dict, donate: tuple, graphdef, *args):
-        """Compile (once per shapes) with the graphdef baked in, then call."""
-        bound = lambda *a, **kw: fn(graphdef, *a, **kw)  # noqa: E731
-        return self.programs.get((name, graphdef), bound, static, donate, *args)(*args)
+    def _run(self, name: str, fn: Callable, static: dict, donate: tuple, piece: "_Piece", *args):
+        """Call `fn(module, *args, **static)` compiled for these shapes; the module's weights go
+        in as a flat tuple of arrays, so a call costs little host time (it is paid per layer)."""
+        signature = (name, id(piece.graphdef), tuple(static.items()))
+        signature += tuple((a.shape, a.dtype) for a in jax.tree.leaves(args))
+        program = self._by_signature.get(signature)
+        if program is None:
+            bound = lambda leaves, *a, **kw: fn(piece.merge(leaves), *a, **kw)  # noqa: E731
+            # Layers of one kind have equal graphdefs and share one compiled program.
+            program = self.programs.get((name, piece.graphdef), bound, static, donate, piece.leaves, *args)
+            self._by_signature[signature] = program
+        return program(piece.leaves, *args)
+
+    def _zero_rows(self, n: int, k: int, dtype) -> jax.Array:
+        key = (n, k, jnp.dtype(dtype))
+        if key not in self._zeros:
+            self._zeros[key] = jnp.zeros((n, k, self.config.hidden_size), dtype)
+        return self._zeros[key]
 
     def _ensure_cache(self, batch: int) -> None:
         unique_max = num_unique_experts(self.config.num_experts, batch, self.config.top_k)
@@ -142,24 +169,24 @@ class OffloadedEngine:
     # -- one forward over the layers --------------------------------------------
     def _forward(self, tokens, positions: np.ndarray, valid: np.ndarray, step: int, kv: list):
         """tokens/positions/valid [B, T]; rows not `valid` (padding, finished rows) load no experts."""
-        x = self._run("embed", _embed, {}, (), *self.ends, tokens)
+        x = self._run("embed", _embed, {}, (), self.ends, tokens)
         positions = jnp.asarray(positions)
-        for layer, (graphdef, state) in enumerate(self.layers):
+        for layer, piece in enumerate(self.layers):
             if not self.config.moe_layers[layer]:
-                x, kv[layer] = self._run("dense", _dense_layer, {}, ("kv",), graphdef, state, x, positions, kv[layer])
+                x, kv[layer] = self._run("dense", _dense_layer, {}, ("kv",), piece, x, positions, kv[layer])
                 continue
             x_in, kv[layer], h, ids, weights = self._run(
-                "attend_route", _attend_route, {}, ("kv",), graphdef, state, x, positions, kv[layer]
+                "attend_route", _attend_route, {}, ("kv",), piece, x, positions, kv[layer]
             )
-            x = self._experts_passes(step, layer, graphdef, state, x_in, h, ids, weights, valid.reshape(-1))
+            x = self._experts_passes(step, layer, piece, x_in, h, ids, weights, valid.reshape(-1))
         return x
 
-    def _experts_passes(self, step, layer, graphdef, state, x, h, ids, weights, valid_rows):
+    def _experts_passes(self, step, layer, piece, x, h, ids, weights, valid_rows):
         ids_host = np.asarray(ids)  # the one host sync of this layer
         needed = np.unique(ids_host[valid_rows])
         n, k = ids_host.shape
         unique = num_unique_experts(self.config.num_experts, n, k)
-        y = jnp.zeros((n, k, self.config.hidden_size), x.dtype)
+        y = self._zero_rows(n, k, x.dtype)
         out = x
         for plan in self.cache.schedule.plan_layer(step, layer, needed):
             staged, staged_slots, copies = self.cache.issue(plan)
@@ -169,7 +196,7 @@ class OffloadedEngine:
             slot_ids = table[ids_host]
             in_pass = (slot_ids >= 0) & valid_rows[:, None]
             out, y, self.cache.pool = self._run(
-                "experts", _experts, {"num_unique": unique}, ("pool",), graphdef, state, x, h,
+                "experts", _experts, {"num_unique": unique}, ("pool",), piece, x, h,
                 jnp.asarray(np.maximum(slot_ids, 0)), jnp.asarray(in_pass), weights, y,
                 self.cache.pool, staged, jnp.asarray(staged_slots),
             )  # fmt: skip
@@ -205,12 +232,15 @@ class OffloadedEngine:
         positions = np.broadcast_to(np.arange(p_len, dtype=np.int32), (b, p_len))
         eos = set(int(e) for e in eos_ids)
 
+        # Programs compile on first use inside the timed regions; their compile time is
+        # measured on its own (compile_ms) and taken out of ttft and tpot.
+        compiled = self.programs.compile_seconds
         start = time.perf_counter()
         x = self._forward(jnp.asarray(tokens), positions, positions < lengths[:, None], 0, kv)
         head_static = {"sampling": sampling}
-        tok = self._run("head", _head, head_static, (), *self.ends, x, jnp.asarray(lengths - 1), root, jnp.int32(0))
+        tok = self._run("head", _head, head_static, (), self.ends, x, jnp.asarray(lengths - 1), root, jnp.int32(0))
         first = np.asarray(tok)
-        ttft = time.perf_counter() - start
+        ttft = time.perf_counter() - start - (self.programs.compile_seconds - compiled)
 
         out = [[int(t)] for t in first]
         done = np.array([t in eos for t in first])
@@ -218,12 +248,13 @@ class OffloadedEngine:
             on_token(1)
         pos = lengths.copy()
         zeros = jnp.zeros((b,), jnp.int32)
+        compiled = self.programs.compile_seconds
         decode_start, steps = time.perf_counter(), 0
         for step in range(1, max_new_tokens):
             if done.all():
                 break
             x = self._forward(tok[:, None], pos[:, None], ~done[:, None], step, kv)
-            tok = self._run("head", _head, head_static, (), *self.ends, x, zeros, root, jnp.int32(step))
+            tok = self._run("head", _head, head_static, (), self.ends, x, zeros, root, jnp.int32(step))
             host = np.asarray(tok)
             pos += 1
             steps += 1
@@ -232,7 +263,7 @@ class OffloadedEngine:
                 done[row] = host[row] in eos
             if on_token:
                 on_token(1)
-        decode_seconds = time.perf_counter() - decode_start
+        decode_seconds = time.perf_counter() - decode_start - (self.programs.compile_seconds - compiled)
 
         self.plan = list(cache.schedule.executed)
         c = cache.counters

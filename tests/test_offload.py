@@ -1,0 +1,117 @@
+"""Offloaded generation gives the resident engine's tokens, for every policy, budget,
+batch size and family; the budget holds after every copy; bad budgets are refused."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+
+from hf_models import tiny_hf_model
+from jax_from_hf import jaxmoe_from_hf
+from jaxmoe.engine import ResidentEngine
+from jaxmoe.engine.offloaded import OffloadedEngine
+from jaxmoe.model import num_unique_experts
+from jaxmoe.offload.cache import BudgetError
+from jaxmoe.offload.host_store import HostExpertStore, HostMemoryError, ensure_host_memory
+
+PROMPTS = [[5, 7, 9], list(range(3, 19)), [4, 0, 12, 31, 8] * 4, [30, 1], [2] * 9, [11, 3, 29, 17], [6] * 5, [21]]
+
+
+@functools.cache
+def setup(family: str):
+    cfg, model, experts = jaxmoe_from_hf(tiny_hf_model(family, "wide"))
+    return cfg, model, experts, HostExpertStore.from_stacks(cfg, experts)
+
+
+@functools.cache
+def resident_tokens(family: str, batch: int, new: int):
+    cfg, model, experts, _ = setup(family)
+    return ResidentEngine(cfg, model, experts).generate(PROMPTS[:batch], new).token_ids
+
+
+def budgets(family: str, batch: int) -> dict[str, int]:
+    """Expert counts from the minimum working set to everything resident."""
+    cfg, *_, store = setup(family)
+    minimum = 2 * num_unique_experts(cfg.num_experts, batch, cfg.top_k) + 1
+    total = len(store.keys())
+    return {"min": minimum, "min+4": minimum + 4, "total-3": total - 3, "all": total}
+
+
+def offloaded(family, policy, experts_in_budget, batch, new):
+    cfg, model, _, store = setup(family)
+    engine = OffloadedEngine(cfg, model, store, experts_in_budget * store.expert_bytes, policy, check_budget=True)
+    return engine, engine.generate(PROMPTS[:batch], new)
+
+
+@pytest.mark.parametrize("policy", ["ondemand", "lru", "lfu"])
+@pytest.mark.parametrize("budget", ["min", "min+4", "total-3", "all"])
+def test_every_policy_and_budget_matches_resident(policy, budget):
+    engine, result = offloaded("olmoe", policy, budgets("olmoe", 3)[budget], 3, 16)
+    assert result.token_ids == resident_tokens("olmoe", 3, 16)
+    m = result.metrics
+    assert m["expert_hits"] + m["expert_misses"] > 0
+    assert m["h2d_bytes"] == m["expert_misses"] * engine.store.expert_bytes
+    if budget == "all":
+        assert m["expert_misses"] == 0 and m["hit_rate"] == 1.0
+    else:
+        assert m["expert_misses"] > 0
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe"])
+@pytest.mark.parametrize("budget", ["min", "total-3"])
+def test_every_family_matches_resident(family, budget):
+    _, result = offloaded(family, "lru", budgets(family, 3)[budget], 3, 16)
+    assert result.token_ids == resident_tokens(family, 3, 16)
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_batch_sizes_match_resident(batch):
+    _, result = offloaded("olmoe", "lfu", budgets("olmoe", batch)["min+4"], batch, 16)
+    assert result.token_ids == resident_tokens("olmoe", batch, 16)
+
+
+def test_minimum_budget_evicts_constantly_over_64_tokens():
+    engine, result = offloaded("olmoe", "lru", budgets("olmoe", 1)["min"], 1, 64)
+    assert result.token_ids == resident_tokens("olmoe", 1, 64)
+    assert sum(len(p.evicted) for p in engine.plan) > 100
+    assert result.metrics["hit_rate"] < 0.5
+
+
+def test_the_executed_plan_accounts_for_every_copy():
+    engine, result = offloaded("qwen2_moe", "lfu", budgets("qwen2_moe", 3)["min+4"], 3, 8)
+    plan = engine.plan
+    assert {p.layer for p in plan} == set(engine.config.moe_layer_ids)  # the dense layer plans nothing
+    assert {p.step for p in plan} == set(range(8))
+    assert sum(len(p.loads) for p in plan) == result.metrics["expert_misses"]
+    assert sum(len(p.hits) for p in plan) == result.metrics["expert_hits"]
+    assert all(set(p.to_dict()) >= {"step", "layer", "loads", "hits", "evicted"} for p in plan)
+
+
+def test_budget_below_the_minimum_is_refused():
+    cfg, model, _, store = setup("olmoe")
+    minimum = budgets("olmoe", 3)["min"]
+    engine = OffloadedEngine(cfg, model, store, (minimum - 1) * store.expert_bytes, "lru")
+    with pytest.raises(BudgetError, match="minimum working set"):
+        engine.generate(PROMPTS[:3], 4)
+    with pytest.raises(ValueError, match="unknown policy"):
+        OffloadedEngine(cfg, model, store, 10**9, "fifo")
+
+
+def test_host_memory_shortfalls_are_reported(monkeypatch):
+    with pytest.raises(HostMemoryError, match="XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"):
+        ensure_host_memory(10**15)  # JAX is running: too late to raise the limit, so say what to set
+    monkeypatch.setenv("XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB", "20000")
+    with pytest.raises(HostMemoryError, match="MemAvailable"):
+        ensure_host_memory(10**16 // 1000)  # within the pool limit, beyond this machine's RAM
+
+
+def test_from_checkpoint_restores_experts_into_pinned_host_memory(hf_checkpoint, tmp_path):
+    from jaxmoe.checkpoint import convert_hf
+
+    _, src = hf_checkpoint("olmoe", "wide")
+    path = convert_hf(src, tmp_path / "ckpt", progress=False)
+    cfg, *_, store = setup("olmoe")
+    engine = OffloadedEngine.from_checkpoint(path, budgets("olmoe", 3)["min+4"] * store.expert_bytes, "lfu")
+    assert engine.store.get(0, 3).w_gate_up.sharding.memory_kind == "pinned_host"
+    assert engine.generate(PROMPTS[:3], 16).token_ids == resident_tokens("olmoe", 3, 16)
