@@ -91,7 +91,7 @@ def build_engine(path: Path, args: argparse.Namespace):
         loaded = load(path)
         engine = ResidentEngine(loaded.config, loaded.model, loaded.experts)
         return engine, loaded.config, loaded.generation_config, loaded.tokenizer_path
-    engine = OffloadedEngine.from_checkpoint(path, int(args.expert_budget_gb * 1e9), args.policy)
+    engine = OffloadedEngine.from_checkpoint(path, round(args.expert_budget_gb * 1e9), args.policy)
     return engine, engine.config, engine.generation_config, engine.tokenizer_path
 
 

@@ -48,3 +48,31 @@ def test_generate_reports_bad_input_without_traceback(tmp_path):
     proc = script("generate.py", "--model", str(tmp_path), "--prompt-ids", "1 2", "--json")
     assert proc.returncode == 2 and proc.stdout == ""
     assert "config.json" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_generate_offloaded_matches_resident_and_dumps_the_plan(hf_checkpoint, tmp_path):
+    _, src = hf_checkpoint("olmoe", "wide")
+    dst = tmp_path / "ckpt"
+    assert script("convert_hf.py", str(src), str(dst)).returncode == 0
+    args = ["--model", str(dst), "--max-new-tokens", "12", "--json"]
+    for p in PROMPTS:
+        args += ["--prompt-ids", " ".join(map(str, p))]
+    resident = json.loads(script("generate.py", *args).stdout)
+    # 16 experts x 3 layers of 3 x 64 x 16 fp32 = 12288 bytes each; room for 20 of the 48.
+    proc = script("generate.py", *args, "--expert-budget-gb", str(20 * 12288 / 1e9), "--policy", "lfu", "--plan")
+    assert proc.returncode == 0, proc.stderr
+    offloaded = json.loads(proc.stdout)
+    assert [o["token_ids"] for o in offloaded["outputs"]] == [o["token_ids"] for o in resident["outputs"]]
+    m = offloaded["metrics"]
+    assert m["policy"] == "lfu" and m["expert_budget_bytes"] == 20 * 12288 and m["expert_misses"] > 0
+    assert sum(len(p["loads"]) for p in offloaded["plan"]) == m["expert_misses"]
+    assert m["h2d_bytes"] == m["expert_misses"] * 12288
+
+
+def test_generate_refuses_a_budget_below_the_working_set(hf_checkpoint, tmp_path):
+    _, src = hf_checkpoint("olmoe", "wide")
+    dst = tmp_path / "ckpt"
+    assert script("convert_hf.py", str(src), str(dst)).returncode == 0
+    proc = script("generate.py", "--model", str(dst), "--prompt-ids", "1 2", "--expert-budget-gb", "1e-6", "--json")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "minimum working set" in proc.stderr and "Traceback" not in proc.stderr
