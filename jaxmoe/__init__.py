@@ -2,12 +2,13 @@
 
 from jaxmoe.checkpoint import LoadedModel, convert_hf, load
 from jaxmoe.config import ConfigError, MoEConfig, from_hf_dict, load_hf_config
-from jaxmoe.engine import ResidentEngine, SamplingParams
+from jaxmoe.engine import OffloadedEngine, ResidentEngine, SamplingParams
 
 __all__ = [
     "ConfigError",
     "LoadedModel",
     "MoEConfig",
+    "OffloadedEngine",
     "ResidentEngine",
     "SamplingParams",
     "convert_hf",

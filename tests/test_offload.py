@@ -94,6 +94,8 @@ def test_budget_below_the_minimum_is_refused():
     engine = OffloadedEngine(cfg, model, store, (minimum - 1) * store.expert_bytes, "lru")
     with pytest.raises(BudgetError, match="minimum working set"):
         engine.generate(PROMPTS[:3], 4)
+    with pytest.raises(BudgetError, match="minimum working set"):  # too small for any batch: refused at once
+        OffloadedEngine(cfg, model, store, 2 * store.expert_bytes, "lru")
     with pytest.raises(ValueError, match="unknown policy"):
         OffloadedEngine(cfg, model, store, 10**9, "fifo")
 

@@ -1,6 +1,8 @@
-"""Generation engines: resident (every weight on the device)."""
+"""Generation engines: resident (every weight on the device) and offloaded (experts in
+pinned host memory behind a budgeted device cache)."""
 
+from jaxmoe.engine.offloaded import OffloadedEngine
 from jaxmoe.engine.resident import ContextError, GenerationResult, ResidentEngine
 from jaxmoe.engine.sampling import SamplingParams, sample
 
-__all__ = ["ContextError", "GenerationResult", "ResidentEngine", "SamplingParams", "sample"]
+__all__ = ["ContextError", "GenerationResult", "OffloadedEngine", "ResidentEngine", "SamplingParams", "sample"]

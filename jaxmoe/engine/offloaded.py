@@ -6,8 +6,11 @@ Each MoE layer runs as:
   the pass(es) -> the cache issues `device_put` for the misses -> expert program
 The copies are issued before the expert program that needs them is dispatched: a
 copy issued after a dispatched computation waits for it (the ordering rule in the
-project's gpu-facts). The model code is the same as the resident engine's; only
-where the experts come from differs, so the tokens are the same.
+project's gpu-facts). When a pass has demand copies the host waits for them before
+dispatching: the device has nothing else queued at that point, so the wait costs
+one dispatch latency, and it is what `stall_ms` measures. The model code is the
+same as the resident engine's; only where the experts come from differs, so the
+tokens are the same.
 
 Shapes: B batch, T tokens per call (prompt bucket or 1), S cache length, D hidden,
 K experts per token.
@@ -32,7 +35,7 @@ from jaxmoe.engine.resident import GenerationResult, check_fits
 from jaxmoe.engine.sampling import SamplingParams, sample
 from jaxmoe.model import ExpertWeights, MoEDecoder, combine, expert_rows, init_kv_cache, moe_ffn, num_unique_experts
 from jaxmoe.model.decoder import head_logits
-from jaxmoe.offload.cache import DeviceExpertCache
+from jaxmoe.offload.cache import DeviceExpertCache, plan_geometry
 from jaxmoe.offload.host_store import HostExpertStore
 from jaxmoe.offload.policy import make_policy
 from jaxmoe.offload.schedule import PassPlan
@@ -112,6 +115,9 @@ class OffloadedEngine:
         self.config, self.store = config, store
         self.expert_budget_bytes, self.policy_name = int(expert_budget_bytes), policy
         make_policy(policy)  # fail now on a bad name
+        # Refuse now a budget too small even for one sequence; larger batches are checked per call.
+        plan_geometry(self.expert_budget_bytes, store.expert_bytes, len(store.keys()),
+                      num_unique_experts(config.num_experts, 1, config.top_k))  # fmt: skip
         self.check_budget = check_budget
         self.ends = _Piece(_Ends(model))
         self.layers = [_Piece(layer) for layer in model.layers]
