@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Generate text with the shipped default model; sets up .venv on first run.
-# Arguments go to scripts/generate.py (default: a short prompt).
+# Generate text with the shipped default model, its experts offloaded to pinned host
+# memory behind a device cache holding half of them; sets up .venv on first run.
+# Arguments go to scripts/generate.py instead of the defaults below.
 set -euo pipefail
 source "$(dirname "$0")/setup_env.sh" ""
-[ $# -gt 0 ] || set -- --prompt "The quick brown fox" --max-new-tokens 32
+[ $# -gt 0 ] || set -- --prompt "The quick brown fox" --max-new-tokens 32 --expert-budget-frac 0.5 --policy lfu
 exec "$PY" "$ROOT/scripts/generate.py" "$@"

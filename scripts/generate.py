@@ -26,12 +26,12 @@ from tqdm import tqdm
 
 from jaxmoe.checkpoint import CheckpointError, load
 from jaxmoe.checkpoint.random_model import make_random_checkpoint
-from jaxmoe.config import ConfigError
+from jaxmoe.config import ConfigError, load_hf_config
 from jaxmoe.engine import ContextError, ResidentEngine, SamplingParams
 from jaxmoe.engine.offloaded import OffloadedEngine
 from jaxmoe.engine.resident import check_fits
 from jaxmoe.offload.cache import BudgetError
-from jaxmoe.offload.host_store import HostMemoryError
+from jaxmoe.offload.host_store import HostMemoryError, total_expert_bytes
 from jaxmoe.offload.policy import POLICIES
 from jaxmoe.engine.metrics import tree_bytes
 from jaxmoe.tokenizer import eos_ids, load_tokenizer
@@ -57,14 +57,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--expert-budget-gb", type=float,
                    help="device expert cache budget in 10^9 bytes; experts live in pinned host memory "
                    "(default: every expert resident on the device)")  # fmt: skip
+    p.add_argument("--expert-budget-frac", type=float,
+                   help="the same budget as a fraction of all the model's expert bytes, e.g. 0.5")  # fmt: skip
     p.add_argument("--policy", choices=sorted(POLICIES), default="lru", help="expert cache policy (with a budget)")
     p.add_argument("--plan", action="store_true", help="include the executed transfer plan in the JSON")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     args = p.parse_args(argv)
     if not args.prompts:
         p.error("give at least one --prompt or --prompt-ids")
-    if args.expert_budget_gb is not None and args.expert_budget_gb <= 0:
-        p.error(f"--expert-budget-gb must be positive, got {args.expert_budget_gb}")
+    if args.expert_budget_gb is not None and args.expert_budget_frac is not None:
+        p.error("give --expert-budget-gb or --expert-budget-frac, not both")
+    for flag in ("expert_budget_gb", "expert_budget_frac"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            p.error(f"--{flag.replace('_', '-')} must be positive, got {value}")
     return args
 
 
@@ -87,11 +93,15 @@ def parse_ids(text: str) -> list[int]:
 
 def build_engine(path: Path, args: argparse.Namespace):
     """(engine, config, generation_config, tokenizer_path): offloaded when a budget is given."""
-    if args.expert_budget_gb is None:
+    if args.expert_budget_gb is None and args.expert_budget_frac is None:
         loaded = load(path)
         engine = ResidentEngine(loaded.config, loaded.model, loaded.experts)
         return engine, loaded.config, loaded.generation_config, loaded.tokenizer_path
-    engine = OffloadedEngine.from_checkpoint(path, round(args.expert_budget_gb * 1e9), args.policy)
+    if args.expert_budget_gb is not None:
+        budget = round(args.expert_budget_gb * 1e9)
+    else:
+        budget = round(args.expert_budget_frac * total_expert_bytes(load_hf_config(path)))
+    engine = OffloadedEngine.from_checkpoint(path, budget, args.policy)
     return engine, engine.config, engine.generation_config, engine.tokenizer_path
 
 
