@@ -46,7 +46,7 @@ class SparseMoeBlock(nnx.Module):
             self.shared_expert_gate = linear(cfg, cfg.hidden_size, 1, False, rngs)
 
     def route(self, h: jax.Array) -> Routing:
-        return route(self.cfg, self.gate(h))
+        return route(self.cfg, self.gate(h))._replace(inputs=h)
 
     def add_shared(self, h: jax.Array, routed: jax.Array) -> jax.Array:
         """Routed output [N, D] plus, for Qwen2-MoE, the gated shared expert."""

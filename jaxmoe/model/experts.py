@@ -29,6 +29,7 @@ class Routing(NamedTuple):
     logits: jax.Array  # [N, E] router logits in the activation dtype
     ids: jax.Array  # [N, K] int32 expert ids, descending probability
     weights: jax.Array  # [N, K] fp32 (Mixtral) or activation dtype
+    inputs: jax.Array | None = None  # [N, D] the router's input (what a next-layer predictor sees)
 
 
 def route(cfg: MoEConfig, logits: jax.Array) -> Routing:
