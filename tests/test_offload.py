@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 
+import jax.numpy as jnp
 import pytest
 
 from hf_models import tiny_hf_model
@@ -14,6 +15,7 @@ from jaxmoe.engine.offloaded import OffloadedEngine
 from jaxmoe.model import num_unique_experts
 from jaxmoe.offload.cache import BudgetError
 from jaxmoe.offload.host_store import HostExpertStore, HostMemoryError, ensure_host_memory
+from jaxmoe.offload.prefetch import GateAhead, NextLayerScorer
 
 PROMPTS = [[5, 7, 9], list(range(3, 19)), [4, 0, 12, 31, 8] * 4, [30, 1], [2] * 9, [11, 3, 29, 17], [6] * 5, [21]]
 
@@ -117,3 +119,44 @@ def test_from_checkpoint_restores_experts_into_pinned_host_memory(hf_checkpoint,
     engine = OffloadedEngine.from_checkpoint(path, budgets("olmoe", 3)["min+4"] * store.expert_bytes, "lfu")
     assert engine.store.get(0, 3).w_gate_up.sharding.memory_kind == "pinned_host"
     assert engine.generate(PROMPTS[:3], 16).token_ids == resident_tokens("olmoe", 3, 16)
+
+
+class _WrongScorer(NextLayerScorer):
+    """Always predicts the same experts, whatever the input: prefetches are mostly wasted."""
+
+    name = "wrong"
+
+    def __init__(self, num_experts: int):
+        self.leaves = (jnp.arange(num_experts, dtype=jnp.float32),)
+
+    def score(self, leaves, h, layer):
+        return jnp.broadcast_to(leaves[0], (h.shape[0], leaves[0].shape[0]))
+
+
+@pytest.mark.parametrize("family,batch", [("olmoe", 1), ("mixtral", 3), ("qwen2_moe", 3)])
+@pytest.mark.parametrize("scorer", ["gate-ahead", "wrong"])
+def test_prefetch_never_changes_tokens(family, batch, scorer):
+    cfg, model, _, store = setup(family)
+    unique = num_unique_experts(cfg.num_experts, batch, cfg.top_k)
+    predictor = GateAhead(model) if scorer == "gate-ahead" else _WrongScorer(cfg.num_experts)
+    budget = (4 * unique + 3) * store.expert_bytes  # the minimum with prefetch, plus two slots
+    engine = OffloadedEngine(cfg, model, store, budget, "predictor", check_budget=True, predictor=predictor)
+    result = engine.generate(PROMPTS[:batch], 16)
+    assert result.token_ids == resident_tokens(family, batch, 16)
+    m = result.metrics
+    prefetches = [p for p in engine.plan if p.kind == "prefetch"]
+    assert prefetches and all(p.step > 0 and p.layer in cfg.moe_layer_ids[1:] for p in prefetches)
+    assert m["prefetch_issued"] == sum(len(p.loads) for p in prefetches)
+    # A fixed guess can stay resident after one load (or from the prefill) and is then never copied again.
+    assert m["prefetch_issued"] > 0 or scorer == "wrong"
+    assert 0 <= m["prefetch_used"] <= m["prefetch_issued"]
+    assert m["prefetch_used"] == sum(len(p.prefetched_hits) for p in engine.plan)
+    assert m["h2d_bytes"] == (m["expert_misses"] + m["prefetch_issued"]) * store.expert_bytes
+
+
+def test_predictor_policy_needs_a_predictor():
+    cfg, model, _, store = setup("olmoe")
+    with pytest.raises(ValueError, match="predictor"):
+        OffloadedEngine(cfg, model, store, 10**9, "predictor")
+    with pytest.raises(ValueError, match="predictor"):
+        OffloadedEngine(cfg, model, store, 10**9, "lru", predictor=GateAhead(model))

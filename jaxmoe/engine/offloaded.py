@@ -37,6 +37,7 @@ from jaxmoe.model import ExpertWeights, MoEDecoder, combine, expert_rows, init_k
 from jaxmoe.model.decoder import head_logits
 from jaxmoe.offload.cache import DeviceExpertCache, plan_geometry
 from jaxmoe.offload.host_store import HostExpertStore
+from jaxmoe.offload.prefetch import GateAhead, NextLayerScorer, next_moe_layers
 from jaxmoe.offload.policy import make_policy
 from jaxmoe.offload.schedule import PassPlan
 
@@ -84,6 +85,14 @@ def _attend_route(layer, x, positions, kv):
     return x, kv, h, routing.ids, routing.weights
 
 
+def _attend_route_predict(layer, x, positions, kv, scorer_leaves, layer_index, scorer, top):
+    """attend_route plus the scorer's `top` picks per row for the next MoE layer."""
+    x, kv, h, ids, weights = _attend_route(layer, x, positions, kv)
+    logits = scorer.score(scorer_leaves, h, layer_index).astype(jnp.float32)
+    probs, picks = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), top)
+    return x, kv, h, ids, weights, picks, probs
+
+
 def _experts(layer, x, h, slot_ids, in_pass, weights, y_prev, pool, staged, staged_slots, num_unique):
     """Scatter the staged copies into their slots, compute this pass's rows, finish the layer.
 
@@ -111,13 +120,18 @@ class OffloadedEngine:
         expert_budget_bytes: int,
         policy: str = "lru",
         check_budget: bool = False,
+        predictor: NextLayerScorer | None = None,
     ):
         self.config, self.store = config, store
         self.expert_budget_bytes, self.policy_name = int(expert_budget_bytes), policy
         make_policy(policy)  # fail now on a bad name
+        if (policy == "predictor") != (predictor is not None):
+            raise ValueError("policy 'predictor' and a predictor go together: give both or neither")
+        self.predictor = predictor
+        self.next_moe = next_moe_layers(config)
         # Refuse now a budget too small even for one sequence; larger batches are checked per call.
-        plan_geometry(self.expert_budget_bytes, store.expert_bytes, len(store.keys()),
-                      num_unique_experts(config.num_experts, 1, config.top_k))  # fmt: skip
+        one = num_unique_experts(config.num_experts, 1, config.top_k)
+        plan_geometry(self.expert_budget_bytes, store.expert_bytes, len(store.keys()), one, one if predictor else 0)
         self.check_budget = check_budget
         self.ends = _Piece(_Ends(model))
         self.layers = [_Piece(layer) for layer in model.layers]
@@ -129,8 +143,11 @@ class OffloadedEngine:
         self.plan: list[PassPlan] = []  # what the last generate executed
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, expert_budget_bytes: int, policy: str = "lru", **kw):
-        """Dense weights to the device, experts restored straight into pinned host memory."""
+    def from_checkpoint(
+        cls, path: str | Path, expert_budget_bytes: int, policy: str = "lru", predictor=None, **kw
+    ) -> "OffloadedEngine":
+        """Dense weights to the device, experts restored straight into pinned host memory.
+        `predictor`: None, "gate-ahead" (the next layer's router, no training) or a scorer."""
         from jaxmoe.checkpoint import load
         from jaxmoe.offload.host_store import ensure_host_memory, total_expert_bytes
         from jaxmoe.config import load_hf_config
@@ -140,7 +157,9 @@ class OffloadedEngine:
         pinned = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
         loaded = load(path, sharding=pinned)
         store = HostExpertStore.from_stacks(cfg, loaded.experts)
-        engine = cls(cfg, loaded.model, store, expert_budget_bytes, policy, **kw)
+        if predictor == "gate-ahead":
+            predictor = GateAhead(loaded.model)
+        engine = cls(cfg, loaded.model, store, expert_budget_bytes, policy, predictor=predictor, **kw)
         engine.generation_config, engine.tokenizer_path = loaded.generation_config, loaded.tokenizer_path
         return engine
 
@@ -169,7 +188,7 @@ class OffloadedEngine:
         if self.cache is None or self.cache.unique_max != unique_max:
             self.cache = DeviceExpertCache(
                 self.store, self.expert_budget_bytes, make_policy(self.policy_name), unique_max,
-                check_budget=self.check_budget,
+                prefetch_max=unique_max if self.predictor else 0, check_budget=self.check_budget,
             )  # fmt: skip
 
     # -- one forward over the layers --------------------------------------------
@@ -181,14 +200,35 @@ class OffloadedEngine:
             if not self.config.moe_layers[layer]:
                 x, kv[layer] = self._run("dense", _dense_layer, {}, ("kv",), piece, x, positions, kv[layer])
                 continue
-            x_in, kv[layer], h, ids, weights = self._run(
-                "attend_route", _attend_route, {}, ("kv",), piece, x, positions, kv[layer]
-            )
-            x = self._experts_passes(step, layer, piece, x_in, h, ids, weights, valid.reshape(-1))
+            predict = self.predictor is not None and step > 0 and self.cache.prefetch_max > 0
+            if predict:
+                x_in, kv[layer], h, ids, weights, picks, probs = self._run(
+                    "attend_route_predict", _attend_route_predict,
+                    {"scorer": self.predictor, "top": self.config.top_k}, ("kv",), piece, x, positions, kv[layer],
+                    self.predictor.leaves, jnp.int32(layer),
+                )  # fmt: skip
+                ids_host, picks, probs = jax.device_get((ids, picks, probs))  # the one host sync of this layer
+            else:
+                x_in, kv[layer], h, ids, weights = self._run(
+                    "attend_route", _attend_route, {}, ("kv",), piece, x, positions, kv[layer]
+                )
+                ids_host, picks, probs = np.asarray(ids), None, None  # the one host sync of this layer
+            prefetch = (picks, probs) if predict and self.next_moe[layer] is not None else None
+            x = self._experts_passes(step, layer, piece, x_in, h, ids_host, weights, valid.reshape(-1), prefetch)
         return x
 
-    def _experts_passes(self, step, layer, piece, x, h, ids, weights, valid_rows):
-        ids_host = np.asarray(ids)  # the one host sync of this layer
+    def _prefetch(self, step: int, layer: int, picks: np.ndarray, probs: np.ndarray, valid_rows) -> None:
+        """Issue copies for the next MoE layer's most probable experts (best first, the
+        union over live rows), before this layer's expert program is dispatched."""
+        best: dict[int, float] = {}
+        for e, p in zip(picks[valid_rows].ravel(), probs[valid_rows].ravel()):
+            best[int(e)] = max(best.get(int(e), 0.0), float(p))
+        ranked = sorted(best, key=lambda e: (-best[e], e))[: self.cache.prefetch_max]
+        nxt = self.next_moe[layer]
+        self.cache.schedule.policy.observe(nxt, {e: best[e] for e in ranked})
+        self.cache.prefetch(self.cache.schedule.plan_prefetch(step, nxt, ranked))
+
+    def _experts_passes(self, step, layer, piece, x, h, ids_host, weights, valid_rows, prefetch=None):
         needed = np.unique(ids_host[valid_rows])
         n, k = ids_host.shape
         unique = num_unique_experts(self.config.num_experts, n, k)
@@ -197,6 +237,8 @@ class OffloadedEngine:
         for plan in self.cache.schedule.plan_layer(step, layer, needed):
             staged, staged_slots, copies = self.cache.issue(plan)
             self.cache.wait(copies)
+            if prefetch is not None:  # decode has one pass per layer
+                self._prefetch(step, layer, *prefetch, valid_rows)
             table = np.full(self.config.num_experts, -1, np.int32)
             table[list(plan.experts)] = plan.slots
             slot_ids = table[ids_host]

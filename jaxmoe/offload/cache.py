@@ -2,10 +2,12 @@
 
 Memory, all counted against the byte budget:
   pool     [S, D, 2I] and [S, I, D]: S cached experts, preallocated
-  staging  up to M copies in flight: `device_put` cannot write into an existing
-           buffer, so a copy lands in its own buffer and the next expert program
-           scatters it into its pool slot
-  filler   one zeroed expert that pads the staged list to its static length M
+  staging  copies in flight: `device_put` cannot write into an existing buffer,
+           so a copy lands in its own buffer and the expert program of its layer
+           scatters it into its pool slot. At most U demand copies for the layer
+           being computed, P prefetched for it by the layer before, and P being
+           prefetched for the next layer: U + 2P
+  filler   one zeroed expert that pads the staged list to its static length U + P
 A budget of every expert (plus nothing in flight) preloads them all: no copies.
 """
 
@@ -44,23 +46,27 @@ class CacheCounters:
         return self.expert_hits / total if total else None
 
 
-def plan_geometry(budget_bytes: int, expert_bytes: int, total_experts: int, unique_max: int) -> tuple[int, int]:
-    """(pool slots S, staging M) for a budget, or BudgetError naming the minimum.
+def plan_geometry(
+    budget_bytes: int, expert_bytes: int, total_experts: int, unique_max: int, prefetch_max: int = 0
+) -> tuple[int, int]:
+    """(pool slots S, copies in flight) for a budget, or BudgetError naming the minimum.
 
-    A decode step of one layer needs up to `unique_max` experts resident at once,
-    all possibly copied in that step: S >= unique_max and M = unique_max, plus the filler.
+    A decode step of one layer needs up to `unique_max` experts resident at once, all
+    possibly copied in that step, while up to 2 x `prefetch_max` prefetched copies are
+    in flight: S >= unique_max, in flight = unique_max + 2 x prefetch_max, plus the filler.
     """
     capacity = budget_bytes // expert_bytes
     if capacity >= total_experts:
         return total_experts, 0
-    minimum = 2 * unique_max + 1
+    in_flight = unique_max + 2 * prefetch_max
+    minimum = unique_max + in_flight + 1
     if capacity < minimum:
         raise BudgetError(
             f"expert budget {fmt_bytes(budget_bytes)} is below the minimum working set of "
             f"{fmt_bytes(minimum * expert_bytes)}: {unique_max} experts one layer can need for this batch, "
-            f"as many staging buffers and one filler, at {fmt_bytes(expert_bytes)} each"
+            f"{in_flight} copies in flight and one filler, at {fmt_bytes(expert_bytes)} each"
         )
-    return capacity - unique_max - 1, unique_max
+    return capacity - in_flight - 1, in_flight
 
 
 class DeviceExpertCache:
@@ -70,16 +76,23 @@ class DeviceExpertCache:
         budget_bytes: int,
         policy: EvictionPolicy,
         unique_max: int,
+        prefetch_max: int = 0,
         device=None,
         check_budget: bool = False,
     ):
         cfg = store.config
         self.store, self.budget_bytes, self.check_budget = store, budget_bytes, check_budget
-        self.unique_max = unique_max
+        self.unique_max, self.prefetch_max = unique_max, prefetch_max
         self.device = jax.sharding.SingleDeviceSharding(device or jax.devices()[0], memory_kind="device")
         total = len(store.keys())
-        slots, self.staging = plan_geometry(budget_bytes, store.expert_bytes, total, unique_max)
-        self.schedule = Schedule(slots, self.staging, policy)
+        slots, in_flight = plan_geometry(budget_bytes, store.expert_bytes, total, unique_max, prefetch_max)
+        if not in_flight:  # everything resident: nothing to prefetch
+            prefetch_max = 0
+        # The staged list an expert program takes: its demand copies and what was prefetched for it.
+        self.staging = unique_max + prefetch_max if in_flight else 0
+        self.schedule = Schedule(slots, unique_max if in_flight else 0, policy, prefetch_max)
+        self.pending: dict[int, list[tuple[tuple[int, int], int, tuple]]] = {}  # layer -> (key, slot, copy)
+        self._handed_over = 0
         d, i, dt = cfg.hidden_size, cfg.expert_intermediate_size, cfg.dtype
         with jax.default_device(self.device.device_set.pop()):
             self.filler = (jnp.zeros((d, 2 * i), dt), jnp.zeros((i, d), dt)) if self.staging else None
@@ -97,28 +110,53 @@ class DeviceExpertCache:
     def num_slots(self) -> int:
         return self.schedule.num_slots
 
+    def _in_flight(self) -> int:
+        return sum(len(v) for v in self.pending.values())
+
     def _account(self, in_flight: int) -> None:
         used = tree_bytes((self.pool, self.filler)) + in_flight * self.store.expert_bytes
         self.counters.peak_bytes = max(self.counters.peak_bytes, used)
         if self.check_budget and used > self.budget_bytes:
             raise AssertionError(f"expert cache holds {used} bytes, over its budget of {self.budget_bytes}")
 
+    def _copy(self, layer: int, loads) -> list:
+        if not loads:
+            return []
+        host = [self.store.get(layer, e) for e, _ in loads]
+        self.counters.h2d_bytes += len(loads) * self.store.expert_bytes
+        return [tuple(c) for c in jax.device_put(host, self.device)]  # async: returns before the bytes land
+
     def issue(self, plan: PassPlan) -> tuple[tuple, np.ndarray, list]:
-        """Start the plan's host->device copies (one batched `device_put`); returns the
-        staged arrays padded to length M, their target slots (S for padding: dropped by
-        the scatter) and the list of real copies (for waiting on)."""
+        """Start a demand plan's copies (one batched `device_put`); returns the staged
+        arrays for the layer's expert program, padded to their static length with the
+        filler, their target slots (S for padding: dropped by the scatter) and the
+        demand copies (to wait on). Prefetched copies for this layer ride along."""
         self.counters.expert_hits += len(plan.hits)
         self.counters.expert_misses += len(plan.loads)
-        copies = []
-        if plan.loads:
-            host = [self.store.get(plan.layer, e) for e, _ in plan.loads]
-            copies = jax.device_put(host, self.device)  # async: returns before the bytes land
-            self.counters.h2d_bytes += len(plan.loads) * self.store.expert_bytes
-        self._account(len(copies))
-        pad = self.staging - len(copies)
-        staged = tuple(tuple(c) for c in copies) + (self.filler,) * pad
-        slots = np.array([s for _, s in plan.loads] + [self.num_slots] * pad, np.int32)
-        return staged, slots, copies
+        self.counters.prefetch_used += len(plan.prefetched_hits)
+        evicted = set(plan.evicted)
+        pending = [p for p in self.pending.pop(plan.layer, []) if p[0] not in evicted]  # slot reused: drop
+        for other in self.pending:  # a later layer's prefetch may also have been evicted
+            self.pending[other] = [p for p in self.pending[other] if p[0] not in evicted]
+        copies = self._copy(plan.layer, plan.loads)
+        # Copies handed to the expert program count until the next layer's issue.
+        self._handed_over = len(copies) + len(pending)
+        self._account(self._handed_over + self._in_flight())
+        staged = copies + [c for _, _, c in pending]
+        slots = [s for _, s in plan.loads] + [s for _, s, _ in pending]
+        pad = self.staging - len(staged)
+        return tuple(staged) + (self.filler,) * pad, np.array(slots + [self.num_slots] * pad, np.int32), copies
+
+    def prefetch(self, plan: PassPlan) -> None:
+        """Start a prefetch plan's copies; they wait, in flight, for their layer's expert program."""
+        for key in plan.evicted:
+            for layer in self.pending:
+                self.pending[layer] = [p for p in self.pending[layer] if p[0] != key]
+        copies = self._copy(plan.layer, plan.loads)
+        self.counters.prefetch_issued += len(copies)
+        entries = [((plan.layer, e), slot, c) for (e, slot), c in zip(plan.loads, copies)]
+        self.pending.setdefault(plan.layer, []).extend(entries)
+        self._account(self._handed_over + self._in_flight())
 
     def wait(self, copies: list) -> None:
         """Block until demand copies land, and count it as stall time."""

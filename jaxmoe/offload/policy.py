@@ -66,7 +66,35 @@ class LFU(EvictionPolicy):
         return min(candidates, key=lambda k: (self.uses[k], self.last_use.get(k, -1), k))
 
 
-POLICIES = {p.name: p for p in (OnDemand, LRU, LFU)}
+class PredictorAware(EvictionPolicy):
+    """For prediction-driven prefetch: evict the expert least likely to be needed soon,
+    lowest predicted probability x use count (FineMoE's rule); ties go LRU. Experts
+    predicted for the next layer are never offered (the schedule protects them)."""
+
+    name = "predictor"
+
+    def __init__(self):
+        self.uses: collections.Counter[Key] = collections.Counter()
+        self.last_use: dict[Key, int] = {}
+        self.predicted: dict[Key, float] = {}
+
+    def on_use(self, key: Key, tick: int) -> None:
+        self.uses[key] += 1
+        self.last_use[key] = tick
+
+    def observe(self, layer: int, probabilities: dict[int, float]) -> None:
+        """The latest prediction for `layer` replaces the previous one."""
+        self.predicted = {k: p for k, p in self.predicted.items() if k[0] != layer}
+        self.predicted.update(((layer, e), p) for e, p in probabilities.items())
+
+    def victim(self, candidates: Iterable[Key]) -> Key:
+        return min(
+            candidates,
+            key=lambda k: (self.predicted.get(k, 0.0) * (self.uses[k] + 1), self.last_use.get(k, -1), k),
+        )
+
+
+POLICIES = {p.name: p for p in (OnDemand, LRU, LFU, PredictorAware)}
 
 
 def make_policy(name: str) -> EvictionPolicy:

@@ -7,6 +7,9 @@ by issuing the copies it lists; the engine records the plans it executed.
 A layer's experts are computed in one pass when they fit; a prefill that routes
 to more experts than the cache holds takes several passes, each with at most
 `num_slots` experts resident and at most `staging` of them newly copied.
+A prefetch plan gives slots to experts predicted for the next layer before that
+layer's routing is known; they count as hits there, and only cost bandwidth when
+the prediction is wrong.
 """
 
 from __future__ import annotations
@@ -28,14 +31,18 @@ class PassPlan:
     hits: tuple[int, ...]  # already on the device
     loads: tuple[tuple[int, int], ...]  # (expert, slot): host -> device copies to issue before dispatch
     evicted: tuple[Key, ...]  # (layer, expert) whose slots were given up
+    kind: str = "demand"  # or "prefetch": copies issued ahead, for `layer`, before its routing is known
+    prefetched_hits: tuple[int, ...] = ()  # hits that an earlier prefetch brought in
 
     def to_dict(self) -> dict:
         return {
+            "kind": self.kind,
             "step": self.step,
             "layer": self.layer,
             "pass": self.index,
             "experts": list(self.experts),
             "hits": list(self.hits),
+            "prefetched_hits": list(self.prefetched_hits),
             "loads": [list(x) for x in self.loads],
             "evicted": [list(x) for x in self.evicted],
         }
@@ -44,10 +51,12 @@ class PassPlan:
 class Schedule:
     """Slot table plus policy; `plan_layer` is the only way slots change."""
 
-    def __init__(self, num_slots: int, staging: int, policy: EvictionPolicy):
+    def __init__(self, num_slots: int, staging: int, policy: EvictionPolicy, prefetch_staging: int = 0):
         if num_slots < 1 or staging < 0:
             raise ValueError(f"need at least one slot (got {num_slots}) and staging >= 0 (got {staging})")
         self.num_slots, self.staging, self.policy = num_slots, staging, policy
+        self.prefetch_staging = prefetch_staging
+        self.prefetched: set[Key] = set()  # brought in by a prefetch and not used yet
         self.slot_of: dict[Key, int] = {}
         self._free = list(range(num_slots))  # a heap: lowest free slot first, so plans are deterministic
         self._tick = 0
@@ -62,6 +71,7 @@ class Schedule:
         return placed
 
     def _evict(self, key: Key) -> int:
+        self.prefetched.discard(key)
         slot = self.slot_of.pop(key)
         heapq.heappush(self._free, slot)
         return slot
@@ -103,6 +113,8 @@ class Schedule:
         experts = tuple(sorted(hits + misses))
         for e in experts:
             self.policy.on_use((layer, e), self._tick)
+        used_prefetch = tuple(e for e in hits if (layer, e) in self.prefetched)
+        self.prefetched.difference_update((layer, e) for e in used_prefetch)
         return PassPlan(
             step=step,
             layer=layer,
@@ -112,4 +124,37 @@ class Schedule:
             hits=tuple(hits),
             loads=tuple(loads),
             evicted=tuple(evicted),
+            prefetched_hits=used_prefetch,
         )
+
+    def plan_prefetch(self, step: int, layer: int, predicted: Sequence[int]) -> PassPlan:
+        """Slots for the predicted experts of `layer` that are not resident, best first, at most
+        `prefetch_staging`; never evicts another predicted expert of that layer."""
+        protected = {(layer, int(e)) for e in predicted}
+        wanted = [int(e) for e in predicted if (layer, int(e)) not in self.slot_of][: self.prefetch_staging]
+        loads, evicted = [], []
+        for e in wanted:
+            if not self._free:
+                candidates = [k for k in self.slot_of if k not in protected]
+                if not candidates:
+                    break
+                victim = self.policy.victim(candidates)
+                self._evict(victim)
+                evicted.append(victim)
+            slot = heapq.heappop(self._free)
+            self.slot_of[(layer, e)] = slot
+            self.prefetched.add((layer, e))
+            loads.append((e, slot))
+        plan = PassPlan(
+            step=step,
+            layer=layer,
+            index=0,
+            experts=tuple(e for e, _ in loads),
+            slots=tuple(s for _, s in loads),
+            hits=(),
+            loads=tuple(loads),
+            evicted=tuple(evicted),
+            kind="prefetch",
+        )
+        self.executed.append(plan)
+        return plan

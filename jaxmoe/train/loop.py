@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
 import time
 from pathlib import Path
@@ -47,6 +48,25 @@ def _truncate_log(path: Path, step: int) -> None:
         path.write_text("".join(l + "\n" for l in keep))
 
 
+class _StopRequests:
+    """SIGTERM/SIGINT end the loop after the current step, which is then checkpointed.
+
+    A job started in the background (`cmd &`) ignores SIGINT, so SIGTERM is what
+    `kill PID` and schedulers send; both are handled the same way.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
 def train_loop(
     run: RunConfig,
     run_dir: Path,
@@ -78,9 +98,10 @@ def train_loop(
     stop = min(run.steps, until_step or run.steps)
     budget = max_minutes * 60 if max_minutes else math.inf
     saved = meta["step"]
+    stop_requests = _StopRequests()
     bar = tqdm(total=run.steps, initial=meta["step"], desc="train", unit="step", file=sys.stderr, disable=not progress)
     try:
-        while meta["step"] < stop and meta["train_seconds"] < budget:
+        while meta["step"] < stop and meta["train_seconds"] < budget and not stop_requests.requested:
             t0 = time.perf_counter()
             params, opt_state, m = train_step(params, opt_state, batches.batch(meta["sample"]))
             m = {k: float(v) for k, v in jax.device_get(m).items()}  # the sync the progress bar needs anyway
@@ -100,6 +121,7 @@ def train_loop(
                 ckpts.save(params, opt_state, meta)
                 saved = meta["step"]
     finally:
+        stop_requests.restore()
         bar.close()
         if meta["step"] != saved:
             ckpts.save(params, opt_state, meta)

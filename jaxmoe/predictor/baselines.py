@@ -1,0 +1,72 @@
+"""Scores for the next MoE layer's experts from each predictor, on trace arrays.
+
+Every function returns scores [n, R, E]: row j scores MoE layer j+1's experts
+for the token, from what is known when MoE layer j runs. Higher is more likely.
+  gate_ahead  layer j+1's own router weight applied to layer j's router input
+              (AdapMoE / Pre-gated MoE; needs the model and unprojected inputs)
+  prev_token  the previous token's router distribution at layer j+1
+  frequency   how often each expert of layer j+1 was chosen in the training traces
+  mlp         the trained predictor
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxmoe.config import MoEConfig
+
+
+def router_kernels(model, cfg: MoEConfig) -> np.ndarray:
+    """[Lm, D, E] fp32 router weights of the MoE layers, from a loaded MoEDecoder."""
+    return np.stack([np.asarray(model.layers[l].mlp.gate.kernel[...], np.float32) for l in cfg.moe_layer_ids])
+
+
+def gate_ahead_scores(inputs: np.ndarray, kernels: np.ndarray) -> np.ndarray:
+    """inputs [n, Lm, D] (unprojected), kernels [Lm, D, E] -> [n, R, E]: h_j @ W_{j+1}."""
+    h = inputs[:, :-1].astype(np.float32)
+    return np.einsum("nrd,rde->nre", h, kernels[1:])
+
+
+def prev_token_scores(probs: np.ndarray, before: np.ndarray | None = None) -> np.ndarray:
+    """probs [n, Lm, E]; `before` [Lm, E] is the token preceding the range (zeros if none)."""
+    first = np.zeros_like(probs[:1]) if before is None else before[None]
+    prev = np.concatenate([first, probs[:-1]]).astype(np.float32)
+    return prev[:, 1:]
+
+
+def expert_frequency(ids: np.ndarray, num_experts: int) -> np.ndarray:
+    """ids [n, Lm, K] -> counts [Lm, E] of how often each expert was chosen."""
+    n, lm, k = ids.shape
+    counts = np.zeros((lm, num_experts), np.int64)
+    for j in range(lm):
+        counts[j] = np.bincount(ids[:, j].reshape(-1).astype(np.int64), minlength=num_experts)
+    return counts
+
+
+def frequency_scores(counts: np.ndarray, n: int) -> np.ndarray:
+    """counts [Lm, E] -> [n, R, E] (the same ranking for every token)."""
+    return np.broadcast_to(counts[1:].astype(np.float32), (n,) + counts[1:].shape)
+
+
+def mlp_scores(module, inputs: np.ndarray, batch: int = 2048) -> np.ndarray:
+    """inputs [n, Lm, P] -> next-layer probabilities [n, R, E] from a trained ExpertPredictor."""
+    graphdef, state = nnx.split(module)
+    projected = module.projection is not None  # trace inputs are projected exactly when the predictor projects
+
+    @jax.jit
+    def run(state, x):  # x [B, R, P]
+        logits = nnx.merge(graphdef, state).rows(jnp.swapaxes(x, 0, 1), projected)
+        return jax.nn.softmax(jnp.swapaxes(logits, 0, 1), -1)
+
+    x = inputs[:, :-1]
+    out = []
+    for s in range(0, len(x), batch):
+        xb = x[s : s + batch]
+        pad = batch - len(xb)
+        if pad:
+            xb = np.concatenate([xb, np.zeros((pad,) + xb.shape[1:], xb.dtype)])
+        out.append(np.asarray(run(state, xb))[: batch - pad])
+    return np.concatenate(out)

@@ -1,0 +1,119 @@
+"""A trained predictor on disk, and loading it only for the model it was trained for.
+
+A directory holding:
+  predictor.json   metadata: model summary (hash, MoE layers, experts, top-k, hidden
+                   size), layer pairs, arch, width, input projection, training
+                   settings, recall, the trace split and per-layer expert frequency
+  params/          Orbax: the module's state (trained parameters and the projection)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from jaxmoe.checkpoint.atomic import atomic_directory
+from jaxmoe.config import MoEConfig
+from jaxmoe.predictor.fingerprint import layer_pairs, model_summary
+from jaxmoe.predictor.mlp import ExpertPredictor
+
+META = "predictor.json"
+PARAMS = "params"
+VERSION = 1
+
+
+class PredictorMismatch(ValueError):
+    """A predictor trained for another model; the message names the field that differs."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedPredictor:
+    module: ExpertPredictor  # call module(h [N, D], layer int32 scalar) -> logits [N, E] of the next MoE layer
+    meta: dict
+    path: Path
+
+    @property
+    def pairs(self) -> tuple[tuple[int, int], ...]:
+        return self.module.pairs
+
+    @property
+    def prefetch_count(self) -> int:
+        """How many experts to prefetch per layer: top_k unless the metadata says otherwise."""
+        return int(self.meta.get("prefetch_count", self.meta["model"]["top_k"]))
+
+
+def build_module(meta: dict, projection: np.ndarray | None = None, seed: int = 0) -> ExpertPredictor:
+    m = meta["model"]
+    return ExpertPredictor(
+        num_layers=m["num_layers"],
+        pairs=[tuple(p) for p in meta["pairs"]],
+        hidden_size=m["hidden_size"],
+        num_experts=m["num_experts"],
+        width=meta["width"],
+        arch=meta["arch"],
+        projection=projection,
+        rngs=nnx.Rngs(seed),
+    )
+
+
+def save_predictor(out: str | Path, module: ExpertPredictor, meta: dict) -> Path:
+    """Write atomically (replacing an existing predictor only once the new one is complete)."""
+    out = Path(out)
+    with atomic_directory(out, replace=True) as tmp:
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp.resolve() / PARAMS, nnx.state(module).to_pure_dict())
+            ckptr.wait_until_finished()
+        (tmp / META).write_text(json.dumps({"version": VERSION, **meta}, indent=1))
+    return out
+
+
+def check_summary(want: dict, have: dict, where: str, what: str = "this model") -> None:
+    """Raise PredictorMismatch naming the first field on which two model summaries differ."""
+    for field in ("hidden_size", "num_experts", "moe_layers", "num_layers", "top_k", "model_hash"):
+        if want.get(field) != have.get(field):
+            raise PredictorMismatch(
+                f"{where}: predictor was trained for {field}={want.get(field)!r}, {what} has "
+                f"{field}={have.get(field)!r}; train one for this model (scripts/train_predictor.py)"
+            )
+
+
+def check_compatible(meta: dict, cfg: MoEConfig, where: str) -> None:
+    check_summary(meta["model"], model_summary(cfg), where)
+    if [list(p) for p in meta["pairs"]] != [list(p) for p in layer_pairs(cfg)]:
+        raise PredictorMismatch(f"{where}: predictor layer pairs {meta['pairs']} do not match the model's")
+
+
+def read_meta(path: str | Path) -> dict:
+    file = Path(path) / META
+    if not file.is_file():
+        raise FileNotFoundError(f"{path}: no {META} (not a predictor directory)")
+    meta = json.loads(file.read_text())
+    if meta.get("version") != VERSION:
+        raise PredictorMismatch(f"{file}: version={meta.get('version')!r}, expected {VERSION}")
+    return meta
+
+
+def load_predictor(path: str | Path, cfg: MoEConfig | None) -> LoadedPredictor:
+    """Load a predictor for the model `cfg`; a mismatch raises PredictorMismatch.
+
+    `cfg=None` skips the check (evaluation on traces, where the trace manifest is checked instead).
+    """
+    path = Path(path)
+    meta = read_meta(path)
+    if cfg is not None:
+        check_compatible(meta, cfg, str(path))
+    proj = meta.get("projection")
+    shape = None if proj is None else (meta["model"]["hidden_size"], proj["dim"])
+    abstract = nnx.eval_shape(lambda: build_module(meta, None if shape is None else np.zeros(shape, np.float32)))
+    graphdef, state = nnx.split(abstract)
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), state.to_pure_dict())
+    with ocp.StandardCheckpointer() as ckptr:
+        restored = ckptr.restore((path / PARAMS).resolve(), target)
+    nnx.replace_by_pure_dict(state, restored)
+    return LoadedPredictor(nnx.merge(graphdef, state), meta, path)
