@@ -25,9 +25,9 @@ def test_batch_equals_each_prompt_alone(engine):
 
 def test_no_recompile_within_a_bucket(engine):
     engine.generate([[1, 2, 3, 4, 5]], 4)
-    programs = len(engine._compiled)
+    programs = len(engine.programs)
     engine.generate([[9, 8, 7, 6, 5, 4, 3, 2, 1]], 4)  # same prompt and cache buckets
-    assert len(engine._compiled) == programs
+    assert len(engine.programs) == programs
 
 
 def test_seeded_sampling_is_reproducible(engine):
