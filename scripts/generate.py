@@ -59,7 +59,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "(default: every expert resident on the device)")  # fmt: skip
     p.add_argument("--expert-budget-frac", type=float,
                    help="the same budget as a fraction of all the model's expert bytes, e.g. 0.5")  # fmt: skip
-    p.add_argument("--policy", choices=sorted(POLICIES), default="lru", help="expert cache policy (with a budget)")
+    p.add_argument("--policy", choices=sorted(POLICIES),
+                   help="expert cache policy (with a budget); default: predictor when the model has a matching "
+                   "trained predictor (MODEL/predictor), else lru")  # fmt: skip
+    p.add_argument("--predictor", help="predictor directory, or 'gate-ahead' (the next layer's router, untrained)")
     p.add_argument("--plan", action="store_true", help="include the executed transfer plan in the JSON")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     args = p.parse_args(argv)
@@ -101,8 +104,37 @@ def build_engine(path: Path, args: argparse.Namespace):
         budget = round(args.expert_budget_gb * 1e9)
     else:
         budget = round(args.expert_budget_frac * total_expert_bytes(load_hf_config(path)))
-    engine = OffloadedEngine.from_checkpoint(path, budget, args.policy)
+    policy, predictor = choose_policy(Path(path), args.policy, args.predictor)
+    engine = OffloadedEngine.from_checkpoint(path, budget, policy, predictor=predictor)
     return engine, engine.config, engine.generation_config, engine.tokenizer_path
+
+
+def choose_policy(model: Path, policy: str | None, predictor: str | None) -> tuple[str, str | None]:
+    """An explicit --policy wins; otherwise the predictor when one is given or shipped and matches."""
+    if policy is not None and policy != "predictor":
+        if predictor is not None:
+            raise ValueError(f"--predictor needs --policy predictor, not --policy {policy}")
+        return policy, None
+    if predictor is None:
+        shipped = model / "predictor"
+        if shipped.is_dir() and matches(shipped, load_hf_config(model)):
+            predictor = str(shipped)
+        elif policy == "predictor":
+            raise ValueError(f"--policy predictor needs --predictor DIR or 'gate-ahead' ({shipped} not usable)")
+        else:
+            return "lru", None
+    return "predictor", predictor
+
+
+def matches(predictor: Path, config) -> bool:
+    from jaxmoe.predictor.store import PredictorMismatch, check_compatible, read_meta
+
+    try:
+        check_compatible(read_meta(predictor), config, str(predictor))
+        return True
+    except (PredictorMismatch, FileNotFoundError) as e:
+        print(f"note: not using {predictor}: {e}", file=sys.stderr)
+        return False
 
 
 def resident_metrics(engine: ResidentEngine) -> dict:
@@ -148,7 +180,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         report = run(args)
-    except (CheckpointError, ConfigError, ContextError, BudgetError, HostMemoryError, ValueError) as e:
+    except (CheckpointError, ConfigError, ContextError, BudgetError, HostMemoryError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:

@@ -68,6 +68,13 @@ def test_generate_offloaded_matches_resident_and_dumps_the_plan(hf_checkpoint, t
     assert sum(len(p["loads"]) for p in offloaded["plan"]) == m["expert_misses"]
     assert m["h2d_bytes"] == m["expert_misses"] * 12288
 
+    # Prefetch driven by the next layer's router: same tokens again, prefetches counted.
+    proc = script("generate.py", *args, "--expert-budget-gb", str(40 * 12288 / 1e9), "--predictor", "gate-ahead")
+    assert proc.returncode == 0, proc.stderr
+    predicted = json.loads(proc.stdout)
+    assert [o["token_ids"] for o in predicted["outputs"]] == [o["token_ids"] for o in resident["outputs"]]
+    assert predicted["metrics"]["policy"] == "predictor" and predicted["metrics"]["prefetch_issued"] > 0
+
 
 def test_generate_refuses_a_budget_below_the_working_set(hf_checkpoint, tmp_path):
     _, src = hf_checkpoint("olmoe", "wide")

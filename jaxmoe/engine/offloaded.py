@@ -37,7 +37,7 @@ from jaxmoe.model import ExpertWeights, MoEDecoder, combine, expert_rows, init_k
 from jaxmoe.model.decoder import head_logits
 from jaxmoe.offload.cache import DeviceExpertCache, plan_geometry
 from jaxmoe.offload.host_store import HostExpertStore
-from jaxmoe.offload.prefetch import GateAhead, NextLayerScorer, next_moe_layers
+from jaxmoe.offload.prefetch import NextLayerScorer, load_scorer, next_moe_layers
 from jaxmoe.offload.policy import make_policy
 from jaxmoe.offload.schedule import PassPlan
 
@@ -147,7 +147,8 @@ class OffloadedEngine:
         cls, path: str | Path, expert_budget_bytes: int, policy: str = "lru", predictor=None, **kw
     ) -> "OffloadedEngine":
         """Dense weights to the device, experts restored straight into pinned host memory.
-        `predictor`: None, "gate-ahead" (the next layer's router, no training) or a scorer."""
+        `predictor`: None, "gate-ahead" (the next layer's router, no training), the
+        directory of a trained predictor, or a scorer."""
         from jaxmoe.checkpoint import load
         from jaxmoe.offload.host_store import ensure_host_memory, total_expert_bytes
         from jaxmoe.config import load_hf_config
@@ -157,8 +158,8 @@ class OffloadedEngine:
         pinned = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
         loaded = load(path, sharding=pinned)
         store = HostExpertStore.from_stacks(cfg, loaded.experts)
-        if predictor == "gate-ahead":
-            predictor = GateAhead(loaded.model)
+        if predictor is not None:
+            predictor = load_scorer(predictor, loaded.model)
         engine = cls(cfg, loaded.model, store, expert_budget_bytes, policy, predictor=predictor, **kw)
         engine.generation_config, engine.tokenizer_path = loaded.generation_config, loaded.tokenizer_path
         return engine

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from jaxmoe.config import MoEConfig
 from jaxmoe.model import MoEDecoder
@@ -48,3 +49,30 @@ class GateAhead(NextLayerScorer):
 
     def score(self, leaves, h, layer):
         return h @ leaves[0][layer]
+
+
+class ModuleScorer(NextLayerScorer):
+    """Any NNX module called as `module(h [N, D], layer) -> logits [N, E]`, such as the
+    trained MLP of jaxmoe.predictor."""
+
+    name = "mlp"
+
+    def __init__(self, module):
+        self.graphdef, state = nnx.split(module)
+        leaves, self.treedef = jax.tree.flatten(state)
+        self.leaves = tuple(leaves)
+
+    def score(self, leaves, h, layer):
+        return nnx.merge(self.graphdef, jax.tree.unflatten(self.treedef, leaves))(h, layer)
+
+
+def load_scorer(spec, model: MoEDecoder) -> NextLayerScorer:
+    """"gate-ahead", a trained predictor's directory, or a scorer as is; a predictor
+    trained for another model is refused (jaxmoe.predictor.PredictorMismatch)."""
+    if isinstance(spec, NextLayerScorer):
+        return spec
+    if spec == "gate-ahead":
+        return GateAhead(model)
+    from jaxmoe.predictor.store import load_predictor
+
+    return ModuleScorer(load_predictor(spec, model.cfg).module)
