@@ -89,6 +89,11 @@ def tokenize_corpus(data_dir: Path, tok: Tokenizer, cache_dir: Path | None, val_
     return out
 
 
+def training_stream(tokens: dict[str, tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """The training split of every domain, concatenated in name order: what Batches cuts windows from."""
+    return np.concatenate([tokens[d][0] for d in sorted(tokens)])
+
+
 class Batches:
     """Windows of `seq_len + 1` tokens over the concatenated training streams, shuffled per epoch.
 
@@ -110,10 +115,20 @@ class Batches:
             self._perm_epoch = epoch
         return int(self._perm[i])
 
+    def seen(self, num_samples: int) -> np.ndarray:
+        """[num_samples, T+1]: every window the first `num_samples` samples drew, in order."""
+        return np.concatenate([self.batch(i) for i in range(0, num_samples, self.batch_size)])[:num_samples]
+
     def batch(self, first_sample: int) -> np.ndarray:
         """[B, T+1] int32: samples first_sample .. first_sample + B - 1."""
         starts = [self._window(first_sample + b) * self.seq_len for b in range(self.batch_size)]
         return np.stack([self.stream[s : s + self.seq_len + 1] for s in starts]).astype(np.int32)
+
+
+def strided_windows(ids: np.ndarray, seq_len: int, stride: int) -> np.ndarray:
+    """[W, T+1] windows starting every `stride` tokens (for scoring each window's last `stride` targets)."""
+    starts = range(0, len(ids) - seq_len - 1 + 1, stride)
+    return np.stack([ids[s : s + seq_len + 1] for s in starts]).astype(np.int32)
 
 
 def val_windows(ids: np.ndarray, seq_len: int, max_windows: int) -> np.ndarray:

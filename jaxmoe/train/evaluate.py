@@ -1,9 +1,10 @@
 """Held-out evaluation of a jaxmoe checkpoint: perplexity, a bigram baseline, routing balance.
 
 Shapes: W windows, T tokens per window, L MoE layers, E experts.
-The model is run as shipped (its config dtype, the inference `moe_ffn`), over
-non-overlapping windows of T+1 tokens: each window's T targets see only the
-window's earlier tokens as context.
+The model is run as shipped (its config dtype, the inference `moe_ffn`) over
+windows of T+1 tokens that start every S = T/2 tokens; only each window's last S
+targets are scored, so every scored token has at least T/2 tokens of context
+(the usual strided perplexity). The bigram is scored on exactly the same targets.
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ from jaxmoe.checkpoint import LoadedModel
 from jaxmoe.model import init_kv_cache
 
 
-def model_nll(loaded: LoadedModel, windows: np.ndarray, batch_size: int = 8) -> tuple[float, np.ndarray, float]:
-    """(total NLL in nats over the W*T targets, expert counts [L, E], summed per-token router entropy in bits)."""
+def model_nll(
+    loaded: LoadedModel, windows: np.ndarray, scored: int, batch_size: int = 8
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """(NLL in nats over each window's last `scored` targets, expert counts [L, E] and summed
+    router entropy [L] in bits over every token the model saw)."""
     cfg = loaded.config
     graphdef, state = nnx.split(loaded.model)
 
@@ -31,7 +35,7 @@ def model_nll(loaded: LoadedModel, windows: np.ndarray, batch_size: int = 8) -> 
         b, t = window.shape[0], window.shape[1] - 1
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         hidden, _, routings = model(window[:, :-1], positions, init_kv_cache(cfg, b, t), experts)
-        nll = optax.softmax_cross_entropy_with_integer_labels(model.logits(hidden), window[:, 1:])
+        nll = optax.softmax_cross_entropy_with_integer_labels(model.logits(hidden[:, -scored:]), window[:, -scored:])
         routings = [r for r in routings if r is not None]
         counts = jnp.stack([jnp.sum(jax.nn.one_hot(r.ids, cfg.num_experts), axis=(0, 1)) for r in routings])
         probs = [jax.nn.softmax(r.logits.astype(jnp.float32), axis=-1) for r in routings]
@@ -45,17 +49,19 @@ def model_nll(loaded: LoadedModel, windows: np.ndarray, batch_size: int = 8) -> 
     return total, counts, entropy
 
 
-def bigram_table(train_ids: np.ndarray, vocab: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(sorted pair codes a*V+b, their counts, per-token context counts [V]) from a token stream."""
-    a, b = train_ids[:-1].astype(np.int64), train_ids[1:].astype(np.int64)
+def bigram_table(rows: np.ndarray, vocab: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sorted pair codes a*V+b, their counts, per-token context counts [V]) from the pairs
+    inside each row of `rows` [R, n] (one row for a whole stream, or the training windows)."""
+    a, b = rows[:, :-1].ravel().astype(np.int64), rows[:, 1:].ravel().astype(np.int64)
     codes, counts = np.unique(a * vocab + b, return_counts=True)
     return codes, counts, np.bincount(a, minlength=vocab)
 
 
-def bigram_nll(table, windows: np.ndarray, vocab: int, k: float) -> float:
-    """Total NLL (nats) of the windows' targets under the add-k smoothed bigram."""
+def bigram_nll(table, windows: np.ndarray, scored: int, vocab: int, k: float) -> float:
+    """Total NLL (nats) of each window's last `scored` targets under the add-k smoothed bigram."""
     codes, counts, context = table
-    a, b = windows[:, :-1].ravel().astype(np.int64), windows[:, 1:].ravel().astype(np.int64)
+    a = windows[:, -scored - 1 : -1].ravel().astype(np.int64)
+    b = windows[:, -scored:].ravel().astype(np.int64)
     query = a * vocab + b
     pos = np.minimum(np.searchsorted(codes, query), len(codes) - 1)
     pair = np.where(codes[pos] == query, counts[pos], 0)

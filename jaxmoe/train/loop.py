@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxmoe.train.ckpt import TrainCheckpoints
-from jaxmoe.train.data import Batches, val_windows
+from jaxmoe.train.data import Batches, training_stream, val_windows
 from jaxmoe.train.run import RunConfig
 from jaxmoe.train.step import init_params, make_eval_step, make_train_step
 
@@ -92,8 +92,7 @@ def train_loop(
         print(f"resuming {run_dir} at step {meta['step']}", file=sys.stderr)
     _truncate_log(log, meta["step"])
 
-    stream = np.concatenate([tokens[d][0] for d in sorted(tokens)])
-    batches = Batches(stream, run.seq_len, run.batch_size, run.seed)
+    batches = Batches(training_stream(tokens), run.seq_len, run.batch_size, run.seed)
     val = {d: val_windows(tokens[d][1], run.seq_len, eval_windows) for d in sorted(tokens)}
     stop = min(run.steps, until_step or run.steps)
     budget = max_minutes * 60 if max_minutes else math.inf
@@ -114,7 +113,8 @@ def train_loop(
             if meta["step"] % eval_every == 0 or meta["step"] == run.steps:
                 results, _ = evaluate(eval_step, params, val, run.batch_size)
                 _log(log, {"step": meta["step"], "val": results})
-                bar.write(f"step {meta['step']}: " + ", ".join(f"{d} ppl {r['ppl']:.1f}" for d, r in results.items()))
+                line = ", ".join(f"{d} ppl {r['ppl']:.1f}" for d, r in results.items())
+                bar.write(f"step {meta['step']}: {line}", file=sys.stderr)  # stdout is for --json
             # The budget is wall time: steps, validation and checkpointing all count.
             meta["train_seconds"] += time.perf_counter() - t0
             if meta["step"] % ckpt_every == 0:
