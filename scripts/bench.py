@@ -1,23 +1,35 @@
-"""Benchmark matrix: jaxmoe vs peers on random-weight MoE models, one process per row.
+"""Benchmark matrix: jaxmoe (resident and offloaded) vs peers on random-weight MoE models, one process per row.
 
-  python scripts/bench.py         small OLMoE-like shape on CPU, fp32 and bf16
-  python scripts/bench.py --gpu   OLMoE-1B-7B shape, bf16, on the GPU
-  [--new-tokens N] [--prompt-tokens P] [--batch B] [--dtypes float32,bfloat16]
-  [--engines jaxmoe,hf] [--repeats R] [--cpu-threads T] [--seed S] [--out-dir docs/bench] [--json]
+  python scripts/bench.py         small OLMoE-like shape on CPU: resident and transformers (fp32, bf16),
+                                  ondemand/lru/lfu offload (bf16) at 0.25 and 0.5 of all experts, and
+                                  the offloaded engine with every expert preloaded
+  python scripts/bench.py --gpu   OLMoE-1B-7B shape, bf16: resident jaxmoe and transformers, and
+                                  within a 5 GiB device budget transformers + accelerate and
+                                  ondemand/lru/lfu offload (plus the preloaded offloaded engine)
+  [--engines jaxmoe,hf,hf-accelerate] [--policies ondemand,lru,lfu] [--budgets 0.25,0.5,3.8GB,4GiB,auto]
+  [--device-budget-gib 5] [--workspace-gib G] [--offload-dtypes D] [--new-tokens N] [--repeats R]
+  [--accelerate-new-tokens N] [--accelerate-repeats R] [--prompt-tokens P] [--batch B]
+  [--dtypes float32,bfloat16] [--cpu-threads T] [--seed S] [--out-dir docs/bench]
+  [--resume] [--stop-after SECONDS] [--worker-timeout SECONDS] [--json]
 
-Both engines are built from one Hugging Face config and torch seed (jaxmoe's
-weights are assembled from the transformers model's state dict), get the same
-random prompt, decode greedily, and are timed after a warm-up generate, so
-compilation is excluded (reported as compile_ms). Each configuration runs in its
-own subprocess (`--worker`) so its peak memory is its own. Writes
-results-{cpu,gpu}.json and .md under --out-dir; logs go to stderr; with --json,
-stdout is exactly one JSON object {"device", "rows": [...], ...}.
+Every engine is built from one Hugging Face config and torch seed (jaxmoe's weights
+are assembled from the transformers model's state dict), gets the same random
+prompt, decodes greedily, and is timed after a warm-up generate, so compilation is
+excluded (reported as compile_ms). Each configuration runs in its own subprocess
+(`--worker`) so its peak memory is its own; the first worker measures the pinned
+host -> device bandwidth that the offload rows' bound uses. Worker results are kept
+under OUT_DIR/raw-{cpu,gpu}/; `--resume` reuses those with the same settings and
+`--stop-after` starts no new worker after that many seconds, so a long matrix can
+be finished over several commands. Writes results-{cpu,gpu}.json and .md under
+--out-dir; logs go to stderr; with --json, stdout is exactly one JSON object
+{"device", "rows": [...], ...}. Exit status: 0 all rows ran and agree, 1 a row
+failed, 2 an offloaded row's tokens differ from resident, 3 rows left to run.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
+import dataclasses
 import json
 import os
 import platform
@@ -25,10 +37,15 @@ import resource
 import subprocess
 import sys
 import tempfile
+import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench import budgets as B  # noqa: E402
+from bench.report import make_report, markdown  # noqa: E402
 
 # Hugging Face OlmoeConfig fields. "olmoe-1b-7b" is allenai/OLMoE-1B-7B's shape (6.92 B params).
 SHAPES = {
@@ -43,12 +60,17 @@ SHAPES = {
         max_position_embeddings=4096,
     ),
 }  # fmt: skip
-POLICY = {"jaxmoe": "resident", "hf": "hf-transformers"}
-SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+ENGINES = ("jaxmoe", "hf", "hf-accelerate")
+POLICIES = ("ondemand", "lru", "lfu")
+WORKERS = ENGINES + ("offload", "bandwidth")
 
 
 def log(*parts) -> None:
     print("[bench]", *parts, file=sys.stderr, flush=True)
+
+
+def _list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -56,25 +78,52 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gpu", action="store_true", help="OLMoE-1B-7B shape on the GPU (default: small shape on CPU)")
     p.add_argument("--shape", choices=sorted(SHAPES), help="override the shape --gpu selects")
     p.add_argument("--dtypes", help="comma list; default float32,bfloat16 on CPU, bfloat16 on GPU")
-    p.add_argument("--engines", default="jaxmoe,hf", help="comma list of: " + ",".join(POLICY))
+    p.add_argument("--offload-dtypes", help="dtypes of the offload rows (default bfloat16 if in --dtypes, else all)")
+    p.add_argument("--engines", default=",".join(ENGINES), help="comma list of: " + ",".join(ENGINES))
+    p.add_argument("--policies", default=",".join(POLICIES), help="offload policies, comma list ('' for none)")
+    p.add_argument("--budgets", help="expert budgets, comma list of: fractions of all experts (0.25), NGB "
+                   "(N x 10^9 bytes), NGiB, auto (fit --device-budget-gib); default 0.25,0.5,1 CPU, auto,1 GPU")
+    p.add_argument("--device-budget-gib", type=float, default=5.0,
+                   help="device memory of the budget-bound rows: accelerate's max_memory, and 'auto'")
+    p.add_argument("--workspace-gib", type=float,
+                   help="'auto': memory kept for activations (default: estimated from the prefill expert pass)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt-tokens", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per timed run (>= 2)")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per row after the warm-up; medians reported")
+    p.add_argument("--new-tokens", type=int, help="tokens per timed run (>= 2); default 64 CPU, 128 GPU")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per row after the warm-up")
+    p.add_argument("--accelerate-new-tokens", type=int, default=16,
+                   help="new tokens for the accelerate peer (0.72 tok/s on an H100: 128 tokens is 3 min)")
+    p.add_argument("--accelerate-repeats", type=int, default=1)
     p.add_argument("--cpu-threads", type=int, help="threads per worker on CPU (default 1; 0: library defaults)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default=str(ROOT / "docs" / "bench"))
+    p.add_argument("--resume", action="store_true", help="reuse results under OUT_DIR/raw-* with the same settings")
+    p.add_argument("--stop-after", type=float, help="start no worker after this many seconds (then exit 3)")
+    p.add_argument("--worker-timeout", type=float, default=480.0, help="seconds before a worker is killed")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
-    p.add_argument("--worker", choices=sorted(POLICY), help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
+    p.add_argument("--policy", help=argparse.SUPPRESS)
+    p.add_argument("--budget-bytes", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.shape = args.shape or ("olmoe-1b-7b" if args.gpu else "olmoe-small")
-    args.dtypes = (args.dtypes or ("bfloat16" if args.gpu else "float32,bfloat16")).split(",")
-    args.engines = args.engines.split(",")
+    args.dtypes = _list(args.dtypes or ("bfloat16" if args.gpu else "float32,bfloat16"))
+    args.engines, args.policies = _list(args.engines), _list(args.policies)
+    default = ["bfloat16"] if "bfloat16" in args.dtypes else args.dtypes
+    args.offload_dtypes = _list(args.offload_dtypes) if args.offload_dtypes is not None else default
+    for bad in set(args.offload_dtypes) - set(args.dtypes):
+        p.error(f"--offload-dtypes: {bad!r} is not in --dtypes")
+    for bad in set(args.engines) - set(ENGINES):
+        p.error(f"--engines: unknown engine {bad!r}; choose from {', '.join(ENGINES)}")
+    for bad in set(args.policies) - set(POLICIES):
+        p.error(f"--policies: unknown policy {bad!r}; choose from {', '.join(POLICIES)}")
+    args.budgets = args.budgets or ("auto,1" if args.gpu else "0.25,0.5,1")
+    args.new_tokens = args.new_tokens or (128 if args.gpu else 64)
     if args.cpu_threads is None:
         args.cpu_threads = 0 if args.gpu else 1
-    if args.new_tokens < 2:
-        p.error("--new-tokens must be >= 2 (decode rate needs a token after the first)")
+    if min(args.new_tokens, args.accelerate_new_tokens) < 2:
+        p.error("new-token counts must be >= 2 (decode rate needs a token after the first)")
+    args.device_budget_bytes = int(args.device_budget_gib * B.GIB)
     return args
 
 
@@ -86,15 +135,16 @@ def prompts(args) -> list[list[int]]:
 
 
 # -- workers: one configuration per process --------------------------------------
-def timed_runs(generate, repeats: int) -> dict:
-    """Warm up once, then `repeats` timed runs: per-metric medians, the raw decode rates, the last tokens."""
+def timed_runs(generate, repeats: int, warmup=None) -> dict:
+    """Warm up once, then `repeats` timed runs: per-metric medians, the raw decode rates, the last run."""
     import statistics
 
-    generate()  # warm-up: compilation (jaxmoe), allocator and kernel selection (torch)
+    (warmup or generate)()  # compilation (jaxmoe), allocator and kernel selection (torch)
     runs = [generate() for _ in range(repeats)]
-    out = {k: statistics.median(r[k] for r in runs) for k in ("ttft_ms", "tpot_ms", "decode_tokens_per_s")}
-    return {**out, "decode_tokens_per_s_runs": [r["decode_tokens_per_s"] for r in runs],
-            "token_ids": runs[-1]["token_ids"]}  # fmt: skip
+    timed = ("ttft_ms", "tpot_ms", "decode_tokens_per_s", "stall_ms", "decode_stall_ms")
+    out = {k: statistics.median(r[k] for r in runs) for k in timed if runs[0].get(k) is not None}
+    return {**runs[-1], **out, "decode_tokens_per_s_runs": [r["decode_tokens_per_s"] for r in runs],
+            "tpot_ms_runs": [r["tpot_ms"] for r in runs]}
 
 
 def device_name(gpu: bool) -> str:
@@ -107,7 +157,7 @@ def device_name(gpu: bool) -> str:
 
 
 def hf_model(args):
-    """The transformers model both workers start from (on the GPU with --gpu: both use CUDA's RNG)."""
+    """The transformers model every worker starts from (on the GPU with --gpu: all use CUDA's RNG)."""
     from bench.peers import hf_transformers as hf
 
     if args.gpu:
@@ -119,8 +169,21 @@ def hf_model(args):
     return hf.build(cfg, args.seed, "cuda" if args.gpu else "cpu")
 
 
+def torch_versions() -> dict:
+    import torch
+
+    return {"torch": torch.__version__, "transformers": __import__("transformers").__version__}
+
+
+def jax_versions() -> dict:
+    import jax
+
+    return {"jax": jax.__version__, "flax": __import__("flax").__version__, "backend": jax.default_backend()}
+
+
 def worker_hf(args) -> dict:
     import torch
+
     from bench.peers import hf_transformers as hf
 
     if args.cpu_threads:
@@ -133,22 +196,47 @@ def worker_hf(args) -> dict:
     c = model.config
     kv = 2 * c.num_hidden_layers * args.batch * (args.prompt_tokens + args.new_tokens) * c.hidden_size
     peak = torch.cuda.max_memory_allocated() if args.gpu else hf.weight_bytes(model) + kv * model.dtype.itemsize
-    versions = {"torch": torch.__version__, "transformers": __import__("transformers").__version__}
     return {**out, "peak_device_bytes": peak, "expert_bytes": hf.expert_bytes(model), "compile_ms": None,
-            "versions": versions}  # fmt: skip
+            "versions": torch_versions()}  # fmt: skip
 
 
-def worker_jaxmoe(args) -> dict:
+def worker_hf_accelerate(args) -> dict:
+    from bench.peers import hf_accelerate as hfa
+
+    reason = hfa.unavailable(args.gpu)
+    if reason:
+        return {"skipped": reason}
+    import torch
+
+    from bench.peers import hf_transformers as hf
+
+    if not torch.cuda.is_available():
+        return {"skipped": "torch sees no CUDA device"}
+    model = hf_model(args).to("cpu")  # built on the GPU like every row (same weights), then moved off it
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    model, placement = hfa.dispatch(model, args.device_budget_bytes)
+    log(f"hf-accelerate: {placement['layers_on_device']} of {placement['layers']} layers on the GPU "
+        f"at max_memory {args.device_budget_bytes / B.GIB:g} GiB")  # fmt: skip
+    run = lambda n: hf.generate(model, prompts(args), n, device="cuda")  # noqa: E731
+    out = timed_runs(lambda: run(args.new_tokens), args.repeats, warmup=lambda: run(2))
+    versions = {**torch_versions(), "accelerate": __import__("accelerate").__version__}
+    return {**out, "peak_device_bytes": torch.cuda.max_memory_allocated(), "expert_bytes": None,
+            "compile_ms": None, "placement": placement, "versions": versions}  # fmt: skip
+
+
+def jaxmoe_parts(args):
+    """(config, model with its dense weights on the device, per-layer expert stacks in numpy),
+    assembled from the transformers model's state dict."""
     import jax
 
     if args.gpu and jax.default_backend() != "gpu":
         raise SystemExit(f"--gpu: jax backend is {jax.default_backend()!r}, not gpu")
     import torch
+
     from bench.peers import hf_transformers as hf
     from jaxmoe.checkpoint.assemble import assemble
     from jaxmoe.config import from_hf_dict
-    from jaxmoe.engine import ResidentEngine
-    from jaxmoe.engine.metrics import tree_bytes
     from jaxmoe.model import build_model
 
     torch_model = hf_model(args)
@@ -157,37 +245,151 @@ def worker_jaxmoe(args) -> dict:
     del torch_model
     if args.gpu:
         torch.cuda.empty_cache()  # torch's copy is gone before jax allocates its own
-    model, experts = build_model(cfg, dense), jax.device_put(experts)
-    del dense
+    return cfg, build_model(cfg, dense), list(experts)
+
+
+def worker_jaxmoe(args) -> dict:
+    import jax
+
+    from jaxmoe.engine import ResidentEngine
+    from jaxmoe.engine.metrics import tree_bytes
+
+    cfg, model, experts = jaxmoe_parts(args)
+    experts = jax.device_put(experts)
     engine = ResidentEngine(cfg, model, experts)
-    last = {}
 
     def run():
         res = engine.generate(prompts(args), args.new_tokens)
-        last.update(res.metrics)
         return {**res.metrics, "token_ids": res.token_ids}
 
     out = timed_runs(run, args.repeats)
-    versions = {"jax": jax.__version__, "flax": __import__("flax").__version__, "backend": jax.default_backend()}
-    return {**out, "peak_device_bytes": last["peak_device_bytes"], "compile_ms": last["compile_ms"],
-            "expert_bytes": tree_bytes(experts), "versions": versions}  # fmt: skip
+    return {**out, "expert_bytes": tree_bytes(experts), "versions": jax_versions()}
 
 
-def run_worker_here(args) -> None:
-    result = {"jaxmoe": worker_jaxmoe, "hf": worker_hf}[args.worker](args)
-    result |= {"device": device_name(args.gpu), "peak_device_measured": args.gpu,
+def plan_counts(plan) -> dict:
+    """Loads and hits of the executed plan, prefill (step 0) apart from decode (steps >= 1)."""
+    decode = [p for p in plan if p.step >= 1]
+    prefill = [p for p in plan if p.step == 0]
+    return {
+        "decode_steps": max((p.step for p in plan), default=0),
+        "decode_loads": sum(len(p.loads) for p in decode),
+        "decode_hits": sum(len(p.hits) for p in decode),
+        "prefill_loads": sum(len(p.loads) for p in prefill),
+        "prefill_passes": len(prefill),
+        "evictions": sum(len(p.evicted) for p in plan),
+    }
+
+
+def worker_offload(args) -> dict:
+    from jaxmoe.engine.offloaded import OffloadedEngine
+    from jaxmoe.offload.host_store import HostExpertStore
+
+    cfg, model, experts = jaxmoe_parts(args)
+    # Hand the stacks over without keeping a reference: from_stacks frees each layer's
+    # numpy stack once it is in pinned memory, so the host holds one extra layer at most.
+    store = HostExpertStore.from_stacks(cfg, (experts.pop(0) for _ in range(len(experts))))
+    engine = OffloadedEngine(cfg, model, store, args.budget_bytes, args.policy)
+
+    def run():
+        engine.cache = None  # a cold cache every run: no contents or use counts from the run before
+        at_first_token = {}
+
+        def on_token(_):  # called first right after the prefill's token: its stall so far is the prefill's
+            if not at_first_token:
+                at_first_token["stall_ms"] = 1e3 * engine.cache.counters.stall_s
+
+        res = engine.generate(prompts(args), args.new_tokens, on_token=on_token)
+        m = res.metrics
+        return {**m, "token_ids": res.token_ids, "prefill_stall_ms": at_first_token["stall_ms"],
+                "decode_stall_ms": m["stall_ms"] - at_first_token["stall_ms"]}  # fmt: skip
+
+    out = timed_runs(run, args.repeats)
+    kv = B.kv_bytes(SHAPES[args.shape], args.dtypes[0], args.batch, args.prompt_tokens, args.new_tokens)
+    return {**out, **plan_counts(engine.plan), "expert_bytes": store.expert_bytes, "dense_bytes": engine.dense_bytes,
+            "kv_bytes": kv, "versions": jax_versions()}  # fmt: skip
+
+
+def worker_bandwidth(args) -> dict:
+    import jax
+
+    from bench import bandwidth
+
+    if args.gpu and jax.default_backend() != "gpu":
+        raise SystemExit(f"--gpu: jax backend is {jax.default_backend()!r}, not gpu")
+    s = SHAPES[args.shape]
+    batched = min(s["num_experts"], args.batch * s["num_experts_per_tok"])  # one layer's decode demand
+    by_dtype = {}
+    for dtype in args.dtypes:
+        by_dtype[dtype] = bandwidth.measure(s["hidden_size"], s["intermediate_size"], dtype, batched, seed=args.seed)
+        b = by_dtype[dtype]
+        log(f"bandwidth {dtype}: one expert {b['expert_bytes'] / 1e6:.2f} MB {b['one_expert_GBps']:.2f} GB/s; "
+            f"{batched} in one call {b['batched_GBps']:.2f} GB/s")  # fmt: skip
+    return {"bandwidth": by_dtype, "versions": jax_versions()}
+
+
+def run_worker_here(args) -> int:
+    load = os.getloadavg()[0]  # the machine may be shared: record how busy it was
+    fn = {"jaxmoe": worker_jaxmoe, "hf": worker_hf, "hf-accelerate": worker_hf_accelerate,
+          "offload": worker_offload, "bandwidth": worker_bandwidth}[args.worker]  # fmt: skip
+    try:
+        result = fn(args)
+    except BaseException as e:  # the report names the failure instead of "status 1"
+        traceback.print_exc()
+        result = {"error": f"{type(e).__name__}: {e}".strip()[:500]}
+    result |= {"device": device_name(args.gpu), "peak_device_measured": args.gpu, "loadavg_at_start": load,
                "peak_host_rss_bytes": 1024 * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}  # fmt: skip
     Path(args.result).write_text(json.dumps(result))
+    return 1 if "error" in result else 0
 
 
 # -- orchestration ----------------------------------------------------------------
-def spawn(args, engine: str, dtype: str) -> dict:
+@dataclasses.dataclass(frozen=True)
+class Job:
+    worker: str  # one of WORKERS
+    dtype: str  # bandwidth: every dtype, comma-joined
+    policy: str | None = None  # offload rows
+    budget: B.Budget | None = None  # offload rows
+
+    @property
+    def key(self) -> str:
+        tail = f"-{self.policy}-{self.budget.bytes}" if self.budget else ""
+        return f"{self.worker}-{self.dtype.replace(',', '+')}{tail}"
+
+
+def jobs(args, budgets: dict[str, list[B.Budget]]) -> list[Job]:
+    """Bandwidth first (the bound needs it), then resident and peers, then each policy x budget.
+    A budget that holds every expert preloads them all and never evicts: one row, whatever the policy
+    (it measures the offloaded engine's own cost, with no transfers)."""
+    out = [Job("bandwidth", ",".join(args.offload_dtypes))] if args.policies and any(budgets.values()) else []
+    total = B.num_experts(SHAPES[args.shape])
+    for dtype in args.dtypes:
+        out += [Job(e, dtype) for e in args.engines]
+        for b in budgets.get(dtype, []):
+            out += [Job("offload", dtype, p, b) for p in (args.policies[:1] if b.experts >= total else args.policies)]
+    return out
+
+
+def settings(args, job: Job) -> dict:
+    """What a worker's result depends on: a saved result is reused only when these match."""
+    accelerate = job.worker == "hf-accelerate"
+    return {"shape": args.shape, "dtypes": job.dtype, "gpu": args.gpu, "batch": args.batch,
+            "prompt_tokens": args.prompt_tokens, "seed": args.seed, "cpu_threads": args.cpu_threads,
+            "new_tokens": args.accelerate_new_tokens if accelerate else args.new_tokens,
+            "repeats": args.accelerate_repeats if accelerate else args.repeats,
+            "device_budget_bytes": args.device_budget_bytes if accelerate else None,
+            "policy": job.policy, "budget_bytes": job.budget and job.budget.bytes}  # fmt: skip
+
+
+def spawn(args, job: Job, s: dict) -> dict:
     """Run one configuration in a fresh process; a failure becomes {"error": ...}, not an abort."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        flags = {"--worker": engine, "--result": out, "--shape": args.shape, "--dtypes": dtype, "--batch": args.batch,
-                 "--prompt-tokens": args.prompt_tokens, "--new-tokens": args.new_tokens, "--repeats": args.repeats,
-                 "--seed": args.seed, "--cpu-threads": args.cpu_threads}  # fmt: skip
+        flags = {"--worker": job.worker, "--result": out, "--shape": args.shape, "--dtypes": job.dtype,
+                 "--batch": args.batch, "--prompt-tokens": args.prompt_tokens, "--new-tokens": s["new_tokens"],
+                 "--repeats": s["repeats"], "--seed": args.seed, "--cpu-threads": args.cpu_threads,
+                 "--device-budget-gib": args.device_budget_gib}  # fmt: skip
+        if job.policy:
+            flags |= {"--policy": job.policy, "--budget-bytes": job.budget.bytes}
         cmd = [sys.executable, str(Path(__file__).resolve())] + [str(x) for kv in flags.items() for x in kv]
         cmd += ["--gpu"] * args.gpu
         env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false", "PYTHONPATH": str(ROOT)}
@@ -195,104 +397,63 @@ def spawn(args, engine: str, dtype: str) -> dict:
             # Multithreaded CPU kernels collapse (up to 30x) when another process takes a core mid-barrier.
             xla = f"--xla_cpu_multi_thread_eigen={'false' if args.cpu_threads == 1 else 'true'} "
             env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {xla}intra_op_parallelism_threads={args.cpu_threads}"
-        log(f"{engine} {args.shape} {dtype}: starting worker")
-        proc = subprocess.run(cmd, env=env, stdout=sys.stderr, stderr=sys.stderr)
-        if proc.returncode or not out.exists():
-            return {"error": f"worker exited with status {proc.returncode}"}
+        start = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, env=env, stdout=sys.stderr, stderr=sys.stderr, timeout=args.worker_timeout)
+        except subprocess.TimeoutExpired:
+            return {"error": f"worker killed after {args.worker_timeout:g} s (--worker-timeout)"}
+        finally:
+            log(f"{job.key}: worker took {time.perf_counter() - start:.1f} s")
+        if not out.exists():
+            return {"error": f"worker exited with status {proc.returncode} and no result"}
         return json.loads(out.read_text())
 
 
-def leading_agreement(a: list[list[int]], b: list[list[int]]) -> int:
-    """Tokens, from the first, on which two greedy runs agree (minimum over the batch)."""
-    counts = []
-    for x, y in zip(a, b):
-        n = next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
-        counts.append(n)
-    return min(counts)
-
-
-def make_report(args, results: dict) -> dict:
-    rows, ratios = [], {}
-    for dtype in args.dtypes:
-        model = f"{args.shape}/{SHORT.get(dtype, dtype)}"
-        jx, hf = results.get(("jaxmoe", dtype), {}), results.get(("hf", dtype), {})
-        agree = leading_agreement(jx["token_ids"], hf["token_ids"]) if "token_ids" in jx and "token_ids" in hf else None
-        ratio = None
-        if jx.get("decode_tokens_per_s") and hf.get("decode_tokens_per_s"):
-            ratio = ratios[model] = jx["decode_tokens_per_s"] / hf["decode_tokens_per_s"]
-        for engine in args.engines:
-            r = results[(engine, dtype)]
-            rows.append({
-                "model": model, "policy": POLICY[engine], "expert_budget_bytes": r.get("expert_bytes"),
-                "batch": args.batch, "prompt_tokens": args.prompt_tokens, "ttft_ms": r.get("ttft_ms"),
-                "decode_tokens_per_s": r.get("decode_tokens_per_s"), "peak_device_bytes": r.get("peak_device_bytes"),
-                # jaxmoe resident: every expert always on the device. transformers: no expert cache at all.
-                "hit_rate": 1.0 if engine == "jaxmoe" else None, "h2d_bytes_per_token": 0,
-                "dtype": dtype, "new_tokens": args.new_tokens, "tpot_ms": r.get("tpot_ms"),
-                "compile_ms": r.get("compile_ms"), "peak_device_measured": r.get("peak_device_measured"),
-                "peak_host_rss_bytes": r.get("peak_host_rss_bytes"), "greedy_agree": agree,
-                "speedup_vs_hf": ratio if engine == "jaxmoe" else None, "repeats": args.repeats,
-                "decode_tokens_per_s_runs": r.get("decode_tokens_per_s_runs"), "error": r.get("error"),
-            })  # fmt: skip
-    device = next((r["device"] for r in results.values() if "device" in r), "unknown (every worker failed)")
-    versions = {k: v for r in results.values() for k, v in r.get("versions", {}).items()}
-    cmd = "python scripts/bench.py " + " ".join(sys.argv[1:])
-    return {"device": device, "rows": rows, "ratios": ratios, "date": datetime.date.today().isoformat(),
-            "command": cmd.strip(), "versions": versions, "loadavg_at_start": args.loadavg,
-            "cpu_threads": args.cpu_threads or None}  # fmt: skip
-
-
-def _fmt(x, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
-
-
-def markdown(report: dict) -> str:
-    v = report["versions"]
-    lines = [
-        f"Device: {report['device']}. Date: {report['date']}. Command: `{report['command']}`.",
-        "Versions: " + ", ".join(f"{k} {val}" for k, val in sorted(v.items())) + ".",
-        f"Medians of {report['rows'][0]['repeats']} timed runs after a warm-up (decode: median [min-max]); "
-        f"threads per worker: {report['cpu_threads'] or 'library default'}; "
-        f"1-min load average at start: {report['loadavg_at_start']}.",
-        "",
-        "| model | engine | batch | prompt | new | TTFT ms | decode tok/s [range] | TPOT ms | peak device GB "
-        "| compile s | greedy agree | jaxmoe / HF |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in report["rows"]:
-        if r["error"]:
-            lines.append(f"| {r['model']} | {r['policy']} | failed: {r['error']} |")
+def run_jobs(args, todo: list[Job]) -> dict[Job, dict]:
+    raw = Path(args.out_dir) / f"raw-{'gpu' if args.gpu else 'cpu'}"
+    raw.mkdir(parents=True, exist_ok=True)
+    start, results = time.perf_counter(), {}
+    for job in todo:
+        s, path = settings(args, job), raw / f"{job.key}.json"
+        if args.resume and path.exists():
+            saved = json.loads(path.read_text())
+            if saved.get("settings") == s and "error" not in saved:
+                log(f"{job.key}: reusing {path}")
+                results[job] = saved
+                continue
+        if args.stop_after is not None and time.perf_counter() - start > args.stop_after:
+            results[job] = {"not_run": f"--stop-after {args.stop_after:g} s reached; rerun with --resume"}
             continue
-        peak = _fmt(r["peak_device_bytes"] and r["peak_device_bytes"] / 1e9, ".3f")
-        peak += "" if r["peak_device_measured"] else " (est.)"
-        runs = r["decode_tokens_per_s_runs"]
-        span = f"{min(runs):.0f}-{max(runs):.0f}"
-        agree = "-" if r["greedy_agree"] is None else f"{r['greedy_agree']}/{r['new_tokens']}"
-        lines.append(
-            f"| {r['model']} | {r['policy']} | {r['batch']} | {r['prompt_tokens']} | {r['new_tokens']} "
-            f"| {_fmt(r['ttft_ms'], '.1f')} | {_fmt(r['decode_tokens_per_s'], '.1f')} [{span}] "
-            f"| {_fmt(r['tpot_ms'], '.2f')} | {peak} | {_fmt(r['compile_ms'] and r['compile_ms'] / 1e3, '.1f')} "
-            f"| {agree} | {_fmt(r['speedup_vs_hf'], '.2f')} |"
-        )
-    return "\n".join(lines) + "\n"
+        log(f"{job.key}: starting worker")
+        results[job] = spawn(args, job, s) | {"settings": s}
+        path.write_text(json.dumps(results[job]))
+    return results
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
-        run_worker_here(args)
-        return 0
-    args.loadavg = open("/proc/loadavg").read().split()[0] if os.path.exists("/proc/loadavg") else None
-    results = {(e, d): spawn(args, e, d) for d in args.dtypes for e in args.engines}
-    report = make_report(args, results)
+        return run_worker_here(args)
+    args.loadavg = os.getloadavg()[0]
+    shape = SHAPES[args.shape]
+    fit = {"batch": args.batch, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+           "device_bytes": args.device_budget_bytes,
+           "workspace": None if args.workspace_gib is None else int(args.workspace_gib * B.GIB)}  # fmt: skip
+    budgets, arithmetic = {}, {}
+    for dtype in args.offload_dtypes if args.policies else []:
+        budgets[dtype], arithmetic[dtype] = B.parse(args.budgets, shape, dtype, fit)
+        for line in arithmetic[dtype]:
+            log(f"expert budget ({dtype}): {line}")
+    todo = jobs(args, budgets)
+    report = make_report(args, todo, run_jobs(args, todo), arithmetic)
     out, name = Path(args.out_dir), "results-gpu" if args.gpu else "results-cpu"
-    out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / f"{name}.md").write_text(markdown(report))
-    log(f"wrote {out / name}.json and .md; jaxmoe/HF decode ratio: "
-        + ", ".join(f"{m} {x:.2f}x" for m, x in report["ratios"].items()))  # fmt: skip
+    log(f"wrote {out / name}.json and .md")
+    for problem in report["problems"]:
+        log(problem)
     print(json.dumps(report) if args.json else markdown(report))
-    return 1 if any(r["error"] for r in report["rows"]) else 0
+    return report["status"]
 
 
 if __name__ == "__main__":

@@ -66,9 +66,10 @@ class _Clock(BaseStreamer):
         pass
 
 
-def generate(model, prompts: list[list[int]], new_tokens: int) -> dict:
-    """Greedy `model.generate`; TTFT and decode rate from the streamer's per-token timestamps."""
-    device = model.device
+def generate(model, prompts: list[list[int]], new_tokens: int, device=None) -> dict:
+    """Greedy `model.generate`; TTFT and decode rate from the streamer's per-token timestamps.
+    `device`: where the inputs go (default the model's; a dispatched model's is its first layer's)."""
+    device = torch.device(device) if device is not None else model.device
     ids = torch.tensor(prompts, device=device)
     clock = _Clock()
     with torch.inference_mode():
