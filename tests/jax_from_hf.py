@@ -10,9 +10,9 @@ from jaxmoe.config import from_hf_dict
 from jaxmoe.model import build_model
 
 
-def jaxmoe_from_hf(hf_model):
-    """(config, MoEDecoder, experts) holding the same fp32 weights as `hf_model`."""
+def jaxmoe_from_hf(hf_model, dtype: str = "float32"):
+    """(config, MoEDecoder, experts) holding `hf_model`'s weights in `dtype`."""
     state = {k: v.detach().float().numpy() for k, v in hf_model.state_dict().items()}
-    cfg = from_hf_dict({**hf_model.config.to_dict(), "dtype": "float32"})
+    cfg = from_hf_dict({**hf_model.config.to_dict(), "dtype": dtype})
     dense, experts = assemble(cfg, list(state), lambda n: state[n].shape, state.__getitem__, "state_dict")
     return cfg, build_model(cfg, dense), jax.tree.map(jnp.asarray, experts)

@@ -21,14 +21,14 @@ PROMPTS = [[5, 7, 9], list(range(3, 19)), [4, 0, 12, 31, 8] * 4, [30, 1], [2] * 
 
 
 @functools.cache
-def setup(family: str):
-    cfg, model, experts = jaxmoe_from_hf(tiny_hf_model(family, "wide"))
+def setup(family: str, dtype: str = "float32"):
+    cfg, model, experts = jaxmoe_from_hf(tiny_hf_model(family, "wide"), dtype)
     return cfg, model, experts, HostExpertStore.from_stacks(cfg, experts)
 
 
 @functools.cache
-def resident_tokens(family: str, batch: int, new: int):
-    cfg, model, experts, _ = setup(family)
+def resident_tokens(family: str, batch: int, new: int, dtype: str = "float32"):
+    cfg, model, experts, _ = setup(family, dtype)
     return ResidentEngine(cfg, model, experts).generate(PROMPTS[:batch], new).token_ids
 
 
@@ -160,3 +160,23 @@ def test_predictor_policy_needs_a_predictor():
         OffloadedEngine(cfg, model, store, 10**9, "predictor")
     with pytest.raises(ValueError, match="predictor"):
         OffloadedEngine(cfg, model, store, 10**9, "lru", predictor=GateAhead(model))
+
+
+@pytest.mark.parametrize("budget", ["min", "all"])
+def test_bf16_matches_resident(budget):
+    """Per-layer programs round to bf16 where one whole-model program could keep f32:
+    both are compiled without excess precision, so the tokens still agree."""
+    cfg, model, _, store = setup("olmoe", "bfloat16")
+    n = budgets("olmoe", 3)[budget]
+    engine = OffloadedEngine(cfg, model, store, n * store.expert_bytes, "lfu", check_budget=True)
+    assert engine.generate(PROMPTS[:3], 48).token_ids == resident_tokens("olmoe", 3, 48, "bfloat16")
+
+
+def test_the_pool_is_updated_in_place():
+    """The pool is donated to each expert program: the previous buffers are gone, not copied."""
+    cfg, model, _, store = setup("olmoe")
+    engine = OffloadedEngine(cfg, model, store, budgets("olmoe", 1)["min+4"] * store.expert_bytes, "lru")
+    engine.generate(PROMPTS[:1], 2)
+    before = engine.cache.pool
+    engine.generate(PROMPTS[:1], 2)
+    assert all(a.is_deleted() for a in before) and not any(a.is_deleted() for a in engine.cache.pool)

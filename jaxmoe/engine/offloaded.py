@@ -165,18 +165,25 @@ class OffloadedEngine:
         return engine
 
     # -- programs ---------------------------------------------------------------
-    def _run(self, name: str, fn: Callable, static: dict, donate: tuple, piece: "_Piece", *args):
-        """Call `fn(module, *args, **static)` compiled for these shapes; the module's weights go
-        in as a flat tuple of arrays, so a call costs little host time (it is paid per layer)."""
+    def _run(self, name: str, fn: Callable, static: dict, donate: tuple[int, ...], piece: "_Piece", *args):
+        """Call `fn(module, *args, **static)` compiled for these shapes; `donate` are positions
+        in `args` whose buffers the outputs reuse (the KV cache, the expert pool). The module's
+        weights go in as a flat tuple of arrays, so a call costs little host time (it is paid
+        per layer)."""
         signature = (name, id(piece.graphdef), tuple(static.items()))
         signature += tuple((a.shape, a.dtype) for a in jax.tree.leaves(args))
         program = self._by_signature.get(signature)
         if program is None:
             bound = lambda leaves, *a, **kw: fn(piece.merge(leaves), *a, **kw)  # noqa: E731
             # Layers of one kind have equal graphdefs and share one compiled program.
+            donate = tuple(i + 1 for i in donate)  # after the leaves
             program = self.programs.get((name, piece.graphdef), bound, static, donate, piece.leaves, *args)
             self._by_signature[signature] = program
         return program(piece.leaves, *args)
+
+    def reset_cache(self) -> None:
+        """Drop every cached expert: the next generate starts cold."""
+        self.cache = None
 
     def _zero_rows(self, n: int, k: int, dtype) -> jax.Array:
         key = (n, k, jnp.dtype(dtype))
@@ -199,19 +206,19 @@ class OffloadedEngine:
         positions = jnp.asarray(positions)
         for layer, piece in enumerate(self.layers):
             if not self.config.moe_layers[layer]:
-                x, kv[layer] = self._run("dense", _dense_layer, {}, ("kv",), piece, x, positions, kv[layer])
+                x, kv[layer] = self._run("dense", _dense_layer, {}, (2,), piece, x, positions, kv[layer])
                 continue
             predict = self.predictor is not None and step > 0 and self.cache.prefetch_max > 0
             if predict:
                 x_in, kv[layer], h, ids, weights, picks, probs = self._run(
                     "attend_route_predict", _attend_route_predict,
-                    {"scorer": self.predictor, "top": self.config.top_k}, ("kv",), piece, x, positions, kv[layer],
+                    {"scorer": self.predictor, "top": self.config.top_k}, (2,), piece, x, positions, kv[layer],
                     self.predictor.leaves, jnp.int32(layer),
                 )  # fmt: skip
                 ids_host, picks, probs = jax.device_get((ids, picks, probs))  # the one host sync of this layer
             else:
                 x_in, kv[layer], h, ids, weights = self._run(
-                    "attend_route", _attend_route, {}, ("kv",), piece, x, positions, kv[layer]
+                    "attend_route", _attend_route, {}, (2,), piece, x, positions, kv[layer]
                 )
                 ids_host, picks, probs = np.asarray(ids), None, None  # the one host sync of this layer
             prefetch = (picks, probs) if predict and self.next_moe[layer] is not None else None
@@ -245,7 +252,7 @@ class OffloadedEngine:
             slot_ids = table[ids_host]
             in_pass = (slot_ids >= 0) & valid_rows[:, None]
             out, y, self.cache.pool = self._run(
-                "experts", _experts, {"num_unique": unique}, ("pool",), piece, x, h,
+                "experts", _experts, {"num_unique": unique}, (6,), piece, x, h,
                 jnp.asarray(np.maximum(slot_ids, 0)), jnp.asarray(in_pass), weights, y,
                 self.cache.pool, staged, jnp.asarray(staged_slots),
             )  # fmt: skip
