@@ -7,9 +7,9 @@ Runtime use (one compiled program for every layer):
     # logits score the experts of the next MoE layer after `layer` (zeros where there is none)
 """
 
-from jaxmoe.predictor.fingerprint import expert_bytes, layer_pairs, model_hash, model_summary
+from jaxmoe.predictor.fingerprint import expert_bytes, layer_pairs, model_hash, model_summary, router_hash
 from jaxmoe.predictor.mlp import ExpertPredictor
-from jaxmoe.predictor.simulate import SimResult, simulate_belady, simulate_predictor, simulate_schedule
+from jaxmoe.predictor.simulate import SimResult, simulate_belady, simulate_prefetch, simulate_schedule, simulate_variant
 from jaxmoe.predictor.store import LoadedPredictor, PredictorMismatch, load_predictor, save_predictor
 from jaxmoe.predictor.traces import TraceError, TraceSet, TraceWriter
 from jaxmoe.predictor.train import TrainConfig
@@ -28,8 +28,10 @@ __all__ = [
     "load_predictor",
     "model_hash",
     "model_summary",
+    "router_hash",
     "save_predictor",
     "simulate_belady",
-    "simulate_predictor",
+    "simulate_prefetch",
     "simulate_schedule",
+    "simulate_variant",
 ]

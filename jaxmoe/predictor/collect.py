@@ -19,7 +19,7 @@ from flax import nnx
 
 from jaxmoe.checkpoint import load
 from jaxmoe.model import init_kv_cache
-from jaxmoe.predictor.fingerprint import model_summary
+from jaxmoe.predictor.fingerprint import model_summary, router_hash
 from jaxmoe.predictor.traces import VERSION, TraceWriter, ids_dtype, random_projection
 from jaxmoe.tokenizer import load_tokenizer
 
@@ -97,6 +97,7 @@ def collect_traces(
         "version": VERSION,
         "model": model_summary(cfg),
         "model_path": str(Path(model_dir).resolve()),
+        "router_hash": router_hash(loaded.model, cfg),
         "text": {"path": str(Path(text).resolve()), "sha256": hashlib.sha256(Path(text).read_bytes()).hexdigest()},
         "tokenizer_sha256": hashlib.sha256(Path(loaded.tokenizer_path).read_bytes()).hexdigest()[:16],
         "max_tokens": max_tokens,

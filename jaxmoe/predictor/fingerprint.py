@@ -2,7 +2,8 @@
 
 `model_hash` covers every MoEConfig field, so a change of shape, family or dtype
 changes it; it does not cover the weights (two checkpoints with one config and
-different weights hash alike).
+different weights hash alike). `router_hash` covers the router weights, recorded
+with traces and predictors so a retrained checkpoint of the same shape can be told apart.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import hashlib
 import json
 
 import jax.numpy as jnp
+import numpy as np
 
 from jaxmoe.config import MoEConfig
 
@@ -20,6 +22,14 @@ def model_hash(cfg: MoEConfig) -> str:
     """16 hex digits of sha256 over the config's fields (sorted JSON)."""
     blob = json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=list)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def router_hash(model, cfg: MoEConfig) -> str:
+    """16 hex digits of sha256 over the MoE layers' router kernels (a loaded MoEDecoder)."""
+    digest = hashlib.sha256()
+    for layer in cfg.moe_layer_ids:
+        digest.update(np.asarray(model.layers[layer].mlp.gate.kernel[...], np.float32).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def expert_bytes(cfg: MoEConfig) -> int:

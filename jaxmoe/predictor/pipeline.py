@@ -20,15 +20,17 @@ from jaxmoe.predictor.baselines import (
     prev_token_scores,
     router_kernels,
 )
-from jaxmoe.predictor.fingerprint import layer_pairs, model_summary
+from jaxmoe.predictor.fingerprint import layer_pairs, model_summary, router_hash
 from jaxmoe.predictor.metrics import per_row_recall, precision_at, recall_at
 from jaxmoe.predictor.mlp import param_count
 from jaxmoe.predictor.simulate import (
+    EVICTIONS,
     capacity_for,
     decode_requests,
     simulate_belady,
-    simulate_predictor,
+    simulate_prefetch,
     simulate_schedule,
+    simulate_variant,
 )
 from jaxmoe.predictor.store import build_module, check_summary, load_predictor, save_predictor
 from jaxmoe.predictor.traces import TraceError, TraceSet
@@ -67,7 +69,8 @@ def train_on_traces(
         "prefetch_count": cfg.top_k,
         "train": {k: v for k, v in dataclasses.asdict(tc).items() if k != "arch"},
         "traces": {"fingerprint": ts.fingerprint, "path": str(Path(traces).resolve()),
-                   "token_count": ts.token_count, "split": split},  # fmt: skip
+                   "token_count": ts.token_count, "split": split, "text": ts.manifest["text"]},  # fmt: skip
+        "router_hash": ts.manifest.get("router_hash"),  # the weights the traces (and so this predictor) came from
         "frequency": expert_frequency(train_arrays["ids"], cfg.num_experts).tolist(),
     }
     candidates, modules = {}, {}
@@ -106,6 +109,12 @@ def evaluate_on_traces(
     ts = TraceSet(traces)
     pred = load_predictor(predictor, None)
     check_summary(pred.meta["model"], ts.model, str(predictor), what=f"the traces at {traces}")
+    recorded = ts.manifest.get("router_hash")  # absent from traces collected before it was recorded
+    if model is not None and recorded is not None and router_hash(model.model, model.config) != recorded:
+        raise TraceError(
+            f"{traces}: router_hash={recorded} is not the given model's "
+            f"({router_hash(model.model, model.config)}): the traces come from other weights"
+        )
     held_out = ts.fingerprint == pred.meta["traces"]["fingerprint"]
     start, stop = pred.meta["traces"]["split"]["test"] if held_out else (0, ts.token_count)
     if max_tokens:
@@ -131,8 +140,7 @@ def evaluate_on_traces(
     elif ts.manifest["projection"] is not None:
         notes["gate_ahead"] = "traces hold projected router inputs; the router needs the full hidden state"
     else:
-        kernels = router_kernels(model.model, model.config)
-        scores["gate_ahead"] = gate_ahead_scores(inputs, kernels)
+        scores["gate_ahead"] = gate_ahead_scores(inputs, router_kernels(model.model, model.config))
 
     recall = {n: None if s is None else recall_at(s, true_next) for n, s in scores.items()}
     precision = {n: None if s is None else precision_at(s, true_next, count) for n, s in scores.items()}
@@ -142,12 +150,14 @@ def evaluate_on_traces(
     requests = decode_requests(ids, moe)
     eb = m["expert_bytes"]
     policies = {name: simulate_schedule(requests, capacity, name, expert_bytes=eb) for name in ("ondemand", "lru", "lfu")}
-    policies["predictor"] = simulate_predictor(ids, scores["mlp"], moe, capacity, count, eb)
+    policies["predictor"] = simulate_prefetch(ids, scores["mlp"], moe, capacity, count, expert_bytes=eb)
     if scores["gate_ahead"] is not None:
         ga = scores["gate_ahead"]
         ga = np.exp(ga - ga.max(-1, keepdims=True))
-        policies["gate_ahead_prefetch"] = simulate_predictor(ids, ga / ga.sum(-1, keepdims=True), moe, capacity, count, eb)
+        ga /= ga.sum(-1, keepdims=True)
+        policies["gate_ahead_prefetch"] = simulate_prefetch(ids, ga, moe, capacity, count, expert_bytes=eb)
     policies["belady"] = simulate_belady(requests, capacity, eb)
+    variants = {f"mlp_{ev}": simulate_variant(ids, scores["mlp"], moe, capacity, count, eb, evict=ev) for ev in EVICTIONS}
 
     return {
         "recall": recall,
@@ -157,6 +167,7 @@ def evaluate_on_traces(
         "prefetch_count": count,
         "top_k": k,
         "policies": {n: r.to_dict() for n, r in policies.items()},
+        "policy_variants": {n: r.to_dict() for n, r in variants.items()},  # offline rules, not the runtime's
         "capacity_experts": capacity,
         "total_experts": len(moe) * e,
         "budget_frac": budget_frac,

@@ -7,14 +7,17 @@ Capacity counts cached experts (slots) over all layers.
 
   ondemand, lru, lfu  the runtime's own Schedule and policies (jaxmoe/offload),
                       driven exactly as the offloaded engine drives them
-  predictor           while MoE layer j computes, the top-P predicted experts of
-                      layer j+1 are prefetched; eviction never takes what layer j
-                      needs or what is predicted for j+1, and otherwise takes the
-                      lowest predicted probability x use count (FineMoE); an
-                      expert of a layer with no prediction yet is scored by its
-                      share of that layer's uses so far. Prefetches are assumed
-                      to arrive before layer j+1 needs them (they count as loads,
-                      not as demand misses).
+  predictor           the runtime's Schedule with its PredictorAware policy
+                      (simulate_prefetch): after layer j's demand loads, the
+                      top-P predicted experts of layer j+1 are prefetched;
+                      eviction never takes what the pass needs or what is
+                      predicted for j+1, and otherwise takes the lowest predicted
+                      probability x (uses + 1) (FineMoE), ties least recent.
+                      Prefetches are assumed to arrive before layer j+1 needs
+                      them (they count as loads, not as demand misses).
+  simulate_variant    offline variants of prediction-driven prefetch with their
+                      own rules (see its docstring), to compare eviction scores;
+                      not what the runtime does.
   belady              MIN: on a miss evict the expert whose next use lies
                       farthest ahead; the fewest loads any policy (prefetching
                       or not) can make at this capacity.
@@ -127,10 +130,48 @@ def simulate_belady(requests: Sequence[Request], capacity: int, expert_bytes: in
     return res
 
 
+def simulate_prefetch(
+    ids: np.ndarray,
+    probs: np.ndarray,
+    moe_layers: Sequence[int],
+    capacity: int,
+    prefetch: int,
+    staging: int | None = None,
+    expert_bytes: int = 0,
+    predict_from: int = 0,
+) -> SimResult:
+    """The runtime's predictor policy: Schedule + PredictorAware, driven as the offloaded engine drives them.
+
+    ids [n, Lm, K] actual routing; probs [n, R, E] the predicted distribution of MoE
+    layer j+1, made at layer j. Per request: the demand plan of layer j, then the
+    top-`prefetch` predictions for layer j+1 are observed by the policy and planned
+    as a prefetch. Tokens before `predict_from` predict nothing (the engine's prefill).
+    """
+    requests = decode_requests(ids, moe_layers)
+    _check_capacity(requests, capacity)
+    schedule = Schedule(capacity, capacity if staging is None else staging, make_policy("predictor"), prefetch)
+    res = SimResult("predictor", capacity, expert_bytes=expert_bytes)
+    lm = len(moe_layers)
+    for t in range(ids.shape[0]):
+        for j, layer in enumerate(moe_layers):
+            needed = requests[t * lm + j][2]
+            for plan in schedule.plan_layer(t, layer, needed):
+                res.demand_misses += len(plan.loads)
+                res.prefetch_used += len(plan.prefetched_hits)
+            if j + 1 < lm and t >= predict_from and prefetch > 0:
+                p = probs[t, j]
+                ranked = [int(e) for e in np.argsort(-p, kind="stable")[:prefetch]]
+                schedule.policy.observe(moe_layers[j + 1], {e: float(p[e]) for e in ranked})
+                res.prefetch_loads += len(schedule.plan_prefetch(t, moe_layers[j + 1], ranked).loads)
+            res.requests += 1
+            res.needed += len(needed)
+    return res
+
+
 EVICTIONS = ("prob_freq", "need_distance")
 
 
-def simulate_predictor(
+def simulate_variant(
     ids: np.ndarray,
     probs: np.ndarray,
     moe_layers: Sequence[int],
@@ -142,6 +183,9 @@ def simulate_predictor(
 ) -> SimResult:
     """ids [n, Lm, K] actual routing; probs [n, R, E] predicted distribution of MoE layer j+1 made at layer j.
 
+    Unlike the runtime, the experts predicted for layer j+1 are protected already
+    during layer j's demand loads, and an expert of a layer nothing predicts (the
+    first MoE layer) is scored by its share of that layer's uses so far, not 0.
     evict: "prob_freq" (FineMoE: lowest predicted probability x use count) or
     "need_distance" (lowest chance of being needed at its layer's next visit, divided
     by how many layer steps away that visit is). guard: prefetch only into a free slot
@@ -160,7 +204,7 @@ def simulate_predictor(
     visits: collections.Counter[int] = collections.Counter()
     last_prob: dict[int, np.ndarray] = {}  # layer -> latest predicted distribution over its experts
     last_use: dict[Key, int] = {}
-    res = SimResult("predictor", capacity, expert_bytes=expert_bytes)
+    res = SimResult(f"variant_{evict}", capacity, expert_bytes=expert_bytes)
     tick, j_now = 0, 0
 
     def need(key: Key) -> float:

@@ -20,7 +20,7 @@ from flax import nnx
 
 from jaxmoe.checkpoint.atomic import atomic_directory
 from jaxmoe.config import MoEConfig
-from jaxmoe.predictor.fingerprint import layer_pairs, model_summary
+from jaxmoe.predictor.fingerprint import layer_pairs, model_summary, router_hash
 from jaxmoe.predictor.mlp import ExpertPredictor
 
 META = "predictor.json"
@@ -99,15 +99,32 @@ def read_meta(path: str | Path) -> dict:
     return meta
 
 
-def load_predictor(path: str | Path, cfg: MoEConfig | None) -> LoadedPredictor:
-    """Load a predictor for the model `cfg`; a mismatch raises PredictorMismatch.
+def check_router(meta: dict, model, where: str) -> None:
+    """Refuse a predictor whose traces came from other router weights (a retrained checkpoint
+    of the same config passes check_compatible but not this)."""
+    want = meta.get("router_hash")
+    if want is None:
+        return  # trained before the hash was recorded
+    have = router_hash(model, model.cfg)
+    if want != have:
+        raise PredictorMismatch(
+            f"{where}: predictor was trained on traces of router_hash={want}, this model has "
+            f"router_hash={have} (same config, other weights); train one for this model"
+        )
 
+
+def load_predictor(path: str | Path, cfg: MoEConfig | None, model=None) -> LoadedPredictor:
+    """Load a predictor for the model `cfg`; a mismatch raises PredictorMismatch naming the field.
+
+    With `model` (the loaded MoEDecoder) the router weights are checked too.
     `cfg=None` skips the check (evaluation on traces, where the trace manifest is checked instead).
     """
     path = Path(path)
     meta = read_meta(path)
     if cfg is not None:
         check_compatible(meta, cfg, str(path))
+    if model is not None:
+        check_router(meta, model, str(path))
     proj = meta.get("projection")
     shape = None if proj is None else (meta["model"]["hidden_size"], proj["dim"])
     abstract = nnx.eval_shape(lambda: build_module(meta, None if shape is None else np.zeros(shape, np.float32)))

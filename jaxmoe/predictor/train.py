@@ -29,7 +29,7 @@ class TrainConfig:
     arch: str = "embed"
     width: int = 128
     batch_tokens: int = 256
-    steps: int = 4000  # the schedule's length; early stopping may end sooner
+    steps: int = 8000  # the schedule's length; early stopping may end sooner
     warmup_steps: int = 200
     lr: float = 2e-3
     weight_decay: float = 1e-4
