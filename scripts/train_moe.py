@@ -43,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--until-step", type=int, help="stop this invocation after this step (the schedule still spans --steps)")
     p.add_argument("--token-cache", type=lambda s: Path(s) if s else None, default=ROOT / "data" / "tokens",
                    help="where tokenised corpora are cached ('' for no cache)")  # fmt: skip
-    p.add_argument("--ship", type=Path, help="write the final model here as a jaxmoe checkpoint")
+    p.add_argument("--ship", type=Path, help="when the run finishes (or its time is up), write the model here")
     p.add_argument("--ship-dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -66,7 +66,8 @@ def main(argv=None) -> int:
     train_tokens = {d: int(len(t[0])) for d, t in tokens.items()}
     report = {**meta, "finished": meta["step"] == run.steps, "device": str(jax.devices()[0]),
               "corpus_train_tokens": train_tokens, "run": dataclasses.asdict(run)}  # fmt: skip
-    if args.ship:
+    out_of_time = args.max_minutes is not None and meta["train_seconds"] >= args.max_minutes * 60
+    if args.ship and (report["finished"] or out_of_time):  # not after --until-step or a kill: resume instead
         ship_checkpoint(args.ship, run, params, tok_path, eos, args.ship_dtype, report)
         report["shipped"] = str(args.ship)
     print(json.dumps(report) if args.json else json.dumps(report, indent=2), file=sys.stdout if args.json else sys.stderr)

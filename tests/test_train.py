@@ -105,10 +105,13 @@ def test_resume_continues_the_same_run(corpus, tmp_path):
     train = _train_script()
     common = ["--data", str(corpus), "--steps", "8", "--ckpt-every", "3", *TINY]
     assert train.main(["--out", str(tmp_path / "whole"), *common]) == 0
-    assert train.main(["--out", str(tmp_path / "parts"), "--until-step", "5", *common]) == 0
+    ship = ["--ship", str(tmp_path / "ship")]
+    assert train.main(["--out", str(tmp_path / "parts"), "--until-step", "5", *ship, *common]) == 0
     # Steps 4-5 ran after the last periodic checkpoint (3): the stop must have saved them.
     assert [r["step"] for r in _log(tmp_path / "parts")] == [1, 2, 3, 4, 5]
-    assert train.main(["--out", str(tmp_path / "parts"), *common]) == 0
+    assert not (tmp_path / "ship").exists()  # an unfinished run is resumed, not shipped
+    assert train.main(["--out", str(tmp_path / "parts"), *ship, *common]) == 0
+    assert json.loads((tmp_path / "ship" / "training.json").read_text())["step"] == 8
     whole, parts = _log(tmp_path / "whole"), _log(tmp_path / "parts")
     assert [r["step"] for r in parts] == list(range(1, 9))
     for key in ("loss", "ce", "lb", "z", "grad_norm", "tokens"):

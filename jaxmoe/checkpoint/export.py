@@ -70,6 +70,7 @@ def export_hf(src: str | Path, dst: str | Path) -> Path:
     generation = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
     with atomic_directory(dst) as tmp:
         save_file(hf_tensors(cfg, dense, experts), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "model.safetensors").chmod(0o644)  # safetensors creates it owner-only
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
         if gen_path.is_file():
             shutil.copyfile(gen_path, tmp / "generation_config.json")

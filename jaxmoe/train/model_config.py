@@ -14,6 +14,7 @@ def olmoe_hf_config(
     max_positions: int = 1024,
     eos_token_id: int = 0,
     dtype: str = "float32",
+    router_aux_loss_coef: float = 0.01,
 ) -> dict:
     """OlmoeForCausalLM fields as transformers 5 writes them; tied embeddings keep the file small."""
     return {
@@ -38,7 +39,7 @@ def olmoe_hf_config(
         "initializer_range": 0.02,
         "tie_word_embeddings": True,
         "output_router_logits": False,
-        "router_aux_loss_coef": 0.01,
+        "router_aux_loss_coef": router_aux_loss_coef,  # what it was trained with
         "use_cache": True,
         "bos_token_id": None,
         "eos_token_id": eos_token_id,

@@ -43,7 +43,7 @@ class RunConfig:
     def hf_config(self, eos_token_id: int, dtype: str | None = None) -> dict:
         return olmoe_hf_config(
             self.vocab_size, self.hidden_size, self.num_layers, self.num_heads, self.num_experts, self.top_k,
-            self.expert_width, max(1024, self.seq_len), eos_token_id, dtype or self.dtype,
+            self.expert_width, max(1024, self.seq_len), eos_token_id, dtype or self.dtype, self.lb_coef,
         )  # fmt: skip
 
     def model_config(self, eos_token_id: int = 0) -> MoEConfig:
