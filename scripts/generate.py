@@ -3,8 +3,8 @@
   python scripts/generate.py --prompt "Once upon a time" --max-new-tokens 32
   python scripts/generate.py --model checkpoints/NAME --prompt-ids "1 2 3" --json
 
-Without --model the shipped default model is used; until a trained one ships that
-is a randomly initialised checkpoint (created on first use), whose text is noise.
+Without --model the shipped default model (checkpoints/jaxmoe-tiny) is used; in a
+checkout without it, a randomly initialised checkpoint is created, whose text is noise.
 With --expert-budget-gb the experts live in pinned host memory and a device cache
 of that many bytes (10^9 per GB) holds what the current step needs.
 With --json exactly one JSON object goes to stdout; logs and progress go to stderr.

@@ -75,4 +75,5 @@ def load_scorer(spec, model: MoEDecoder) -> NextLayerScorer:
         return GateAhead(model)
     from jaxmoe.predictor.store import load_predictor
 
-    return ModuleScorer(load_predictor(spec, model.cfg).module)
+    # With the model, the router weights are checked too, not only the config.
+    return ModuleScorer(load_predictor(spec, model.cfg, model=model).module)
