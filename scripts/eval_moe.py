@@ -24,7 +24,6 @@ try:
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np
 
 from jaxmoe.checkpoint import load
 from jaxmoe.tokenizer import load_tokenizer
