@@ -28,10 +28,9 @@ import numpy as np
 from flax import nnx
 
 from jaxmoe.config import MoEConfig
-from jaxmoe.engine.buckets import cache_bucket, prompt_bucket
 from jaxmoe.engine.metrics import device_peak_bytes, tree_bytes
 from jaxmoe.engine.programs import Programs
-from jaxmoe.engine.resident import GenerationResult, check_fits
+from jaxmoe.engine.resident import GenerationResult, pad_prompts
 from jaxmoe.engine.sampling import SamplingParams, sample
 from jaxmoe.model import ExpertWeights, MoEDecoder, combine, expert_rows, init_kv_cache, moe_ffn, num_unique_experts
 from jaxmoe.model.decoder import head_logits
@@ -269,20 +268,13 @@ class OffloadedEngine:
         on_token: Callable[[int], None] | None = None,
     ) -> GenerationResult:
         """Same contract and tokens as ResidentEngine.generate; metrics add the cache counters."""
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        check_fits(self.config, prompts, max_new_tokens)
-        b = len(prompts)
+        lengths, tokens, cache_len = pad_prompts(self.config, prompts, max_new_tokens)
+        b, p_len = tokens.shape
         self._ensure_cache(b)
         cache = self.cache
         cache.counters = type(cache.counters)()
         cache.schedule.executed = []
-        lengths = np.array([len(p) for p in prompts], np.int32)
-        p_len = prompt_bucket(int(lengths.max()))
-        tokens = np.zeros((b, p_len), np.int32)
-        for row, prompt in enumerate(prompts):
-            tokens[row, : len(prompt)] = prompt
-        kv = list(init_kv_cache(self.config, b, cache_bucket(p_len, max_new_tokens)))
+        kv = list(init_kv_cache(self.config, b, cache_len))
         kv_bytes = tree_bytes(kv)
         root = jax.random.key(seed)
         positions = np.broadcast_to(np.arange(p_len, dtype=np.int32), (b, p_len))

@@ -44,6 +44,19 @@ def check_fits(config: MoEConfig, prompts: Sequence[Sequence[int]], max_new_toke
         )
 
 
+def pad_prompts(config: MoEConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int):
+    """Checked, right-padded prompts: (lengths [B], tokens [B, P bucket], KV cache length)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    check_fits(config, prompts, max_new_tokens)
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    p_len = prompt_bucket(int(lengths.max()))
+    tokens = np.zeros((len(prompts), p_len), np.int32)
+    for row, prompt in enumerate(prompts):
+        tokens[row, : len(prompt)] = prompt
+    return lengths, tokens, cache_bucket(p_len, max_new_tokens)
+
+
 @dataclasses.dataclass
 class GenerationResult:
     token_ids: list[list[int]]  # generated tokens per prompt, without the prompt, EOS included
@@ -93,16 +106,9 @@ class ResidentEngine:
         on_token: Callable[[int], None] | None = None,
     ) -> GenerationResult:
         """Generate up to `max_new_tokens` per prompt; a row stops at its first EOS."""
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        check_fits(self.config, prompts, max_new_tokens)
-        b = len(prompts)
-        lengths = np.array([len(p) for p in prompts], np.int32)
-        p_len = prompt_bucket(int(lengths.max()))
-        tokens = np.zeros((b, p_len), np.int32)
-        for row, prompt in enumerate(prompts):
-            tokens[row, : len(prompt)] = prompt
-        kv = init_kv_cache(self.config, b, cache_bucket(p_len, max_new_tokens))
+        lengths, tokens, cache_len = pad_prompts(self.config, prompts, max_new_tokens)
+        b, p_len = tokens.shape
+        kv = init_kv_cache(self.config, b, cache_len)
         kv_bytes = tree_bytes(kv)
         root = jax.random.key(seed)
 
