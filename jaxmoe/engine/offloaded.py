@@ -29,6 +29,7 @@ from flax import nnx
 
 from jaxmoe.config import MoEConfig
 from jaxmoe.engine.metrics import device_peak_bytes, tree_bytes
+from jaxmoe.engine.outputs import TokenCollector, timing_metrics
 from jaxmoe.engine.programs import Programs
 from jaxmoe.engine.resident import GenerationResult, pad_prompts
 from jaxmoe.engine.sampling import SamplingParams, sample
@@ -278,7 +279,7 @@ class OffloadedEngine:
         kv_bytes = tree_bytes(kv)
         root = jax.random.key(seed)
         positions = np.broadcast_to(np.arange(p_len, dtype=np.int32), (b, p_len))
-        eos = set(int(e) for e in eos_ids)
+        out = TokenCollector(b, eos_ids, on_token)
 
         # Programs compile on first use inside the timed regions; their compile time is
         # measured on its own (compile_ms) and taken out of ttft and tpot.
@@ -287,39 +288,27 @@ class OffloadedEngine:
         x = self._forward(jnp.asarray(tokens), positions, positions < lengths[:, None], 0, kv)
         head_static = {"sampling": sampling}
         tok = self._run("head", _head, head_static, (), self.ends, x, jnp.asarray(lengths - 1), root, jnp.int32(0))
-        first = np.asarray(tok)
+        out.add(np.asarray(tok))
         ttft = time.perf_counter() - start - (self.programs.compile_seconds - compiled)
 
-        out = [[int(t)] for t in first]
-        done = np.array([t in eos for t in first])
-        if on_token:
-            on_token(1)
         pos = lengths.copy()
         zeros = jnp.zeros((b,), jnp.int32)
         compiled = self.programs.compile_seconds
         decode_start, steps = time.perf_counter(), 0
         for step in range(1, max_new_tokens):
-            if done.all():
+            if out.all_done:
                 break
-            x = self._forward(tok[:, None], pos[:, None], ~done[:, None], step, kv)
+            x = self._forward(tok[:, None], pos[:, None], ~out.done[:, None], step, kv)
             tok = self._run("head", _head, head_static, (), self.ends, x, zeros, root, jnp.int32(step))
-            host = np.asarray(tok)
+            out.add(np.asarray(tok))
             pos += 1
             steps += 1
-            for row in np.flatnonzero(~done):
-                out[row].append(int(host[row]))
-                done[row] = host[row] in eos
-            if on_token:
-                on_token(1)
         decode_seconds = time.perf_counter() - decode_start - (self.programs.compile_seconds - compiled)
 
         self.plan = list(cache.schedule.executed)
         c = cache.counters
-        decoded = sum(len(o) - 1 for o in out)
         metrics = {
-            "ttft_ms": 1e3 * ttft,
-            "tpot_ms": 1e3 * decode_seconds / steps if steps else None,
-            "decode_tokens_per_s": decoded / decode_seconds if steps else None,
+            **timing_metrics(out, ttft, decode_seconds, steps),
             "peak_device_bytes": device_peak_bytes() or self.dense_bytes + kv_bytes + c.peak_bytes,
             "compile_ms": 1e3 * self.programs.compile_seconds,
             "batch": b,
@@ -335,4 +324,4 @@ class OffloadedEngine:
             "prefetch_used": c.prefetch_used,
             "stall_ms": 1e3 * c.stall_s,
         }
-        return GenerationResult(out, metrics)
+        return GenerationResult(out.token_ids, metrics)

@@ -18,6 +18,7 @@ from flax import nnx
 from jaxmoe.config import MoEConfig
 from jaxmoe.engine.buckets import cache_bucket, prompt_bucket
 from jaxmoe.engine.metrics import device_peak_bytes, tree_bytes
+from jaxmoe.engine.outputs import TokenCollector, timing_metrics
 from jaxmoe.engine.programs import Programs
 from jaxmoe.engine.sampling import SamplingParams, sample
 from jaxmoe.model import ExpertWeights, MoEDecoder, init_kv_cache, moe_ffn
@@ -116,38 +117,26 @@ class ResidentEngine:
         prefill = self.programs.get("prefill", self._prefill, {"sampling": sampling}, ("kv",), *args)
         start = time.perf_counter()
         tok, positions, step_dev, kv = prefill(*args)
-        first = np.asarray(tok)  # the first token is what TTFT measures
+        out = TokenCollector(b, eos_ids, on_token)
+        out.add(np.asarray(tok))  # the first token is what TTFT measures
         ttft = time.perf_counter() - start
 
-        out = [[int(t)] for t in first]
-        eos = set(int(e) for e in eos_ids)
-        done = np.array([t in eos for t in first])
-        if on_token:
-            on_token(1)
         args = (self.state, self.experts, tok, positions, step_dev, kv, root)
         decode = self.programs.get("decode", self._decode, {"sampling": sampling}, ("kv",), *args)
         decode_start, steps = time.perf_counter(), 0
         for _ in range(1, max_new_tokens):
-            if done.all():
+            if out.all_done:
                 break
             tok, positions, step_dev, kv = decode(self.state, self.experts, tok, positions, step_dev, kv, root)
-            host = np.asarray(tok)  # one host read per token: EOS and streaming need it
+            out.add(np.asarray(tok))  # one host read per token: EOS and streaming need it
             steps += 1
-            for row in np.flatnonzero(~done):
-                out[row].append(int(host[row]))
-                done[row] = host[row] in eos
-            if on_token:
-                on_token(1)
         decode_seconds = time.perf_counter() - decode_start
 
-        decoded = sum(len(o) - 1 for o in out)
         metrics = {
-            "ttft_ms": 1e3 * ttft,
-            "tpot_ms": 1e3 * decode_seconds / steps if steps else None,
-            "decode_tokens_per_s": decoded / decode_seconds if steps else None,
+            **timing_metrics(out, ttft, decode_seconds, steps),
             "peak_device_bytes": device_peak_bytes() or tree_bytes((self.state, self.experts)) + kv_bytes,
             "compile_ms": 1e3 * self.programs.compile_seconds,
             "batch": b,
             "prompt_bucket": p_len,
         }
-        return GenerationResult(out, metrics)
+        return GenerationResult(out.token_ids, metrics)
