@@ -2,8 +2,9 @@
 whole offloaded run (dense weights, KV cache, expert cache, workspace) within a
 device-memory target.
 
-Pure arithmetic over the Hugging Face shape (no arrays, no device): the workers
-report the sizes the engine actually used, and the report checks them against these.
+Pure arithmetic over the jaxmoe config (shapes only, via `jax.eval_shape`: nothing is
+allocated): the workers report the sizes the engine actually used, and the report
+checks them against these.
 """
 
 from __future__ import annotations
@@ -14,49 +15,49 @@ GIB = 2**30
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
-def expert_bytes(shape: dict, dtype: str) -> int:
+def expert_bytes(cfg) -> int:
     """One routed expert: gate, up and down projections (what one transfer moves)."""
-    return 3 * shape["hidden_size"] * shape["intermediate_size"] * ITEMSIZE[dtype]
+    return cfg.expert_params * ITEMSIZE[cfg.dtype]
 
 
-def num_experts(shape: dict) -> int:
-    """Routed experts in the whole model (every OLMoE layer is a MoE layer)."""
-    return shape["num_hidden_layers"] * shape["num_experts"]
+def num_experts(cfg) -> int:
+    """Routed experts in the whole model."""
+    return cfg.num_experts * len(cfg.moe_layer_ids)
 
 
-def kv_bytes(shape: dict, dtype: str, batch: int, prompt_tokens: int, new_tokens: int) -> int:
+def kv_bytes(cfg, batch: int, prompt_tokens: int, new_tokens: int) -> int:
     """The engine's static KV cache: keys and values for every layer, over the cache bucket."""
     from jaxmoe.engine.buckets import cache_bucket, prompt_bucket
 
     length = cache_bucket(prompt_bucket(prompt_tokens), new_tokens)
-    head_dim = shape["hidden_size"] // shape["num_attention_heads"]
-    return 2 * shape["num_hidden_layers"] * batch * length * shape["num_key_value_heads"] * head_dim * ITEMSIZE[dtype]
+    return 2 * cfg.num_layers * batch * length * cfg.num_kv_heads * cfg.head_dim * ITEMSIZE[cfg.dtype]
 
 
-def dense_bytes(shape: dict, dtype: str) -> int:
+def dense_bytes(cfg) -> int:
     """Every parameter that is not a routed expert (embeddings, attention, norms, routers, head),
-    counted on torch's meta device: nothing is allocated."""
-    import torch
+    from the module's abstract shapes: nothing is allocated."""
+    from flax import nnx
 
-    from bench.peers import hf_transformers as hf
+    from jaxmoe.engine.metrics import tree_bytes
+    from jaxmoe.model.params import abstract_model
 
-    cfg = hf.olmoe_config(shape, dtype)
-    with torch.device("meta"):
-        model = hf.transformers.AutoModelForCausalLM.from_config(cfg)
-    params = sum(p.numel() for n, p in model.named_parameters() if ".experts." not in n)
-    return params * ITEMSIZE[dtype]
+    return tree_bytes(nnx.state(abstract_model(cfg)))
 
 
-def workspace_bytes(shape: dict, dtype: str, batch: int, prompt_tokens: int, slack: int = GIB // 4) -> tuple[int, str]:
+def weight_bytes(cfg) -> int:
+    return dense_bytes(cfg) + num_experts(cfg) * expert_bytes(cfg)
+
+
+def workspace_bytes(cfg, batch: int, prompt_tokens: int, slack: int = GIB // 4) -> tuple[int, str]:
     """Device memory a prefill pass of the offloaded engine needs beyond weights, KV and cache:
     its expert program gathers U = min(E, tokens x top-k) cache slots ([U, D, 2I] + [U, I, D],
     a copy) and computes [U, N, 2I] and [U, N, D] activations; plus `slack` for the rest."""
     from jaxmoe.engine.buckets import prompt_bucket
 
     n = batch * prompt_bucket(prompt_tokens)
-    u = min(shape["num_experts"], n * shape["num_experts_per_tok"])
-    gather = u * expert_bytes(shape, dtype)
-    acts = u * n * (2 * shape["intermediate_size"] + shape["hidden_size"]) * ITEMSIZE[dtype]
+    u = min(cfg.num_experts, n * cfg.top_k)
+    gather = u * expert_bytes(cfg)
+    acts = u * n * (2 * cfg.expert_intermediate_size + cfg.hidden_size) * ITEMSIZE[cfg.dtype]
     text = (f"prefill expert pass: gather of {u} experts {gather / 1e9:.3f} GB + activations {acts / 1e9:.3f} GB"
             f" + slack {slack / 1e9:.3f} GB")  # fmt: skip
     return gather + acts + slack, text
@@ -68,16 +69,17 @@ class Budget:
     bytes: int
     experts: int  # whole experts that fit
     note: str  # how it was derived, for the report
+    device_bytes: int | None = None  # `auto`: the total device budget it was fitted to
 
 
-def fit_within(shape: dict, dtype: str, batch: int, prompt_tokens: int, new_tokens: int,
+def fit_within(cfg, batch: int, prompt_tokens: int, new_tokens: int,
                device_bytes: int, workspace: int | None) -> tuple[int, list[str]]:  # fmt: skip
     """(expert budget bytes, the arithmetic as lines) so that dense + KV + experts + workspace
     <= device_bytes; the budget is rounded down to whole experts. `workspace` None: estimated."""
-    dense, one = dense_bytes(shape, dtype), expert_bytes(shape, dtype)
-    kv = kv_bytes(shape, dtype, batch, prompt_tokens, new_tokens)
+    dense, one = dense_bytes(cfg), expert_bytes(cfg)
+    kv = kv_bytes(cfg, batch, prompt_tokens, new_tokens)
     if workspace is None:
-        workspace, why = workspace_bytes(shape, dtype, batch, prompt_tokens)
+        workspace, why = workspace_bytes(cfg, batch, prompt_tokens)
     else:
         why = "given with --workspace-gib"
     left = device_bytes - dense - kv - workspace
@@ -85,27 +87,32 @@ def fit_within(shape: dict, dtype: str, batch: int, prompt_tokens: int, new_toke
     gb = lambda b: f"{b / 1e9:.3f} GB"  # noqa: E731
     lines = [
         f"device target {gb(device_bytes)} ({device_bytes / GIB:g} GiB)",
-        f"- dense weights {gb(dense)} (every parameter but the routed experts, {dtype})",
+        f"- dense weights {gb(dense)} (every parameter but the routed experts, {cfg.dtype})",
         f"- KV cache {gb(kv)} (batch {batch}, cache bucket for {prompt_tokens} + {new_tokens} tokens)",
         f"- workspace {gb(workspace)} ({why})",
         f"= {gb(left)} for the expert cache -> {n} whole experts of {one / 1e6:.2f} MB = {gb(n * one)}"
-        f" ({n / num_experts(shape):.1%} of {num_experts(shape)} experts)",
+        f" ({n / num_experts(cfg):.1%} of {num_experts(cfg)} experts)",
     ]
     return n * one, lines
 
 
-def parse(specs: str, shape: dict, dtype: str, fit_args: dict) -> tuple[list[Budget], list[str]]:
+def parse(specs: str, cfg, fit_args: dict, device_budgets: list[int]) -> tuple[list[Budget], list[str]]:
     """`--budgets` as a comma list of: a fraction of all experts (0 < f <= 1), `NGB` (N x 10^9
-    bytes, as generate.py's --expert-budget-gb), `NGiB`, or `auto` (fit_within the device target).
-    Returns the budgets and, when `auto` was used, its arithmetic."""
-    one, total = expert_bytes(shape, dtype), num_experts(shape)
+    bytes, as generate.py's --expert-budget-gb), `NGiB`, or `auto`: for each total device budget
+    in `device_budgets` (bytes), the expert budget that fits it (fit_within).
+    Returns the budgets and the arithmetic of the `auto` ones."""
+    one, total = expert_bytes(cfg), num_experts(cfg)
     out, arithmetic = [], []
     for spec in filter(None, (s.strip() for s in specs.split(","))):
         low = spec.lower()
         if low == "auto":
-            size, arithmetic = fit_within(shape, dtype, **fit_args)
-            note = f"auto: {fit_args['device_bytes'] / GIB:g} GiB total"
-        elif low.endswith("gib"):
+            for device in device_budgets:
+                size, lines = fit_within(cfg, **fit_args, device_bytes=device)
+                arithmetic += lines
+                note = f"auto: {device / GIB:g} GiB total"
+                out.append(Budget(f"auto@{device / GIB:g}GiB", size, min(size // one, total), note, device))
+            continue
+        if low.endswith("gib"):
             size, note = int(float(low[:-3]) * GIB), f"{spec}"
         elif low.endswith("gb"):
             size, note = int(float(low[:-2]) * 1e9), f"{spec}"
@@ -116,4 +123,3 @@ def parse(specs: str, shape: dict, dtype: str, fit_args: dict) -> tuple[list[Bud
             size, note = round(frac * total) * one, f"{frac:g} of experts"
         out.append(Budget(spec, size, min(size // one, total), note))
     return out, arithmetic
-

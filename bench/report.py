@@ -1,10 +1,12 @@
 """Turn the benchmark's worker results into the report (JSON rows) and its markdown tables.
 
-The offload rows are judged against issue 4's bound, per decode step:
-  bound_ms = decode loads per step x expert bytes / measured pinned H2D bandwidth
-             + the resident row's time per step (tpot_ms)
-with the bandwidth of one layer's decode demand copied in one `device_put` call,
-measured at the start of the same run (bench/bandwidth.py).
+Each offload row is judged against a bound per decode step (bench/stats.py):
+  transfer = decode loads per step x expert bytes / pinned H2D bandwidth
+  compute  = the resident jaxmoe row's time per step at the same model, dtype, batch, prompt
+  bound    = max(compute, transfer)  (copies hidden behind compute), serial = their sum
+with the bandwidth of one layer's decode demand copied in one `device_put` call, measured
+at the start of the same run (bench/bandwidth.py). TTFT has the same kind of bound: the
+prefill's expert bytes over that bandwidth against the resident prefill.
 """
 
 from __future__ import annotations
@@ -12,120 +14,158 @@ from __future__ import annotations
 import datetime
 import sys
 
+from bench import stats
+
 SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 PEER = {"jaxmoe": "resident", "hf": "hf-transformers", "hf-accelerate": "hf-accelerate"}
-# Whose tokens each row is compared with: the same model in another engine.
-REFERENCE = {"jaxmoe": "hf", "hf": "jaxmoe", "hf-accelerate": "hf", "offload": "jaxmoe"}
+GIB = 2**30
 
 
 def leading_agreement(a: list[list[int]], b: list[list[int]]) -> int:
     """Tokens, from the first, on which two greedy runs agree (minimum over the batch)."""
     counts = []
     for x, y in zip(a, b):
-        n = next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
-        counts.append(n)
+        counts.append(next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y))))
     return min(counts)
 
 
-def _ratio(a, b):
-    return a / b if a and b else None
+class Lookup:
+    """Results by (worker, model, dtype, batch, prompt): the resident reference, the peers, bandwidth."""
+
+    def __init__(self, results: dict):
+        self.by = {}
+        for job, r in results.items():
+            if job.policy is None:
+                self.by.setdefault((job.worker, job.model.name, job.dtype, job.batch, job.prompt_tokens), r)
+        self.bandwidth = {(j.model.name, j.dtype): r.get("bandwidth") or {} for j, r in results.items()
+                          if j.worker == "bandwidth"}  # fmt: skip
+
+    def at(self, worker: str, job) -> dict:
+        return self.by.get((worker, job.model.name, job.dtype, job.batch, job.prompt_tokens)) or {}
+
+    def gbps(self, job, demand: int) -> dict | None:
+        """The bandwidth measured for this decode demand (or the nearest measured one)."""
+        measured = self.bandwidth.get((job.model.name, job.dtype)) or {}
+        if not measured:
+            return None
+        return measured[min(measured, key=lambda n: abs(int(n) - demand))]
 
 
-def offload_fields(r: dict, resident: dict, bandwidth: dict | None) -> dict:
-    """Cache counters per token, and the bound the row is measured against."""
+def offload_fields(r: dict, resident: dict, bw: dict | None, demand: int) -> dict:
+    """Cache counters per token, achieved bandwidth, and the bounds the row is measured against."""
     steps, tokens = r["decode_steps"], sum(len(t) for t in r["token_ids"])
     loads = r["decode_loads"] / steps if steps else None
     decode_total = r["decode_hits"] + r["decode_loads"]
-    gbps = bandwidth and bandwidth["batched_GBps"]
-    transfer = loads * r["expert_bytes"] / (gbps * 1e9) * 1e3 if gbps and loads is not None else None
-    bound = transfer + resident["tpot_ms"] if transfer is not None and resident.get("tpot_ms") else None
+    gbps = bw and bw["batched_GBps"]
+    transfer = stats.transfer_ms(loads * r["expert_bytes"] if loads is not None else None, gbps)
+    decode_bytes = r["decode_loads"] * r["expert_bytes"]
+    achieved = stats.achieved_gbps(decode_bytes, steps * r["tpot_ms"] / 1e3 if r.get("tpot_ms") else None)
+    prefill_bytes = r.get("prefill_h2d_bytes", r["prefill_loads"] * r["expert_bytes"])
+    decode_bound = stats.bound(resident.get("tpot_ms"), transfer)
+    ttft_bound = stats.bound(resident.get("ttft_ms"), stats.transfer_ms(prefill_bytes, gbps))
     return {
         "expert_hits": r["expert_hits"], "expert_misses": r["expert_misses"], "h2d_bytes": r["h2d_bytes"],
         "h2d_bytes_per_token": r["h2d_bytes"] / tokens, "cache_slots": r["cache_slots"],
         "decode_hit_rate": r["decode_hits"] / decode_total if decode_total else None,
         "decode_loads": r["decode_loads"], "decode_steps": steps, "decode_loads_per_step": loads,
+        "decode_h2d_bytes_per_step": decode_bytes / steps if steps else None,
         "prefill_loads": r["prefill_loads"], "prefill_passes": r["prefill_passes"], "evictions": r["evictions"],
-        "stall_ms": r["stall_ms"], "prefill_stall_ms": r["prefill_stall_ms"],
+        "prefill_h2d_bytes": prefill_bytes, "stall_ms": r["stall_ms"], "prefill_stall_ms": r["prefill_stall_ms"],
         "decode_stall_ms_per_step": r["decode_stall_ms"] / steps if steps else None,
         "prefetch_issued": r["prefetch_issued"], "prefetch_used": r["prefetch_used"],
         "expert_bytes": r["expert_bytes"], "dense_bytes": r["dense_bytes"], "kv_bytes": r["kv_bytes"],
-        "bound_bandwidth_GBps": gbps, "transfer_ms_per_step": transfer,
-        "resident_tpot_ms": resident.get("tpot_ms"), "bound_ms_per_token": bound,
-        "tpot_over_bound": _ratio(r.get("tpot_ms"), bound),
+        "measured_h2d_GBps": gbps, "measured_h2d_demand_experts": demand, "achieved_decode_h2d_GBps": achieved,
+        "h2d_link_fraction": stats.ratio(achieved, gbps), "transfer_ms_per_step": transfer,
+        "resident_tpot_ms": resident.get("tpot_ms"), "bound_ms_per_token": decode_bound["bound_ms"],
+        "bound_by": decode_bound["bound_by"], "serial_bound_ms_per_token": decode_bound["serial_bound_ms"],
+        "tpot_over_bound": stats.ratio(r.get("tpot_ms"), decode_bound["bound_ms"]),
+        "ttft_bound_ms": ttft_bound["bound_ms"], "ttft_bound_by": ttft_bound["bound_by"],
+        "ttft_over_bound": stats.ratio(r.get("ttft_ms"), ttft_bound["bound_ms"]),
+        **{k: r.get(k) for k in ("prefill_mode", "prefill_overlap", "prefill_stall_ms") if k in r},
     }  # fmt: skip
 
 
-def make_report(args, jobs: list, results: dict, arithmetic: dict) -> dict:
-    rows, ratios, problems = [], {}, []
-    bandwidth = next((results[j].get("bandwidth") for j in jobs if j.worker == "bandwidth"), None) or {}
-    by = {(j.worker, j.dtype, j.policy, j.budget): results[j] for j in jobs}
-    for job in jobs:
-        if job.worker == "bandwidth":
-            if "error" in results[job] or "not_run" in results[job]:
-                problems.append(f"bandwidth not measured: {results[job].get('error') or results[job]['not_run']}")
-            continue
-        r, model = results[job], f"{args.shape}/{SHORT.get(job.dtype, job.dtype)}"
-        ref_name = REFERENCE[job.worker]
-        ref = by.get((ref_name, job.dtype, None, None)) or {}
-        if job.worker == "hf-accelerate" and "token_ids" not in ref:
-            ref_name, ref = "jaxmoe", by.get(("jaxmoe", job.dtype, None, None)) or {}
-        agree = compared = None
-        if "token_ids" in r and "token_ids" in ref:
-            agree = leading_agreement(r["token_ids"], ref["token_ids"])
-            compared = min(min(len(x), len(y)) for x, y in zip(r["token_ids"], ref["token_ids"]))
-        row = {
-            "model": model, "policy": job.policy or PEER[job.worker], "expert_budget_bytes": r.get("expert_bytes"),
-            "batch": args.batch, "prompt_tokens": args.prompt_tokens, "ttft_ms": r.get("ttft_ms"),
-            "decode_tokens_per_s": r.get("decode_tokens_per_s"), "peak_device_bytes": r.get("peak_device_bytes"),
-            # jaxmoe resident: every expert always on the device; transformers: no expert cache at all.
-            "hit_rate": 1.0 if job.worker == "jaxmoe" else None, "h2d_bytes_per_token": 0,
-            "engine": job.worker, "dtype": job.dtype, "new_tokens": r.get("settings", {}).get("new_tokens"),
-            "repeats": r.get("settings", {}).get("repeats"), "tpot_ms": r.get("tpot_ms"),
-            "compile_ms": r.get("compile_ms"), "peak_device_measured": r.get("peak_device_measured"),
-            "peak_host_rss_bytes": r.get("peak_host_rss_bytes"), "greedy_agree": agree, "greedy_compared": compared,
-            "greedy_reference": ref_name,
-            "decode_tokens_per_s_runs": r.get("decode_tokens_per_s_runs"), "tpot_ms_runs": r.get("tpot_ms_runs"),
-            "loadavg_at_start": r.get("loadavg_at_start"), "error": r.get("error"),
-            "skipped": r.get("skipped"), "not_run": r.get("not_run"),
-        }  # fmt: skip
-        if job.worker == "hf-accelerate":
-            row["expert_budget_bytes"] = None  # no expert cache: whole layers on the GPU, up to max_memory
-            row |= {"device_budget_bytes": args.device_budget_bytes, "placement": r.get("placement")}
-            if row["placement"]:
-                row["placement"] = {k: v for k, v in row["placement"].items() if k != "device_map"}
-                # Every CPU-placed weight crosses per forward: per generated token at batch 1.
-                row["h2d_bytes_per_token"] = row["placement"]["offloaded_bytes_per_forward"] / args.batch
-            else:
-                row["h2d_bytes_per_token"] = None
-        if job.worker == "offload":
-            row |= {"budget_spec": job.budget.spec, "budget_note": job.budget.note,
-                    "budget_experts": job.budget.experts, "expert_budget_bytes": job.budget.bytes}  # fmt: skip
-        if job.worker == "offload" and "token_ids" in r:
-            resident = by.get(("jaxmoe", job.dtype, None, None)) or {}
-            row |= offload_fields(r, resident, bandwidth.get(job.dtype))
+def base_row(job, r: dict) -> dict:
+    settings = r.get("settings", {})
+    return {
+        "model": f"{job.model.name}/{SHORT.get(job.dtype, job.dtype)}",
+        "policy": job.policy or PEER[job.worker], "expert_budget_bytes": r.get("expert_bytes"),
+        "batch": job.batch, "prompt_tokens": job.prompt_tokens, "ttft_ms": r.get("ttft_ms"),
+        "decode_tokens_per_s": r.get("decode_tokens_per_s"), "peak_device_bytes": r.get("peak_device_bytes"),
+        # jaxmoe resident: every expert always on the device; transformers: no expert cache at all.
+        "hit_rate": 1.0 if job.worker == "jaxmoe" else None, "h2d_bytes_per_token": 0,
+        "engine": job.worker, "source": job.model.source, "dtype": job.dtype,
+        "new_tokens": settings.get("new_tokens"), "repeats": settings.get("repeats"), "tpot_ms": r.get("tpot_ms"),
+        **{k: r.get(k) for k in ("tpot_p50_ms", "tpot_p99_ms", "tpot_max_ms", "latency_samples")},
+        "compile_ms": r.get("compile_ms"), "peak_device_measured": r.get("peak_device_measured"),
+        "peak_host_rss_bytes": r.get("peak_host_rss_bytes"), "worker_s": r.get("worker_s"),
+        "decode_tokens_per_s_runs": r.get("decode_tokens_per_s_runs"), "tpot_ms_runs": r.get("tpot_ms_runs"),
+        "loadavg_at_start": r.get("loadavg_at_start"), "error": r.get("error"),
+        "skipped": r.get("skipped"), "not_run": r.get("not_run"), "device_budget_bytes": job.device_budget_bytes,
+        "prefill": job.prefill,
+    }  # fmt: skip
+
+
+def reference(job, look: Lookup) -> tuple[str | None, dict]:
+    """Whose tokens this row must reproduce: offloaded -> resident; resident <-> transformers
+    when they run the same weights; accelerate -> transformers."""
+    same = job.model.same_weights_as_peers
+    name = {"offload": "jaxmoe", "jaxmoe": "hf" if same else None, "hf": "jaxmoe" if same else None,
+            "hf-accelerate": "hf"}.get(job.worker)  # fmt: skip
+    return name, (look.at(name, job) if name else {})
+
+
+def make_row(job, r: dict, look: Lookup, problems: list[str]) -> dict:
+    row = base_row(job, r)
+    ref_name, ref = reference(job, look)
+    row["greedy_reference"] = ref_name
+    row["greedy_agree"] = row["greedy_compared"] = None
+    if "token_ids" in r and "token_ids" in ref:
+        row["greedy_agree"] = leading_agreement(r["token_ids"], ref["token_ids"])
+        row["greedy_compared"] = min(min(len(x), len(y)) for x, y in zip(r["token_ids"], ref["token_ids"]))
+    where = f"{row['model']} b{job.batch} p{job.prompt_tokens} {row['policy']}"
+    if job.worker == "hf-accelerate":
+        row["expert_budget_bytes"] = None  # no expert cache: whole layers on the GPU, up to max_memory
+        p = r.get("placement")
+        row["placement"] = p and {k: v for k, v in p.items() if k != "device_map"}
+        # Every CPU-placed weight crosses per forward, i.e. per decode step.
+        row["h2d_bytes_per_token"] = p["offloaded_bytes_per_forward"] / job.batch if p else None
+    if job.worker == "offload":
+        b = job.budget
+        row |= {"budget_spec": b.spec, "budget_note": b.note, "budget_experts": b.experts,
+                "expert_budget_bytes": b.bytes, "device_budget_bytes": b.device_bytes,
+                "predictor": r.get("settings", {}).get("predictor")}  # fmt: skip
+        if "token_ids" in r:
+            demand = min(job.model.config(job.dtype).num_experts, job.batch * job.model.config(job.dtype).top_k)
+            row |= offload_fields(r, look.at("jaxmoe", job), look.gbps(job, demand), demand)
             row |= {"hit_rate": r["hit_rate"], "expert_budget_bytes": r["expert_budget_bytes"]}
-            row["all_experts_fit"] = r["cache_slots"] == job.budget.experts  # preloaded: nothing moves
-            accel = by.get(("hf-accelerate", job.dtype, None, None)) or {}
-            row["speedup_vs_accelerate"] = _ratio(r.get("decode_tokens_per_s"), accel.get("decode_tokens_per_s"))
-            if agree is None:
-                problems.append(f"{model} {job.policy} {job.budget.spec}: no resident tokens to compare with")
-            elif agree < compared:
-                problems.append(f"MISMATCH: {model} {job.policy} budget {job.budget.spec}: offloaded tokens differ "
-                                f"from resident after {agree} tokens (offloading must never change tokens)")  # fmt: skip
-        peak = row["peak_device_bytes"] if row["peak_device_measured"] else None
-        over = peak is not None and peak > args.device_budget_bytes
-        if over and (job.worker == "hf-accelerate" or (job.budget and job.budget.spec == "auto")):
-            target = args.device_budget_bytes / 2**30
-            problems.append(f"{model} {row['policy']}: peak device memory {peak / 2**30:.2f} GiB > {target:g} GiB")
-        if job.worker == "jaxmoe":
-            hf = by.get(("hf", job.dtype, None, None)) or {}
-            ratio = _ratio(r.get("decode_tokens_per_s"), hf.get("decode_tokens_per_s"))
-            row["speedup_vs_hf"] = ratio
-            if ratio:
-                ratios[model] = ratio
-        if row["error"]:
-            problems.append(f"{model} {row['policy']}: failed: {row['error']}")
-        rows.append(row)
+            row["all_experts_fit"] = r["cache_slots"] == b.experts  # preloaded: nothing moves
+            accel = [v for (w, m, d, bb, pp), v in look.by.items() if w == "hf-accelerate" and (m, d, bb, pp) ==
+                     (job.model.name, job.dtype, job.batch, job.prompt_tokens)]  # fmt: skip
+            rate = next((a.get("decode_tokens_per_s") for a in accel if a.get("decode_tokens_per_s")), None)
+            row["speedup_vs_accelerate"] = stats.ratio(r.get("decode_tokens_per_s"), rate)
+            if row["greedy_agree"] is not None and row["greedy_agree"] < row["greedy_compared"]:
+                problems.append(f"MISMATCH: {where} budget {b.spec}: offloaded tokens differ from resident after "
+                                f"{row['greedy_agree']} of {row['greedy_compared']} (offloading must never change "
+                                "tokens)")  # fmt: skip
+    if job.worker == "jaxmoe":
+        row["speedup_vs_hf"] = stats.ratio(r.get("decode_tokens_per_s"), look.at("hf", job).get("decode_tokens_per_s"))
+    limit = row["device_budget_bytes"]
+    peak = row["peak_device_bytes"] if row["peak_device_measured"] else None
+    if limit and peak is not None and peak > limit:
+        problems.append(f"{where}: peak device memory {peak / GIB:.2f} GiB > its {limit / GIB:g} GiB budget")
+    if row["error"]:
+        problems.append(f"{where}: failed: {row['error']}")
+    return row
+
+
+def make_report(args, jobs: list, results: dict, arithmetic: list[str]) -> dict:
+    look, problems = Lookup(results), []
+    for job in jobs:
+        r = results[job]
+        if job.worker == "bandwidth" and ("error" in r or "not_run" in r):
+            problems.append(f"{job.model.name}: bandwidth not measured: {r.get('error') or r['not_run']}")
+    rows = [make_row(j, results[j], look, problems) for j in jobs if j.worker != "bandwidth"]
     loads = [r["loadavg_at_start"] for r in rows if r["loadavg_at_start"] is not None]
     left = [f"{r['model']} {r['policy']}" for r in rows if r["not_run"]]
     if left:
@@ -134,45 +174,45 @@ def make_report(args, jobs: list, results: dict, arithmetic: dict) -> dict:
     versions = {k: v for r in results.values() for k, v in r.get("versions", {}).items()}
     statuses = [2 * any(p.startswith("MISMATCH") for p in problems), any(r["error"] for r in rows),
                 3 * any(r["not_run"] for r in rows)]  # fmt: skip
-    cmd = "python scripts/bench.py " + " ".join(sys.argv[1:])
+    bandwidth = {f"{m}/{SHORT.get(d, d)}": v for (m, d), v in look.bandwidth.items()}
     return {
-        "device": device, "rows": rows, "ratios": ratios, "date": datetime.date.today().isoformat(),
-        "command": cmd.strip(), "versions": versions, "loadavg_at_start": args.loadavg,
-        "loadavg_workers": [min(loads), max(loads)] if loads else None,
-        "cpu_threads": args.cpu_threads or None, "bandwidth": bandwidth,
-        "budget_arithmetic": {d: lines for d, lines in arithmetic.items() if lines},
-        "device_budget_bytes": args.device_budget_bytes, "problems": problems, "shape": args.shape,
-        "new_tokens": args.new_tokens, "repeats": args.repeats, "accelerate_new_tokens": args.accelerate_new_tokens,
-        "accelerate_repeats": args.accelerate_repeats,
-        "status": next((s for s in statuses if s), 0),
+        "device": device, "rows": rows, "date": datetime.date.today().isoformat(),
+        "command": ("python scripts/bench.py " + " ".join(sys.argv[1:])).strip(), "versions": versions,
+        "loadavg_at_start": args.loadavg, "loadavg_workers": [min(loads), max(loads)] if loads else None,
+        "cpu_threads": args.cpu_threads or None, "bandwidth": bandwidth, "budget_arithmetic": arithmetic,
+        "problems": problems, "new_tokens": args.new_tokens, "repeats": args.repeats,
+        "accelerate_new_tokens": args.accelerate_new_tokens, "accelerate_repeats": args.accelerate_repeats,
+        "wall_s": None, "status": next((s for s in statuses if s), 0),
     }  # fmt: skip
 
 
+# -- markdown ----------------------------------------------------------------------
 def _fmt(x, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _rate(x) -> str:
+    return "-" if x is None else format(x, ".2f" if x < 10 else ".1f" if x < 100 else ".0f")
+
+
 def _peak(r: dict) -> str:
-    return _fmt(r["peak_device_bytes"] and r["peak_device_bytes"] / 1e9, ".3f") + (
-        "" if r["peak_device_measured"] else " (est.)"
-    )
+    est = "" if r["peak_device_measured"] else " (est.)"
+    return _fmt(r["peak_device_bytes"] and r["peak_device_bytes"] / 1e9, ".3f") + est
 
 
 def _absent(r: dict) -> str | None:
-    if r["error"]:
-        return f"failed: {r['error']}"
-    if r["skipped"]:
-        return f"skipped: {r['skipped']}"
-    if r["not_run"]:
-        return f"not run: {r['not_run']}"
+    for key, word in (("error", "failed"), ("skipped", "skipped"), ("not_run", "not run")):
+        if r[key]:
+            return f"{word}: {r[key]}"
     return None
 
 
 def _agree(r: dict) -> str:
     if r["greedy_agree"] is None:
         return "-"
-    text = f"{r['greedy_agree']}/{r['greedy_compared']}"
-    return text if r["engine"] != "offload" or r["greedy_agree"] == r["greedy_compared"] else f"**MISMATCH {text}**"
+    text = f"{r['greedy_agree']}/{r['greedy_compared']} ({r['greedy_reference']})"
+    same = r["greedy_agree"] == r["greedy_compared"]
+    return text if r["engine"] != "offload" or same else f"**MISMATCH {text}**"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -180,72 +220,87 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return out + ["| " + " | ".join(cells) + " |" for cells in rows]
 
 
-def _rate(x) -> str:
-    return "-" if x is None else format(x, ".2f" if x < 10 else ".1f" if x < 100 else ".0f")
+def _latency(r: dict) -> str:
+    return f"{_fmt(r['tpot_ms'], '.2f')} ({_fmt(r['tpot_p50_ms'], '.2f')} / {_fmt(r['tpot_p99_ms'], '.2f')})"
 
 
 def _peer_cells(r: dict) -> list[str]:
-    runs = r["decode_tokens_per_s_runs"]
+    runs = r["decode_tokens_per_s_runs"] or [None]
     name = r["policy"]
     if r["engine"] == "hf-accelerate" and r.get("placement"):
         p = r["placement"]
         name += (f" ({p['layers_on_device']}/{p['layers']} layers on GPU at max_memory "
-                 f"{r['device_budget_bytes'] / 2**30:g} GiB; {r['h2d_bytes_per_token'] / 1e9:.2f} GB copied per token)")
+                 f"{r['device_budget_bytes'] / GIB:g} GiB; {r['h2d_bytes_per_token'] / 1e9:.2f} GB copied per token)")
+    rng = f"[{_rate(min(runs))}-{_rate(max(runs))}]" if None not in runs else ""
     return [
         r["model"], name, str(r["batch"]), str(r["prompt_tokens"]), str(r["new_tokens"]), _fmt(r["ttft_ms"], ".1f"),
-        f"{_rate(r['decode_tokens_per_s'])} [{_rate(min(runs))}-{_rate(max(runs))}]", _fmt(r["tpot_ms"], ".2f"),
-        _peak(r), _fmt(r["compile_ms"] and r["compile_ms"] / 1e3, ".1f"), f"{_agree(r)} ({r['greedy_reference']})",
+        f"{_rate(r['decode_tokens_per_s'])} {rng}", _latency(r), _peak(r),
+        _fmt(r["compile_ms"] and r["compile_ms"] / 1e3, ".1f"), _agree(r),
         _fmt(r.get("speedup_vs_hf"), ".2f"), _fmt(r["loadavg_at_start"], ".1f"),
     ]  # fmt: skip
+
+
+def _policy_name(r: dict) -> str:
+    if r.get("all_experts_fit"):
+        return "any (all experts fit: preloaded, no transfers)"
+    name = r["policy"] + (f" ({r['predictor']})" if r.get("predictor") else "")
+    return name + (f", prefill {r['prefill']}" if r["prefill"] else "")
 
 
 def _offload_cells(r: dict) -> list[str]:
     budget = (f"{r['budget_note']}: {r['budget_experts']} x {r['expert_bytes'] / 1e6:.2f} MB"
               f" = {r['expert_budget_bytes'] / 1e9:.3f} GB")  # fmt: skip
-    policy = "any (all experts fit: preloaded, no transfers)" if r["all_experts_fit"] else r["policy"]
     stall = f"{r['prefill_stall_ms']:.1f}, {_fmt(r['decode_stall_ms_per_step'], '.3f')}"
-    best = min(t for t in r["tpot_ms_runs"] if t is not None) if r.get("tpot_ms_runs") else None
+    link = f"{_fmt(r['achieved_decode_h2d_GBps'], '.2f')} ({_fmt(r['h2d_link_fraction'], '.0%')})"
+    bound = f"{_fmt(r['bound_ms_per_token'], '.2f')} ({(r['bound_by'] or '-').split(' ')[0]})"
     return [
-        r["model"], policy, budget, str(r["cache_slots"]),
+        r["model"], _policy_name(r), str(r["batch"]), str(r["prompt_tokens"]), budget, str(r["cache_slots"]),
         f"{_fmt(r['hit_rate'], '.3f')} ({_fmt(r['decode_hit_rate'], '.3f')})", f"{r['h2d_bytes_per_token'] / 1e6:.2f}",
-        _fmt(r["decode_loads_per_step"], ".2f"), stall, _fmt(r["ttft_ms"], ".1f"),
-        f"{_fmt(r['tpot_ms'], '.2f')} [{_fmt(best, '.2f')}]", _rate(r["decode_tokens_per_s"]),
-        _fmt(r["bound_ms_per_token"], ".2f"), _fmt(r["tpot_over_bound"], ".2f"), _peak(r), _agree(r),
-        _fmt(r["speedup_vs_accelerate"], ".1f"), _fmt(r["loadavg_at_start"], ".1f"),
+        _fmt(r["decode_loads_per_step"], ".2f"), stall, link, _fmt(r["ttft_ms"], ".1f"),
+        _fmt(r["ttft_over_bound"], ".2f"), _latency(r), _rate(r["decode_tokens_per_s"]), bound,
+        _fmt(r["tpot_over_bound"], ".2f"), _peak(r), _agree(r), _fmt(r["speedup_vs_accelerate"], ".1f"),
+        _fmt(r["loadavg_at_start"], ".1f"),
     ]  # fmt: skip
 
 
-PEER_HEADER = ["model", "engine", "batch", "prompt", "new", "TTFT ms", "decode tok/s [range]", "TPOT ms",
-               "peak device GB", "compile s", "greedy agree (with)", "jaxmoe / HF", "load"]  # fmt: skip
-OFFLOAD_HEADER = ["model", "policy", "expert budget", "slots", "hit rate (decode)", "H2D MB/token",
-                  "decode loads/step", "stall ms: prefill, decode/step", "TTFT ms", "TPOT ms [best]", "decode tok/s",
-                  "bound ms", "TPOT / bound", "peak device GB", "tokens = resident", "/ accelerate", "load"]  # fmt: skip
+PEER_HEADER = ["model", "engine", "batch", "prompt", "new", "TTFT ms", "decode tok/s [range]",
+               "TPOT ms (p50 / p99)", "peak device GB", "compile s", "greedy agree (with)", "jaxmoe / HF",
+               "load"]  # fmt: skip
+OFFLOAD_HEADER = ["model", "policy", "batch", "prompt", "expert budget", "slots", "hit rate (decode)",
+                  "H2D MB/token", "decode loads/step", "stall ms: prefill, decode/step",
+                  "decode H2D GB/s (of measured)", "TTFT ms", "TTFT / bound", "TPOT ms (p50 / p99)", "decode tok/s",
+                  "bound ms (by)", "TPOT / bound", "peak device GB", "tokens = resident", "/ accelerate",
+                  "load"]  # fmt: skip
 
 
-def _load_range(report: dict) -> str:
-    span = report["loadavg_workers"]
-    return f", at the workers' starts {span[0]:.2f}-{span[1]:.2f}" if span else ""
+def _bandwidth_lines(report: dict) -> list[str]:
+    lines = []
+    for model, by_demand in report["bandwidth"].items():
+        parts = [f"{n} in one call {b['batched_ms']:.3f} ms = {b['batched_GBps']:.2f} GB/s"
+                 for n, b in by_demand.items()]  # fmt: skip
+        one = next(iter(by_demand.values()))
+        lines.append(f"Pinned host -> device `jax.device_put`, {model} experts (measured at the start of the run): "
+                     f"one expert ({one['expert_bytes'] / 1e6:.3f} MB) {one['one_expert_ms']:.3f} ms = "
+                     f"{one['one_expert_GBps']:.2f} GB/s; " + "; ".join(parts) + " (the bounds use these).")  # fmt: skip
+    return lines
 
 
 def markdown(report: dict) -> str:
     v, rows = report["versions"], report["rows"]
+    span = report["loadavg_workers"]
+    loads = f", at the workers' starts {span[0]:.2f}-{span[1]:.2f}" if span else ""
+    wall = f" Wall time {report['wall_s']:.0f} s." if report.get("wall_s") else ""
     lines = [
-        f"Device: {report['device']}. Date: {report['date']}. Command: `{report['command']}`.",
+        f"Device: {report['device']}. Date: {report['date']}. Command: `{report['command']}`.{wall}",
         "Versions: " + ", ".join(f"{k} {val}" for k, val in sorted(v.items())) + ".",
         f"Medians of {report['repeats']} timed runs after a warm-up ({report['accelerate_repeats']} of "
-        f"{report['accelerate_new_tokens']} new tokens for hf-accelerate; decode: median [min-max]); "
-        f"threads per worker: {report['cpu_threads'] or 'library default'}; "
-        f"1-min load average at the start: {report['loadavg_at_start']:.2f}{_load_range(report)}.",
+        f"{report['accelerate_new_tokens']} new tokens for hf-accelerate); TPOT p50/p99 over every decode step "
+        f"of those runs; threads per worker: {report['cpu_threads'] or 'library default'}; "
+        f"1-min load average at the start: {report['loadavg_at_start']:.2f}{loads}.",
+        *_bandwidth_lines(report),
     ]
-    for dtype, b in report["bandwidth"].items():
-        lines.append(
-            f"Pinned host -> device `jax.device_put` ({dtype}, measured at the start of the run): one expert "
-            f"({b['expert_bytes'] / 1e6:.3f} MB) {b['one_expert_ms']:.3f} ms = {b['one_expert_GBps']:.2f} GB/s; "
-            f"{b['batched_experts']} experts in one call {b['batched_ms']:.3f} ms = {b['batched_GBps']:.2f} GB/s "
-            "(the bound uses this one)."
-        )
-    for dtype, arithmetic in report["budget_arithmetic"].items():
-        lines += ["", f"Expert budget `auto` ({dtype}):", *(f"    {line}" for line in arithmetic)]
+    if report["budget_arithmetic"]:
+        lines += ["", "Expert budgets `auto`:", *(f"    {line}" for line in report["budget_arithmetic"])]
 
     def cells(r: dict, full) -> list[str]:
         why = _absent(r) or (None if r["engine"] != "offload" or "cache_slots" in r else "no result")

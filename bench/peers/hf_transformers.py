@@ -1,8 +1,9 @@
-"""Peer: Hugging Face transformers `OlmoeForCausalLM.generate`, every weight on one device.
+"""Peer: Hugging Face transformers `generate` (OLMoE, Qwen3-MoE, Mixtral), every weight on one device.
 
-Kept out of the library (jaxmoe never imports torch). The benchmark builds the
-jaxmoe model from the model built here, so both engines run the same weights:
-same config, same seed, same torch device (CPU and CUDA random streams differ).
+Kept out of the library (jaxmoe never imports torch). For "hf"-sourced shapes the
+benchmark builds the jaxmoe model from the model built here, so both engines run the
+same weights: same config, same seed, same torch device (CPU and CUDA random streams
+differ).
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ import transformers
 from transformers.generation.streamers import BaseStreamer
 
 
-def olmoe_config(shape: dict, dtype: str) -> transformers.OlmoeConfig:
-    """An OLMoE config; no EOS, so every run generates exactly the tokens asked for."""
-    return transformers.OlmoeConfig(
-        **shape, architectures=["OlmoeForCausalLM"], dtype=dtype, eos_token_id=None, pad_token_id=0
-    )
+def config(fields: dict) -> transformers.PretrainedConfig:
+    """The family's config class from config.json fields (bench.shapes gives them with no EOS,
+    so every run generates exactly the tokens asked for)."""
+    fields = dict(fields)
+    return transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
 
 
 def build(config: transformers.PretrainedConfig, seed: int, device: str) -> transformers.PreTrainedModel:
@@ -84,7 +85,7 @@ def generate(model, prompts: list[list[int]], new_tokens: int, device=None) -> d
         )
         if device.type == "cuda":
             torch.cuda.synchronize()
-    first, last = clock.times[1], clock.times[-1]  # times[0]: the prompt
+    first, last = clock.times[1], clock.times[-1]  # times[0]: the prompt; then one per step
     steps = len(clock.times) - 2
     decoded = steps * len(prompts)
     return {
@@ -92,4 +93,5 @@ def generate(model, prompts: list[list[int]], new_tokens: int, device=None) -> d
         "ttft_ms": 1e3 * (first - start),
         "tpot_ms": 1e3 * (last - first) / steps if steps else None,
         "decode_tokens_per_s": decoded / (last - first) if steps else None,
+        "token_times": clock.times[1:],
     }

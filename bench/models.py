@@ -1,0 +1,106 @@
+"""jaxmoe models for a worker: (config, model with dense weights on the device, experts), from
+a transformers model ("hf"), seeded random weights ("random") or a checkpoint (bench/shapes.py).
+
+Experts come back either resident (per-layer stacks on the device) or as a
+HostExpertStore (pinned host memory, one array pair per expert). For "random" both are
+made by the same per-layer function, so resident and offloaded rows run the same weights.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from bench.shapes import ModelSpec
+
+EXPERT_STD = 0.02  # as jaxmoe.model.init_experts
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def random_layer_experts(cfg, seed: int, layer: int):
+    """Layer `layer`'s routed experts ([E, D, 2I], [E, I, D]) on the device, from (seed, layer) alone,
+    generated in the model's dtype (no float32 copy of a whole layer)."""
+    from jaxmoe.model import ExpertWeights
+
+    e, d, i = cfg.num_experts, cfg.hidden_size, cfg.expert_intermediate_size
+    k1, k2 = jax.random.split(jax.random.fold_in(jax.random.key(seed), layer))
+    dtype = jnp.dtype(cfg.dtype)
+    return ExpertWeights(EXPERT_STD * jax.random.normal(k1, (e, d, 2 * i), dtype),
+                         EXPERT_STD * jax.random.normal(k2, (e, i, d), dtype))  # fmt: skip
+
+
+def random_dense(cfg, seed: int):
+    from flax import nnx
+
+    from jaxmoe.model import MoEDecoder
+
+    return MoEDecoder(cfg, nnx.Rngs(seed))
+
+
+def random_host_store(cfg, seed: int):
+    """Every expert into pinned host memory, one layer on the device at a time (device -> pinned
+    copies; no numpy round trip, nothing on disk)."""
+    from jaxmoe.model import ExpertWeights
+    from jaxmoe.offload.host_store import HostExpertStore
+
+    pinned = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
+    experts = {}
+    for layer in cfg.moe_layer_ids:
+        stack = random_layer_experts(cfg, seed + 1, layer)
+        for e in range(cfg.num_experts):
+            experts[layer, e] = ExpertWeights(*jax.device_put([stack.w_gate_up[e], stack.w_down[e]], pinned))
+        jax.block_until_ready(experts[layer, cfg.num_experts - 1])
+        del stack  # one layer's stack on the device at a time
+    return HostExpertStore(cfg, experts)
+
+
+def random_resident(cfg, seed: int) -> list:
+    return [random_layer_experts(cfg, seed + 1, layer) if moe else None for layer, moe in enumerate(cfg.moe_layers)]
+
+
+def from_torch(spec: ModelSpec, dtype: str, seed: int, gpu: bool):
+    """(config, dense model, per-layer numpy expert stacks) assembled from the transformers model."""
+    import torch
+
+    from bench.peers import hf_transformers as hf
+    from jaxmoe.checkpoint.assemble import assemble
+    from jaxmoe.config import from_hf_dict
+    from jaxmoe.model import build_model
+
+    torch_model = hf.build(hf.config(spec.hf_fields(dtype)), seed, "cuda" if gpu else "cpu")
+    cfg = from_hf_dict(torch_model.config.to_dict(), source=f"{spec.name} (transformers config)")
+    dense, experts = assemble(cfg, *hf.tensors(torch_model), source=f"{spec.name} random state dict")
+    del torch_model
+    if gpu:
+        torch.cuda.empty_cache()  # torch's copy is gone before jax allocates its own
+    return cfg, build_model(cfg, dense), list(experts)
+
+
+def build(spec: ModelSpec, dtype: str, seed: int, gpu: bool, offload: bool):
+    """(config, dense model on the device, experts: a HostExpertStore if `offload`, else device stacks)."""
+    from jaxmoe.offload.host_store import HostExpertStore, ensure_host_memory, total_expert_bytes
+
+    if spec.source == "checkpoint":
+        from jaxmoe.checkpoint import load
+        from jaxmoe.config import load_hf_config
+
+        cfg = load_hf_config(spec.path)
+        if offload:
+            ensure_host_memory(total_expert_bytes(cfg))  # before the backend starts
+        memory = "pinned_host" if offload else "device"
+        loaded = load(spec.path, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind=memory))
+        experts = HostExpertStore.from_stacks(cfg, loaded.experts) if offload else list(loaded.experts)
+        return cfg, loaded.model, experts
+    if spec.source == "random":
+        cfg = spec.config(dtype)
+        if offload:
+            ensure_host_memory(total_expert_bytes(cfg))
+            return cfg, random_dense(cfg, seed), random_host_store(cfg, seed)
+        return cfg, random_dense(cfg, seed), random_resident(cfg, seed)
+    cfg, model, stacks = from_torch(spec, dtype, seed, gpu)
+    if offload:
+        # from_stacks frees each layer's numpy stack once it is pinned: one extra layer at most.
+        return cfg, model, HostExpertStore.from_stacks(cfg, (stacks.pop(0) for _ in range(len(stacks))))
+    return cfg, model, jax.device_put(stacks)

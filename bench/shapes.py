@@ -1,0 +1,111 @@
+"""The models the benchmark runs: named shapes (Hugging Face config fields) and checkpoint directories.
+
+Where the weights come from (`source`):
+- "hf": built by transformers from the config and a torch seed; jaxmoe's parameters
+  are assembled from that model's state dict, so jaxmoe and the peers run the same
+  weights and their greedy tokens are compared. Only for shapes whose torch model
+  fits the device at once.
+- "random": seeded random jaxmoe weights generated on the fly (dense weights on the
+  device, experts straight into pinned host memory, one expert at a time; nothing
+  written to disk). For shapes too big to build through a torch model and a state
+  dict. Peers are built by transformers from the same config and seed, but torch's
+  random stream is not jax's: their weights differ, so tokens are not compared.
+- "checkpoint": a converted jaxmoe checkpoint directory (`--model DIR`, and the
+  shipped default model). No peers (transformers would need `scripts/export_hf.py`).
+
+Pure data plus config translation: nothing here allocates an array.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CHECKPOINT = ROOT / "checkpoints" / "jaxmoe-tiny"
+
+_OLMOE = {"model_type": "olmoe", "architectures": ["OlmoeForCausalLM"], "max_position_embeddings": 4096}
+_QWEN3 = {"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "decoder_sparse_step": 1,
+          "mlp_only_layers": [], "norm_topk_prob": True, "rope_theta": 1e6, "rms_norm_eps": 1e-6,
+          "tie_word_embeddings": False, "use_sliding_window": False}  # fmt: skip
+_MIXTRAL = {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"], "rope_theta": 1e6,
+            "rms_norm_eps": 1e-5, "sliding_window": None, "tie_word_embeddings": False}  # fmt: skip
+
+# Hugging Face config fields. The full-size ones are the released models' shapes.
+SHAPES = {
+    "olmoe-small": _OLMOE | dict(
+        vocab_size=1024, hidden_size=256, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=4, num_experts=16, num_experts_per_tok=4,
+    ),
+    "olmoe-1b-7b": _OLMOE | dict(  # allenai/OLMoE-1B-7B: 6.92 B params
+        vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16,
+        num_attention_heads=16, num_key_value_heads=16, num_experts=64, num_experts_per_tok=8,
+    ),
+    "qwen3-tiny": _QWEN3 | dict(  # the random-weight path at test size
+        vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
+        max_position_embeddings=4096,
+    ),
+    "qwen3-30b-a3b": _QWEN3 | dict(  # Qwen/Qwen3-30B-A3B: 30.5 B params
+        vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+        num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+        num_experts_per_tok=8, max_position_embeddings=40960,
+    ),
+    "mixtral-8x7b": _MIXTRAL | dict(  # mistralai/Mixtral-8x7B-v0.1: 46.7 B params
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
+        max_position_embeddings=32768,
+    ),
+}  # fmt: skip
+SOURCE = {"olmoe-small": "hf", "olmoe-1b-7b": "hf"}  # the rest: "random"
+# Total device budgets (GiB) of the GPU matrix: each gives an `auto` expert budget and
+# the accelerate peer's max_memory.
+GPU_DEVICE_BUDGETS_GIB = {"olmoe-1b-7b": (5, 8, 16), "qwen3-30b-a3b": (16, 24, 40), "mixtral-8x7b": (24,)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    name: str  # a SHAPES key, or the checkpoint directory's name
+    source: str  # "hf" | "random" | "checkpoint"
+    path: str | None = None  # checkpoint directory
+
+    def hf_fields(self, dtype: str) -> dict:
+        """The config.json dict of this model in `dtype` (a checkpoint keeps its own dtype)."""
+        if self.source == "checkpoint":
+            import json
+
+            return json.loads((Path(self.path) / "config.json").read_text())
+        return SHAPES[self.name] | {"dtype": dtype, "eos_token_id": None, "pad_token_id": 0, "bos_token_id": None}
+
+    def config(self, dtype: str):
+        """jaxmoe's MoEConfig."""
+        from jaxmoe.config import from_hf_dict
+
+        return from_hf_dict(self.hf_fields(dtype), source=self.name)
+
+    def dtypes(self, wanted: list[str]) -> list[str]:
+        return [self.config("bfloat16").dtype] if self.source == "checkpoint" else wanted
+
+    @property
+    def predictor(self) -> str:
+        """What the predictor policy uses: a shipped trained predictor, else the next layer's router."""
+        trained = self.path and Path(self.path) / "predictor"
+        return str(trained) if trained and (trained / "predictor.json").is_file() else "gate-ahead"
+
+    @property
+    def has_peers(self) -> bool:
+        return self.source != "checkpoint"
+
+    @property
+    def same_weights_as_peers(self) -> bool:
+        return self.source == "hf"
+
+
+def resolve(text: str) -> ModelSpec:
+    """A shape name, `jaxmoe-tiny` (the shipped default model), or a checkpoint directory."""
+    if text in SHAPES:
+        return ModelSpec(text, SOURCE.get(text, "random"))
+    path = DEFAULT_CHECKPOINT if text == DEFAULT_CHECKPOINT.name else Path(text)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"model {text!r}: not one of {sorted(SHAPES)} nor a checkpoint directory with config.json")
+    return ModelSpec(path.name, "checkpoint", str(path.resolve()))
