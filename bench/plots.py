@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
+from bench.report import predictor_label
+
 
 def _ran(rows: list[dict]) -> list[dict]:
     return [r for r in rows if not (r["error"] or r["skipped"] or r["not_run"])]
@@ -24,7 +26,7 @@ def _series_name(r: dict) -> str:
         return name + (f" @ {r['device_budget_bytes'] / 2**30:g} GiB" if r["device_budget_bytes"] else "")
     if r.get("all_experts_fit"):
         return "offloaded, all experts fit"
-    name = r["policy"] + (f" ({r['predictor']})" if r.get("predictor") == "gate-ahead" else "")
+    name = r["policy"] + (f" ({predictor_label(r['predictor'])})" if r.get("predictor") else "")
     name += f" @ {r['budget_spec']}" if r.get("budget_spec") else ""
     return name + (f", prefill {r['prefill']}" if r["prefill"] else "")
 
@@ -69,8 +71,8 @@ def decode_vs_budget(rows: list[dict], path: Path, title: str) -> Path | None:
             if r["engine"] != "offload" and r["decode_tokens_per_s"]:
                 ax.axhline(r["decode_tokens_per_s"], linestyle="--", linewidth=1, color=f"C{len(lines) % 10}",
                            label=_series_name(r))  # fmt: skip
-                lines[_series_name(r)] = []
-        ax.set(xlabel="expert budget (GB)", ylabel="decode tokens/s", yscale="log",
+                lines[_series_name(r)] = []  # next peer, next colour
+        ax.set(xlabel="expert budget (GB)", ylabel="decode tokens/s", yscale="log", xscale="log",
                title=f"{model}, batch {batch}, prompt {prompt}")  # fmt: skip
         ax.legend(fontsize=7)
     return _save(plt, fig, path, title)

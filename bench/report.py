@@ -159,6 +159,17 @@ def make_row(job, r: dict, look: Lookup, problems: list[str]) -> dict:
     return row
 
 
+def code_version(root) -> dict:
+    """The commit the run measured, and the library files that differed from it (uncommitted work)."""
+    import subprocess
+
+    def git(*a):
+        return subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True).stdout.strip()
+
+    dirty = [line[3:] for line in git("status", "--porcelain", "--", "jaxmoe", "bench", "scripts").splitlines()]
+    return {"commit": git("rev-parse", "--short", "HEAD") or None, "uncommitted": dirty}
+
+
 def make_report(args, jobs: list, results: dict, arithmetic: list[str]) -> dict:
     look, problems = Lookup(results), []
     for job in jobs:
@@ -182,7 +193,7 @@ def make_report(args, jobs: list, results: dict, arithmetic: list[str]) -> dict:
         "cpu_threads": args.cpu_threads or None, "bandwidth": bandwidth, "budget_arithmetic": arithmetic,
         "problems": problems, "new_tokens": args.new_tokens, "repeats": args.repeats,
         "accelerate_new_tokens": args.accelerate_new_tokens, "accelerate_repeats": args.accelerate_repeats,
-        "wall_s": None, "status": next((s for s in statuses if s), 0),
+        "code": code_version(args.script.parents[1]), "wall_s": None, "status": next((s for s in statuses if s), 0),
     }  # fmt: skip
 
 
@@ -240,10 +251,17 @@ def _peer_cells(r: dict) -> list[str]:
     ]  # fmt: skip
 
 
+def predictor_label(spec: str) -> str:
+    """"gate-ahead", or "trained MLP <checkpoint>/predictor" for a predictor directory."""
+    from pathlib import Path
+
+    return spec if spec == "gate-ahead" else f"trained MLP {Path(spec).parent.name}/{Path(spec).name}"
+
+
 def _policy_name(r: dict) -> str:
     if r.get("all_experts_fit"):
         return "any (all experts fit: preloaded, no transfers)"
-    name = r["policy"] + (f" ({r['predictor']})" if r.get("predictor") else "")
+    name = r["policy"] + (f" ({predictor_label(r['predictor'])})" if r.get("predictor") else "")
     return name + (f", prefill {r['prefill']}" if r["prefill"] else "")
 
 
@@ -285,6 +303,12 @@ def _bandwidth_lines(report: dict) -> list[str]:
     return lines
 
 
+def _code(report: dict) -> str:
+    code = report.get("code") or {}
+    dirty = code.get("uncommitted")
+    return f"commit {code.get('commit')}" + (f" plus uncommitted changes to {', '.join(dirty)}" if dirty else "")
+
+
 def markdown(report: dict) -> str:
     v, rows = report["versions"], report["rows"]
     span = report["loadavg_workers"]
@@ -292,7 +316,7 @@ def markdown(report: dict) -> str:
     wall = f" Wall time {report['wall_s']:.0f} s." if report.get("wall_s") else ""
     lines = [
         f"Device: {report['device']}. Date: {report['date']}. Command: `{report['command']}`.{wall}",
-        "Versions: " + ", ".join(f"{k} {val}" for k, val in sorted(v.items())) + ".",
+        "Versions: " + ", ".join(f"{k} {val}" for k, val in sorted(v.items())) + f"; code {_code(report)}.",
         f"Medians of {report['repeats']} timed runs after a warm-up ({report['accelerate_repeats']} of "
         f"{report['accelerate_new_tokens']} new tokens for hf-accelerate); TPOT p50/p99 over every decode step "
         f"of those runs; threads per worker: {report['cpu_threads'] or 'library default'}; "
