@@ -33,7 +33,10 @@ from jaxmoe.engine.resident import check_fits
 from jaxmoe.offload.cache import BudgetError
 from jaxmoe.offload.host_store import HostMemoryError, total_expert_bytes
 from jaxmoe.offload.policy import POLICIES
+from jaxmoe.engine.buckets import DEFAULT_PREFILL_CHUNK, check_chunk
 from jaxmoe.engine.metrics import tree_bytes
+from jaxmoe.engine.programs import CACHE_ENV, DEFAULT_CACHE_DIR, enable_compilation_cache
+from jaxmoe.offload.prefill_plan import MODES
 from jaxmoe.tokenizer import eos_ids, load_tokenizer
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
@@ -63,9 +66,23 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="expert cache policy (with a budget); default: predictor when the model has a matching "
                    "trained predictor (MODEL/predictor), else lru")  # fmt: skip
     p.add_argument("--predictor", help="predictor directory, or 'gate-ahead' (the next layer's router, untrained)")
-    p.add_argument("--plan", action="store_true", help="include the executed transfer plan in the JSON")
+    p.add_argument("--prefill", choices=MODES, default="auto",
+                   help="offloaded prefill: stream every expert layer by layer, overlapped with compute; load only "
+                   "the routed experts; or auto (routed for short prompts)")  # fmt: skip
+    p.add_argument("--no-prefill-overlap", action="store_true",
+                   help="stream a layer, then compute it (the baseline the overlap is measured against)")
+    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
+                   help="tokens per prefill chunk, a power of two: bounds activation memory for long prompts")
+    p.add_argument("--compilation-cache", metavar="DIR",
+                   help=f"keep compiled programs here for the next start ('off' disables; default ${CACHE_ENV} "
+                   f"or {DEFAULT_CACHE_DIR})")  # fmt: skip
+    p.add_argument("--plan", action="store_true", help="include the executed transfer plans in the JSON")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     args = p.parse_args(argv)
+    try:
+        check_chunk(args.prefill_chunk)
+    except ValueError as e:
+        p.error(f"--prefill-chunk: {e}")
     if not args.prompts:
         p.error("give at least one --prompt or --prompt-ids")
     if args.expert_budget_gb is not None and args.expert_budget_frac is not None:
@@ -98,14 +115,17 @@ def build_engine(path: Path, args: argparse.Namespace):
     """(engine, config, generation_config, tokenizer_path): offloaded when a budget is given."""
     if args.expert_budget_gb is None and args.expert_budget_frac is None:
         loaded = load(path)
-        engine = ResidentEngine(loaded.config, loaded.model, loaded.experts)
+        engine = ResidentEngine(loaded.config, loaded.model, loaded.experts, prefill_chunk=args.prefill_chunk)
         return engine, loaded.config, loaded.generation_config, loaded.tokenizer_path
     if args.expert_budget_gb is not None:
         budget = round(args.expert_budget_gb * 1e9)
     else:
         budget = round(args.expert_budget_frac * total_expert_bytes(load_hf_config(path)))
     policy, predictor = choose_policy(Path(path), args.policy, args.predictor)
-    engine = OffloadedEngine.from_checkpoint(path, budget, policy, predictor=predictor)
+    engine = OffloadedEngine.from_checkpoint(
+        path, budget, policy, predictor=predictor, prefill=args.prefill,
+        prefill_overlap=not args.no_prefill_overlap, prefill_chunk=args.prefill_chunk,
+    )  # fmt: skip
     return engine, engine.config, engine.generation_config, engine.tokenizer_path
 
 
@@ -149,10 +169,16 @@ def resident_metrics(engine: ResidentEngine) -> dict:
         "prefetch_issued": 0,
         "prefetch_used": 0,
         "stall_ms": 0.0,
+        "prefill_mode": "resident",
+        "prefill_h2d_bytes": 0,
+        "prefill_stall_ms": 0.0,
+        "prefill_transfer_ms": 0.0,
+        "prefill_overlap": None,
     }
 
 
 def run(args: argparse.Namespace) -> dict:
+    enable_compilation_cache(args.compilation_cache)
     engine, config, generation_config, tokenizer_path = build_engine(args.model or default_model(), args)
     tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else None
     if tokenizer is None and any(kind == "text" for kind, _ in args.prompts):
@@ -173,6 +199,8 @@ def run(args: argparse.Namespace) -> dict:
     report = {"outputs": outputs, "metrics": metrics}
     if args.plan:
         report["plan"] = [p.to_dict() for p in getattr(engine, "plan", [])]
+        prefill = getattr(engine, "prefill_plan", None)
+        report["prefill_plan"] = prefill.to_dict() if prefill else None
     return report
 
 

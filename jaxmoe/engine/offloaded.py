@@ -1,7 +1,9 @@
 """Offloaded generation: dense weights and KV cache on the device, routed experts in
 pinned host memory, a byte-budgeted device expert cache in between.
 
-Each MoE layer runs as:
+The prefill either streams every layer's experts in a fixed, overlapped order
+(engine/stream_prefill.py: long prompts, where nearly every expert is routed) or,
+for short prompts, runs like decode. Decode and the routed prefill run each MoE layer as:
   attend_route program -> one host read of the routing ids -> the schedule plans
   the pass(es) -> the cache issues `device_put` for the misses -> expert program
 The copies are issued before the expert program that needs them is dispatched: a
@@ -28,17 +30,20 @@ import numpy as np
 from flax import nnx
 
 from jaxmoe.config import MoEConfig
+from jaxmoe.engine.buckets import DEFAULT_PREFILL_CHUNK, check_chunk, chunk_starts
 from jaxmoe.engine.metrics import device_peak_bytes, tree_bytes
 from jaxmoe.engine.outputs import TokenCollector, timing_metrics
 from jaxmoe.engine.programs import Programs
 from jaxmoe.engine.resident import GenerationResult, pad_prompts
 from jaxmoe.engine.sampling import SamplingParams, sample
+from jaxmoe.engine.stream_prefill import StreamStats, run_stream
 from jaxmoe.model import ExpertWeights, MoEDecoder, combine, expert_rows, init_kv_cache, moe_ffn, num_unique_experts
 from jaxmoe.model.decoder import head_logits
 from jaxmoe.offload.cache import DeviceExpertCache, plan_geometry
 from jaxmoe.offload.host_store import HostExpertStore
 from jaxmoe.offload.prefetch import NextLayerScorer, load_scorer, next_moe_layers
 from jaxmoe.offload.policy import make_policy
+from jaxmoe.offload.prefill_plan import MODES, ROUTED, PrefillPlan, choose_mode, plan_stream
 from jaxmoe.offload.schedule import PassPlan
 
 
@@ -121,7 +126,18 @@ class OffloadedEngine:
         policy: str = "lru",
         check_budget: bool = False,
         predictor: NextLayerScorer | None = None,
+        prefill: str = "auto",
+        prefill_overlap: bool = True,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     ):
+        """`prefill`: "stream" (every expert, layer by layer, overlapped), "routed" (only the
+        routed experts, like decode) or "auto" (routed for short prompts); `prefill_overlap`
+        False streams a layer, then computes it (the baseline the overlap is measured
+        against); `prefill_chunk`: tokens per prefill chunk (a power of two)."""
+        if prefill not in MODES:
+            raise ValueError(f"prefill must be one of {', '.join(MODES)}, got {prefill!r}")
+        self.prefill_mode, self.prefill_overlap = prefill, bool(prefill_overlap)
+        self.prefill_chunk = check_chunk(prefill_chunk)
         self.config, self.store = config, store
         self.expert_budget_bytes, self.policy_name = int(expert_budget_bytes), policy
         make_policy(policy)  # fail now on a bad name
@@ -141,6 +157,7 @@ class OffloadedEngine:
         self._zeros: dict[tuple, jax.Array] = {}
         self.cache: DeviceExpertCache | None = None
         self.plan: list[PassPlan] = []  # what the last generate executed
+        self.prefill_plan: PrefillPlan | None = None  # the last generate's prefill
 
     @classmethod
     def from_checkpoint(
@@ -239,7 +256,9 @@ class OffloadedEngine:
     def _experts_passes(self, step, layer, piece, x, h, ids_host, weights, valid_rows, prefetch=None):
         needed = np.unique(ids_host[valid_rows])
         n, k = ids_host.shape
-        unique = num_unique_experts(self.config.num_experts, n, k)
+        # A pass computes at most its own experts (each as one member of the batched
+        # contraction, so the count does not change the values): no workspace beyond the cache.
+        unique = min(num_unique_experts(self.config.num_experts, n, k), self.cache.num_slots)
         y = self._zero_rows(n, k, x.dtype)
         out = x
         for plan in self.cache.schedule.plan_layer(step, layer, needed):
@@ -257,6 +276,34 @@ class OffloadedEngine:
                 self.cache.pool, staged, jnp.asarray(staged_slots),
             )  # fmt: skip
         return out
+
+    def _prefill(self, tokens: np.ndarray, lengths: np.ndarray, kv: list) -> tuple[jax.Array, StreamStats | None]:
+        """Hidden states [B, P, D] after the last layer, chunk by chunk, streamed or routed."""
+        cfg = self.config
+        b, p_len = tokens.shape
+        positions = np.broadcast_to(np.arange(p_len, dtype=np.int32), (b, p_len))
+        valid = positions < lengths[:, None]
+        starts = chunk_starts(p_len, self.prefill_chunk)
+        size = p_len // len(starts)
+        routed_slots = int(valid.sum()) * cfg.top_k
+        mode = choose_mode(self.prefill_mode, cfg.num_experts, routed_slots, len(starts), self.cache.staging == 0)
+        if mode == ROUTED:  # chunk by chunk through every layer, as the resident engine does
+            self.prefill_plan = PrefillPlan(ROUTED, size, len(starts), 0)
+            parts = [
+                self._forward(jnp.asarray(tokens[:, s : s + size]), positions[:, s : s + size],
+                              valid[:, s : s + size], 0, kv)
+                for s in starts
+            ]  # fmt: skip
+            return (parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)), None
+        cached: dict[int, set[int]] = {}
+        for layer, e in self.cache.schedule.slot_of:
+            cached.setdefault(layer, set()).add(e)
+        self.prefill_plan = plan_stream(
+            range(cfg.num_layers), cfg.moe_layers, cfg.num_experts, cached, size, len(starts),
+            lookahead=1 if self.prefill_overlap else 0,
+        )  # fmt: skip
+        x = self._run("embed", _embed, {}, (), self.ends, jnp.asarray(tokens))
+        return run_stream(self, self.prefill_plan, x, positions, valid, kv)
 
     # -- generation ------------------------------------------------------------
     def generate(
@@ -278,18 +325,18 @@ class OffloadedEngine:
         kv = list(init_kv_cache(self.config, b, cache_len))
         kv_bytes = tree_bytes(kv)
         root = jax.random.key(seed)
-        positions = np.broadcast_to(np.arange(p_len, dtype=np.int32), (b, p_len))
         out = TokenCollector(b, eos_ids, on_token)
 
         # Programs compile on first use inside the timed regions; their compile time is
         # measured on its own (compile_ms) and taken out of ttft and tpot.
         compiled = self.programs.compile_seconds
         start = time.perf_counter()
-        x = self._forward(jnp.asarray(tokens), positions, positions < lengths[:, None], 0, kv)
+        x, stream = self._prefill(tokens, lengths, kv)
         head_static = {"sampling": sampling}
         tok = self._run("head", _head, head_static, (), self.ends, x, jnp.asarray(lengths - 1), root, jnp.int32(0))
         out.add(np.asarray(tok))
         ttft = time.perf_counter() - start - (self.programs.compile_seconds - compiled)
+        prefill_h2d, prefill_stall = cache.counters.h2d_bytes, cache.counters.stall_s
 
         pos = lengths.copy()
         zeros = jnp.zeros((b,), jnp.int32)
@@ -307,10 +354,13 @@ class OffloadedEngine:
 
         self.plan = list(cache.schedule.executed)
         c = cache.counters
+        plan = self.prefill_plan
+        streamed_bytes = plan.max_streamed_layers * self.config.num_experts * self.store.expert_bytes
         metrics = {
             **timing_metrics(out, ttft, decode_seconds, steps),
-            "peak_device_bytes": device_peak_bytes() or self.dense_bytes + kv_bytes + c.peak_bytes,
+            "peak_device_bytes": device_peak_bytes() or self.dense_bytes + kv_bytes + c.peak_bytes + streamed_bytes,
             "compile_ms": 1e3 * self.programs.compile_seconds,
+            "compile_cache_hits": self.programs.cache_hits,
             "batch": b,
             "prompt_bucket": p_len,
             "policy": self.policy_name,
@@ -323,5 +373,21 @@ class OffloadedEngine:
             "prefetch_issued": c.prefetch_issued,
             "prefetch_used": c.prefetch_used,
             "stall_ms": 1e3 * c.stall_s,
+            **self._prefill_metrics(prefill_h2d, prefill_stall, stream),
         }
         return GenerationResult(out.token_ids, metrics)
+
+    def _prefill_metrics(self, h2d_bytes: int, stall_s: float, stream: StreamStats | None) -> dict:
+        """The routed prefill waits for every copy with nothing to compute: its transfer
+        time is its stall and nothing overlaps."""
+        transfer_s = stream.transfer_s if stream else stall_s
+        stall_s = stream.stall_s if stream else stall_s
+        return {
+            "prefill_mode": self.prefill_plan.mode,
+            "prefill_chunks": self.prefill_plan.chunks,
+            "prefill_h2d_bytes": h2d_bytes,
+            "prefill_stall_ms": 1e3 * stall_s,
+            "prefill_transfer_ms": 1e3 * transfer_s,
+            "prefill_overlap": 1.0 - stall_s / transfer_s if transfer_s > 0 else None,
+            "prefill_max_streamed_layers": self.prefill_plan.max_streamed_layers,
+        }

@@ -1,7 +1,12 @@
-"""Resident generation: every weight on the device, a static KV cache, one jitted
-prefill and one jitted decode step per shape bucket, compiled ahead of time.
+"""Resident generation: every weight on the device, a static KV cache, jitted
+prefill-chunk, first-token and decode programs per shape bucket, compiled ahead of time.
 
-Shapes: B batch, P prompt bucket, S cache bucket, V vocab.
+A prompt longer than the prefill chunk runs through the whole model one chunk at a
+time (each chunk attends to the cache the earlier ones filled), so activation and
+attention memory are bounded by the chunk. The offloaded engine computes exactly
+the same chunks, which is what keeps the two engines' numbers identical.
+
+Shapes: B batch, P prompt bucket, C chunk, S cache bucket, D hidden, V vocab.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from jaxmoe.config import MoEConfig
-from jaxmoe.engine.buckets import cache_bucket, prompt_bucket
+from jaxmoe.engine.buckets import DEFAULT_PREFILL_CHUNK, cache_bucket, check_chunk, chunk_starts, prompt_bucket
 from jaxmoe.engine.metrics import device_peak_bytes, tree_bytes
 from jaxmoe.engine.outputs import TokenCollector, timing_metrics
 from jaxmoe.engine.programs import Programs
@@ -58,6 +63,14 @@ def pad_prompts(config: MoEConfig, prompts: Sequence[Sequence[int]], max_new_tok
     return lengths, tokens, cache_bucket(p_len, max_new_tokens)
 
 
+def pick_last(h: jax.Array, start, lengths: jax.Array, last: jax.Array) -> jax.Array:
+    """h [B, C, D] of the chunk at `start`: rows whose last prompt token is in this chunk
+    take its hidden state, the others keep `last` [B, D]."""
+    index = lengths - 1 - start
+    here = (index >= 0) & (index < h.shape[1])
+    return jnp.where(here[:, None], h[jnp.arange(h.shape[0]), jnp.clip(index, 0, h.shape[1] - 1)], last)
+
+
 @dataclasses.dataclass
 class GenerationResult:
     token_ids: list[list[int]]  # generated tokens per prompt, without the prompt, EOS included
@@ -71,8 +84,10 @@ class ResidentEngine:
         model: MoEDecoder,
         experts: Sequence[ExpertWeights | None],
         moe_fn: Callable = moe_ffn,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     ):
         self.config = config
+        self.prefill_chunk = check_chunk(prefill_chunk)
         self.graphdef, self.state = nnx.split(model)
         self.experts = tuple(experts)
         self.moe_fn = moe_fn
@@ -81,14 +96,19 @@ class ResidentEngine:
     # -- jitted math ------------------------------------------------------------
     # Step counters and positions stay on the device and come back incremented, so
     # the host loop feeds outputs straight back in without building arrays per token.
-    def _prefill(self, state, experts, tokens, lengths, kv, root, sampling):
+    def _prefill_chunk(self, state, experts, tokens, start, lengths, last, kv):
+        """One chunk tokens [B, C] at positions start.., through every layer; `last` [B, D]
+        picks up the final-norm hidden state of each prompt's last token if it is here."""
         model = nnx.merge(self.graphdef, state)
-        b, p = tokens.shape
-        positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+        b, c = tokens.shape
+        positions = start + jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (b, c))
         h, kv, _ = model(tokens, positions, kv, experts, self.moe_fn)
-        last = h[jnp.arange(b), lengths - 1]  # [B, D] hidden state of each prompt's last token
+        return pick_last(h, start, lengths, last), kv
+
+    def _first_token(self, state, last, lengths, root, sampling):
+        model = nnx.merge(self.graphdef, state)
         tok = sample(model.logits(last), jax.random.fold_in(root, 0), sampling)
-        return tok, lengths, jnp.ones((), jnp.int32), kv
+        return tok, lengths, jnp.ones((), jnp.int32)
 
     def _decode(self, state, experts, tokens, positions, step, kv, root, sampling):
         model = nnx.merge(self.graphdef, state)
@@ -113,10 +133,19 @@ class ResidentEngine:
         kv_bytes = tree_bytes(kv)
         root = jax.random.key(seed)
 
-        args = (self.state, self.experts, jnp.asarray(tokens), jnp.asarray(lengths), kv, root)
-        prefill = self.programs.get("prefill", self._prefill, {"sampling": sampling}, ("kv",), *args)
+        lengths_dev = jnp.asarray(lengths)
+        last = jnp.zeros((b, self.config.hidden_size), self.config.dtype)
+        starts = chunk_starts(p_len, self.prefill_chunk)
+        size = p_len // len(starts)
+        chunk_args = (self.state, self.experts, jnp.asarray(tokens[:, :size]), jnp.int32(0), lengths_dev, last, kv)
+        prefill = self.programs.get("prefill_chunk", self._prefill_chunk, {}, (5, 6), *chunk_args)
+        first_args = (self.state, last, lengths_dev, root)
+        first = self.programs.get("first_token", self._first_token, {"sampling": sampling}, (), *first_args)
         start = time.perf_counter()
-        tok, positions, step_dev, kv = prefill(*args)
+        for s in starts:
+            last, kv = prefill(self.state, self.experts, jnp.asarray(tokens[:, s : s + size]), jnp.int32(s),
+                               lengths_dev, last, kv)  # fmt: skip
+        tok, positions, step_dev = first(self.state, last, lengths_dev, root)
         out = TokenCollector(b, eos_ids, on_token)
         out.add(np.asarray(tok))  # the first token is what TTFT measures
         ttft = time.perf_counter() - start
@@ -136,7 +165,9 @@ class ResidentEngine:
             **timing_metrics(out, ttft, decode_seconds, steps),
             "peak_device_bytes": device_peak_bytes() or tree_bytes((self.state, self.experts)) + kv_bytes,
             "compile_ms": 1e3 * self.programs.compile_seconds,
+            "compile_cache_hits": self.programs.cache_hits,
             "batch": b,
             "prompt_bucket": p_len,
+            "prefill_chunks": len(starts),
         }
         return GenerationResult(out.token_ids, metrics)

@@ -63,24 +63,41 @@ def expert_rows(x: jax.Array, ids: jax.Array, w: ExpertWeights, num_unique: int)
     Each distinct chosen expert is computed once over all N tokens, then each
     (token, k) row is picked.
     `num_unique` is the static number of distinct experts computed, normally
-    min(num_experts, N * K). When it equals G every group is used in place;
+    min(num_experts, N * K). When it equals E every expert is used in place;
     otherwise the distinct ids are gathered first (a copy of U experts). The value
     of a (token, k) row depends only on the token and the expert's weights, not
     on where the expert sits in `w`, which is what lets a cache reorder experts.
     """
-    n = ids.shape[0]
-    width = w.w_down.shape[1]
     if num_unique == w.w_down.shape[0]:
         unique, w_gate_up, w_down = jnp.arange(num_unique, dtype=ids.dtype), w.w_gate_up, w.w_down
     else:
         # Padding repeats the largest id so `unique` stays sorted for searchsorted.
         unique = jnp.unique(ids, size=num_unique, fill_value=jnp.max(ids))
         w_gate_up, w_down = w.w_gate_up[unique], w.w_down[unique]  # [U, D, 2I], [U, I, D]
+    y_u = expert_outputs(x, w_gate_up, w_down)
+    pos = jnp.searchsorted(unique, ids)  # [N, K] position of each chosen expert in `unique`
+    return y_u[pos, jnp.arange(ids.shape[0])[:, None]]  # [N, K, D]
+
+
+def expert_rows_from(x: jax.Array, ids: jax.Array, experts) -> jax.Array:
+    """`expert_rows` over experts held as separate arrays: `experts[e]` = (w_gate_up
+    [D, 2I], w_down [I, D]) for every id e in ids. Each expert is the same batched
+    contraction with a batch of one, which XLA computes exactly as one member of the
+    batch in `expert_rows`, so the values equal it bit for bit (tested); the
+    experts are never stacked, which would copy a whole layer."""
+    y_u = jnp.concatenate([expert_outputs(x, gu[None], down[None]) for gu, down in experts])  # [E, N, D]
+    return y_u[ids, jnp.arange(ids.shape[0])[:, None]]  # [N, K, D]
+
+
+def expert_outputs(x: jax.Array, w_gate_up: jax.Array, w_down: jax.Array) -> jax.Array:
+    """SwiGLU of U experts over all N tokens: x [N, D], w [U, D, 2I] and [U, I, D] -> [U, N, D].
+
+    Always this batched form: XLA rounds a plain [N, D] x [D, F] dot differently from
+    one member of a batched dot, so every path computes experts this way."""
+    width = w_down.shape[1]
     gate_up = jnp.einsum("nd,udf->unf", x, w_gate_up)  # [U, N, 2I]
     h = jax.nn.silu(gate_up[..., :width]) * gate_up[..., width:]
-    y_u = jnp.einsum("uni,uid->und", h, w_down)  # [U, N, D]
-    pos = jnp.searchsorted(unique, ids)  # [N, K] position of each chosen expert in `unique`
-    return y_u[pos, jnp.arange(n)[:, None]]  # [N, K, D]
+    return jnp.einsum("uni,uid->und", h, w_down)
 
 
 def num_unique_experts(num_experts: int, tokens: int, top_k: int) -> int:

@@ -9,12 +9,18 @@ Memory, all counted against the byte budget:
            prefetched for the next layer: U + 2P
   filler   one zeroed expert that pads the staged list to its static length U + P
 A budget of every expert (plus nothing in flight) preloads them all: no copies.
+
+A streamed prefill moves whole layers outside this budget (at most two at once,
+see prefill_plan.py): `stream` sends a layer's experts and takes device copies of
+those already cached, `retain` keeps the prompt's most-used ones in the pool.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +30,20 @@ from jaxmoe.engine.metrics import fmt_bytes, tree_bytes
 from jaxmoe.offload.host_store import HostExpertStore
 from jaxmoe.offload.policy import EvictionPolicy
 from jaxmoe.offload.schedule import PassPlan, Schedule
+
+
+@jax.jit
+def _take(pool, slot):
+    return pool[0][slot], pool[1][slot]
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _scatter(pool, staged, slots):
+    gate_up, down = pool
+    for (s_gate_up, s_down), slot in zip(staged, slots):
+        gate_up = gate_up.at[slot].set(s_gate_up, mode="drop")  # padding slot S is out of range
+        down = down.at[slot].set(s_down, mode="drop")
+    return gate_up, down
 
 
 class BudgetError(ValueError):
@@ -157,6 +177,30 @@ class DeviceExpertCache:
         entries = [((plan.layer, e), slot, c) for (e, slot), c in zip(plan.loads, copies)]
         self.pending.setdefault(plan.layer, []).extend(entries)
         self._account(self._handed_over + self._in_flight())
+
+    def stream(self, layer: int, sent: Sequence[int], cached: Sequence[int]) -> tuple[dict[int, tuple], list]:
+        """A whole layer for a streamed prefill: `sent` copied from the host (one batched
+        `device_put`), `cached` copied out of the pool on the device. Returns every
+        expert's (gate_up, down) by id, and the host copies (to wait on)."""
+        self.counters.expert_misses += len(sent)
+        self.counters.expert_hits += len(cached)
+        copies = self._copy(layer, [(e, None) for e in sent])
+        out = dict(zip(sent, copies))
+        for e in cached:
+            out[e] = _take(self.pool, jnp.int32(self.schedule.slot_of[(layer, e)]))
+        return out, copies
+
+    def retain(self, plan: PassPlan, layer_experts: dict[int, tuple], width: int) -> None:
+        """Write a retain plan's experts from a streamed layer into their pool slots; the
+        staged list is padded to the static `width` (so one program serves every layer)."""
+        if not plan.loads:
+            return
+        staged = [layer_experts[e] for e, _ in plan.loads]
+        slots = [s for _, s in plan.loads]
+        pad = width - len(staged)
+        staged, slots = tuple(staged) + (self.filler,) * pad, slots + [self.num_slots] * pad
+        self.pool = _scatter(self.pool, staged, jnp.asarray(slots, jnp.int32))
+        jax.block_until_ready(self.pool)  # the streamed layer may be freed only after this
 
     def wait(self, copies: list) -> None:
         """Block until demand copies land, and count it as stall time."""

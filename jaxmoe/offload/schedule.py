@@ -10,6 +10,8 @@ to more experts than the cache holds takes several passes, each with at most
 A prefetch plan gives slots to experts predicted for the next layer before that
 layer's routing is known; they count as hits there, and only cost bandwidth when
 the prediction is wrong.
+A retain plan (streamed prefill) keeps a layer's most-used experts of the prompt
+in the cache for decode; they are copied on the device from the streamed layer.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ class PassPlan:
     hits: tuple[int, ...]  # already on the device
     loads: tuple[tuple[int, int], ...]  # (expert, slot): host -> device copies to issue before dispatch
     evicted: tuple[Key, ...]  # (layer, expert) whose slots were given up
-    kind: str = "demand"  # or "prefetch": copies issued ahead, for `layer`, before its routing is known
+    kind: str = "demand"  # "prefetch": copies issued ahead, for `layer`, before its routing is known;
+    # "retain": a streamed prefill layer's experts kept for decode (device copies, no transfer)
     prefetched_hits: tuple[int, ...] = ()  # hits that an earlier prefetch brought in
 
     def to_dict(self) -> dict:
@@ -127,13 +130,11 @@ class Schedule:
             prefetched_hits=used_prefetch,
         )
 
-    def plan_prefetch(self, step: int, layer: int, predicted: Sequence[int]) -> PassPlan:
-        """Slots for the predicted experts of `layer` that are not resident, best first, at most
-        `prefetch_staging`; never evicts another predicted expert of that layer."""
-        protected = {(layer, int(e)) for e in predicted}
-        wanted = [int(e) for e in predicted if (layer, int(e)) not in self.slot_of][: self.prefetch_staging]
+    def _claim(self, layer: int, experts: Sequence[int], protected: set) -> tuple[list, list]:
+        """Slots for `experts` of `layer` (not resident), in order, evicting the policy's victims
+        from outside `protected`; stops when nothing is left to evict. (loads, evicted)."""
         loads, evicted = [], []
-        for e in wanted:
+        for e in experts:
             if not self._free:
                 candidates = [k for k in self.slot_of if k not in protected]
                 if not candidates:
@@ -143,8 +144,51 @@ class Schedule:
                 evicted.append(victim)
             slot = heapq.heappop(self._free)
             self.slot_of[(layer, e)] = slot
-            self.prefetched.add((layer, e))
             loads.append((e, slot))
+        return loads, evicted
+
+    def retain_quotas(self, layers: Sequence[int]) -> dict[int, int]:
+        """Slots each MoE layer may keep after a streamed prefill: an even share, the
+        remainder to the last layers (the first decode step reaches them last, so their
+        experts have the longest wait before a reload would be needed), none for
+        a policy that keeps only the current layer."""
+        if self.policy.keep_only_current or not self.staging or not layers:
+            return {layer: 0 for layer in layers}
+        base, extra = divmod(self.num_slots, len(layers))
+        return {layer: base + (i >= len(layers) - extra) for i, layer in enumerate(layers)}
+
+    def plan_retain(self, step: int, layer: int, ranked: Sequence[int], quota: int, protected: set) -> PassPlan:
+        """Slots for the first `quota` of `ranked` (most used first) not resident; victims come
+        from outside `protected` (what earlier layers of this prefill kept, what later ones
+        will still read)."""
+        self._tick += 1
+        keep = [int(e) for e in ranked[:quota]]
+        protected = protected | {(layer, e) for e in keep}
+        loads, evicted = self._claim(layer, [e for e in keep if (layer, e) not in self.slot_of], protected)
+        kept = tuple(e for e in keep if (layer, e) in self.slot_of)
+        for e in kept:
+            self.policy.on_use((layer, e), self._tick)
+        plan = PassPlan(
+            step=step,
+            layer=layer,
+            index=0,
+            experts=kept,
+            slots=tuple(self.slot_of[(layer, e)] for e in kept),
+            hits=(),  # keeping an expert is not a use of it
+            loads=tuple(loads),
+            evicted=tuple(evicted),
+            kind="retain",
+        )
+        self.executed.append(plan)
+        return plan
+
+    def plan_prefetch(self, step: int, layer: int, predicted: Sequence[int]) -> PassPlan:
+        """Slots for the predicted experts of `layer` that are not resident, best first, at most
+        `prefetch_staging`; never evicts another predicted expert of that layer."""
+        protected = {(layer, int(e)) for e in predicted}
+        wanted = [int(e) for e in predicted if (layer, int(e)) not in self.slot_of][: self.prefetch_staging]
+        loads, evicted = self._claim(layer, wanted, protected)
+        self.prefetched.update((layer, e) for e, _ in loads)
         plan = PassPlan(
             step=step,
             layer=layer,
