@@ -207,3 +207,13 @@ def test_compiled_programs_are_reused_by_a_second_process(hf_checkpoint, tmp_pat
     assert a["metrics"]["compile_cache_hits"] == 0 and b["metrics"]["compile_cache_hits"] > 0
     assert b["prefill_plan"]["mode"] == "stream" and b["prefill_plan"]["max_streamed_layers"] == 2
     assert any(p["kind"] == "retain" for p in b["plan"])
+
+
+def test_prepare_compiles_the_streamed_prefill_ahead_of_time():
+    eng = engine("olmoe", prefill="stream")
+    plan = eng.prepare(batch=4, prompt_tokens=64, max_new_tokens=1)
+    assert plan.mode == "stream" and plan.chunks == 4 and plan.sent_experts == 3 * 16
+    compiled = len(eng.programs)
+    result = eng.generate(LONG, 1)  # 64-token bucket, one token: prefill and first token only
+    assert len(eng.programs) == compiled  # nothing compiled on the way
+    assert result.token_ids == [t[:1] for t in resident_tokens("olmoe", 4, 6)]

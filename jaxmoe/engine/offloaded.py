@@ -30,13 +30,13 @@ import numpy as np
 from flax import nnx
 
 from jaxmoe.config import MoEConfig
-from jaxmoe.engine.buckets import DEFAULT_PREFILL_CHUNK, check_chunk, chunk_starts
+from jaxmoe.engine.buckets import DEFAULT_PREFILL_CHUNK, cache_bucket, check_chunk, chunk_starts, prompt_bucket
 from jaxmoe.engine.metrics import device_peak_bytes, tree_bytes
 from jaxmoe.engine.outputs import TokenCollector, timing_metrics
 from jaxmoe.engine.programs import Programs
 from jaxmoe.engine.resident import GenerationResult, pad_prompts
 from jaxmoe.engine.sampling import SamplingParams, sample
-from jaxmoe.engine.stream_prefill import StreamStats, run_stream
+from jaxmoe.engine.stream_prefill import StreamStats, compile_stream, run_stream
 from jaxmoe.model import ExpertWeights, MoEDecoder, combine, expert_rows, init_kv_cache, moe_ffn, num_unique_experts
 from jaxmoe.model.decoder import head_logits
 from jaxmoe.offload.cache import DeviceExpertCache, plan_geometry
@@ -187,6 +187,10 @@ class OffloadedEngine:
         in `args` whose buffers the outputs reuse (the KV cache, the expert pool). The module's
         weights go in as a flat tuple of arrays, so a call costs little host time (it is paid
         per layer)."""
+        return self._program(name, fn, static, donate, piece, *args)(piece.leaves, *args)
+
+    def _program(self, name: str, fn: Callable, static: dict, donate: tuple[int, ...], piece: "_Piece", *args):
+        """The compiled program `_run` calls; `args` may be jax.ShapeDtypeStructs (compile only)."""
         signature = (name, id(piece.graphdef), tuple(static.items()))
         signature += tuple((a.shape, a.dtype) for a in jax.tree.leaves(args))
         program = self._by_signature.get(signature)
@@ -196,7 +200,24 @@ class OffloadedEngine:
             donate = tuple(i + 1 for i in donate)  # after the leaves
             program = self.programs.get((name, piece.graphdef), bound, static, donate, piece.leaves, *args)
             self._by_signature[signature] = program
-        return program(piece.leaves, *args)
+        return program
+
+    def prepare(self, batch: int, prompt_tokens: int, max_new_tokens: int, sampling=SamplingParams()) -> PrefillPlan:
+        """Compile ahead of time the streamed prefill's programs (embedding, each layer kind
+        per chunk, first token) for this shape bucket, so the first prompt of that size
+        compiles nothing (with the compilation cache, neither does the next process);
+        returns the stream plan such a prompt would execute with the cache as it is now."""
+        p_len = prompt_bucket(prompt_tokens)
+        cache_len = cache_bucket(p_len, max_new_tokens)
+        starts = chunk_starts(p_len, self.prefill_chunk)
+        self._ensure_cache(batch)
+        spec = jax.ShapeDtypeStruct
+        self._program("embed", _embed, {}, (), self.ends, spec((batch, p_len), jnp.int32))
+        x = compile_stream(self, batch, p_len, p_len // len(starts), cache_len)
+        root = jax.eval_shape(lambda: jax.random.key(0))
+        index, step = spec((batch,), jnp.int32), spec((), jnp.int32)
+        self._program("head", _head, {"sampling": sampling}, (), self.ends, x, index, root, step)
+        return self._stream_plan(p_len // len(starts), len(starts))
 
     def reset_cache(self) -> None:
         """Drop every cached expert: the next generate starts cold."""
@@ -295,15 +316,17 @@ class OffloadedEngine:
                 for s in starts
             ]  # fmt: skip
             return (parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)), None
+        self.prefill_plan = self._stream_plan(size, len(starts))
+        x = self._run("embed", _embed, {}, (), self.ends, jnp.asarray(tokens))
+        return run_stream(self, self.prefill_plan, x, positions, valid, kv)
+
+    def _stream_plan(self, chunk: int, chunks: int) -> PrefillPlan:
+        cfg = self.config
         cached: dict[int, set[int]] = {}
         for layer, e in self.cache.schedule.slot_of:
             cached.setdefault(layer, set()).add(e)
-        self.prefill_plan = plan_stream(
-            range(cfg.num_layers), cfg.moe_layers, cfg.num_experts, cached, size, len(starts),
-            lookahead=1 if self.prefill_overlap else 0,
-        )  # fmt: skip
-        x = self._run("embed", _embed, {}, (), self.ends, jnp.asarray(tokens))
-        return run_stream(self, self.prefill_plan, x, positions, valid, kv)
+        lookahead = 1 if self.prefill_overlap else 0
+        return plan_stream(range(cfg.num_layers), cfg.moe_layers, cfg.num_experts, cached, chunk, chunks, lookahead)
 
     # -- generation ------------------------------------------------------------
     def generate(

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmoe.model import combine, expert_rows_from, moe_ffn
+from jaxmoe.model import combine, expert_rows_from, init_kv_cache, moe_ffn
 from jaxmoe.offload.prefill_plan import PrefillPlan
 
 
@@ -111,6 +111,26 @@ def run_stream(engine, plan: PrefillPlan, x, positions, valid, kv: list) -> tupl
             retained.update((layer, e) for e in retain.experts)
             cache.retain(retain, layer_experts.pop(layer), width)
     return x, stats
+
+
+def compile_stream(engine, batch: int, p_len: int, chunk: int, cache_len: int) -> jax.ShapeDtypeStruct:
+    """Compile every layer kind's chunk program for this bucket from
+    shapes alone (nothing runs, nothing moves); returns the spec of x [B, P, D]."""
+    cfg, spec = engine.config, jax.ShapeDtypeStruct
+    tokens = spec((batch, p_len), jnp.int32)
+    x = spec((batch, p_len, cfg.hidden_size), jnp.dtype(cfg.dtype))
+    positions, valid, start = tokens, spec((batch, p_len), jnp.bool_), spec((), jnp.int32)
+    kv = jax.eval_shape(lambda: init_kv_cache(cfg, batch, cache_len)[0])
+    expert = (spec((cfg.hidden_size, 2 * cfg.expert_intermediate_size), x.dtype),
+              spec((cfg.expert_intermediate_size, cfg.hidden_size), x.dtype))  # fmt: skip
+    counts = spec((cfg.num_experts,), jnp.int32)
+    for layer, piece in enumerate(engine.layers):
+        if cfg.moe_layers[layer]:
+            args = (x, positions, valid, start, kv, counts, (expert,) * cfg.num_experts)
+            engine._program("moe_chunk", _moe_chunk, {"chunk": chunk}, (0, 4, 5), piece, *args)
+        else:
+            engine._program("dense_chunk", _dense_chunk, {"chunk": chunk}, (0, 3), piece, x, positions, start, kv)
+    return x
 
 
 def _clock(engine) -> tuple[float, float]:
