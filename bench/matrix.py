@@ -136,7 +136,7 @@ def raw_dir(args) -> Path:
 
 
 def worker_env(args, job: Job) -> dict:
-    env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false", "PYTHONPATH": str(Path(__file__).parents[1])}
+    env = {**getattr(args, "worker_base_env", os.environ), "XLA_PYTHON_CLIENT_PREALLOCATE": "false", "PYTHONPATH": str(Path(__file__).parents[1])}
     if job.worker == "offload":
         # Raise the pinned pool limit before XLA starts (Mixtral's experts are ~90 GB; the default is 64).
         need = B.num_experts(job.model.config(job.dtype)) * B.expert_bytes(job.model.config(job.dtype))

@@ -26,7 +26,7 @@ def _series_name(r: dict) -> str:
         return name + (f" @ {r['device_budget_bytes'] / 2**30:g} GiB" if r["device_budget_bytes"] else "")
     if r.get("all_experts_fit"):
         return "offloaded, all experts fit"
-    name = r["policy"] + (f" ({predictor_label(r['predictor'])})" if r.get("predictor") else "")
+    name = r["policy"] + (f" ({predictor_label(r['predictor']).split(' of ')[0]})" if r.get("predictor") else "")
     name += f" @ {r['budget_spec']}" if r.get("budget_spec") else ""
     return name + (f", prefill {r['prefill']}" if r["prefill"] else "")
 
@@ -37,7 +37,7 @@ def _panels(models: list[str]):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(7.5 * len(models), 4.5), squeeze=False)
     return plt, fig, dict(zip(models, axes[0]))
 
 
@@ -99,7 +99,8 @@ def ttft_vs_prompt(rows: list[dict], path: Path, title: str) -> Path | None:
 
 
 def bytes_per_token(rows: list[dict], path: Path, title: str) -> Path | None:
-    """Host -> device bytes per generated token of each offloading row (and accelerate's per forward)."""
+    """Host -> device bytes per generated token of each offloading row: decode steps alone, and
+    with the prefill's loads spread over the tokens (accelerate: its per-forward copies)."""
     rows = [r for r in _ran(rows) if r["h2d_bytes_per_token"] and r["engine"] in ("offload", "hf-accelerate")]
     if not rows:
         return None
@@ -108,10 +109,16 @@ def bytes_per_token(rows: list[dict], path: Path, title: str) -> Path | None:
     for model, ax in axes.items():
         here = [r for r in rows if r["model"] == model]
         labels = [f"{_series_name(r)}, b{r['batch']} p{r['prompt_tokens']}" for r in here]
-        ax.barh(range(len(here)), [r["h2d_bytes_per_token"] / 1e6 for r in here])
-        ax.set_yticks(range(len(here)), labels, fontsize=7)
+        ys = range(len(here))
+        overall = [r["h2d_bytes_per_token"] / 1e6 for r in here]
+        decode = [(r.get("decode_h2d_bytes_per_step") or 0) / r["batch"] / 1e6 if r["engine"] == "offload" else v
+                  for r, v in zip(here, overall)]  # fmt: skip
+        ax.barh([y - 0.2 for y in ys], decode, height=0.4, label="decode steps")
+        ax.barh([y + 0.2 for y in ys], overall, height=0.4, label="prefill included")
+        ax.set_yticks(list(ys), labels, fontsize=7)
         ax.invert_yaxis()
-        ax.set(xlabel="host -> device MB per generated token (prefill included)", xscale="log", title=model)
+        ax.set(xlabel="host -> device MB per generated token", title=model)
+        ax.legend(fontsize=7)
     return _save(plt, fig, path, title)
 
 

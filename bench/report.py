@@ -252,10 +252,10 @@ def _peer_cells(r: dict) -> list[str]:
 
 
 def predictor_label(spec: str) -> str:
-    """"gate-ahead", or "trained MLP <checkpoint>/predictor" for a predictor directory."""
+    """"gate-ahead", or "trained MLP of <checkpoint>" for a predictor directory."""
     from pathlib import Path
 
-    return spec if spec == "gate-ahead" else f"trained MLP {Path(spec).parent.name}/{Path(spec).name}"
+    return spec if spec == "gate-ahead" else f"trained MLP of {Path(spec).parent.name}"
 
 
 def _policy_name(r: dict) -> str:

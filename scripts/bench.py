@@ -131,6 +131,10 @@ def main(argv=None) -> int:
     if args.worker_spec:
         return run_worker_here(args)
     start, args.loadavg = time.perf_counter(), os.getloadavg()[0]
+    # This process only does arithmetic over shapes (jax.eval_shape); kept off the GPU so that it
+    # holds no device memory while the workers measure theirs. Workers get the original environment.
+    args.worker_base_env = dict(os.environ)
+    os.environ["JAX_PLATFORMS"] = "cpu"
     todo, arithmetic = [], []
     for model in args.models:
         for dtype in model.dtypes(args.dtypes):
