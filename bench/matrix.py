@@ -2,9 +2,10 @@
 with results kept per job for --resume.
 
 Per model and dtype: a bandwidth job first (the bounds need it); then at the main point
-(first batch, first prompt length) resident jaxmoe, the peers, and every policy x expert
-budget; at every other (batch, prompt length) point resident jaxmoe, the peers, and the
-`--sweep-policies` at the first budget. A budget that holds every expert preloads them all
+(first batch, first prompt length) resident jaxmoe, the peers (accelerate at every device
+budget), and every policy x expert budget; at every other (batch, prompt length) point
+resident jaxmoe, the peers at the first device budget, the `--sweep-policies` at the first
+expert budget, and the `--prefill-modes` with the first sweep policy. A budget that holds every expert preloads them all
 and never evicts, so it gets one row whatever the policy (the offloaded engine's own cost,
 with no transfers).
 """
@@ -94,7 +95,8 @@ def model_jobs(args, model: ModelSpec, dtype: str) -> tuple[list[Job], list[str]
             out.append(Job("hf", **at, skipped=no_fit))
         if model.has_peers and "hf-accelerate" in args.engines:
             why = hfa.unavailable(args.gpu)
-            out += [Job("hf-accelerate", **at, device_budget_bytes=d, skipped=why) for d in device_budgets]
+            for d in device_budgets if main else device_budgets[:1]:
+                out.append(Job("hf-accelerate", **at, device_budget_bytes=d, skipped=why))
         fit = {"batch": batch, "prompt_tokens": prompt, "new_tokens": args.new_tokens, "workspace": args.workspace}
         budgets, lines = B.parse(args.budgets, cfg, fit, device_budgets)
         arithmetic += [f"{model.name}/{dtype} batch {batch} prompt {prompt}: {line}" for line in lines]
