@@ -70,7 +70,7 @@ def prefill_logits(eng: OffloadedEngine, family: str, prompts) -> np.ndarray:
 
 
 @pytest.mark.parametrize("family", ["olmoe", "mixtral", "qwen2_moe", "qwen3_moe"])
-@pytest.mark.parametrize("mode", ["stream", "routed"])
+@pytest.mark.parametrize("mode", ["stream", "routed", "injit"])
 def test_chunked_prefill_matches_the_whole_prompt_and_the_resident_tokens(family, mode):
     eng = engine(family, prefill=mode)
     logits, reference = prefill_logits(eng, family, LONG), whole_prompt_logits(family, LONG)
@@ -83,10 +83,11 @@ def test_chunked_prefill_matches_the_whole_prompt_and_the_resident_tokens(family
     assert result.token_ids == resident_tokens(family, 4, 6)
     m = result.metrics
     assert m["prefill_mode"] == mode and m["prefill_h2d_bytes"] > 0
-    if mode == "stream":
+    if mode != "routed":
         moe = sum(eng.config.moe_layers)
         assert m["prefill_h2d_bytes"] == moe * eng.config.num_experts * eng.store.expert_bytes  # once per layer
         assert m["prefill_max_streamed_layers"] == 2
+    if mode == "stream":
         assert 0 <= m["prefill_overlap"] <= 1
 
 
@@ -152,10 +153,17 @@ def test_stream_plan_double_buffer_and_order():
     copy2 = next(s for s in plan.steps if s.op == "copy" and s.layer == 2)
     assert copy2.cached == (0, 5) and set(copy2.sent) == set(range(8)) - {0, 5}
     assert plan.sent_experts == 4 * 8 - 2
+    in_jit = plan_stream(range(5), moe, 8, cached, chunk=16, chunks=2, in_jit=True)
+    ops = [(s.op, s.layer, s.in_jit) for s in in_jit.steps]
+    assert in_jit.max_streamed_layers == 2 and ops[0] == ("copy", 0, False)
+    for i, layer in enumerate(moe_layers[:-1]):  # the next layer's copy is in this layer's program
+        assert ops[ops.index(("compute", layer, False)) - 1] == ("copy", moe_layers[i + 1], True)
     serial = plan_stream(range(5), moe, 8, cached, chunk=16, chunks=2, lookahead=0)
     assert serial.max_streamed_layers == 1
     with pytest.raises(ValueError, match="lookahead"):
         plan_stream(range(5), moe, 8, cached, 16, 2, lookahead=2)
+    with pytest.raises(ValueError, match="lookahead"):
+        plan_stream(range(5), moe, 8, cached, 16, 2, lookahead=0, in_jit=True)
 
 
 def test_choose_mode():

@@ -43,7 +43,7 @@ from jaxmoe.offload.cache import DeviceExpertCache, plan_geometry
 from jaxmoe.offload.host_store import HostExpertStore
 from jaxmoe.offload.prefetch import NextLayerScorer, load_scorer, next_moe_layers
 from jaxmoe.offload.policy import make_policy
-from jaxmoe.offload.prefill_plan import MODES, ROUTED, PrefillPlan, choose_mode, plan_stream
+from jaxmoe.offload.prefill_plan import INJIT, MODES, ROUTED, PrefillPlan, choose_mode, plan_stream
 from jaxmoe.offload.schedule import PassPlan
 
 
@@ -131,11 +131,14 @@ class OffloadedEngine:
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     ):
         """`prefill`: "stream" (every expert, layer by layer, overlapped), "routed" (only the
-        routed experts, like decode) or "auto" (routed for short prompts); `prefill_overlap`
+        routed experts, like decode), "auto" (routed for short prompts) or "injit" (stream
+        with the copies made inside the programs); `prefill_overlap`
         False streams a layer, then computes it (the baseline the overlap is measured
         against); `prefill_chunk`: tokens per prefill chunk (a power of two)."""
         if prefill not in MODES:
             raise ValueError(f"prefill must be one of {', '.join(MODES)}, got {prefill!r}")
+        if prefill == INJIT and not prefill_overlap:
+            raise ValueError("prefill 'injit' always overlaps: it cannot run with prefill_overlap=False")
         self.prefill_mode, self.prefill_overlap = prefill, bool(prefill_overlap)
         self.prefill_chunk = check_chunk(prefill_chunk)
         self.config, self.store = config, store
@@ -182,14 +185,15 @@ class OffloadedEngine:
         return engine
 
     # -- programs ---------------------------------------------------------------
-    def _run(self, name: str, fn: Callable, static: dict, donate: tuple[int, ...], piece: "_Piece", *args):
+    def _run(self, name: str, fn: Callable, static: dict, donate: tuple[int, ...], piece: "_Piece", *args, options=None):
         """Call `fn(module, *args, **static)` compiled for these shapes; `donate` are positions
         in `args` whose buffers the outputs reuse (the KV cache, the expert pool). The module's
         weights go in as a flat tuple of arrays, so a call costs little host time (it is paid
         per layer)."""
-        return self._program(name, fn, static, donate, piece, *args)(piece.leaves, *args)
+        return self._program(name, fn, static, donate, piece, *args, options=options)(piece.leaves, *args)
 
-    def _program(self, name: str, fn: Callable, static: dict, donate: tuple[int, ...], piece: "_Piece", *args):
+    def _program(self, name: str, fn: Callable, static: dict, donate: tuple[int, ...], piece: "_Piece", *args,
+                 options=None):  # fmt: skip
         """The compiled program `_run` calls; `args` may be jax.ShapeDtypeStructs (compile only)."""
         signature = (name, id(piece.graphdef), tuple(static.items()))
         signature += tuple((a.shape, a.dtype) for a in jax.tree.leaves(args))
@@ -198,7 +202,9 @@ class OffloadedEngine:
             bound = lambda leaves, *a, **kw: fn(piece.merge(leaves), *a, **kw)  # noqa: E731
             # Layers of one kind have equal graphdefs and share one compiled program.
             donate = tuple(i + 1 for i in donate)  # after the leaves
-            program = self.programs.get((name, piece.graphdef), bound, static, donate, piece.leaves, *args)
+            program = self.programs.get(
+                (name, piece.graphdef), bound, static, donate, piece.leaves, *args, options=options
+            )
             self._by_signature[signature] = program
         return program
 
@@ -316,17 +322,19 @@ class OffloadedEngine:
                 for s in starts
             ]  # fmt: skip
             return (parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)), None
-        self.prefill_plan = self._stream_plan(size, len(starts))
+        self.prefill_plan = self._stream_plan(size, len(starts), in_jit=mode == INJIT)
         x = self._run("embed", _embed, {}, (), self.ends, jnp.asarray(tokens))
         return run_stream(self, self.prefill_plan, x, positions, valid, kv)
 
-    def _stream_plan(self, chunk: int, chunks: int) -> PrefillPlan:
+    def _stream_plan(self, chunk: int, chunks: int, in_jit: bool = False) -> PrefillPlan:
         cfg = self.config
         cached: dict[int, set[int]] = {}
         for layer, e in self.cache.schedule.slot_of:
             cached.setdefault(layer, set()).add(e)
         lookahead = 1 if self.prefill_overlap else 0
-        return plan_stream(range(cfg.num_layers), cfg.moe_layers, cfg.num_experts, cached, chunk, chunks, lookahead)
+        return plan_stream(
+            range(cfg.num_layers), cfg.moe_layers, cfg.num_experts, cached, chunk, chunks, lookahead, in_jit
+        )
 
     # -- generation ------------------------------------------------------------
     def generate(
@@ -402,15 +410,17 @@ class OffloadedEngine:
 
     def _prefill_metrics(self, h2d_bytes: int, stall_s: float, stream: StreamStats | None) -> dict:
         """The routed prefill waits for every copy with nothing to compute: its transfer
-        time is its stall and nothing overlaps."""
+        time is its stall and nothing overlaps. The injit variant's copies happen inside
+        programs, so the host cannot time them."""
         transfer_s = stream.transfer_s if stream else stall_s
         stall_s = stream.stall_s if stream else stall_s
+        in_jit = self.prefill_plan.mode == INJIT  # the programs' own copies are not visible to the host
         return {
             "prefill_mode": self.prefill_plan.mode,
             "prefill_chunks": self.prefill_plan.chunks,
             "prefill_h2d_bytes": h2d_bytes,
             "prefill_stall_ms": 1e3 * stall_s,
-            "prefill_transfer_ms": 1e3 * transfer_s,
-            "prefill_overlap": 1.0 - stall_s / transfer_s if transfer_s > 0 else None,
+            "prefill_transfer_ms": None if in_jit else 1e3 * transfer_s,
+            "prefill_overlap": 1.0 - stall_s / transfer_s if transfer_s > 0 and not in_jit else None,
             "prefill_max_streamed_layers": self.prefill_plan.max_streamed_layers,
         }

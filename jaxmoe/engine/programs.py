@@ -63,9 +63,12 @@ class Programs:
     def __len__(self) -> int:
         return len(self._compiled)
 
-    def get(self, name, fn: Callable, static: dict, donate: tuple[int | str, ...], *args) -> jax.stages.Compiled:
+    def get(
+        self, name, fn: Callable, static: dict, donate: tuple[int | str, ...], *args, options: dict | None = None
+    ) -> jax.stages.Compiled:
         """The compiled `fn(*args, **static)`; `static` values must be hashable; `donate`
-        names arguments by position or by name (their buffers are reused for outputs)."""
+        names arguments by position or by name (their buffers are reused for outputs);
+        `options`: compiler options on top of COMPILER_OPTIONS."""
         shapes = jax.tree.map(lambda a: (a.shape, str(a.dtype)), args)
         key = (name, tuple(sorted(static.items())), jax.tree.structure(args), tuple(jax.tree.leaves(shapes)))
         if key not in self._compiled:
@@ -76,7 +79,8 @@ class Programs:
                 donate_argnums=tuple(d for d in donate if isinstance(d, int)),
                 donate_argnames=tuple(d for d in donate if isinstance(d, str)),
             )
-            self._compiled[key] = jitted.lower(*args, **static).compile(compiler_options=COMPILER_OPTIONS)
+            compiler_options = {**COMPILER_OPTIONS, **(options or {})}
+            self._compiled[key] = jitted.lower(*args, **static).compile(compiler_options=compiler_options)
             self.compile_seconds += time.perf_counter() - start
             self.cache_hits += _disk_hits - hits
         return self._compiled[key]

@@ -27,7 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmoe.model import combine, expert_rows_from, init_kv_cache, moe_ffn
+from jaxmoe.offload.cache import fetch_in_jit
 from jaxmoe.offload.prefill_plan import PrefillPlan
+
+# The injit variant relies on XLA overlapping in-program copies with compute.
+FETCH_OPTIONS = {"xla_gpu_enable_latency_hiding_scheduler": True} if jax.default_backend() == "gpu" else {}
 
 
 def _dense_chunk(layer, x, positions, start, kv, chunk):
@@ -49,6 +53,12 @@ def _moe_chunk(layer, x, positions, valid, start, kv, counts, experts, chunk):
     chosen = jax.nn.one_hot(routing.ids, len(experts), dtype=jnp.int32) * vc[:, None, None]  # [B*C, K, E]
     counts = counts + jnp.sum(chosen, axis=(0, 1))
     return jax.lax.dynamic_update_slice_in_dim(x, xc, start, axis=1), kv, counts
+
+
+def _moe_chunk_fetch(layer, x, positions, valid, start, kv, counts, experts, host_next, chunk):
+    """_moe_chunk that also copies the next MoE layer's experts (the injit variant)."""
+    x, kv, counts = _moe_chunk(layer, x, positions, valid, start, kv, counts, experts, chunk)
+    return x, kv, counts, fetch_in_jit(host_next)
 
 
 @dataclasses.dataclass
@@ -74,19 +84,24 @@ def run_stream(engine, plan: PrefillPlan, x, positions, valid, kv: list) -> tupl
     retained: set = set()
     to_take = {(s.layer, e) for s in plan.steps if s.op == "copy" for e in s.cached}
     stats, landed = StreamStats(), (0.0, 0.0)
+    fetch = None  # (layer, experts, pinned host arrays) for the injit variant's next program
     for step in plan.steps:
         layer, piece = step.layer, engine.layers[step.layer]
-        if step.op == "copy":
+        if step.op == "copy" and step.in_jit:  # made by the next compute's last program
+            layer_experts[layer], _ = cache.stream(layer, (), step.cached)
+            fetch = (layer, step.sent, cache.host_experts(layer, step.sent))
+        elif step.op == "copy":
             layer_experts[layer], sent = cache.stream(layer, step.sent, step.cached)
-            to_take -= {(layer, e) for e in step.cached}
             copies[layer] = (sent, _clock(engine))
+        if step.op == "copy":
+            to_take -= {(layer, e) for e in step.cached}
         elif step.op == "compute" and not cfg.moe_layers[layer]:
             for start in starts:
                 x, kv[layer] = engine._run(
                     "dense_chunk", _dense_chunk, {"chunk": plan.chunk}, (0, 3), piece, x, positions, start, kv[layer]
                 )
         elif step.op == "compute":
-            sent, issued = copies.pop(layer)
+            sent, issued = copies.pop(layer, ([], None))
             if sent:
                 wait_start = time.perf_counter()
                 jax.block_until_ready(sent)
@@ -97,11 +112,18 @@ def run_stream(engine, plan: PrefillPlan, x, positions, valid, kv: list) -> tupl
                 landed = now
             experts = tuple(layer_experts[layer][e] for e in range(cfg.num_experts))
             total = jnp.zeros((cfg.num_experts,), jnp.int32)
-            for start in starts:
+            for start in starts[:-1] if fetch else starts:
                 x, kv[layer], total = engine._run(
                     "moe_chunk", _moe_chunk, {"chunk": plan.chunk}, (0, 4, 5), piece,
                     x, positions, valid, start, kv[layer], total, experts,
                 )  # fmt: skip
+            if fetch:
+                x, kv[layer], total, fetched = engine._run(
+                    "moe_chunk_fetch", _moe_chunk_fetch, {"chunk": plan.chunk}, (0, 4, 5), piece,
+                    x, positions, valid, starts[-1], kv[layer], total, experts, fetch[2], options=FETCH_OPTIONS,
+                )  # fmt: skip
+                layer_experts[fetch[0]].update(zip(fetch[1], fetched))
+                fetch = None
             counts[layer] = total
         elif step.op == "release":
             used = np.asarray(counts.pop(layer))  # waits for the layer's computation

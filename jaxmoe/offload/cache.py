@@ -46,6 +46,13 @@ def _scatter(pool, staged, slots):
     return gate_up, down
 
 
+def fetch_in_jit(host_experts):
+    """Inside a jitted program: pinned host (gate_up, down) pairs to device memory. XLA
+    copies each whole operand; with the latency hiding scheduler (GPU) the copies can
+    run while the rest of the program computes."""
+    return tuple(tuple(jax.device_put(w, jax.memory.Space.Device) for w in pair) for pair in host_experts)
+
+
 class BudgetError(ValueError):
     """An expert budget the cache cannot run with; the message states the minimum."""
 
@@ -189,6 +196,13 @@ class DeviceExpertCache:
         for e in cached:
             out[e] = _take(self.pool, jnp.int32(self.schedule.slot_of[(layer, e)]))
         return out, copies
+
+    def host_experts(self, layer: int, sent: Sequence[int]) -> tuple:
+        """The pinned host arrays of experts a program will copy itself (fetch_in_jit),
+        counted as moved."""
+        self.counters.expert_misses += len(sent)
+        self.counters.h2d_bytes += len(sent) * self.store.expert_bytes
+        return tuple(tuple(self.store.get(layer, e)) for e in sent)
 
     def retain(self, plan: PassPlan, layer_experts: dict[int, tuple], width: int) -> None:
         """Write a retain plan's experts from a streamed layer into their pool slots; the

@@ -3,7 +3,7 @@
 Plain Python over small tables, like the decode schedule: built before the prefill
 runs, printed with `--plan`, checked in tests without a device.
 
-Two ways to prefill (`choose_mode`):
+Ways to prefill (`choose_mode` picks between the first two):
   routed  like decode: read each layer's routing, then load only the routed experts.
           Every layer waits for its own transfers, but few experts move; for prompts
           whose tokens x top-k are well below the expert count.
@@ -11,6 +11,10 @@ Two ways to prefill (`choose_mode`):
           before the first layer runs, so the next layer's experts are already in
           flight while this one computes. Experts the decode cache holds are copied
           on the device instead. Long prompts route to nearly every expert anyway.
+  injit   the stream order, but the next layer's copies are made inside the program
+          of this layer's last chunk (`jax.device_put` to device memory within jit,
+          compiled with XLA's latency hiding scheduler on GPU) instead of by the host
+          beforehand: an alternative to measure against `stream`.
 
 The stream order follows the device_put ordering rule (gpu-facts): a copy issued
 after a computation is dispatched waits for that computation, so layer l+1's copies
@@ -26,8 +30,8 @@ import dataclasses
 import math
 from typing import Mapping, Sequence
 
-STREAM, ROUTED = "stream", "routed"
-MODES = ("auto", STREAM, ROUTED)
+STREAM, ROUTED, INJIT = "stream", "routed", "injit"
+MODES = ("auto", STREAM, ROUTED, INJIT)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,11 +40,12 @@ class StreamStep:
     layer: int
     sent: tuple[int, ...] = ()  # copy: experts sent from pinned host memory
     cached: tuple[int, ...] = ()  # copy: experts the decode cache already holds (device copies)
+    in_jit: bool = False  # copy: made by the next computation's program, not by the host
 
     def to_dict(self) -> dict:
         out = {"op": self.op, "layer": self.layer}
         if self.op == "copy":
-            out.update(sent=list(self.sent), cached=list(self.cached))
+            out.update(sent=list(self.sent), cached=list(self.cached), in_jit=self.in_jit)
         return out
 
 
@@ -90,17 +95,30 @@ def plan_stream(
     chunk: int,
     chunks: int,
     lookahead: int = 1,
+    in_jit: bool = False,
 ) -> PrefillPlan:
     """The stream order over `layers` (all of them; `moe[l]` says which have experts).
-    `cached[l]`: experts of layer l the decode cache holds when the prefill starts."""
-    if lookahead not in (0, 1):
-        raise ValueError(f"lookahead must be 0 (overlap off) or 1 (double buffer), got {lookahead}")
+    `cached[l]`: experts of layer l the decode cache holds when the prefill starts.
+    `in_jit`: the injit variant (lookahead 1; copies after the first made by programs)."""
+    if lookahead not in (0, 1) or (in_jit and lookahead != 1):
+        raise ValueError(f"lookahead must be 0 (overlap off) or 1 (double buffer; injit), got {lookahead}")
     order = [layer for layer in layers if moe[layer]]
 
-    def copy(layer: int) -> StreamStep:
+    def copy(layer: int, by_program: bool = False) -> StreamStep:
         held = cached.get(layer, set())
         sent = tuple(e for e in range(num_experts) if e not in held)
-        return StreamStep("copy", layer, sent, tuple(sorted(held)))
+        return StreamStep("copy", layer, sent, tuple(sorted(held)), by_program)
+
+    if in_jit:  # the first layer's copies from the host; each later layer's inside the previous one's program
+        steps = [copy(order[0])] if order else []
+        for layer in layers:
+            later = [m for m in order if m > layer]
+            if moe[layer] and later:
+                steps.append(copy(later[0], by_program=True))
+            steps.append(StreamStep("compute", layer))
+            if moe[layer]:
+                steps.append(StreamStep("release", layer))
+        return PrefillPlan(INJIT, chunk, chunks, lookahead, tuple(steps))
 
     steps = [copy(layer) for layer in order[: lookahead + 1]]
     issued = len(steps)
