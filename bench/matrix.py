@@ -4,8 +4,9 @@ with results kept per job for --resume.
 Per model and dtype: a bandwidth job first (the bounds need it); then at the main point
 (first batch, first prompt length) resident jaxmoe, the peers (accelerate at every device
 budget), and every policy x expert budget; at every other (batch, prompt length) point
-resident jaxmoe, the peers at the first device budget, the `--sweep-policies` at the first
-expert budget, and the `--prefill-modes` with the first sweep policy. A budget that holds every expert preloads them all
+resident jaxmoe, the peers at the first device budget and the `--sweep-policies` at the first
+expert budget; at every point, the `--prefill-modes` with the first sweep policy at the first
+expert budget (without them the engine picks its prefill mode: "auto"). A budget that holds every expert preloads them all
 and never evicts, so it gets one row whatever the policy (the offloaded engine's own cost,
 with no transfers).
 """
@@ -25,8 +26,9 @@ from bench import budgets as B
 from bench.shapes import GPU_DEVICE_BUDGETS_GIB, ModelSpec
 from bench.workers import log
 
+# OffloadedEngine(prefill=..., prefill_overlap=...): "stream-serial" loads a layer, then computes it.
 PREFILL_MODES = {"stream": {"prefill": "stream"}, "stream-serial": {"prefill": "stream", "prefill_overlap": False},
-                 "routed": {"prefill": "routed"}}  # fmt: skip
+                 "routed": {"prefill": "routed"}, "injit": {"prefill": "injit"}}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,9 +107,8 @@ def model_jobs(args, model: ModelSpec, dtype: str) -> tuple[list[Job], list[str]
             for policy in policies[:1] if budget.experts >= total else policies:
                 why = below_minimum(cfg, budget, policy, batch)
                 out.append(Job("offload", **at, policy=policy, budget=budget, skipped=why))
-        if not main and args.prefill_modes:
-            out += [Job("offload", **at, policy=policies[0] if policies else "lru", budget=budgets[0], prefill=m)
-                    for m in args.prefill_modes]  # fmt: skip
+        sweep = [p for p in args.sweep_policies if p in args.policies] or ["lru"]
+        out += [Job("offload", **at, policy=sweep[0], budget=budgets[0], prefill=m) for m in args.prefill_modes]
     return out, arithmetic
 
 

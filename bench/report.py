@@ -19,6 +19,9 @@ from bench import stats
 SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 PEER = {"jaxmoe": "resident", "hf": "hf-transformers", "hf-accelerate": "hf-accelerate"}
 GIB = 2**30
+# The offloaded engine's prefill metrics, copied into rows as they are.
+PREFILL_METRICS = ("prefill_mode", "prefill_overlap", "prefill_transfer_ms", "prefill_chunks",
+                   "prefill_max_streamed_layers")  # fmt: skip
 
 
 def leading_agreement(a: list[list[int]], b: list[list[int]]) -> int:
@@ -81,7 +84,8 @@ def offload_fields(r: dict, resident: dict, bw: dict | None, demand: int) -> dic
         "tpot_over_bound": stats.ratio(r.get("tpot_ms"), decode_bound["bound_ms"]),
         "ttft_bound_ms": ttft_bound["bound_ms"], "ttft_bound_by": ttft_bound["bound_by"],
         "ttft_over_bound": stats.ratio(r.get("ttft_ms"), ttft_bound["bound_ms"]),
-        **{k: r.get(k) for k in ("prefill_mode", "prefill_overlap", "prefill_stall_ms") if k in r},
+        "ttft_transfer_floor_ms": stats.transfer_ms(prefill_bytes, gbps),
+        **{k: r.get(k) for k in PREFILL_METRICS if k in r},
     }  # fmt: skip
 
 
@@ -281,6 +285,20 @@ def _offload_cells(r: dict) -> list[str]:
     ]  # fmt: skip
 
 
+def _prefill_cells(r: dict) -> list[str]:
+    return [
+        r["model"], _policy_name(r), str(r["batch"]), str(r["prompt_tokens"]), r.get("prefill_mode") or "-",
+        _fmt(r["ttft_ms"], ".1f"), _fmt(r["ttft_transfer_floor_ms"], ".1f"), _fmt(r["ttft_bound_ms"], ".1f"),
+        (r["ttft_bound_by"] or "-").split(" ")[0], _fmt(r["ttft_over_bound"], ".2f"),
+        f"{r['prefill_h2d_bytes'] / 1e6:.1f}", _fmt(r.get("prefill_transfer_ms"), ".1f"),
+        _fmt(r["prefill_stall_ms"], ".1f"), _fmt(r.get("prefill_overlap"), ".2f"),
+        str(r.get("prefill_max_streamed_layers", "-")),
+    ]  # fmt: skip
+
+
+PREFILL_HEADER = ["model", "policy", "batch", "prompt", "prefill mode (run)", "TTFT ms", "transfer floor ms",
+                  "bound ms", "bound by", "TTFT / bound", "prefill H2D MB", "transfer ms", "stall ms", "overlap",
+                  "streamed layers (max)"]  # fmt: skip
 PEER_HEADER = ["model", "engine", "batch", "prompt", "new", "TTFT ms", "decode tok/s [range]",
                "TPOT ms (p50 / p99)", "peak device GB", "compile s", "greedy agree (with)", "jaxmoe / HF",
                "load"]  # fmt: skip
@@ -335,6 +353,9 @@ def markdown(report: dict) -> str:
     offload = [cells(r, _offload_cells) for r in rows if r["engine"] == "offload"]
     lines += ["", *_table(PEER_HEADER, peers)] if peers else []
     lines += ["", *_table(OFFLOAD_HEADER, offload)] if offload else []
+    prefill = [_prefill_cells(r) for r in rows if r["engine"] == "offload" and "cache_slots" in r]
+    lines += ["", "Prefill of the offload rows (TTFT bound: max(resident TTFT, prefill H2D bytes / measured "
+              "bandwidth)):", "", *_table(PREFILL_HEADER, prefill)] if prefill else []
     if report["problems"]:
         lines += ["", *(f"**{p}**" for p in report["problems"])]
     return "\n".join(lines) + "\n"

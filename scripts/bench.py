@@ -9,7 +9,7 @@ process per configuration.
   [--models olmoe-small,olmoe-1b-7b,qwen3-30b-a3b,mixtral-8x7b,jaxmoe-tiny,DIR] [--model DIR]
   [--engines jaxmoe,hf,hf-accelerate] [--policies ondemand,lru,lfu,predictor] [--sweep-policies lru]
   [--budgets 0.25,0.5,3.8GB,4GiB,auto] [--device-budgets-gib 5,8,16] [--device-gib 80] [--workspace-gib G]
-  [--batch 1,4,16] [--prompt-tokens 128,512,2048] [--prefill-modes stream,stream-serial,routed]
+  [--batch 1,4,16] [--prompt-tokens 128,512,2048] [--prefill-modes stream,stream-serial,routed,injit]
   [--dtypes bfloat16] [--new-tokens N] [--repeats R] [--accelerate-new-tokens N] [--accelerate-repeats R]
   [--cpu-threads T] [--seed S] [--out-dir docs/bench] [--name STEM] [--no-plots]
   [--resume] [--stop-after SECONDS] [--worker-timeout SECONDS] [--json]
@@ -76,8 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="'auto': memory kept for activations (default: estimated from the prefill expert pass)")
     p.add_argument("--batch", default="1", help="comma list of batch sizes; the first is the main point")
     p.add_argument("--prompt-tokens", help="comma list; the first is the main point (default 128,512 CPU, 128 GPU)")
-    p.add_argument("--prefill-modes", default="", help="offload prefill modes at the other prompt lengths: "
-                   + ",".join(matrix.PREFILL_MODES))
+    p.add_argument("--prefill-modes", default="", help="offload prefill modes, run at every point (default: "
+                   "the engine picks): " + ",".join(matrix.PREFILL_MODES))
     p.add_argument("--new-tokens", type=int, help="tokens per timed run (>= 2); default 32 CPU, 128 GPU")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per row after the warm-up")
     p.add_argument("--accelerate-new-tokens", type=int, default=16,

@@ -97,6 +97,18 @@ def test_matrix_main_point_and_sweeps():
     assert len({j.key for j in jobs}) == len(jobs)  # keys name raw result files: they must not collide
 
 
+def test_prefill_modes_become_engine_arguments_at_every_point():
+    script = bench_script()
+    args = script.parse_args(["--models", "olmoe-small", "--engines", "", "--policies", "lru,lfu", "--budgets", "0.5",
+                              "--prompt-tokens", "128,512", "--prefill-modes", "stream,stream-serial"])  # fmt: skip
+    jobs, _ = script.matrix.model_jobs(args, args.models[0], "bfloat16")
+    modes = [(j.prompt_tokens, j.policy, j.prefill) for j in jobs if j.prefill]
+    assert modes == [(p, "lru", m) for p in (128, 512) for m in ("stream", "stream-serial")]
+    serial = next(j for j in jobs if j.prefill == "stream-serial")
+    assert script.matrix.spec(args, serial)["engine_kwargs"] == {"prefill": "stream", "prefill_overlap": False}
+    assert "engine_kwargs" not in script.matrix.spec(args, next(j for j in jobs if j.worker == "offload"))
+
+
 def test_resident_rows_skipped_when_weights_exceed_the_device():
     script = bench_script()
     args = script.parse_args(["--gpu", "--models", "mixtral-8x7b", "--engines", "jaxmoe,hf"])
