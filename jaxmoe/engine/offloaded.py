@@ -269,16 +269,15 @@ class OffloadedEngine:
             x = self._experts_passes(step, layer, piece, x_in, h, ids_host, weights, valid.reshape(-1), prefetch)
         return x
 
-    def _prefetch(self, step: int, layer: int, picks: np.ndarray, probs: np.ndarray, valid_rows) -> None:
-        """Issue copies for the next MoE layer's most probable experts (best first, the
-        union over live rows), before this layer's expert program is dispatched."""
+    def _predicted(self, layer: int, picks: np.ndarray, probs: np.ndarray, valid_rows) -> list[int]:
+        """The next MoE layer's most probable experts (the union over live rows, best first,
+        at most prefetch_max), shown to the policy before this layer's demand is planned."""
         best: dict[int, float] = {}
         for e, p in zip(picks[valid_rows].ravel(), probs[valid_rows].ravel()):
             best[int(e)] = max(best.get(int(e), 0.0), float(p))
         ranked = sorted(best, key=lambda e: (-best[e], e))[: self.cache.prefetch_max]
-        nxt = self.next_moe[layer]
-        self.cache.schedule.policy.observe(nxt, {e: best[e] for e in ranked})
-        self.cache.prefetch(self.cache.schedule.plan_prefetch(step, nxt, ranked))
+        self.cache.schedule.policy.observe(self.next_moe[layer], {e: best[e] for e in ranked})
+        return ranked
 
     def _experts_passes(self, step, layer, piece, x, h, ids_host, weights, valid_rows, prefetch=None):
         needed = np.unique(ids_host[valid_rows])
@@ -288,11 +287,15 @@ class OffloadedEngine:
         unique = min(num_unique_experts(self.config.num_experts, n, k), self.cache.num_slots)
         y = self._zero_rows(n, k, x.dtype)
         out = x
-        for plan in self.cache.schedule.plan_layer(step, layer, needed):
+        predicted, nxt = [], self.next_moe[layer]
+        if prefetch is not None:
+            predicted = self._predicted(layer, *prefetch, valid_rows)
+        protect = [(nxt, e) for e in predicted]
+        for plan in self.cache.schedule.plan_layer(step, layer, needed, protect):
             staged, staged_slots, copies = self.cache.issue(plan)
             self.cache.wait(copies)
-            if prefetch is not None:  # decode has one pass per layer
-                self._prefetch(step, layer, *prefetch, valid_rows)
+            if predicted:  # decode has one pass per layer; the copies go out before its expert program
+                self.cache.prefetch(self.cache.schedule.plan_prefetch(step, nxt, predicted))
             table = np.full(self.config.num_experts, -1, np.int32)
             table[list(plan.experts)] = plan.slots
             slot_ids = table[ids_host]

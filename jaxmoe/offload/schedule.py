@@ -79,8 +79,11 @@ class Schedule:
         heapq.heappush(self._free, slot)
         return slot
 
-    def plan_layer(self, step: int, layer: int, needed: Sequence[int]) -> list[PassPlan]:
+    def plan_layer(self, step: int, layer: int, needed: Sequence[int], protect: Sequence[Key] = ()) -> list[PassPlan]:
+        """The demand passes of `layer`; `protect`: keys not to evict (the next layer's
+        predicted experts, about to be prefetched)."""
         needed = sorted(set(int(e) for e in needed))
+        protect = set(protect)
         evicted: list[Key] = []
         # With no staging room every expert is preloaded and nothing may be evicted.
         if self.policy.keep_only_current and self.staging:
@@ -96,14 +99,18 @@ class Schedule:
             room = self.num_slots - len(hits)
             take = misses[: min(self.staging, room)]
             misses = misses[len(take) :]
-            passes.append(self._plan_pass(step, layer, len(passes), hits, take, evicted))
+            passes.append(self._plan_pass(step, layer, len(passes), hits, take, evicted, protect))
             hits, evicted = [], []
         self.executed.extend(passes)
         return passes
 
-    def _plan_pass(self, step, layer, index, hits, misses, evicted) -> PassPlan:
+    def _plan_pass(self, step, layer, index, hits, misses, evicted, protect=frozenset()) -> PassPlan:
         self._tick += 1
         pinned = {(layer, e) for e in hits + misses}
+        # Protection yields when nothing else could go (a tiny cache): the demand pass must fit.
+        unprotected = len([k for k in self.slot_of if k not in pinned | protect])
+        if unprotected + len(self._free) >= len(misses):
+            pinned |= protect
         loads = []
         for e in misses:
             if not self._free:

@@ -143,9 +143,9 @@ def simulate_prefetch(
     """The runtime's predictor policy: Schedule + PredictorAware, driven as the offloaded engine drives them.
 
     ids [n, Lm, K] actual routing; probs [n, R, E] the predicted distribution of MoE
-    layer j+1, made at layer j. Per request: the demand plan of layer j, then the
-    top-`prefetch` predictions for layer j+1 are observed by the policy and planned
-    as a prefetch. Tokens before `predict_from` predict nothing (the engine's prefill).
+    layer j+1, made at layer j. Per request: the top-`prefetch` predictions for layer
+    j+1 are observed by the policy, layer j's demand is planned with them protected,
+    then they are planned as a prefetch. Tokens before `predict_from` predict nothing (the engine's prefill).
     """
     requests = decode_requests(ids, moe_layers)
     _check_capacity(requests, capacity)
@@ -155,13 +155,16 @@ def simulate_prefetch(
     for t in range(ids.shape[0]):
         for j, layer in enumerate(moe_layers):
             needed = requests[t * lm + j][2]
-            for plan in schedule.plan_layer(t, layer, needed):
-                res.demand_misses += len(plan.loads)
-                res.prefetch_used += len(plan.prefetched_hits)
+            ranked = []
             if j + 1 < lm and t >= predict_from and prefetch > 0:
                 p = probs[t, j]
                 ranked = [int(e) for e in np.argsort(-p, kind="stable")[:prefetch]]
                 schedule.policy.observe(moe_layers[j + 1], {e: float(p[e]) for e in ranked})
+            protect = [(moe_layers[j + 1], e) for e in ranked]
+            for plan in schedule.plan_layer(t, layer, needed, protect):
+                res.demand_misses += len(plan.loads)
+                res.prefetch_used += len(plan.prefetched_hits)
+            if ranked:
                 res.prefetch_loads += len(schedule.plan_prefetch(t, moe_layers[j + 1], ranked).loads)
             res.requests += 1
             res.needed += len(needed)
