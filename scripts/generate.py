@@ -221,7 +221,10 @@ def main(argv=None) -> int:
         cache = ""
         if m["hit_rate"] is not None and m["policy"] != "resident":
             cache = f", {m['policy']} hit rate {m['hit_rate']:.2f}, {m['h2d_bytes'] / 1e6:.1f} MB moved"
-        print(f"[ttft {m['ttft_ms']:.1f} ms, decode {tps} tok/s{cache}]", file=sys.stderr)
+        prefill = ""
+        if m["policy"] != "resident":
+            prefill = f" ({m['prefill_mode']} prefill, {m['prefill_h2d_bytes'] / 1e6:.1f} MB)"
+        print(f"[ttft {m['ttft_ms']:.1f} ms{prefill}, decode {tps} tok/s{cache}]", file=sys.stderr)
     return 0
 
 

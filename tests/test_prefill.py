@@ -21,6 +21,7 @@ from jaxmoe.engine.offloaded import OffloadedEngine
 from jaxmoe.engine.resident import pad_prompts
 from jaxmoe.model import init_kv_cache, num_unique_experts
 from jaxmoe.offload.host_store import HostExpertStore
+from jaxmoe.offload.prefetch import GateAhead
 from jaxmoe.offload.prefill_plan import choose_mode, plan_stream, routed_slot_crossover
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,14 +42,15 @@ def resident_tokens(family: str, batch: int, new: int) -> list:
     return ResidentEngine(cfg, model, experts, prefill_chunk=CHUNK).generate(LONG[:batch], new).token_ids
 
 
-def engine(family: str, experts_in_budget: int | None = None, **kw) -> OffloadedEngine:
+def engine(family: str, experts_in_budget: int | None = None, policy: str = "lru", **kw) -> OffloadedEngine:
     """Default budget: a little over the minimum working set of a batch of four, short of all experts."""
     cfg, model, _, store = setup(family)
     if experts_in_budget is None:
         experts_in_budget = 2 * num_unique_experts(cfg.num_experts, 4, cfg.top_k) + 4
         assert experts_in_budget < len(store.keys())
     kw = {"prefill_chunk": CHUNK, **kw}
-    return OffloadedEngine(cfg, model, store, experts_in_budget * store.expert_bytes, "lru", check_budget=True, **kw)
+    budget = experts_in_budget * store.expert_bytes
+    return OffloadedEngine(cfg, model, store, budget, policy, check_budget=True, **kw)
 
 
 def whole_prompt_logits(family: str, prompts) -> np.ndarray:
@@ -97,6 +99,18 @@ def test_stream_with_and_without_overlap_matches_resident(batch, overlap):
     result = eng.generate(LONG[:batch], 6)
     assert result.token_ids == resident_tokens("olmoe", batch, 6)
     assert result.metrics["prefill_max_streamed_layers"] == (2 if overlap else 1)
+
+
+@pytest.mark.parametrize("policy", ["ondemand", "lfu", "predictor"])
+def test_stream_then_decode_with_every_policy_matches_resident(policy):
+    model = setup("olmoe")[1]
+    predictor = GateAhead(model) if policy == "predictor" else None
+    eng = engine("olmoe", None, policy, prefill="stream", predictor=predictor)
+    result = eng.generate(LONG[:1], 6)
+    assert result.token_ids == resident_tokens("olmoe", 1, 6)
+    assert result.metrics["prefill_mode"] == "stream"
+    retained = [p for p in eng.plan if p.kind == "retain" and p.experts]
+    assert (policy == "ondemand") == (not retained)  # ondemand keeps nothing for decode
 
 
 def test_short_prompts_load_only_routed_experts_and_match():
