@@ -49,18 +49,20 @@ def weight_bytes(cfg) -> int:
 
 
 def workspace_bytes(cfg, batch: int, prompt_tokens: int, slack: int = GIB // 4) -> tuple[int, str]:
-    """Device memory a prefill pass of the offloaded engine needs beyond weights, KV and cache:
-    its expert program gathers U = min(E, tokens x top-k) cache slots ([U, D, 2I] + [U, I, D],
-    a copy) and computes [U, N, 2I] and [U, N, D] activations; plus `slack` for the rest."""
-    from jaxmoe.engine.buckets import prompt_bucket
+    """Device memory the offloaded engine's prefill needs beyond weights, KV and cache: a streamed
+    prefill holds up to two layers of every expert outside the cache budget (its double buffer);
+    a routed pass gathers U = min(E, tokens x top-k) cache slots; either computes [U, N, 2I] and
+    [U, N, D] activations over a chunk of N tokens; plus `slack` for the rest."""
+    from jaxmoe.engine.buckets import DEFAULT_PREFILL_CHUNK, prompt_bucket
 
-    n = batch * prompt_bucket(prompt_tokens)
+    n = batch * min(prompt_bucket(prompt_tokens), DEFAULT_PREFILL_CHUNK)
     u = min(cfg.num_experts, n * cfg.top_k)
-    gather = u * expert_bytes(cfg)
+    stream, gather = 2 * cfg.num_experts * expert_bytes(cfg), u * expert_bytes(cfg)
     acts = u * n * (2 * cfg.expert_intermediate_size + cfg.hidden_size) * ITEMSIZE[cfg.dtype]
-    text = (f"prefill expert pass: gather of {u} experts {gather / 1e9:.3f} GB + activations {acts / 1e9:.3f} GB"
+    text = (f"prefill: max(stream double buffer, 2 layers x {cfg.num_experts} experts {stream / 1e9:.3f} GB; "
+            f"routed gather of {u} experts {gather / 1e9:.3f} GB) + activations {acts / 1e9:.3f} GB"
             f" + slack {slack / 1e9:.3f} GB")  # fmt: skip
-    return gather + acts + slack, text
+    return max(stream, gather) + acts + slack, text
 
 
 @dataclasses.dataclass(frozen=True)
