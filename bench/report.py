@@ -85,6 +85,7 @@ def offload_fields(r: dict, resident: dict, bw: dict | None, demand: int) -> dic
         "ttft_bound_ms": ttft_bound["bound_ms"], "ttft_bound_by": ttft_bound["bound_by"],
         "ttft_over_bound": stats.ratio(r.get("ttft_ms"), ttft_bound["bound_ms"]),
         "ttft_transfer_floor_ms": stats.transfer_ms(prefill_bytes, gbps),
+        "achieved_prefill_h2d_GBps": stats.achieved_gbps(prefill_bytes, (r.get("prefill_transfer_ms") or 0) / 1e3),
         **{k: r.get(k) for k in PREFILL_METRICS if k in r},
     }  # fmt: skip
 
