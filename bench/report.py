@@ -175,6 +175,17 @@ def code_version(root) -> dict:
     return {"commit": git("rev-parse", "--short", "HEAD") or None, "uncommitted": dirty}
 
 
+def add_batch_gains(rows: list[dict]) -> None:
+    """`throughput_vs_batch1`: decode tok/s over the same configuration's at batch 1 (same model,
+    policy, budget spec, prefill mode and prompt), how much batching pays."""
+    def config(r):
+        return r["model"], r["policy"], r.get("budget_spec"), r["prefill"], r["prompt_tokens"], r["device_budget_bytes"]
+
+    single = {config(r): r["decode_tokens_per_s"] for r in rows if r["batch"] == 1 and r["decode_tokens_per_s"]}
+    for r in rows:
+        r["throughput_vs_batch1"] = stats.ratio(r["decode_tokens_per_s"], single.get(config(r)))
+
+
 def make_report(args, jobs: list, results: dict, arithmetic: list[str]) -> dict:
     look, problems = Lookup(results), []
     for job in jobs:
@@ -182,6 +193,7 @@ def make_report(args, jobs: list, results: dict, arithmetic: list[str]) -> dict:
         if job.worker == "bandwidth" and ("error" in r or "not_run" in r):
             problems.append(f"{job.model.name}: bandwidth not measured: {r.get('error') or r['not_run']}")
     rows = [make_row(j, results[j], look, problems) for j in jobs if j.worker != "bandwidth"]
+    add_batch_gains(rows)
     loads = [r["loadavg_at_start"] for r in rows if r["loadavg_at_start"] is not None]
     left = [f"{r['model']} {r['policy']}" for r in rows if r["not_run"]]
     if left:

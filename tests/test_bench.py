@@ -53,6 +53,18 @@ def test_bound_is_max_of_compute_and_transfer():
     assert stats.achieved_gbps(0, 0.5) is None
 
 
+def test_batch_gain_compares_the_same_configuration_at_batch_1():
+    from bench.report import add_batch_gains
+
+    def row(batch, rate, budget="auto@16GiB"):
+        return {"model": "m", "policy": "lru", "budget_spec": budget, "prefill": None, "prompt_tokens": 128,
+                "device_budget_bytes": 16, "batch": batch, "decode_tokens_per_s": rate}  # fmt: skip
+
+    rows = [row(1, 10.0), row(4, 30.0), row(16, 80.0), row(16, 50.0, budget="0.5")]
+    add_batch_gains(rows)
+    assert [r["throughput_vs_batch1"] for r in rows] == [1.0, 3.0, 8.0, None]
+
+
 def test_shapes_match_the_released_models():
     """Parameter counts of the full-size shapes as jaxmoe builds them (bf16: 2 bytes each)."""
     counts = {name: B.weight_bytes(resolve(name).config("bfloat16")) / 2e9 for name in
