@@ -82,20 +82,6 @@ def test_budget_geometry():
         plan_geometry(16 * 10, 10, total_experts=64, unique_max=8)
 
 
-def test_predictor_policy_scores_unpredicted_layers_by_use_not_zero():
-    policy = make_policy("predictor")
-    for tick in range(4):  # layer 0, never predicted: expert 1 used at every visit, expert 2 once
-        policy.on_use((0, 1), tick)
-    policy.on_use((0, 2), 0)
-    policy.on_use((1, 5), 9)
-    policy.observe(1, {5: 0.3})
-    # (0, 1): share 4/4 x 5 uses = 5 > (1, 5): 0.3 x 2 = 0.6 (a zero score would evict (0, 1) first).
-    assert policy.victim([(0, 1), (1, 5)]) == (1, 5)
-    assert policy.victim([(0, 1), (0, 2), (1, 5)]) == (0, 2)  # 1/4 x 2 = 0.5
-    policy.observe(1, {6: 0.9})  # the latest prediction for layer 1 leaves expert 5 out: chance 0
-    assert policy.victim([(0, 2), (1, 5)]) == (1, 5)
-
-
 def test_demand_plan_protects_the_next_layers_predictions_while_it_can():
     schedule = Schedule(num_slots=4, staging=4, policy=make_policy("lru"))
     schedule.plan_layer(0, 1, [0, 1])  # the oldest: LRU would evict these first

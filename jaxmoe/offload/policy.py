@@ -68,10 +68,11 @@ class LFU(EvictionPolicy):
 
 class PredictorAware(EvictionPolicy):
     """For prediction-driven prefetch: evict the expert least likely to be needed soon,
-    lowest predicted probability x use count (FineMoE's rule); ties go LRU. An expert of
-    a layer no prediction covers (the first MoE layer) is scored by its share of that
-    layer's visits instead of 0, so those layers are not always evicted first. The
-    schedule protects the experts predicted for the next layer."""
+    lowest predicted probability x use count (FineMoE's rule); ties go LRU. An expert
+    without a current prediction scores 0. (Scoring a never-predicted layer's experts
+    by their share of that layer's visits instead cut demand misses but moved more
+    bytes in total on the shipped model: see docs/PREDICTOR.md.) The schedule
+    protects the experts predicted for the next layer."""
 
     name = "predictor"
 
@@ -79,30 +80,21 @@ class PredictorAware(EvictionPolicy):
         self.uses: collections.Counter[Key] = collections.Counter()
         self.last_use: dict[Key, int] = {}
         self.predicted: dict[Key, float] = {}
-        self.predicted_layers: set[int] = set()
-        self.visits: collections.Counter[int] = collections.Counter()  # layer -> passes that used it
-        self._last_tick: dict[int, int] = {}
 
     def on_use(self, key: Key, tick: int) -> None:
         self.uses[key] += 1
         self.last_use[key] = tick
-        if self._last_tick.get(key[0]) != tick:
-            self._last_tick[key[0]] = tick
-            self.visits[key[0]] += 1
 
     def observe(self, layer: int, probabilities: dict[int, float]) -> None:
         """The latest prediction for `layer` replaces the previous one."""
         self.predicted = {k: p for k, p in self.predicted.items() if k[0] != layer}
         self.predicted.update(((layer, e), p) for e, p in probabilities.items())
-        self.predicted_layers.add(layer)
-
-    def _chance(self, key: Key) -> float:
-        if key[0] in self.predicted_layers:
-            return self.predicted.get(key, 0.0)
-        return self.uses[key] / max(1, self.visits[key[0]])
 
     def victim(self, candidates: Iterable[Key]) -> Key:
-        return min(candidates, key=lambda k: (self._chance(k) * (self.uses[k] + 1), self.last_use.get(k, -1), k))
+        return min(
+            candidates,
+            key=lambda k: (self.predicted.get(k, 0.0) * (self.uses[k] + 1), self.last_use.get(k, -1), k),
+        )
 
 
 POLICIES = {p.name: p for p in (OnDemand, LRU, LFU, PredictorAware)}
