@@ -39,7 +39,7 @@ from jaxmoe.engine.sampling import SamplingParams, sample
 from jaxmoe.engine.stream_prefill import StreamStats, compile_stream, run_stream
 from jaxmoe.model import ExpertWeights, MoEDecoder, combine, expert_rows, init_kv_cache, moe_ffn, num_unique_experts
 from jaxmoe.model.decoder import head_logits
-from jaxmoe.offload.cache import DeviceExpertCache, plan_geometry
+from jaxmoe.offload.cache import DeviceExpertCache, plan_geometry, write_slots
 from jaxmoe.offload.host_store import HostExpertStore
 from jaxmoe.offload.prefetch import NextLayerScorer, load_scorer, next_moe_layers
 from jaxmoe.offload.policy import make_policy
@@ -104,10 +104,7 @@ def _experts(layer, x, h, slot_ids, in_pass, weights, y_prev, pool, staged, stag
     Rows outside the pass keep y_prev, so after a layer's last pass y holds every row,
     each computed exactly as the resident kernel computes it.
     """
-    gate_up, down = pool
-    for (s_gate_up, s_down), slot in zip(staged, staged_slots):
-        gate_up = gate_up.at[slot].set(s_gate_up, mode="drop")  # padding slot S is out of range
-        down = down.at[slot].set(s_down, mode="drop")
+    gate_up, down = write_slots(pool, staged, staged_slots)
     anchor = slot_ids.reshape(-1)[jnp.argmax(in_pass.reshape(-1))]  # any slot of this pass
     ids = jnp.where(in_pass, slot_ids, anchor)
     y_pass = expert_rows(h, ids, ExpertWeights(gate_up, down), num_unique)
