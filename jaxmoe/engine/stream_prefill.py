@@ -67,72 +67,93 @@ class StreamStats:
     transfer_s: float = 0.0  # copy time per layer, from when its copies could start to when they landed
 
 
-
 def run_stream(engine, plan: PrefillPlan, x, positions, valid, kv: list) -> tuple[jax.Array, StreamStats]:
     """Execute `plan` on x [B, P, D] (embedded prompt), positions/valid [B, P]; kv is
     updated in place (per layer). Returns the final x and the timing stats."""
-    cache, cfg = engine.cache, engine.config
-    moe_layers = [layer for layer in range(cfg.num_layers) if cfg.moe_layers[layer]]
-    quotas = cache.schedule.retain_quotas(moe_layers)
-    width = max(quotas.values(), default=0)
-    positions, valid = jnp.asarray(positions), jnp.asarray(valid)
-    starts = [jnp.int32(s) for s in range(0, x.shape[1], plan.chunk)]
-    layer_experts: dict[int, dict] = {}
-    copies: dict[int, tuple[list, float]] = {}  # layer -> (host copies, issue time)
-    counts: dict[int, jax.Array] = {}
-    # Retained experts stay; so do cached ones the plan takes from the cache for a later layer.
-    retained: set = set()
-    to_take = {(s.layer, e) for s in plan.steps if s.op == "copy" for e in s.cached}
-    stats, landed = StreamStats(), (0.0, 0.0)
-    fetch = None  # (layer, experts, pinned host arrays) for the injit variant's next program
+    run = _StreamRun(engine, plan, x, positions, valid, kv)
     for step in plan.steps:
-        layer, piece = step.layer, engine.layers[step.layer]
-        if step.op == "copy" and step.in_jit:  # made by the next compute's last program
-            layer_experts[layer], _ = cache.stream(layer, (), step.cached)
-            fetch = (layer, step.sent, cache.host_experts(layer, step.sent))
-        elif step.op == "copy":
-            layer_experts[layer], sent = cache.stream(layer, step.sent, step.cached)
-            copies[layer] = (sent, _clock(engine))
-        if step.op == "copy":
-            to_take -= {(layer, e) for e in step.cached}
-        elif step.op == "compute" and not cfg.moe_layers[layer]:
-            for start in starts:
-                x, kv[layer] = engine._run(
-                    "dense_chunk", _dense_chunk, {"chunk": plan.chunk}, (0, 3), piece, x, positions, start, kv[layer]
+        getattr(run, step.op)(step)
+    return run.x, run.stats
+
+
+class _StreamRun:
+    """The state of one streamed prefill while the host walks its plan, one method per step kind."""
+
+    def __init__(self, engine, plan: PrefillPlan, x, positions, valid, kv: list):
+        cfg = engine.config
+        self.engine, self.cache, self.cfg, self.plan, self.kv = engine, engine.cache, cfg, plan, kv
+        self.x, self.positions, self.valid = x, jnp.asarray(positions), jnp.asarray(valid)
+        self.starts = [jnp.int32(s) for s in range(0, x.shape[1], plan.chunk)]
+        self.quotas = self.cache.schedule.retain_quotas([m for m in range(cfg.num_layers) if cfg.moe_layers[m]])
+        self.width = max(self.quotas.values(), default=0)
+        self.layer_experts: dict[int, dict] = {}  # layer -> expert id -> (gate_up, down) on the device
+        self.copies: dict[int, tuple[list, tuple]] = {}  # layer -> (host copies, clock at issue)
+        self.counts: dict[int, jax.Array] = {}  # layer -> [E] tokens that chose each expert
+        self.fetch = None  # injit: (layer, experts, pinned host arrays) for the next program to copy
+        # Retained experts stay; so do cached ones the plan takes from the cache for a later layer.
+        self.retained: set = set()
+        self.to_take = {(s.layer, e) for s in plan.steps if s.op == "copy" for e in s.cached}
+        self.stats, self.landed = StreamStats(), (0.0, 0.0)
+
+    def copy(self, step) -> None:
+        layer = step.layer
+        if step.in_jit:  # the next compute's last program makes these copies
+            self.layer_experts[layer], _ = self.cache.stream(layer, (), step.cached)
+            self.fetch = (layer, step.sent, self.cache.host_experts(layer, step.sent))
+        else:
+            self.layer_experts[layer], sent = self.cache.stream(layer, step.sent, step.cached)
+            self.copies[layer] = (sent, _clock(self.engine))
+        self.to_take -= {(layer, e) for e in step.cached}
+
+    def compute(self, step) -> None:
+        layer, piece, kv = step.layer, self.engine.layers[step.layer], self.kv
+        static = {"chunk": self.plan.chunk}
+        if not self.cfg.moe_layers[layer]:
+            for start in self.starts:
+                self.x, kv[layer] = self.engine._run(
+                    "dense_chunk", _dense_chunk, static, (0, 3), piece, self.x, self.positions, start, kv[layer]
                 )
-        elif step.op == "compute":
-            sent, issued = copies.pop(layer, ([], None))
-            if sent:
-                wait_start = time.perf_counter()
-                jax.block_until_ready(sent)
-                now = _clock(engine)
-                stats.stall_s += now[0] - wait_start
-                since = max(issued, landed)  # copies of one stream land in order
-                stats.transfer_s += (now[0] - since[0]) - (now[1] - since[1])
-                landed = now
-            experts = tuple(layer_experts[layer][e] for e in range(cfg.num_experts))
-            total = jnp.zeros((cfg.num_experts,), jnp.int32)
-            for start in starts[:-1] if fetch else starts:
-                x, kv[layer], total = engine._run(
-                    "moe_chunk", _moe_chunk, {"chunk": plan.chunk}, (0, 4, 5), piece,
-                    x, positions, valid, start, kv[layer], total, experts,
-                )  # fmt: skip
-            if fetch:
-                x, kv[layer], total, fetched = engine._run(
-                    "moe_chunk_fetch", _moe_chunk_fetch, {"chunk": plan.chunk}, (0, 4, 5), piece,
-                    x, positions, valid, starts[-1], kv[layer], total, experts, fetch[2], options=FETCH_OPTIONS,
-                )  # fmt: skip
-                layer_experts[fetch[0]].update(zip(fetch[1], fetched))
-                fetch = None
-            counts[layer] = total
-        elif step.op == "release":
-            used = np.asarray(counts.pop(layer))  # waits for the layer's computation
-            ranked = sorted(range(cfg.num_experts), key=lambda e: (-int(used[e]), e))
-            ranked = [e for e in ranked if used[e] > 0]
-            retain = cache.schedule.plan_retain(0, layer, ranked, quotas[layer], retained | to_take)
-            retained.update((layer, e) for e in retain.experts)
-            cache.retain(retain, layer_experts.pop(layer), width)
-    return x, stats
+            return
+        self._wait_for_copies(layer)
+        experts = tuple(self.layer_experts[layer][e] for e in range(self.cfg.num_experts))
+        total = jnp.zeros((self.cfg.num_experts,), jnp.int32)
+        for start in self.starts[:-1] if self.fetch else self.starts:
+            self.x, kv[layer], total = self.engine._run(
+                "moe_chunk", _moe_chunk, static, (0, 4, 5), piece,
+                self.x, self.positions, self.valid, start, kv[layer], total, experts,
+            )  # fmt: skip
+        if self.fetch:
+            next_layer, sent, host = self.fetch
+            self.x, kv[layer], total, fetched = self.engine._run(
+                "moe_chunk_fetch", _moe_chunk_fetch, static, (0, 4, 5), piece,
+                self.x, self.positions, self.valid, self.starts[-1], kv[layer], total, experts, host,
+                options=FETCH_OPTIONS,
+            )  # fmt: skip
+            self.layer_experts[next_layer].update(zip(sent, fetched))
+            self.fetch = None
+        self.counts[layer] = total
+
+    def _wait_for_copies(self, layer: int) -> None:
+        """Block until the layer's host-issued copies land: the device has nothing else
+        queued (the previous layer was released), so this is stall."""
+        sent, issued = self.copies.pop(layer, ([], None))
+        if not sent:
+            return
+        wait_start = time.perf_counter()
+        jax.block_until_ready(sent)
+        now = _clock(self.engine)
+        self.stats.stall_s += now[0] - wait_start
+        since = max(issued, self.landed)  # copies of one stream land in order
+        self.stats.transfer_s += (now[0] - since[0]) - (now[1] - since[1])
+        self.landed = now
+
+    def release(self, step) -> None:
+        layer, e_count = step.layer, self.cfg.num_experts
+        used = np.asarray(self.counts.pop(layer))  # waits for the layer's computation
+        ranked = [e for e in sorted(range(e_count), key=lambda e: (-int(used[e]), e)) if used[e] > 0]
+        plan = self.cache.schedule.plan_retain(0, layer, ranked, self.quotas[layer], self.retained | self.to_take)
+        self.retained.update((layer, e) for e in plan.experts)
+        self.cache.retain(plan, self.layer_experts.pop(layer), self.width)
 
 
 def compile_stream(engine, batch: int, p_len: int, chunk: int, cache_len: int) -> jax.ShapeDtypeStruct:
