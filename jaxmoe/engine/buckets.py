@@ -40,7 +40,8 @@ def check_chunk(chunk: int) -> int:
     return chunk
 
 
-def chunk_starts(prompt_bucket_len: int, chunk: int) -> list[int]:
-    """Start of each chunk of a prompt bucket (one chunk when the bucket fits in one)."""
+def chunk_starts(prompt_bucket_len: int, chunk: int) -> tuple[int, list[int]]:
+    """(tokens per chunk, start of each chunk) of a prompt bucket: one chunk of the
+    whole bucket when it fits in one."""
     size = min(prompt_bucket_len, chunk)
-    return list(range(0, prompt_bucket_len, size))
+    return size, list(range(0, prompt_bucket_len, size))

@@ -212,15 +212,15 @@ class OffloadedEngine:
         returns the stream plan such a prompt would execute with the cache as it is now."""
         p_len = prompt_bucket(prompt_tokens)
         cache_len = cache_bucket(p_len, max_new_tokens)
-        starts = chunk_starts(p_len, self.prefill_chunk)
+        size, starts = chunk_starts(p_len, self.prefill_chunk)
         self._ensure_cache(batch)
         spec = jax.ShapeDtypeStruct
         self._program("embed", _embed, {}, (), self.ends, spec((batch, p_len), jnp.int32))
-        x = compile_stream(self, batch, p_len, p_len // len(starts), cache_len)
+        x = compile_stream(self, batch, p_len, size, cache_len)
         root = jax.eval_shape(lambda: jax.random.key(0))
         index, step = spec((batch,), jnp.int32), spec((), jnp.int32)
         self._program("head", _head, {"sampling": sampling}, (), self.ends, x, index, root, step)
-        return self._stream_plan(p_len // len(starts), len(starts))
+        return self._stream_plan(size, len(starts))
 
     def reset_cache(self) -> None:
         """Drop every cached expert: the next generate starts cold."""
@@ -310,8 +310,7 @@ class OffloadedEngine:
         b, p_len = tokens.shape
         positions = np.broadcast_to(np.arange(p_len, dtype=np.int32), (b, p_len))
         valid = positions < lengths[:, None]
-        starts = chunk_starts(p_len, self.prefill_chunk)
-        size = p_len // len(starts)
+        size, starts = chunk_starts(p_len, self.prefill_chunk)
         routed_slots = int(valid.sum()) * cfg.top_k
         mode = choose_mode(self.prefill_mode, cfg.num_experts, routed_slots, len(starts), self.cache.staging == 0)
         if mode == ROUTED:  # chunk by chunk through every layer, as the resident engine does

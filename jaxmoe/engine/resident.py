@@ -135,8 +135,7 @@ class ResidentEngine:
 
         lengths_dev = jnp.asarray(lengths)
         last = jnp.zeros((b, self.config.hidden_size), self.config.dtype)
-        starts = chunk_starts(p_len, self.prefill_chunk)
-        size = p_len // len(starts)
+        size, starts = chunk_starts(p_len, self.prefill_chunk)
         chunk_args = (self.state, self.experts, jnp.asarray(tokens[:, :size]), jnp.int32(0), lengths_dev, last, kv)
         prefill = self.programs.get("prefill_chunk", self._prefill_chunk, {}, (5, 6), *chunk_args)
         first_args = (self.state, last, lengths_dev, root)

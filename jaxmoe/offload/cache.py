@@ -154,11 +154,15 @@ class DeviceExpertCache:
         if self.check_budget and used > self.budget_bytes:
             raise AssertionError(f"expert cache holds {used} bytes, over its budget of {self.budget_bytes}")
 
-    def _copy(self, layer: int, loads) -> list:
-        if not loads:
+    def _host(self, layer: int, experts: Sequence[int]) -> list:
+        """The pinned host arrays of `experts`, counted as moved to the device."""
+        self.counters.h2d_bytes += len(experts) * self.store.expert_bytes
+        return [self.store.get(layer, e) for e in experts]
+
+    def _copy(self, layer: int, experts: Sequence[int]) -> list:
+        if not experts:
             return []
-        host = [self.store.get(layer, e) for e, _ in loads]
-        self.counters.h2d_bytes += len(loads) * self.store.expert_bytes
+        host = self._host(layer, experts)
         return [tuple(c) for c in jax.device_put(host, self.device)]  # async: returns before the bytes land
 
     def issue(self, plan: PassPlan) -> tuple[tuple, np.ndarray, list]:
@@ -173,7 +177,7 @@ class DeviceExpertCache:
         pending = [p for p in self.pending.pop(plan.layer, []) if p[0] not in evicted]  # slot reused: drop
         for other in self.pending:  # a later layer's prefetch may also have been evicted
             self.pending[other] = [p for p in self.pending[other] if p[0] not in evicted]
-        copies = self._copy(plan.layer, plan.loads)
+        copies = self._copy(plan.layer, [e for e, _ in plan.loads])
         # Copies handed to the expert program count until the next layer's issue.
         self._handed_over = len(copies) + len(pending)
         self._account(self._handed_over + self._in_flight())
@@ -187,7 +191,7 @@ class DeviceExpertCache:
         for key in plan.evicted:
             for layer in self.pending:
                 self.pending[layer] = [p for p in self.pending[layer] if p[0] != key]
-        copies = self._copy(plan.layer, plan.loads)
+        copies = self._copy(plan.layer, [e for e, _ in plan.loads])
         self.counters.prefetch_issued += len(copies)
         entries = [((plan.layer, e), slot, c) for (e, slot), c in zip(plan.loads, copies)]
         self.pending.setdefault(plan.layer, []).extend(entries)
@@ -199,7 +203,7 @@ class DeviceExpertCache:
         expert's (gate_up, down) by id, and the host copies (to wait on)."""
         self.counters.expert_misses += len(sent)
         self.counters.expert_hits += len(cached)
-        copies = self._copy(layer, [(e, None) for e in sent])
+        copies = self._copy(layer, sent)
         out = dict(zip(sent, copies))
         for e in cached:
             out[e] = _take(self.pool, jnp.int32(self.schedule.slot_of[(layer, e)]))
@@ -209,8 +213,7 @@ class DeviceExpertCache:
         """The pinned host arrays of experts a program will copy itself (fetch_in_jit),
         counted as moved."""
         self.counters.expert_misses += len(sent)
-        self.counters.h2d_bytes += len(sent) * self.store.expert_bytes
-        return tuple(tuple(self.store.get(layer, e)) for e in sent)
+        return tuple(tuple(pair) for pair in self._host(layer, sent))
 
     def retain(self, plan: PassPlan, layer_experts: dict[int, tuple], width: int) -> None:
         """Write a retain plan's experts from a streamed layer into their pool slots; the

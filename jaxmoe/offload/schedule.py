@@ -108,9 +108,10 @@ class Schedule:
         self._tick += 1
         pinned = {(layer, e) for e in hits + misses}
         # Protection yields when nothing else could go (a tiny cache): the demand pass must fit.
-        unprotected = len([k for k in self.slot_of if k not in pinned | protect])
-        if unprotected + len(self._free) >= len(misses):
-            pinned |= protect
+        if protect:
+            blocked = pinned | protect
+            if len(self._free) + sum(k not in blocked for k in self.slot_of) >= len(misses):
+                pinned = blocked
         loads = []
         for e in misses:
             if not self._free:
