@@ -48,21 +48,16 @@ def weight_bytes(cfg) -> int:
     return dense_bytes(cfg) + num_experts(cfg) * expert_bytes(cfg)
 
 
-def workspace_bytes(cfg, batch: int, prompt_tokens: int, slack: int = GIB // 4) -> tuple[int, str]:
-    """Device memory the offloaded engine's prefill needs beyond weights, KV and cache: a streamed
-    prefill holds up to two layers of every expert outside the cache budget (its double buffer);
-    a routed pass gathers U = min(E, tokens x top-k) cache slots; either computes [U, N, 2I] and
-    [U, N, D] activations over a chunk of N tokens; plus `slack` for the rest."""
-    from jaxmoe.engine.buckets import DEFAULT_PREFILL_CHUNK, prompt_bucket
+def workspace_bytes(cfg, batch: int, prompt_tokens: int, new_tokens: int = 1) -> tuple[int, str]:
+    """Device memory the offloaded engine declares beyond weights, KV and cache
+    (jaxmoe.offload.workspace), and how it adds up."""
+    from jaxmoe.offload.workspace import workspace_bytes as declared
 
-    n = batch * min(prompt_bucket(prompt_tokens), DEFAULT_PREFILL_CHUNK)
-    u = min(cfg.num_experts, n * cfg.top_k)
-    stream, gather = 2 * cfg.num_experts * expert_bytes(cfg), u * expert_bytes(cfg)
-    acts = u * n * (2 * cfg.expert_intermediate_size + cfg.hidden_size) * ITEMSIZE[cfg.dtype]
-    text = (f"prefill: max(stream double buffer, 2 layers x {cfg.num_experts} experts {stream / 1e9:.3f} GB; "
-            f"routed gather of {u} experts {gather / 1e9:.3f} GB) + activations {acts / 1e9:.3f} GB"
-            f" + slack {slack / 1e9:.3f} GB")  # fmt: skip
-    return max(stream, gather) + acts + slack, text
+    parts = declared(cfg, batch, prompt_tokens, new_tokens, expert_bytes(cfg))
+    text = (f"the engine's declared workspace: max(streamed {parts['streamed'] / 1e9:.3f} GB, gathered "
+            f"{parts['gathered'] / 1e9:.3f} GB) + activations {parts['activations'] / 1e9:.3f} GB + slack "
+            f"{parts['slack'] / 1e9:.3f} GB")  # fmt: skip
+    return parts["total"], text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +76,7 @@ def fit_within(cfg, batch: int, prompt_tokens: int, new_tokens: int,
     dense, one = dense_bytes(cfg), expert_bytes(cfg)
     kv = kv_bytes(cfg, batch, prompt_tokens, new_tokens)
     if workspace is None:
-        workspace, why = workspace_bytes(cfg, batch, prompt_tokens)
+        workspace, why = workspace_bytes(cfg, batch, prompt_tokens, new_tokens)
     else:
         why = "given with --workspace-gib"
     left = device_bytes - dense - kv - workspace

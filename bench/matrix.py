@@ -31,6 +31,10 @@ PREFILL_MODES = {"stream": {"prefill": "stream"}, "stream-serial": {"prefill": "
                  "routed": {"prefill": "routed"}, "injit": {"prefill": "injit"}}  # fmt: skip
 
 
+# Workers that put a model's experts in pinned host memory.
+PINNED_WORKERS = ("offload", "prefill_modes", "phases")
+
+
 @dataclasses.dataclass(frozen=True)
 class Job:
     worker: str  # bench.workers.WORKERS
@@ -140,7 +144,7 @@ def raw_dir(args) -> Path:
 
 def worker_env(args, job: Job) -> dict:
     env = {**getattr(args, "worker_base_env", os.environ), "XLA_PYTHON_CLIENT_PREALLOCATE": "false", "PYTHONPATH": str(Path(__file__).parents[1])}
-    if job.worker == "offload":
+    if job.worker in PINNED_WORKERS:
         # Raise the pinned pool limit before XLA starts (Mixtral's experts are ~90 GB; the default is 64).
         need = B.num_experts(job.model.config(job.dtype)) * B.expert_bytes(job.model.config(job.dtype))
         env.setdefault("XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB", str(max(64, int(need / 1e9 * 1.05) + 2)))

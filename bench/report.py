@@ -135,6 +135,7 @@ def make_row(job, r: dict, look: Lookup, problems: list[str]) -> dict:
         row["placement"] = p and {k: v for k, v in p.items() if k != "device_map"}
         # Every CPU-placed weight crosses per forward, i.e. per decode step.
         row["h2d_bytes_per_token"] = p["offloaded_bytes_per_forward"] / job.batch if p else None
+        row["ttft_ms_at"] = r.get("ttft_ms_at")  # TTFT at other prompt lengths, when asked
     if job.worker == "offload":
         b = job.budget
         row |= {"budget_spec": b.spec, "budget_note": b.note, "budget_experts": b.experts,
@@ -169,7 +170,7 @@ def code_version(root) -> dict:
     import subprocess
 
     def git(*a):
-        return subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True).stdout.strip()
+        return subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True).stdout.rstrip()
 
     dirty = [line[3:] for line in git("status", "--porcelain", "--", "jaxmoe", "bench", "scripts").splitlines()]
     return {"commit": git("rev-parse", "--short", "HEAD") or None, "uncommitted": dirty}

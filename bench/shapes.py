@@ -46,6 +46,28 @@ SHAPES = {
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
         max_position_embeddings=4096,
     ),
+    # One tiny model per family for the GPU check's exactness step: 16 experts over 3-4 layers give
+    # the cache something to evict at half the experts; each family's own options are on.
+    "mixtral-tiny16": _MIXTRAL | dict(
+        vocab_size=256, hidden_size=64, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=16, num_experts_per_tok=2, max_position_embeddings=4096,
+    ),
+    "olmoe-tiny16": _OLMOE | dict(
+        vocab_size=256, hidden_size=64, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=4, num_experts=16, num_experts_per_tok=2, clip_qkv=0.5, norm_topk_prob=True,
+    ),
+    "qwen2-moe-tiny16": {"model_type": "qwen2_moe", "architectures": ["Qwen2MoeForCausalLM"]} | dict(
+        vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=48,
+        shared_expert_intermediate_size=80, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        num_experts=16, num_experts_per_tok=2, mlp_only_layers=[1], decoder_sparse_step=1, norm_topk_prob=False,
+        qkv_bias=True, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False, use_sliding_window=False,
+        max_position_embeddings=4096,
+    ),
+    "qwen3-moe-tiny16": _QWEN3 | dict(
+        vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=48, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=24, num_experts=16, num_experts_per_tok=2,
+        mlp_only_layers=[0], max_position_embeddings=4096,
+    ),
     "qwen3-30b-a3b": _QWEN3 | dict(  # Qwen/Qwen3-30B-A3B: 30.5 B params
         vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
         num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,

@@ -146,9 +146,15 @@ def worker_hf_accelerate(spec: dict) -> dict:
     vocab = model.config.vocab_size
     run = lambda n: hf.generate(model, prompts(spec, vocab), n, device="cuda")  # noqa: E731
     out = timed_runs(lambda: run(spec["new_tokens"]), spec["repeats"], warmup=lambda: run(2))
+    # TTFT at other prompt lengths (the GPU check's prefill table): one token each, after a warm-up.
+    ttft = {}
+    for n in spec.get("prefill_tokens", ()):
+        ids = prompts({**spec, "prompt_tokens": n}, vocab)
+        hf.generate(model, ids, 1, device="cuda")
+        ttft[str(n)] = hf.generate(model, ids, 1, device="cuda")["ttft_ms"]
     versions = {**torch_versions(), "accelerate": __import__("accelerate").__version__}
     return {**out, "peak_device_bytes": torch.cuda.max_memory_allocated(), "expert_bytes": None,
-            "compile_ms": None, "placement": placement, "versions": versions}  # fmt: skip
+            "compile_ms": None, "placement": placement, "versions": versions, "ttft_ms_at": ttft}  # fmt: skip
 
 
 def worker_jaxmoe(spec: dict) -> dict:
@@ -229,11 +235,20 @@ WORKERS = {"jaxmoe": worker_jaxmoe, "hf": worker_hf, "hf-accelerate": worker_hf_
            "offload": worker_offload, "bandwidth": worker_bandwidth}  # fmt: skip
 
 
+def worker(name: str):
+    """The benchmark's workers, then the GPU check's (bench/check_workers.py)."""
+    if name in WORKERS:
+        return WORKERS[name]
+    from bench.check_workers import WORKERS as CHECK
+
+    return CHECK[name]
+
+
 def run(spec: dict) -> dict:
     load = os.getloadavg()[0]  # the machine may be shared: record how busy it was
     start = time.perf_counter()
     try:
-        result = WORKERS[spec["worker"]](spec)
+        result = worker(spec["worker"])(spec)
     except BaseException as e:  # the report names the failure instead of "status 1"
         traceback.print_exc()
         result = {"error": f"{type(e).__name__}: {e}".strip()[:500]}

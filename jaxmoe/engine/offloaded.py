@@ -33,6 +33,7 @@ from jaxmoe.config import MoEConfig
 from jaxmoe.engine.buckets import DEFAULT_PREFILL_CHUNK, cache_bucket, check_chunk, chunk_starts, prompt_bucket
 from jaxmoe.engine.metrics import device_peak_bytes, tree_bytes
 from jaxmoe.engine.outputs import TokenCollector, timing_metrics
+from jaxmoe.engine.phases import PhaseClock
 from jaxmoe.engine.programs import Programs
 from jaxmoe.engine.resident import GenerationResult, pad_prompts
 from jaxmoe.engine.sampling import SamplingParams, sample
@@ -158,6 +159,7 @@ class OffloadedEngine:
         self.cache: DeviceExpertCache | None = None
         self.plan: list[PassPlan] = []  # what the last generate executed
         self.prefill_plan: PrefillPlan | None = None  # the last generate's prefill
+        self.clock = PhaseClock()  # off; scripts turn it on to see where a step's time goes
 
     @classmethod
     def from_checkpoint(
@@ -187,7 +189,11 @@ class OffloadedEngine:
         in `args` whose buffers the outputs reuse (the KV cache, the expert pool). The module's
         weights go in as a flat tuple of arrays, so a call costs little host time (it is paid
         per layer)."""
-        return self._program(name, fn, static, donate, piece, *args, options=options)(piece.leaves, *args)
+        program = self._program(name, fn, static, donate, piece, *args, options=options)
+        with self.clock.phase("dispatch"):
+            out = program(piece.leaves, *args)
+        self.clock.device("compute", out)
+        return out
 
     def _program(self, name: str, fn: Callable, static: dict, donate: tuple[int, ...], piece: "_Piece", *args,
                  options=None):  # fmt: skip
@@ -239,6 +245,7 @@ class OffloadedEngine:
                 self.store, self.expert_budget_bytes, make_policy(self.policy_name), unique_max,
                 prefetch_max=unique_max if self.predictor else 0, check_budget=self.check_budget,
             )  # fmt: skip
+        self.cache.clock = self.clock
 
     # -- one forward over the layers --------------------------------------------
     def _forward(self, tokens, positions: np.ndarray, valid: np.ndarray, step: int, kv: list):
@@ -256,12 +263,14 @@ class OffloadedEngine:
                     {"scorer": self.predictor, "top": self.config.top_k}, (2,), piece, x, positions, kv[layer],
                     self.predictor.leaves, jnp.int32(layer),
                 )  # fmt: skip
-                ids_host, picks, probs = jax.device_get((ids, picks, probs))  # the one host sync of this layer
+                with self.clock.phase("host_read"):  # the one host sync of this layer
+                    ids_host, picks, probs = jax.device_get((ids, picks, probs))
             else:
                 x_in, kv[layer], h, ids, weights = self._run(
                     "attend_route", _attend_route, {}, (2,), piece, x, positions, kv[layer]
                 )
-                ids_host, picks, probs = np.asarray(ids), None, None  # the one host sync of this layer
+                with self.clock.phase("host_read"):  # the one host sync of this layer
+                    ids_host, picks, probs = np.asarray(ids), None, None
             prefetch = (picks, probs) if predict and self.next_moe[layer] is not None else None
             x = self._experts_passes(step, layer, piece, x_in, h, ids_host, weights, valid.reshape(-1), prefetch)
         return x
@@ -277,7 +286,6 @@ class OffloadedEngine:
         return ranked
 
     def _experts_passes(self, step, layer, piece, x, h, ids_host, weights, valid_rows, prefetch=None):
-        needed = np.unique(ids_host[valid_rows])
         n, k = ids_host.shape
         # A pass computes at most its own experts (each as one member of the batched
         # contraction, so the count does not change the values): no workspace beyond the cache.
@@ -285,18 +293,24 @@ class OffloadedEngine:
         y = self._zero_rows(n, k, x.dtype)
         out = x
         predicted, nxt = [], self.next_moe[layer]
-        if prefetch is not None:
-            predicted = self._predicted(layer, *prefetch, valid_rows)
-        protect = [(nxt, e) for e in predicted]
-        for plan in self.cache.schedule.plan_layer(step, layer, needed, protect):
+        with self.clock.phase("schedule"):
+            needed = np.unique(ids_host[valid_rows])
+            if prefetch is not None:
+                predicted = self._predicted(layer, *prefetch, valid_rows)
+            protect = [(nxt, e) for e in predicted]
+            plans = self.cache.schedule.plan_layer(step, layer, needed, protect)
+        for plan in plans:
             staged, staged_slots, copies = self.cache.issue(plan)
             self.cache.wait(copies)
             if predicted:  # decode has one pass per layer; the copies go out before its expert program
-                self.cache.prefetch(self.cache.schedule.plan_prefetch(step, nxt, predicted))
-            table = np.full(self.config.num_experts, -1, np.int32)
-            table[list(plan.experts)] = plan.slots
-            slot_ids = table[ids_host]
-            in_pass = (slot_ids >= 0) & valid_rows[:, None]
+                with self.clock.phase("schedule"):
+                    prefetch_plan = self.cache.schedule.plan_prefetch(step, nxt, predicted)
+                self.cache.prefetch(prefetch_plan)
+            with self.clock.phase("schedule"):
+                table = np.full(self.config.num_experts, -1, np.int32)
+                table[list(plan.experts)] = plan.slots
+                slot_ids = table[ids_host]
+                in_pass = (slot_ids >= 0) & valid_rows[:, None]
             out, y, self.cache.pool = self._run(
                 "experts", _experts, {"num_unique": unique}, (6,), piece, x, h,
                 jnp.asarray(np.maximum(slot_ids, 0)), jnp.asarray(in_pass), weights, y,
@@ -377,7 +391,9 @@ class OffloadedEngine:
                 break
             x = self._forward(tok[:, None], pos[:, None], ~out.done[:, None], step, kv)
             tok = self._run("head", _head, head_static, (), self.ends, x, zeros, root, jnp.int32(step))
-            out.add(np.asarray(tok))
+            with self.clock.phase("host_read"):
+                tok_host = np.asarray(tok)
+            out.add(tok_host)
             pos += 1
             steps += 1
         decode_seconds = time.perf_counter() - decode_start - (self.programs.compile_seconds - compiled)

@@ -30,8 +30,13 @@ from jaxmoe.model import combine, expert_rows_from, init_kv_cache, moe_ffn
 from jaxmoe.offload.cache import fetch_in_jit
 from jaxmoe.offload.prefill_plan import PrefillPlan
 
-# The injit variant relies on XLA overlapping in-program copies with compute.
-FETCH_OPTIONS = {"xla_gpu_enable_latency_hiding_scheduler": True} if jax.default_backend() == "gpu" else {}
+
+def fetch_options() -> dict:
+    """Compiler options of the injit programs: they rely on XLA overlapping in-program
+    copies with compute (a GPU option). Asked when a program is compiled, not at import,
+    so importing jaxmoe starts no backend (the pinned pool's size is read when one starts)."""
+    return {"xla_gpu_enable_latency_hiding_scheduler": True} if jax.default_backend() == "gpu" else {}
+
 
 
 def _dense_chunk(layer, x, positions, start, kv, chunk):
@@ -127,7 +132,7 @@ class _StreamRun:
             self.x, kv[layer], total, fetched = self.engine._run(
                 "moe_chunk_fetch", _moe_chunk_fetch, static, (0, 4, 5), piece,
                 self.x, self.positions, self.valid, self.starts[-1], kv[layer], total, experts, host,
-                options=FETCH_OPTIONS,
+                options=fetch_options(),
             )  # fmt: skip
             self.layer_experts[next_layer].update(zip(sent, fetched))
             self.fetch = None

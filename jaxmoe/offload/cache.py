@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmoe.engine.metrics import fmt_bytes, tree_bytes
+from jaxmoe.engine.phases import PhaseClock
 from jaxmoe.offload.host_store import HostExpertStore
 from jaxmoe.offload.policy import EvictionPolicy
 from jaxmoe.offload.schedule import PassPlan, Schedule
@@ -139,6 +140,7 @@ class DeviceExpertCache:
                 stacks = [np.stack([np.asarray(w[part]) for w in experts]) for part in (0, 1)]
                 self.pool = tuple(jax.device_put(stacks, self.device))
         self.counters = CacheCounters()
+        self.clock = PhaseClock()  # the engine shares its own
         self._account(0)
 
     @property
@@ -163,7 +165,10 @@ class DeviceExpertCache:
         if not experts:
             return []
         host = self._host(layer, experts)
-        return [tuple(c) for c in jax.device_put(host, self.device)]  # async: returns before the bytes land
+        with self.clock.phase("copy_issue"):
+            copies = [tuple(c) for c in jax.device_put(host, self.device)]  # async: returns before the bytes land
+        self.clock.device("copy", copies)
+        return copies
 
     def issue(self, plan: PassPlan) -> tuple[tuple, np.ndarray, list]:
         """Start a demand plan's copies (one batched `device_put`); returns the staged
@@ -232,4 +237,7 @@ class DeviceExpertCache:
         if copies:
             start = time.perf_counter()
             jax.block_until_ready(copies)
-            self.counters.stall_s += time.perf_counter() - start
+            waited = time.perf_counter() - start
+            self.counters.stall_s += waited
+            if self.clock.enabled:
+                self.clock.add("copy_wait", waited)

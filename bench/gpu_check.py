@@ -1,0 +1,337 @@
+"""The prepared GPU check: every measurement a first GPU session needs, in one command that
+fits a short lease, each step capped in time and recorded as it finishes.
+
+Steps, in order (caps in seconds on a GPU; `--dry-run` runs the same code on the CPU with
+tiny shapes):
+  environment  devices, versions, memory kinds, memory_stats() keys
+  pytest       `pytest -m gpu` (the GPU-only tests)
+  bandwidth    pinned host -> device, one OLMoE-1B-7B expert and one layer's decode demand
+  exactness    offloaded == resident tokens: shipped model + a tiny model of each family,
+               lru / predictor, smallest legal budget / half the experts, batch 1 / 3, bf16 / fp32
+  decode       OLMoE-1B-7B shape, batch 1, 128-token prompt, 64 new tokens: jaxmoe resident,
+               transformers, transformers + accelerate at 5 GiB, jaxmoe offloaded within 5 GiB
+               (lru, predictor) and 8 GiB (lru), judged against max(resident step, transfers)
+  phases       where one offloaded decode step's time goes (host phases; device time synced)
+  prefill      512 and 2048 tokens: stream, stream without overlap, routed, injit; accelerate at 2048
+  injit_probe  does a dynamic slice of a pinned_host stack inside jit copy only the slice, async?
+Every step runs in its own process(es) (bench.matrix.spawn); a step that fails or overruns
+its cap is recorded with its error, and the next one runs. OUT/gpu_check.json and
+OUT/gpu_check.md are rewritten before and after every step, so the last files are valid
+whenever the command is stopped.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import datetime
+import importlib.util
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Callable
+
+from bench import budgets as B
+from bench import matrix
+from bench.check_report import markdown
+from bench.matrix import Job
+from bench.report import code_version, make_report
+from bench.shapes import DEFAULT_CHECKPOINT, ModelSpec, resolve
+from bench.workers import log
+
+ROOT = Path(__file__).resolve().parents[1]
+FAMILY_MODELS = ("mixtral-tiny16", "olmoe-tiny16", "qwen2-moe-tiny16", "qwen3-moe-tiny16")
+GPU_MODEL, CPU_MODEL = ModelSpec("olmoe-1b-7b", "random"), ModelSpec("olmoe-small", "random")
+DEFAULT_DEADLINE_S = 420.0  # the issue's 7 minutes, compilation included
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    name: str
+    title: str
+    cap_s: float  # on a GPU; a dry run gets the same caps
+    run: Callable[["Check"], tuple[str, dict]]  # -> (status, result); raising records an error
+
+
+class Check:
+    """The run's settings, its bench arguments (for the benchmark's workers) and its record."""
+
+    def __init__(self, opts):
+        self.opts, self.dry = opts, opts.dry_run
+        self.gpu = not self.dry
+        self.out, self.work = Path(opts.out), Path(opts.work_dir or Path(opts.out) / "work")
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.model = CPU_MODEL if self.dry else GPU_MODEL
+        self.bench = bench_args(self)
+        self.deadline = time.perf_counter() + opts.deadline_s
+        self.results: dict[str, dict] = {}  # step name -> result (later steps read earlier ones)
+        self.record = {
+            "check": "gpu_check", "dry_run": self.dry, "date": datetime.date.today().isoformat(),
+            "started": datetime.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv),
+            "code": code_version(ROOT), "deadline_s": opts.deadline_s, "model": self.model.name, "steps": [],
+        }  # fmt: skip
+
+    # -- running workers ------------------------------------------------------------
+    def left(self) -> float:
+        return self.deadline - time.perf_counter()
+
+    def spawn(self, job: Job, spec: dict, cap: float) -> dict:
+        """One worker process, killed after `cap` seconds; what it saved so far survives."""
+        partial = self.work / f"{job.key}.partial.json"
+        partial.unlink(missing_ok=True)
+        self.bench.worker_timeout = max(1.0, cap)
+        result = matrix.spawn(self.bench, job, {**spec, "partial": str(partial)})
+        if "error" in result and partial.exists():
+            result = {**json.loads(partial.read_text()), "error": result["error"]}
+        return result
+
+    def worker(self, name: str, cap: float, model: ModelSpec | None = None, **spec) -> dict:
+        job = Job(name, model or self.model, "bfloat16")
+        return self.spawn(job, {**matrix.spec(self.bench, job), **spec}, cap)
+
+    # -- the record -----------------------------------------------------------------
+    def write(self) -> None:
+        self.record["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
+        env = self.results.get("environment") or {}
+        self.record["device"] = env.get("device_kind") or self.record.get("device")
+        for path, text in (("gpu_check.json", json.dumps(self.record, indent=1, default=str) + "\n"),
+                           ("gpu_check.md", markdown(self.record))):  # fmt: skip
+            tmp = self.out / (path + ".tmp")
+            tmp.write_text(text)
+            tmp.replace(self.out / path)  # a reader never sees half a file
+
+
+def _load_bench_cli():
+    spec = importlib.util.spec_from_file_location("bench_cli", ROOT / "scripts" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def bench_args(check: Check):
+    """scripts/bench.py's arguments for this check's decode rows (the benchmark's own parser)."""
+    argv = ["--models", check.model.name, "--policies", "lru,predictor", "--batch", "1", "--prompt-tokens", "128",
+            "--new-tokens", "64" if check.gpu else "8", "--repeats", "1", "--accelerate-new-tokens", "8",
+            "--out-dir", str(check.work), "--no-plots", "--engines",
+            "jaxmoe" if check.opts.no_peers else "jaxmoe,hf,hf-accelerate"]  # fmt: skip
+    argv += ["--gpu", "--budgets", "auto", "--device-budgets-gib", "5,8"] if check.gpu else ["--budgets", "0.5,0.75"]
+    args = _load_bench_cli().parse_args(argv)
+    args.models = [check.model]  # the random-weight OLMoE: no torch model to build per jaxmoe worker
+    args.loadavg = os.getloadavg()[0]
+    args.worker_base_env = dict(os.environ)
+    return args
+
+
+# -- steps ------------------------------------------------------------------------------
+def step_environment(c: Check) -> tuple[str, dict]:
+    r = c.worker("environment", c.cap)
+    if "error" in r:
+        return "error", r
+    want = "cpu" if c.dry else "gpu"
+    return ("passed" if r["backend"] == want else "failed"), r
+
+
+def step_pytest(c: Check) -> tuple[str, dict]:
+    junit = c.work / "pytest-gpu.xml"
+    env = {**c.bench.worker_base_env, "JAX_PLATFORMS": "cpu" if c.dry else "cuda",
+           "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}  # fmt: skip
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rfE", "-p", "no:cacheprovider",
+           f"--junitxml={junit}", str(ROOT / "tests")]  # fmt: skip
+    try:
+        proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=c.cap)
+    except subprocess.TimeoutExpired as e:
+        return "timeout", {"error": f"pytest killed after {c.cap:.0f} s", "output_tail": str(e.stdout or "")[-3000:]}
+    result = {"returncode": proc.returncode, "output_tail": (proc.stdout + proc.stderr)[-3000:]}
+    if junit.exists():
+        suite = ET.parse(junit).getroot()
+        suite = suite if suite.tag == "testsuite" else suite[0]
+        result |= {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+        result["failed"] = [f"{t.get('classname')}::{t.get('name')}" for t in suite.iter("testcase")
+                            if t.find("failure") is not None or t.find("error") is not None]  # fmt: skip
+    # 5: no test collected (the gpu marker matched nothing): a problem of the check itself.
+    return ("passed" if proc.returncode == 0 else "failed"), result
+
+
+def step_bandwidth(c: Check) -> tuple[str, dict]:
+    job = Job("bandwidth", c.model, "bfloat16", 1, 128)
+    r = c.spawn(job, matrix.spec(c.bench, job), c.cap)
+    c.bandwidth_job = job
+    return ("error" if "error" in r else "passed"), r
+
+
+EXACT_OPTIONS = {"dtype": ("bfloat16", "float32"), "policy": ("lru", "predictor"), "budget": ("minimum", "half"),
+                 "batch": (1, 3)}  # fmt: skip
+
+
+# The dry run's one case per model (in FAMILY order after the shipped model): every option
+# value still runs at least twice.
+DRY_EXACT = [("bfloat16", "lru", "minimum", 1), ("float32", "predictor", "half", 3),
+             ("bfloat16", "predictor", "minimum", 3), ("float32", "lru", "half", 1),
+             ("bfloat16", "predictor", "half", 1)]  # fmt: skip
+
+
+def exactness_cases(dry: bool) -> list[dict]:
+    """Every combination on a GPU (bf16 first); on the CPU one case per model (DRY_EXACT)."""
+    models = [DEFAULT_CHECKPOINT.name, *FAMILY_MODELS]
+    keys = list(EXACT_OPTIONS)
+    if dry:
+        return [{"model": model, **dict(zip(keys, case))} for model, case in zip(models, DRY_EXACT)]
+    combos = [dict(zip(keys, values)) for values in itertools.product(*EXACT_OPTIONS.values())]
+    return [{"model": model, **combo} for model in models for combo in combos]
+
+
+def step_exactness(c: Check) -> tuple[str, dict]:
+    """One worker per model, run side by side: the cases are compile-bound (a cache size is a
+    program shape), and the GPU machine has cores to spare."""
+    cases = exactness_cases(c.dry)
+    by_model: dict[str, list] = {}
+    for case in cases:
+        by_model.setdefault(case["model"], []).append(case)
+    parallel = max(1, min(len(by_model), (os.cpu_count() or 1) // 3))
+
+    def one(model: str) -> dict:
+        job = Job("exactness", resolve(model), "bfloat16")
+        spec = {**matrix.spec(c.bench, job), "cases": by_model[model], "new_tokens": 24 if c.gpu else 12}
+        return c.spawn(job, spec, c.cap)
+
+    with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
+        results = list(pool.map(one, by_model))
+    r = {"cases": [x for res in results for x in res.get("cases", [])], "parallel_workers": parallel,
+         "errors": [res["error"] for res in results if "error" in res]}  # fmt: skip
+    r["summary"] = {"cases": len(r["cases"]), "equal": sum(bool(x.get("equal")) for x in r["cases"]),
+                    "planned": len(cases)}  # fmt: skip
+    if r["errors"]:
+        r["error"] = "; ".join(r["errors"])[:600]
+        return ("timeout" if any("killed" in e for e in r["errors"]) else "error"), r
+    return ("passed" if r["summary"]["equal"] == r["summary"]["planned"] else "failed"), r
+
+
+def decode_jobs(c: Check) -> tuple[list[Job], list[str]]:
+    """resident, offloaded at the first device budget (lru, predictor) and the second (lru),
+    transformers, accelerate at the first budget: the cheapest rows first."""
+    jobs, arithmetic = matrix.model_jobs(c.bench, c.model, "bfloat16")
+    first = lambda j: j.budget is not None and j.budget == first_budget(jobs)  # noqa: E731
+    keep = [j for j in jobs if j.worker == "jaxmoe"]
+    keep += [j for j in jobs if j.worker == "offload" and first(j)]
+    keep += [j for j in jobs if j.worker == "offload" and not first(j) and j.policy == "lru"]
+    keep += [j for j in jobs if j.worker == "hf"]
+    keep += [j for j in jobs if j.worker == "hf-accelerate"][:1]
+    return keep, arithmetic
+
+
+def first_budget(jobs: list[Job]) -> B.Budget:
+    return next(j.budget for j in jobs if j.worker == "offload")
+
+
+def step_decode(c: Check) -> tuple[str, dict]:
+    jobs, arithmetic = decode_jobs(c)
+    results, end = {}, time.perf_counter() + c.cap
+    bw_job = getattr(c, "bandwidth_job", None)
+    for job in jobs:
+        left = end - time.perf_counter()
+        if job.skipped:
+            results[job] = {"skipped": job.skipped}
+            continue
+        if left < 10:
+            results[job] = {"not_run": "the decode step's time cap was reached"}
+            continue
+        s = matrix.spec(c.bench, job)
+        if job.worker == "hf-accelerate":
+            s["prefill_tokens"] = [PREFILL_LENGTHS[c.dry][-1]]
+        log(f"decode: {job.key} ({left:.0f} s left)")
+        results[job] = c.spawn(job, s, left) | {"settings": s}
+    if bw_job and "bandwidth" in c.results:
+        results[bw_job] = c.results["bandwidth"]
+    order = ([bw_job] if bw_job in results else []) + jobs
+    report = make_report(c.bench, order, results, arithmetic)
+    report["jobs"] = [j.key for j in jobs]
+    c.decode_budget = first_budget(jobs)
+    bad = any(r["error"] for r in report["rows"]) or any(p.startswith("MISMATCH") for p in report["problems"])
+    left = any(r["not_run"] for r in report["rows"])
+    return ("failed" if bad else "timeout" if left else "passed"), report
+
+
+def step_phases(c: Check) -> tuple[str, dict]:
+    budget = getattr(c, "decode_budget", None) or first_budget(decode_jobs(c)[0])
+    r = c.worker("phases", c.cap, budget_bytes=budget.bytes, policy="lru", steps=16 if c.gpu else 4,
+                 budget_spec=budget.spec)  # fmt: skip
+    return ("error" if "error" in r else "passed"), r
+
+
+PREFILL_LENGTHS = {False: (512, 2048), True: (64, 256)}  # by dry run
+PREFILL_MODES = ("stream", "stream-serial", "routed", "injit")
+
+
+def step_prefill(c: Check) -> tuple[str, dict]:
+    lengths = PREFILL_LENGTHS[c.dry]
+    cfg = c.model.config("bfloat16")
+    if c.gpu:  # the budget that keeps the longest prompt's whole run within the first device budget
+        size, lines = B.fit_within(cfg, 1, lengths[-1], 2, int(5 * B.GIB), None)
+    else:
+        size, lines = int(0.25 * B.num_experts(cfg)) * B.expert_bytes(cfg), ["a quarter of the experts"]
+    r = c.worker("prefill_modes", c.cap, prompt_lengths=list(lengths), modes=list(PREFILL_MODES), budget_bytes=size)
+    r |= {"budget_bytes": size, "budget_arithmetic": lines}
+    bad = any(row.get("error") or row.get("tokens_equal_resident") is False for row in r.get("rows", []))
+    return ("error" if "error" in r else "failed" if bad else "passed"), r
+
+
+def step_injit_probe(c: Check) -> tuple[str, dict]:
+    shape = dict(experts=8, hidden=64, width=128, picks=2, heavy=256) if c.dry else \
+        dict(experts=64, hidden=2048, width=2048, picks=8, heavy=8192)  # OLMoE-1B-7B's w_gate_up, top-8
+    r = c.worker("injit_probe", c.cap, **shape)
+    return ("error" if "error" in r else "passed"), r
+
+
+STEPS = (
+    Step("environment", "Environment", 45, step_environment),
+    Step("pytest", "pytest -m gpu", 90, step_pytest),
+    Step("bandwidth", "Pinned host -> device bandwidth", 45, step_bandwidth),
+    Step("exactness", "Exactness: offloaded vs resident tokens", 100, step_exactness),
+    Step("decode", "Decode: OLMoE-1B-7B shape", 170, step_decode),
+    Step("phases", "Where an offloaded decode step's time goes", 50, step_phases),
+    Step("prefill", "Prefill modes", 90, step_prefill),
+    Step("injit_probe", "In-jit selective fetch probe", 45, step_injit_probe),
+)
+
+
+def run(opts) -> int:
+    # This process only plans and records; kept off the GPU so it holds no device memory while
+    # the workers measure theirs (workers get the original environment).
+    check = Check(opts)
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    wanted = opts.steps or [s.name for s in STEPS]
+    for step in STEPS:
+        if step.name not in wanted:
+            continue
+        cap = min(opts.caps.get(step.name, step.cap_s), check.left())
+        entry = {"name": step.name, "title": step.title, "cap_s": round(cap, 1), "status": "running"}
+        check.record["steps"].append(entry)
+        if cap < 5:
+            entry |= {"status": "not_run", "error": f"the check's deadline ({opts.deadline_s:g} s) was reached"}
+            check.write()
+            continue
+        check.write()
+        check.cap, start = cap, time.perf_counter()
+        log(f"step {step.name} (cap {cap:.0f} s)")
+        try:
+            status, result = step.run(check)
+        except Exception as e:  # noqa: BLE001  recorded; the next step runs
+            import traceback
+
+            traceback.print_exc()
+            status, result = "error", {"error": f"{type(e).__name__}: {e}"[:600]}
+        entry |= {"status": status, "seconds": round(time.perf_counter() - start, 1), "result": result}
+        entry["error"] = result.get("error") if isinstance(result, dict) else None
+        check.results[step.name] = result
+        check.write()
+        log(f"step {step.name}: {status} in {entry['seconds']} s")
+    statuses = [s["status"] for s in check.record["steps"]]
+    log(f"wrote {check.out / 'gpu_check.json'} and gpu_check.md: " + ", ".join(
+        f"{s['name']} {s['status']}" for s in check.record["steps"]))  # fmt: skip
+    return 0 if all(s == "passed" for s in statuses) else 1
