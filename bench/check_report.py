@@ -28,7 +28,7 @@ def _environment(r: dict) -> list[str]:
 def _pytest(r: dict) -> list[str]:
     counts = ", ".join(f"{k} {r[k]}" for k in ("tests", "failures", "errors", "skipped") if k in r)
     lines = [f"Exit status {r.get('returncode')}; {counts or 'no junit report'}."]
-    lines += [f"- FAILED {name}" for name in r.get("failed", [])]
+    lines += [f"- FAILED {name}: {msg}" for name, msg in zip(r.get("failed", []), r.get("messages", [""] * 99))]
     if r.get("returncode") not in (0, None):
         lines += ["", "```", r.get("output_tail", "")[-1500:], "```"]
     return lines
@@ -146,13 +146,21 @@ def _probe(r: dict) -> list[str]:
              f"{_ms(a.get('k_slices_copy_ms'))} ms; hidden behind independent work {_ms(a.get('hidden_ms'))} ms).",
              f"Resident {_ms(r.get('resident_ms'))} ms, resident + heavy {_ms(r.get('resident_heavy_ms'))} ms.", ""]  # fmt: skip
     rows = [[tag, v.get("error") or _ms(v.get("ms")), str(v.get("copy_starts", "-")),
-             str(v.get("whole_stack_operand", "-")), _fmt(v.get("max_abs_diff"), ".3g")]
+             " ".join(v.get("moved_shapes", [])) or "-", _fmt(v.get("max_abs_diff"), ".3g")]
             for tag, v in (r.get("variants") or {}).items()]  # fmt: skip
-    return lines + _table(["variant", "ms", "copy-starts", "whole-stack operand", "max |diff|"], rows)
+    return lines + _table(["variant", "ms", "copy-starts", "shapes moved from host", "max |diff|"], rows)
+
+
+def _diagnosis(r: dict) -> list[str]:
+    lines = [f"First token (of {r.get('new_tokens')}) where each run leaves the resident engine's tokens: "
+             + ", ".join(f"{k} {v}" for k, v in (r.get("agree_with_resident") or {}).items()) + ".", ""]  # fmt: skip
+    rows = [[name, str(p["bitwise_equal"]), _fmt(p["max_abs_diff"], ".3g")] for name, p in (r.get("parts") or {}).items()]
+    return lines + _table(["expert computation vs the resident one", "bitwise equal", "max |diff|"], rows)
 
 
 SECTIONS = {"environment": _environment, "pytest": _pytest, "bandwidth": _bandwidth, "exactness": _exactness,
-            "decode": _decode, "phases": _phases, "injit_probe": _probe}  # fmt: skip
+            "decode": _decode, "phases": _phases, "injit_probe": _probe,
+            "exact_diagnosis": _diagnosis}  # fmt: skip
 
 
 def _step(record: dict, name: str) -> dict | None:

@@ -7,6 +7,7 @@ each, started by bench.matrix.spawn, returning a JSON-able dict.
   phases        where one offloaded decode step's time goes (jaxmoe.engine.phases)
   injit_probe   does a dynamic slice of a pinned_host stack inside jit copy only the slice,
                 and asynchronously?
+  exact_diagnosis  where offloaded tokens leave the resident ones (not in the default steps)
 A worker given `partial` (a path) writes its results so far there after each case, so a
 step killed at its time cap still leaves what it measured.
 """
@@ -153,6 +154,82 @@ def worker_exactness(spec: dict) -> dict:
     return result
 
 
+# -- where offloaded and resident tokens part -----------------------------------------
+def _agree(a: list[list[int]], b: list[list[int]]) -> int:
+    return min(next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), len(x)) for x, y in zip(a, b))
+
+
+def expert_parts(cfg, seed: int) -> dict:
+    """Bitwise comparisons, at this model's real shapes, of the expert computations the two
+    engines run: the resident prefill (every expert in place) against the streamed prefill
+    (one expert at a time) and the routed one (U gathered from a pool); the resident decode
+    (K gathered from the layer's stack) against the offloaded one (K gathered from a pool)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxmoe.engine.programs import COMPILER_OPTIONS
+    from jaxmoe.model import ExpertWeights, expert_rows, expert_rows_from
+
+    e, d, i, k = cfg.num_experts, cfg.hidden_size, cfg.expert_intermediate_size, cfg.top_k
+    dt = jnp.dtype(cfg.dtype)
+    keys = jax.random.split(jax.random.key(seed), 5)
+    stack = ExpertWeights(0.02 * jax.random.normal(keys[0], (e, d, 2 * i), dt),
+                          0.02 * jax.random.normal(keys[1], (e, i, d), dt))  # fmt: skip
+    slots = e + 37  # a pool larger than the layer, experts at shuffled slots
+    slot_of = np.random.default_rng(seed).permutation(slots)[:e]
+    pool = ExpertWeights(*(jnp.zeros((slots,) + w.shape[1:], dt).at[slot_of].set(w) for w in stack))
+
+    def run(fn, *args):
+        return np.asarray(jax.jit(fn).lower(*args).compile(compiler_options=COMPILER_OPTIONS)(*args).astype(jnp.float32))
+
+    out = {}
+    for n in (128, 1):
+        h = jax.random.normal(keys[2], (n, d), dt)
+        ids = jax.lax.top_k(jax.random.normal(keys[3], (n, e)), k)[1].astype(jnp.int32)
+        slot_ids = jnp.asarray(slot_of, jnp.int32)[ids]
+        u = min(e, n * k)
+        ref = run(lambda h, ids, w: expert_rows(h, ids, w, u), h, ids, stack)
+        variants = {"offloaded_pool": run(lambda h, ids, w: expert_rows(h, ids, w, u), h, slot_ids, pool)}
+        if n > 1:
+            experts = tuple((stack.w_gate_up[j], stack.w_down[j]) for j in range(e))
+            variants["streamed_one_by_one"] = run(lambda h, ids, ws: expert_rows_from(h, ids, ws), h, ids, experts)
+        for name, got in variants.items():
+            out[f"n{n}_{name}"] = {"bitwise_equal": bool(np.array_equal(got, ref)),
+                                   "max_abs_diff": float(np.max(np.abs(got - ref)))}  # fmt: skip
+    return out
+
+
+def worker_exact_diagnosis(spec: dict) -> dict:
+    """Where offloaded tokens leave the resident ones on this device: the resident engine run
+    twice (is it deterministic?), offloaded with each prefill mode and with every expert
+    preloaded (program structure alone, no cache), and the expert computations bitwise."""
+    from bench import models
+    from jaxmoe.engine import OffloadedEngine, ResidentEngine
+
+    check_jax_backend(spec["gpu"])
+    m, dtype, seed = model_spec(spec), spec["dtype"], spec["seed"]
+    cfg, model, store = models.build(m, dtype, seed, spec["gpu"], offload=True)
+    result = {"parts": expert_parts(cfg, seed), "versions": jax_versions()}
+    _save_partial(spec, result)
+    ps, new = prompts(spec, cfg.vocab_size), spec["new_tokens"]
+    resident = ResidentEngine(cfg, model, models.random_resident(cfg, seed))
+    ref = resident.generate(ps, new).token_ids
+    runs = {"resident_again": resident.generate(ps, new).token_ids}
+    del resident
+    everything = len(store.keys()) * store.expert_bytes
+    for name, budget, kw in (("stream", spec["budget_bytes"], {"prefill": "stream"}),
+                             ("routed", spec["budget_bytes"], {"prefill": "routed"}),
+                             ("all_experts_preloaded", everything, {})):  # fmt: skip
+        engine = OffloadedEngine(cfg, model, store, budget, "lru", **kw)
+        runs[name] = engine.generate(ps, new).token_ids
+        del engine
+    result["agree_with_resident"] = {name: _agree(tokens, ref) for name, tokens in runs.items()}
+    result["new_tokens"] = new
+    log(f"exact diagnosis: {result}")
+    return result
+
+
 # -- prefill modes -----------------------------------------------------------------
 def worker_prefill_modes(spec: dict) -> dict:
     """TTFT of the resident engine and of each offloaded prefill mode at each prompt length,
@@ -257,8 +334,19 @@ def _median_ms(fn, repeats: int = 7) -> float:
 
 
 def _copy_lines(hlo: str) -> list[str]:
-    """The HLO lines that move data between memory spaces (copy-start / dynamic-slice into S(0))."""
+    """The HLO lines that move data out of host memory (S(5)): copy-starts, dynamic-slice-starts."""
     return [line.strip()[:240] for line in hlo.splitlines() if "copy-start" in line or "S(5)" in line and "slice" in line]
+
+
+def _moved_shapes(lines: list[str]) -> list[str]:
+    """The device-side result shape of each host -> device move: what it copies."""
+    import re
+
+    out = []
+    for line in lines:
+        m = re.search(r"\),\s*(\w+\[[\d,]*\])\{[^}]*\},\s*u32\[\]\)", line)
+        out.append(m.group(1) if m else "?")
+    return out
 
 
 def worker_injit_probe(spec: dict) -> dict:
@@ -304,10 +392,10 @@ def worker_injit_probe(spec: dict) -> dict:
         opts = {"xla_gpu_enable_latency_hiding_scheduler": lhs} if spec["gpu"] else {}
         return fn.lower(w, x, ids, big).compile(compiler_options=opts)
 
-    reference = compiled(False, False, False, stack_dev)
+    reference, reference_heavy = compiled(False, False, False, stack_dev), compiled(False, True, False, stack_dev)
     want = reference(stack_dev, x, ids, big)[0]
     out["resident_ms"] = _median_ms(lambda: reference(stack_dev, x, ids, big))
-    out["resident_heavy_ms"] = _median_ms(lambda: compiled(False, True, False, stack_dev)(stack_dev, x, ids, big))
+    out["resident_heavy_ms"] = _median_ms(lambda: reference_heavy(stack_dev, x, ids, big))
     out["whole_stack_copy_ms"] = _median_ms(lambda: jax.device_put(stack_host, device))
     out["k_slices_copy_ms"] = _median_ms(lambda: jax.device_put([stack_host[int(i)] for i in ids], device))
     variants = {}
@@ -321,8 +409,8 @@ def worker_injit_probe(spec: dict) -> dict:
                 variants[tag] = {
                     "ms": _median_ms(lambda: prog(stack_host, x, ids, big)),
                     "max_abs_diff": float(jnp.max(jnp.abs(got[0] - want))),
-                    "copy_starts": hlo.count("copy-start"), "copy_lines": _copy_lines(hlo)[:8],
-                    "whole_stack_operand": f"[{e},{d},{f}]" in "".join(_copy_lines(hlo)),
+                    "copy_starts": hlo.count("copy-start"), "copy_lines": _copy_lines(hlo)[:2],
+                    "moved_shapes": sorted(set(_moved_shapes(_copy_lines(hlo)))),
                 }  # fmt: skip
             except Exception as err:  # noqa: BLE001  an unsupported pattern is the answer, not a crash
                 variants[tag] = {"error": f"{type(err).__name__}: {err}"[:400]}
@@ -354,4 +442,5 @@ def injit_answer(out: dict) -> dict:
 
 
 WORKERS = {"environment": worker_environment, "exactness": worker_exactness, "prefill_modes": worker_prefill_modes,
-           "phases": worker_phases, "injit_probe": worker_injit_probe}  # fmt: skip
+           "phases": worker_phases, "injit_probe": worker_injit_probe,
+           "exact_diagnosis": worker_exact_diagnosis}  # fmt: skip

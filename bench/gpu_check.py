@@ -14,6 +14,9 @@ tiny shapes):
   phases       where one offloaded decode step's time goes (host phases; device time synced)
   prefill      512 and 2048 tokens: stream, stream without overlap, routed, injit; accelerate at 2048
   injit_probe  does a dynamic slice of a pinned_host stack inside jit copy only the slice, async?
+and, only when named in --steps:
+  exact_diagnosis  where offloaded tokens leave the resident ones on the decode shape (resident
+               run twice, each prefill mode, every expert preloaded, expert computations bitwise)
 Every step runs in its own process(es) (bench.matrix.spawn); a step that fails or overruns
 its cap is recorded with its error, and the next one runs. OUT/gpu_check.json and
 OUT/gpu_check.md are rewritten before and after every step, so the last files are valid
@@ -56,6 +59,7 @@ class Step:
     title: str
     cap_s: float  # on a GPU; a dry run gets the same caps
     run: Callable[["Check"], tuple[str, dict]]  # -> (status, result); raising records an error
+    default: bool = True  # run without --steps
 
 
 class Check:
@@ -152,8 +156,9 @@ def step_pytest(c: Check) -> tuple[str, dict]:
         suite = ET.parse(junit).getroot()
         suite = suite if suite.tag == "testsuite" else suite[0]
         result |= {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
-        result["failed"] = [f"{t.get('classname')}::{t.get('name')}" for t in suite.iter("testcase")
-                            if t.find("failure") is not None or t.find("error") is not None]  # fmt: skip
+        failed = [t for t in suite.iter("testcase") if t.find("failure") is not None or t.find("error") is not None]
+        result["failed"] = [f"{t.get('classname')}::{t.get('name')}" for t in failed]
+        result["messages"] = [((t.find("failure") or t.find("error")).get("message") or "")[:800] for t in failed]
     # 5: no test collected (the gpu marker matched nothing): a problem of the check itself.
     return ("passed" if proc.returncode == 0 else "failed"), result
 
@@ -189,7 +194,10 @@ def exactness_cases(dry: bool) -> list[dict]:
 def step_exactness(c: Check) -> tuple[str, dict]:
     """One worker per model, run side by side: the cases are compile-bound (a cache size is a
     program shape), and the GPU machine has cores to spare."""
-    cases = exactness_cases(c.dry)
+    cases = [x for x in exactness_cases(c.dry) if not c.opts.exact_models or x["model"] in c.opts.exact_models]
+    cases = [x for x in cases if not c.opts.exact_policies or x["policy"] in c.opts.exact_policies]
+    if not cases:
+        return "not_run", {"error": "no case left after --exact-models / --exact-policies"}
     by_model: dict[str, list] = {}
     for case in cases:
         by_model.setdefault(case["model"], []).append(case)
@@ -222,7 +230,15 @@ def decode_jobs(c: Check) -> tuple[list[Job], list[str]]:
     keep += [j for j in jobs if j.worker == "offload" and not first(j) and j.policy == "lru"]
     keep += [j for j in jobs if j.worker == "hf"]
     keep += [j for j in jobs if j.worker == "hf-accelerate"][:1]
-    return keep, arithmetic
+    rows = c.opts.decode_rows
+    return [j for j in keep if not rows or row_name(j) in rows], arithmetic
+
+
+def row_name(job: Job) -> str:
+    """--decode-rows names: resident, hf, hf-accelerate, lru@5GiB, predictor@5GiB, lru@8GiB."""
+    if job.worker == "offload":
+        return f"{job.policy}@{job.budget.spec.removeprefix('auto@')}"
+    return {"jaxmoe": "resident"}.get(job.worker, job.worker)
 
 
 def first_budget(jobs: list[Job]) -> B.Budget:
@@ -281,6 +297,16 @@ def step_prefill(c: Check) -> tuple[str, dict]:
     return ("error" if "error" in r else "failed" if bad else "passed"), r
 
 
+def step_exact_diagnosis(c: Check) -> tuple[str, dict]:
+    budget = getattr(c, "decode_budget", None) or first_budget(matrix.model_jobs(c.bench, c.model, "bfloat16")[0])
+    r = c.worker("exact_diagnosis", c.cap, budget_bytes=budget.bytes, new_tokens=64 if c.gpu else 8)
+    if "error" in r:
+        return "error", r
+    agree, parts = r["agree_with_resident"], r["parts"]
+    exact = all(v == r["new_tokens"] for v in agree.values()) and all(p["bitwise_equal"] for p in parts.values())
+    return ("passed" if exact else "failed"), r
+
+
 def step_injit_probe(c: Check) -> tuple[str, dict]:
     shape = dict(experts=8, hidden=64, width=128, picks=2, heavy=256) if c.dry else \
         dict(experts=64, hidden=2048, width=2048, picks=8, heavy=8192)  # OLMoE-1B-7B's w_gate_up, top-8
@@ -293,6 +319,7 @@ STEPS = (
     Step("pytest", "pytest -m gpu", 90, step_pytest),
     Step("bandwidth", "Pinned host -> device bandwidth", 45, step_bandwidth),
     Step("exactness", "Exactness: offloaded vs resident tokens", 100, step_exactness),
+    Step("exact_diagnosis", "Where offloaded tokens leave resident ones", 120, step_exact_diagnosis, default=False),
     Step("decode", "Decode: OLMoE-1B-7B shape", 170, step_decode),
     Step("phases", "Where an offloaded decode step's time goes", 50, step_phases),
     Step("prefill", "Prefill modes", 90, step_prefill),
@@ -305,7 +332,7 @@ def run(opts) -> int:
     # the workers measure theirs (workers get the original environment).
     check = Check(opts)
     os.environ["JAX_PLATFORMS"] = "cpu"
-    wanted = opts.steps or [s.name for s in STEPS]
+    wanted = opts.steps or [s.name for s in STEPS if s.default]
     for step in STEPS:
         if step.name not in wanted:
             continue

@@ -106,6 +106,8 @@ def base_row(job, r: dict) -> dict:
         "peak_host_rss_bytes": r.get("peak_host_rss_bytes"), "worker_s": r.get("worker_s"),
         "decode_tokens_per_s_runs": r.get("decode_tokens_per_s_runs"), "tpot_ms_runs": r.get("tpot_ms_runs"),
         "loadavg_at_start": r.get("loadavg_at_start"), "error": r.get("error"),
+        "device_peak_after_build": r.get("device_peak_after_build"),
+        "device_bytes_after_build": r.get("device_bytes_after_build"),
         "skipped": r.get("skipped"), "not_run": r.get("not_run"), "device_budget_bytes": job.device_budget_bytes,
         "prefill": job.prefill,
     }  # fmt: skip

@@ -157,6 +157,14 @@ def worker_hf_accelerate(spec: dict) -> dict:
             "compile_ms": None, "placement": placement, "versions": versions, "ttft_ms_at": ttft}  # fmt: skip
 
 
+def after_build() -> dict:
+    """Device memory once the model is built: what the peak owes to building it, not generating."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    return {"device_bytes_after_build": stats.get("bytes_in_use"), "device_peak_after_build": stats.get("peak_bytes_in_use")}
+
+
 def worker_jaxmoe(spec: dict) -> dict:
     from bench import models
     from jaxmoe.engine import ResidentEngine
@@ -164,9 +172,10 @@ def worker_jaxmoe(spec: dict) -> dict:
 
     check_jax_backend(spec["gpu"])
     cfg, model, experts = models.build(model_spec(spec), spec["dtype"], spec["seed"], spec["gpu"], offload=False)
+    built = after_build()
     engine = ResidentEngine(cfg, model, experts)
     out = timed_runs(lambda: stamped(engine.generate, spec, cfg.vocab_size), spec["repeats"])
-    return {**out, "expert_bytes": tree_bytes(experts), "versions": jax_versions()}
+    return {**out, **built, "expert_bytes": tree_bytes(experts), "versions": jax_versions()}
 
 
 def plan_counts(plan) -> dict:
@@ -191,6 +200,7 @@ def worker_offload(spec: dict) -> dict:
 
     check_jax_backend(spec["gpu"])
     cfg, model, store = models.build(model_spec(spec), spec["dtype"], spec["seed"], spec["gpu"], offload=True)
+    built = after_build()
     predictor = load_scorer(spec["predictor"], model) if spec["policy"] == "predictor" else None
     engine = OffloadedEngine(cfg, model, store, spec["budget_bytes"], spec["policy"], predictor=predictor,
                              **spec.get("engine_kwargs", {}))  # fmt: skip
@@ -210,8 +220,8 @@ def worker_offload(spec: dict) -> dict:
 
     out = timed_runs(run, spec["repeats"])
     kv = B.kv_bytes(cfg, spec["batch"], spec["prompt_tokens"], spec["new_tokens"])
-    return {**out, **plan_counts(engine.plan), "expert_bytes": store.expert_bytes, "dense_bytes": engine.dense_bytes,
-            "kv_bytes": kv, "versions": jax_versions()}  # fmt: skip
+    return {**out, **plan_counts(engine.plan), **built, "expert_bytes": store.expert_bytes,
+            "dense_bytes": engine.dense_bytes, "kv_bytes": kv, "versions": jax_versions()}  # fmt: skip
 
 
 def worker_bandwidth(spec: dict) -> dict:

@@ -30,6 +30,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-peers", action="store_true", help="skip the transformers and accelerate rows")
     p.add_argument("--steps", help="comma list of steps to run (default all): " + ",".join(s.name for s in gpu_check.STEPS))
     p.add_argument("--cap", action="append", default=[], metavar="STEP=SECONDS", help="override a step's time cap")
+    p.add_argument("--exact-models", help="exactness step: only these models (comma list)")
+    p.add_argument("--exact-policies", help="exactness step: only these policies (comma list)")
+    p.add_argument("--decode-rows", help="decode step: only these rows (comma list of resident, hf, hf-accelerate, "
+                   "lru@5GiB, predictor@5GiB, lru@8GiB)")
     p.add_argument("--deadline", type=float, default=gpu_check.DEFAULT_DEADLINE_S, dest="deadline_s",
                    help="seconds for the whole check (later steps get what is left)")
     args = p.parse_args(argv)
@@ -37,6 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.steps = [s.strip() for s in args.steps.split(",") if s.strip()] if args.steps else None
     for bad in set(args.steps or ()) - names:
         p.error(f"--steps: unknown step {bad!r}; choose from {', '.join(sorted(names))}")
+    for name in ("exact_models", "exact_policies", "decode_rows"):
+        value = getattr(args, name)
+        setattr(args, name, [x.strip() for x in value.split(",") if x.strip()] if value else None)
     args.caps = {}
     for item in args.cap:
         name, _, seconds = item.partition("=")

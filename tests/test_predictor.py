@@ -268,3 +268,22 @@ def test_scripts_train_and_evaluate_on_traces(checkpoint, tmp_path, capsys):
     gate.value = gate.value + 1.0
     with pytest.raises(TraceError, match="router_hash"):
         evaluate_on_traces(tmp_path / "tr", tmp_path / "p", 0.5, other)
+
+
+def test_the_shipped_predictor_restores_onto_this_device_not_its_saved_topology(monkeypatch):
+    """Every restore target names where the arrays go: without it Orbax restores onto the
+    topology the predictor was saved on (a CPU), which a GPU refuses ("Topology mismatch")."""
+    import orbax.checkpoint as ocp
+
+    shipped = Path(__file__).resolve().parents[1] / "checkpoints" / "jaxmoe-tiny" / "predictor"
+    targets = []
+    restore = ocp.StandardCheckpointer.restore
+
+    def spy(self, path, target=None, *a, **kw):
+        targets.append(target)
+        return restore(self, path, target, *a, **kw)
+
+    monkeypatch.setattr(ocp.StandardCheckpointer, "restore", spy)
+    load_predictor(shipped, None)
+    leaves = jax.tree.leaves(targets)
+    assert leaves and all(getattr(x, "sharding", None) is not None for x in leaves)

@@ -129,7 +129,10 @@ def load_predictor(path: str | Path, cfg: MoEConfig | None, model=None) -> Loade
     shape = None if proj is None else (meta["model"]["hidden_size"], proj["dim"])
     abstract = nnx.eval_shape(lambda: build_module(meta, None if shape is None else np.zeros(shape, np.float32)))
     graphdef, state = nnx.split(abstract)
-    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), state.to_pure_dict())
+    # An explicit placement: without one Orbax restores onto the topology the checkpoint was
+    # saved on, and a predictor trained on a CPU refuses to load on a GPU ("Topology mismatch").
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), state.to_pure_dict())
     with ocp.StandardCheckpointer() as ckptr:
         restored = ckptr.restore((path / PARAMS).resolve(), target)
     nnx.replace_by_pure_dict(state, restored)
