@@ -202,7 +202,9 @@ class OffloadedEngine:
         signature += tuple((a.shape, a.dtype) for a in jax.tree.leaves(args))
         program = self._by_signature.get(signature)
         if program is None:
-            bound = lambda leaves, *a, **kw: fn(piece.merge(leaves), *a, **kw)  # noqa: E731
+            def bound(leaves, *a, **kw):  # Programs.get names the program after `name`
+                return fn(piece.merge(leaves), *a, **kw)
+
             # Layers of one kind have equal graphdefs and share one compiled program.
             donate = tuple(i + 1 for i in donate)  # after the leaves
             program = self.programs.get(

@@ -8,6 +8,9 @@ With `enable_compilation_cache` the compiled programs also persist on disk (JAX'
 persistent compilation cache), so a second process start loads them instead of
 compiling; `Programs.cache_hits` counts the programs that came from disk.
 
+Every program carries its own name (`jit_attend_route`, not `jit__lambda_`): it is
+the HLO module name a profiler shows, so a trace says which program ran.
+
 Every program is compiled without excess precision: XLA may otherwise keep bf16
 intermediates in f32 inside a fused program, so the same math split into several
 programs (the offloaded engine's per-layer calls) would round differently from
@@ -16,7 +19,9 @@ one whole-model program and could change a token.
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import time
 from pathlib import Path
 from typing import Callable
@@ -54,6 +59,27 @@ def enable_compilation_cache(path: str | Path | None = None) -> Path | None:
     return path
 
 
+def program_name(name) -> str:
+    """A clean identifier from a program key: its string part ("attend_route" from
+    ("attend_route", graphdef)), anything else replaced by underscores."""
+    if isinstance(name, tuple):
+        name = next((n for n in name if isinstance(n, str)), "program")
+    return re.sub(r"\W+", "_", str(name)).strip("_") or "program"
+
+
+def named(fn: Callable, name: str) -> Callable:
+    """`fn` under `name`: jit takes the module name from `__name__`. The wrapper keeps
+    fn's signature (static and donated arguments are resolved by name through it) and
+    its source location in the debug info."""
+
+    @functools.wraps(fn)
+    def program(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    program.__name__ = program.__qualname__ = name
+    return program
+
+
 class Programs:
     def __init__(self):
         self._compiled: dict[tuple, jax.stages.Compiled] = {}
@@ -74,7 +100,7 @@ class Programs:
         if key not in self._compiled:
             start, hits = time.perf_counter(), _disk_hits
             jitted = jax.jit(
-                fn,
+                named(fn, program_name(name)),
                 static_argnames=tuple(static),
                 donate_argnums=tuple(d for d in donate if isinstance(d, int)),
                 donate_argnames=tuple(d for d in donate if isinstance(d, str)),

@@ -29,6 +29,7 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
+@jax.named_scope("sample")
 def sample(logits: jax.Array, key: jax.Array, params: SamplingParams) -> jax.Array:
     """logits [B, V] fp32 -> token ids [B] int32. Row b draws from fold_in(key, b),
     so a sequence samples the same tokens whatever else is in its batch."""

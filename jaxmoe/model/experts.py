@@ -43,6 +43,7 @@ def route(cfg: MoEConfig, logits: jax.Array) -> Routing:
     return Routing(logits, ids.astype(jnp.int32), top_w)
 
 
+@jax.named_scope("combine")
 def combine(y: jax.Array, weights: jax.Array, dtype) -> jax.Array:
     """Weighted sum over the K chosen experts: [N, K, D] x [N, K] -> [N, D].
 
@@ -57,6 +58,7 @@ def moe_ffn(x: jax.Array, ids: jax.Array, weights: jax.Array, w: ExpertWeights, 
     return combine(expert_rows(x, ids, w, num_unique), weights, x.dtype)
 
 
+@jax.named_scope("experts")
 def expert_rows(x: jax.Array, ids: jax.Array, w: ExpertWeights, num_unique: int) -> jax.Array:
     """Each chosen expert's output for its token, [N, K, D], uncombined.
 
@@ -79,6 +81,7 @@ def expert_rows(x: jax.Array, ids: jax.Array, w: ExpertWeights, num_unique: int)
     return y_u[pos, jnp.arange(ids.shape[0])[:, None]]  # [N, K, D]
 
 
+@jax.named_scope("experts")
 def expert_rows_from(x: jax.Array, ids: jax.Array, experts) -> jax.Array:
     """`expert_rows` over experts held as separate arrays: `experts[e]` = (w_gate_up
     [D, 2I], w_down [I, D]) for every id e in ids. Each expert is the same batched

@@ -33,10 +33,11 @@ from jaxmoe.offload.schedule import PassPlan, Schedule
 
 
 @jax.jit
-def _take(pool, slot):
+def take_from_pool(pool, slot):  # the function's name is the program's name in a profile
     return pool[0][slot], pool[1][slot]
 
 
+@jax.named_scope("pool_write")
 def write_slots(pool, staged, slots):
     """Inside a jitted program: each staged (gate_up, down) into its pool slot (in place
     when the pool is donated); a slot past the end (padding) is dropped.
@@ -211,7 +212,7 @@ class DeviceExpertCache:
         copies = self._copy(layer, sent)
         out = dict(zip(sent, copies))
         for e in cached:
-            out[e] = _take(self.pool, jnp.int32(self.schedule.slot_of[(layer, e)]))
+            out[e] = take_from_pool(self.pool, jnp.int32(self.schedule.slot_of[(layer, e)]))
         return out, copies
 
     def host_experts(self, layer: int, sent: Sequence[int]) -> tuple:

@@ -57,7 +57,7 @@ def mlp_scores(module, inputs: np.ndarray, batch: int = 2048) -> np.ndarray:
     projected = module.projection is not None  # trace inputs are projected exactly when the predictor projects
 
     @jax.jit
-    def run(state, x):  # x [B, R, P]
+    def predictor_scores(state, x):  # x [B, R, P]; the name is the program's name in a profile
         logits = nnx.merge(graphdef, state).rows(jnp.swapaxes(x, 0, 1), projected)
         return jax.nn.softmax(jnp.swapaxes(logits, 0, 1), -1)
 
@@ -68,5 +68,5 @@ def mlp_scores(module, inputs: np.ndarray, batch: int = 2048) -> np.ndarray:
         pad = batch - len(xb)
         if pad:
             xb = np.concatenate([xb, np.zeros((pad,) + xb.shape[1:], xb.dtype)])
-        out.append(np.asarray(run(state, xb))[: batch - pad])
+        out.append(np.asarray(predictor_scores(state, xb))[: batch - pad])
     return np.concatenate(out)

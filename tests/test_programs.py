@@ -1,0 +1,72 @@
+"""Compiled programs carry their own names and the model's phases their own scopes,
+so a profile says what ran (jit_attend_route/attention/..., not jit__lambda_)."""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxmoe.config import MoEConfig
+from jaxmoe.engine import ResidentEngine
+from jaxmoe.engine.offloaded import OffloadedEngine
+from jaxmoe.engine.programs import program_name
+from jaxmoe.model import MoEDecoder, init_experts, init_kv_cache, moe_ffn
+from jaxmoe.offload.host_store import HostExpertStore
+
+# Qwen2-MoE has every phase: a dense layer (mlp), then a MoE layer with a shared expert.
+CFG = MoEConfig(
+    family="qwen2_moe", vocab_size=32, hidden_size=16, num_layers=2, num_heads=2, num_kv_heads=2, head_dim=8,
+    num_experts=4, top_k=2, expert_intermediate_size=8, moe_layers=(False, True), shared_expert_intermediate_size=8,
+    dense_intermediate_size=16, dtype="float32",
+)  # fmt: skip
+
+
+@functools.cache
+def tiny():
+    return MoEDecoder(CFG, nnx.Rngs(0)), init_experts(CFG, jax.random.key(1))
+
+
+def module_names(programs) -> dict[str, str]:
+    """Program name -> the HLO module name of its compiled program."""
+    return {program_name(key[0]): c.as_text().split(",", 1)[0].removeprefix("HloModule ")
+            for key, c in programs._compiled.items()}  # fmt: skip
+
+
+def test_every_compiled_program_is_named_after_its_program():
+    model, experts = tiny()
+    store = HostExpertStore.from_stacks(CFG, experts)
+    offloaded = OffloadedEngine(CFG, model, store, 5 * store.expert_bytes)  # the minimum for batch 1
+    offloaded.generate([[1, 2, 3]], 1)  # the routed prefill (decode runs the same programs)
+    offloaded.prepare(1, 3, 2)  # the streamed prefill's chunk programs
+    resident = ResidentEngine(CFG, model, experts)
+    resident.generate([[1, 2, 3]], 2)
+    names = {**module_names(offloaded.programs), **module_names(resident.programs)}
+    expected = {"embed", "dense", "attend_route", "experts", "head", "dense_chunk", "moe_chunk",
+                "prefill_chunk", "first_token", "decode"}  # fmt: skip
+    assert set(names) == expected
+    for name, module in names.items():
+        assert module == f"jit_{name}" and "lambda" not in module
+
+
+def test_model_phases_are_named_scopes_in_the_lowered_program():
+    model, experts = tiny()
+    kv = init_kv_cache(CFG, 1, 8)
+    x, positions = jnp.zeros((1, 2, CFG.hidden_size)), jnp.zeros((1, 2), jnp.int32)
+
+    def scopes(fn, *args) -> set[str]:
+        text = jax.jit(fn).lower(*args).as_text(debug_info=True)
+        return set(re.findall(r'loc\("jit\(\w+\)/(\w+)/', text))
+
+    def dense_layer(x, kv):
+        return model.layers[0](x, positions, kv, None, moe_ffn)
+
+    def moe_layer(x, kv, w):
+        return model.layers[1](x, positions, kv, w, moe_ffn)
+
+    assert {"attention", "mlp"} <= scopes(dense_layer, x, kv[0])
+    assert {"attention", "router", "experts", "combine", "shared_expert"} <= scopes(moe_layer, x, kv[1], experts[1])
+    assert "head" in scopes(model.logits, x[:, 0])
