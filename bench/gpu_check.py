@@ -158,7 +158,9 @@ def step_pytest(c: Check) -> tuple[str, dict]:
         result |= {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
         failed = [t for t in suite.iter("testcase") if t.find("failure") is not None or t.find("error") is not None]
         result["failed"] = [f"{t.get('classname')}::{t.get('name')}" for t in failed]
-        result["messages"] = [((t.find("failure") or t.find("error")).get("message") or "")[:800] for t in failed]
+        # An Element with no children is falsy: test for None, not truth.
+        problem = [t.find("failure") if t.find("failure") is not None else t.find("error") for t in failed]
+        result["messages"] = [(p.get("message") or "")[:800] for p in problem]
     # 5: no test collected (the gpu marker matched nothing): a problem of the check itself.
     return ("passed" if proc.returncode == 0 else "failed"), result
 

@@ -49,17 +49,24 @@ print(json.dumps({
 
 
 @pytest.fixture(scope="module")
-def measured():
-    """Load the shipped model with a cache of half its experts, generate, report memory."""
+def measured(tmp_path_factory):
+    """Load the shipped model with a cache of half its experts, generate, report memory; the
+    second of two processes sharing a compilation cache is measured. Compiling on a GPU
+    autotunes kernels in scratch buffers that count in the peak (measured on an H200: 262 MB
+    while compiling against 35 MB when the programs come from the cache), and that transient
+    is the compiler's, not the engine's."""
     from jaxmoe.config import load_hf_config
     from jaxmoe.offload.host_store import expert_bytes, total_expert_bytes
 
     cfg = load_hf_config(SHIPPED)
     budget = total_expert_bytes(cfg) // expert_bytes(cfg) // 2 * expert_bytes(cfg)  # half its experts
-    out = subprocess.run([sys.executable, "-c", LOAD_AND_GENERATE, str(SHIPPED), str(budget)], capture_output=True,
-                         text=True, timeout=300, env={**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
-                                                      "PYTHONPATH": str(ROOT)})  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
+    env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false", "PYTHONPATH": str(ROOT),
+           "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("xla")),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # fmt: skip
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", LOAD_AND_GENERATE, str(SHIPPED), str(budget)],
+                             capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+        assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -102,10 +109,14 @@ def test_a_copy_issued_before_a_dispatched_program_overlaps_it():
     jax.block_until_ready(work(big))
 
     def timed(fn) -> float:
+        """The best of five after a warm-up: a shared machine only ever adds time."""
         fn()
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
 
     copy = timed(lambda: jax.block_until_ready(cache._copy(0, range(24))))
     compute = timed(lambda: jax.block_until_ready(work(big)))

@@ -4,7 +4,7 @@ What users do today when a MoE model does not fit: `infer_auto_device_map` with
 `max_memory={0: budget, "cpu": ...}` places whole decoder layers on the GPU until
 the budget is spent and the rest in CPU memory; `dispatch_model` then adds hooks
 that copy an offloaded layer's weights to the GPU for every forward (as
-/work/shared/probes/hf_olmoe_baseline.py measured: 0.72 tok/s at 5 GiB on an H100).
+measured here: 0.72 tok/s at 5 GiB on an H100, 0.80 on an H200, docs/BENCHMARKS.md).
 The model is the one `hf_transformers.build` makes on the GPU (same seed, same
 weights as every other row), moved to the CPU before it is dispatched.
 """

@@ -7,8 +7,8 @@ for short prompts, runs like decode. Decode and the routed prefill run each MoE 
   attend_route program -> one host read of the routing ids -> the schedule plans
   the pass(es) -> the cache issues `device_put` for the misses -> expert program
 The copies are issued before the expert program that needs them is dispatched: a
-copy issued after a dispatched computation waits for it (the ordering rule in the
-project's gpu-facts). When a pass has demand copies the host waits for them before
+copy issued after a dispatched computation waits for it (the ordering rule,
+docs/PREFILL.md). When a pass has demand copies the host waits for them before
 dispatching: the device has nothing else queued at that point, so the wait costs
 one dispatch latency, and it is what `stall_ms` measures. The model code is the
 same as the resident engine's; only where the experts come from differs, so the

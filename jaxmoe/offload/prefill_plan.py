@@ -16,7 +16,7 @@ Ways to prefill (`choose_mode` picks between the first two):
           compiled with XLA's latency hiding scheduler on GPU) instead of by the host
           beforehand: an alternative to measure against `stream`.
 
-The stream order follows the device_put ordering rule (gpu-facts): a copy issued
+The stream order follows the device_put ordering rule (docs/PREFILL.md): a copy issued
 after a computation is dispatched waits for that computation, so layer l+1's copies
 are issued before layer l's computation is dispatched. A `release` of layer l waits
 for layer l's computation and drops its streamed experts, so with lookahead 1 at
@@ -144,7 +144,7 @@ def routed_slot_crossover(num_experts: int) -> int:
     """Routed slots (batch x tokens x top-k) below which `auto` loads only routed experts.
 
     A routed layer waits for its own copies (one host sync, about one expert's transfer
-    time on an H100 per gpu-facts) but moves only the routed experts; a streamed layer
+    time on an H100 as measured for this project) but moves only the routed experts; a streamed layer
     hides behind the previous one but moves all E. Routed wins while the experts it
     skips outweigh the sync: E - expected_unique(n) > 1, i.e. n < E ln E. A cost model,
     not a measurement: scripts/bench.py --prefill-sweep measures both on a GPU.
