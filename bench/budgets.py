@@ -118,5 +118,8 @@ def parse(specs: str, cfg, fit_args: dict, device_budgets: list[int]) -> tuple[l
             if not 0 < frac <= 1:
                 raise ValueError(f"budget {spec!r}: a bare number is a fraction of all experts, in (0, 1]")
             size, note = round(frac * total) * one, f"{frac:g} of experts"
+            if frac == 1:  # every expert preloaded: the expert program's gather comes on top
+                gather = min(cfg.num_experts, fit_args["batch"] * cfg.top_k)
+                size, note = (total + gather) * one, f"every expert + a gather of {gather}"
         out.append(Budget(spec, size, min(size // one, total), note))
     return out, arithmetic

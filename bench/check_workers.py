@@ -98,9 +98,10 @@ def exact_model(name: str, dtype: str, seed: int):
 def min_experts(cfg, batch: int, predictor: bool) -> int:
     """The smallest cache (in experts) the offloaded engine accepts for this batch."""
     from jaxmoe.model import num_unique_experts
+    from jaxmoe.offload.cache import minimum_experts
 
     unique = num_unique_experts(cfg.num_experts, batch, cfg.top_k)
-    return 2 * unique + (2 * unique if predictor else 0) + 1
+    return minimum_experts(unique, unique if predictor else 0)
 
 
 def exact_prompts(vocab: int, batch: int, seed: int) -> list[list[int]]:

@@ -341,7 +341,7 @@ def run(opts) -> int:
         cap = min(opts.caps.get(step.name, step.cap_s), check.left())
         entry = {"name": step.name, "title": step.title, "cap_s": round(cap, 1), "status": "running"}
         check.record["steps"].append(entry)
-        if cap < 5:
+        if cap < 1:
             entry |= {"status": "not_run", "error": f"the check's deadline ({opts.deadline_s:g} s) was reached"}
             check.write()
             continue
@@ -355,6 +355,8 @@ def run(opts) -> int:
 
             traceback.print_exc()
             status, result = "error", {"error": f"{type(e).__name__}: {e}"[:600]}
+        if status == "error" and "killed after" in str(result.get("error")):
+            status = "timeout"  # a worker over its cap
         entry |= {"status": status, "seconds": round(time.perf_counter() - start, 1), "result": result}
         entry["error"] = result.get("error") if isinstance(result, dict) else None
         check.results[step.name] = result

@@ -20,6 +20,7 @@ from jaxmoe.engine import ResidentEngine
 from jaxmoe.engine.offloaded import OffloadedEngine
 from jaxmoe.engine.resident import pad_prompts
 from jaxmoe.model import init_kv_cache, num_unique_experts
+from jaxmoe.offload.cache import minimum_experts
 from jaxmoe.offload.host_store import HostExpertStore
 from jaxmoe.offload.prefetch import GateAhead
 from jaxmoe.offload.prefill_plan import choose_mode, plan_stream, routed_slot_crossover
@@ -46,7 +47,7 @@ def engine(family: str, experts_in_budget: int | None = None, policy: str = "lru
     """Default budget: a little over the minimum working set of a batch of four, short of all experts."""
     cfg, model, _, store = setup(family)
     if experts_in_budget is None:
-        experts_in_budget = 2 * num_unique_experts(cfg.num_experts, 4, cfg.top_k) + 4
+        experts_in_budget = minimum_experts(num_unique_experts(cfg.num_experts, 4, cfg.top_k)) + 3
         assert experts_in_budget < len(store.keys())
     kw = {"prefill_chunk": CHUNK, **kw}
     budget = experts_in_budget * store.expert_bytes

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from jaxmoe.offload.cache import BudgetError, plan_geometry
+from jaxmoe.offload.cache import BudgetError, minimum_experts, plan_geometry
 from jaxmoe.offload.policy import LFU, LRU, OnDemand, make_policy
 from jaxmoe.offload.schedule import Schedule
 
@@ -75,11 +75,15 @@ def test_random_plans_never_exceed_the_slots():
 
 
 def test_budget_geometry():
-    assert plan_geometry(100 * 10, 10, total_experts=64, unique_max=8) == (64, 0)  # everything fits
-    assert plan_geometry(40 * 10, 10, total_experts=64, unique_max=8) == (40 - 9, 8)
-    assert plan_geometry(17 * 10, 10, total_experts=64, unique_max=8) == (8, 8)  # the minimum
-    with pytest.raises(BudgetError, match="minimum working set of 170 B"):
-        plan_geometry(16 * 10, 10, total_experts=64, unique_max=8)
+    # Every expert and the expert program's gather of 8 fit: preloaded, nothing in flight.
+    assert plan_geometry(72 * 10, 10, total_experts=64, unique_max=8) == (64, 0)
+    # Every expert but not the gather: a cache (8 in flight, the filler, the gather of 8).
+    assert plan_geometry(71 * 10, 10, total_experts=64, unique_max=8) == (71 - 17, 8)
+    assert plan_geometry(40 * 10, 10, total_experts=64, unique_max=8) == (40 - 17, 8)
+    assert plan_geometry(25 * 10, 10, total_experts=64, unique_max=8) == (8, 8)  # the minimum
+    assert minimum_experts(8) == 25 and minimum_experts(8, prefetch_max=8) == 41
+    with pytest.raises(BudgetError, match="minimum working set of 250 B.*gather of 8"):
+        plan_geometry(24 * 10, 10, total_experts=64, unique_max=8)
 
 
 def test_demand_plan_protects_the_next_layers_predictions_while_it_can():

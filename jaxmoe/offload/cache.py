@@ -8,7 +8,9 @@ Memory, all counted against the byte budget:
            being computed, P prefetched for it by the layer before, and P being
            prefetched for the next layer: U + 2P
   filler   one zeroed expert that pads the staged list to its static length U + P
-A budget of every expert (plus nothing in flight) preloads them all: no copies.
+  gather   the expert program computes its U experts as one batched contraction, so it
+           gathers them out of the pool first: U experts of workspace in every step
+A budget of every expert plus that gather preloads them all: no copies.
 
 A streamed prefill moves whole layers outside this budget (at most two at once,
 see prefill_plan.py): `stream` sends a layer's experts and takes device copies of
@@ -83,6 +85,13 @@ class CacheCounters:
         return self.expert_hits / total if total else None
 
 
+def minimum_experts(unique_max: int, prefetch_max: int = 0) -> int:
+    """The smallest budget, in experts: the `unique_max` experts one layer can need resident,
+    their copies and 2 x `prefetch_max` prefetched ones in flight, the filler, and the
+    expert program's gather of the `unique_max` it computes."""
+    return unique_max + (unique_max + 2 * prefetch_max) + 1 + unique_max
+
+
 def plan_geometry(
     budget_bytes: int, expert_bytes: int, total_experts: int, unique_max: int, prefetch_max: int = 0
 ) -> tuple[int, int]:
@@ -90,20 +99,23 @@ def plan_geometry(
 
     A decode step of one layer needs up to `unique_max` experts resident at once, all
     possibly copied in that step, while up to 2 x `prefetch_max` prefetched copies are
-    in flight: S >= unique_max, in flight = unique_max + 2 x prefetch_max, plus the filler.
+    in flight: S >= unique_max, in flight = unique_max + 2 x prefetch_max, plus the filler
+    and the expert program's gather (unique_max experts).
     """
     capacity = budget_bytes // expert_bytes
-    if capacity >= total_experts:
+    gather = unique_max
+    if capacity >= total_experts + gather:
         return total_experts, 0
     in_flight = unique_max + 2 * prefetch_max
-    minimum = unique_max + in_flight + 1
+    minimum = minimum_experts(unique_max, prefetch_max)
     if capacity < minimum:
         raise BudgetError(
             f"expert budget {fmt_bytes(budget_bytes)} is below the minimum working set of "
             f"{fmt_bytes(minimum * expert_bytes)}: {unique_max} experts one layer can need for this batch, "
-            f"{in_flight} copies in flight and one filler, at {fmt_bytes(expert_bytes)} each"
+            f"{in_flight} copies in flight, one filler and the expert program's gather of {gather}, "
+            f"at {fmt_bytes(expert_bytes)} each"
         )
-    return capacity - in_flight - 1, in_flight
+    return capacity - in_flight - 1 - gather, in_flight
 
 
 class DeviceExpertCache:
@@ -152,7 +164,8 @@ class DeviceExpertCache:
         return sum(len(v) for v in self.pending.values())
 
     def _account(self, in_flight: int) -> None:
-        used = tree_bytes((self.pool, self.filler)) + in_flight * self.store.expert_bytes
+        gather = self.unique_max * self.store.expert_bytes  # inside every expert program
+        used = tree_bytes((self.pool, self.filler)) + in_flight * self.store.expert_bytes + gather
         self.counters.peak_bytes = max(self.counters.peak_bytes, used)
         if self.check_budget and used > self.budget_bytes:
             raise AssertionError(f"expert cache holds {used} bytes, over its budget of {self.budget_bytes}")

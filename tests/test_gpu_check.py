@@ -1,0 +1,40 @@
+"""scripts/gpu_check.py on the CPU: the dry run passes every step (so the GPU run cannot fail on
+something a CPU shows), and a step over its cap is recorded while the next one still runs."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "gpu_check.py"
+STEPS = ["environment", "pytest", "bandwidth", "exactness", "decode", "phases", "prefill", "injit_probe"]
+
+
+def check(out: Path, *args: str) -> tuple[int, dict, str]:
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(out), *args],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    return proc.returncode, json.loads((out / "gpu_check.json").read_text()), (out / "gpu_check.md").read_text()
+
+
+def test_the_dry_run_passes_every_step(tmp_path):
+    rc, record, md = check(tmp_path, "--no-peers")
+    assert [s["name"] for s in record["steps"]] == STEPS
+    assert {s["name"]: s["status"] for s in record["steps"]} == {name: "passed" for name in STEPS}, md
+    assert rc == 0
+    exact = next(s for s in record["steps"] if s["name"] == "exactness")["result"]
+    assert exact["summary"]["equal"] == exact["summary"]["cases"] == 5  # one per model, every option twice
+    decode = next(s for s in record["steps"] if s["name"] == "decode")["result"]
+    assert {r["policy"] for r in decode["rows"]} == {"resident", "lru", "predictor"}
+    for title in ("## Exactness", "## Decode", "## Where an offloaded decode step's time goes", "## Prefill modes"):
+        assert title in md
+
+
+def test_a_step_over_its_cap_is_recorded_and_the_next_runs(tmp_path):
+    rc, record, md = check(tmp_path, "--steps", "environment,phases,injit_probe", "--cap", "phases=2")
+    status = {s["name"]: s["status"] for s in record["steps"]}
+    assert status == {"environment": "passed", "phases": "timeout", "injit_probe": "passed"}
+    assert rc == 1 and "| phases | timeout |" in md
+    probe = next(s for s in record["steps"] if s["name"] == "injit_probe")["result"]
+    assert probe["variants"] and "answer" in probe
