@@ -89,10 +89,10 @@ def build(spec: ModelSpec, dtype: str, seed: int, gpu: bool, offload: bool):
         cfg = load_hf_config(spec.path)
         if offload:
             ensure_host_memory(total_expert_bytes(cfg))  # before the backend starts
-        memory = "pinned_host" if offload else "device"
-        loaded = load(spec.path, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind=memory))
-        experts = HostExpertStore.from_stacks(cfg, loaded.experts) if offload else list(loaded.experts)
-        return cfg, loaded.model, experts
+            # Experts a layer at a time from disk into pinned memory: one copy, never on the device.
+            return cfg, load(spec.path, experts=False).model, HostExpertStore.from_checkpoint(spec.path, cfg)
+        loaded = load(spec.path)
+        return cfg, loaded.model, list(loaded.experts)
     if spec.source == "random":
         cfg = spec.config(dtype)
         if offload:

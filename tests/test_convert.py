@@ -140,7 +140,7 @@ def test_truncated_safetensors(hf_checkpoint, tmp_path, keep):
 
 
 def test_header_safetensors_rejects(hf_checkpoint, tmp_path):
-    """A header whose shape disagrees with its byte range: safetensors' own error, re-raised naming the file."""
+    """A header whose shape disagrees with its byte range is refused before anything is read, naming the file."""
     src = hf_copy(hf_checkpoint, tmp_path)
     file = src / "model.safetensors"
     raw = file.read_bytes()

@@ -1,4 +1,4 @@
-"""Hugging Face safetensors -> jaxmoe checkpoints (Orbax), and loading them."""
+"""Hugging Face safetensors -> jaxmoe checkpoints (params.safetensors), and loading them."""
 
 from jaxmoe.checkpoint.assemble import CheckpointError, assemble
 from jaxmoe.checkpoint.convert import convert_hf, count_params

@@ -1,5 +1,9 @@
 """Hugging Face checkpoint directory -> jaxmoe checkpoint directory.
 
+Streams: every name and shape is checked first, then each dense tensor is read,
+converted and written, then each MoE layer's experts are assembled and written, so
+host memory holds one layer of experts (plus the tensor being read), not the model.
+
 Everything is written into a hidden temporary directory next to the destination
 and renamed into place at the very end, so a failed or interrupted conversion
 never leaves a half-written checkpoint where `load` would find it.
@@ -9,18 +13,24 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import jax
 from tqdm import tqdm
 
-from jaxmoe.checkpoint.assemble import CheckpointError, assemble
+from jaxmoe.checkpoint.assemble import (
+    CheckpointError,
+    TensorPlan,
+    dense_value,
+    layer_experts,
+    np_dtype,
+    plan_tensors,
+)
+from jaxmoe.checkpoint.atomic import atomic_directory
+from jaxmoe.checkpoint.params_file import ParamsWriter, expected
 from jaxmoe.checkpoint.safetensors_io import SafetensorsCheckpoint
-from jaxmoe.checkpoint.store import save_params
 from jaxmoe.config import MoEConfig, load_hf_config
 from jaxmoe.model import dense_shapes
 
@@ -55,6 +65,16 @@ def _copy_side_files(src: Path, dst: Path) -> None:
             shutil.copyfile(src / name, dst / name)
 
 
+def _write_params(dst: Path, cfg: MoEConfig, plan: TensorPlan, read) -> None:
+    """params.safetensors: each dense tensor, then each layer's experts, written as it is made."""
+    dtype = np_dtype(cfg.dtype)  # conversion stores every weight in the config's dtype
+    with ParamsWriter(dst, {name: (shape, dtype) for name, (shape, _) in expected(cfg).items()}) as out:
+        for name, target in plan.dense.items():
+            out.dense(target.path, dense_value(target, read(name), dtype))
+        for layer in cfg.moe_layer_ids:
+            out.experts(layer, layer_experts(cfg, plan, layer, read))
+
+
 def convert_hf(src: str | Path, dst: str | Path, progress: bool = True) -> Path:
     """Convert `src` (config.json + safetensors) into a new jaxmoe checkpoint at `dst`.
 
@@ -66,16 +86,15 @@ def convert_hf(src: str | Path, dst: str | Path, progress: bool = True) -> Path:
         raise CheckpointError(f"{dst}: already exists and is not empty; choose a new destination")
     cfg = load_hf_config(src)
     with SafetensorsCheckpoint(src) as weights:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-        try:
-            names = tqdm(weights.names, desc="convert", unit="tensor", file=sys.stderr, disable=not progress)
-            dense, experts = assemble(cfg, names, weights.shape_of, weights.read, str(weights.source))
-            save_params(tmp, dense, experts)
+        plan = plan_tensors(cfg, weights.names, weights.shape_of, str(weights.source))  # before any write
+        total = len(plan.dense) + sum(len(names) for names in plan.experts.values())
+        bar = tqdm(total=total, desc="convert", unit="tensor", file=sys.stderr, disable=not progress)
+
+        def read(name: str):
+            bar.update()
+            return weights.read(name)
+
+        with bar, atomic_directory(dst) as tmp:
+            _write_params(tmp, cfg, plan, read)
             _copy_side_files(src, tmp)
-            tmp.chmod(0o755)  # mkdtemp makes it private; the checkpoint should not be
-            os.rename(tmp, dst)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return dst

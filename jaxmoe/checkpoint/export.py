@@ -3,7 +3,8 @@
 The tensor names come from the same weight map conversion reads (`hf_keys`), walked
 backwards: NNX kernels [in, out] become torch Linear weights [out, in], and each
 layer's fused expert stacks become the per-expert tensors `save_pretrained` writes.
-Written into a temporary sibling and renamed at the end, like conversion.
+Streamed like conversion: one dense tensor or one layer of experts is in memory at a
+time, written into a temporary sibling that is renamed at the end.
 """
 
 from __future__ import annotations
@@ -13,38 +14,48 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import save_file
 
-from jaxmoe.checkpoint.assemble import CheckpointError
+from jaxmoe.checkpoint.assemble import CheckpointError, np_dtype
 from jaxmoe.checkpoint.atomic import atomic_directory
 from jaxmoe.checkpoint.convert import TOKENIZER_FILES
-from jaxmoe.checkpoint.hf_keys import dense_targets, expert_targets
-from jaxmoe.checkpoint.store import restore_params
+from jaxmoe.checkpoint.hf_keys import ExpertTarget, dense_targets, expert_targets
+from jaxmoe.checkpoint.params_file import dense_name, expected
+from jaxmoe.checkpoint.safetensors_write import SafetensorsWriter
+from jaxmoe.checkpoint.store import open_params
 from jaxmoe.config import MoEConfig, load_hf_config
 from jaxmoe.model import ExpertWeights
 from jaxmoe.tokenizer import load_tokenizer
 
 
-def hf_tensors(cfg: MoEConfig, dense: dict, experts: tuple[ExpertWeights | None, ...]) -> dict[str, np.ndarray]:
-    """Every tensor of the Hugging Face checkpoint, by name, in the per-expert layout."""
-    out = {}
-    for name, target in dense_targets(cfg).items():
-        value = dense
-        for key in target.path:
-            value = value[key]
-        value = np.asarray(value)
-        out[name] = np.ascontiguousarray(value.T) if target.transpose else value
-        assert out[name].shape == target.shape, (name, out[name].shape, target.shape)
-    width = cfg.expert_intermediate_size
-    for name, target in expert_targets(cfg)[0].items():
-        w = experts[target.layer]
-        if target.part == "down":
-            value = np.asarray(w.w_down[target.expert]).T  # [I, D] -> [D, I]
-        else:
-            cols = slice(0, width) if target.part == "gate" else slice(width, 2 * width)
-            value = np.asarray(w.w_gate_up[target.expert][:, cols]).T  # [D, I] -> [I, D]
-        out[name] = np.ascontiguousarray(value)
-    return out
+def _expert_tensor(w: ExpertWeights, target: ExpertTarget, width: int) -> np.ndarray:
+    """One per-expert Hugging Face tensor, cut from the layer's stacks."""
+    if target.part == "down":
+        value = w.w_down[target.expert].T  # [I, D] -> [D, I]
+    else:
+        cols = slice(0, width) if target.part == "gate" else slice(width, 2 * width)
+        value = w.w_gate_up[target.expert][:, cols].T  # [D, I] -> [I, D]
+    return np.ascontiguousarray(value)
+
+
+def _write_weights(path: Path, cfg: MoEConfig, params) -> None:
+    """model.safetensors in the per-expert layout, one dense tensor or one layer of experts in
+    memory at a time (plus the tensor being written)."""
+    dtypes = {name: dtype for name, (_, dtype) in expected(cfg).items()}
+    dense = dense_targets(cfg)
+    experts = expert_targets(cfg)[0]
+    specs = {name: (t.shape, dtypes[dense_name(t.path)]) for name, t in dense.items()}
+    specs |= {name: (t.shape, np_dtype(cfg.dtype)) for name, t in experts.items()}
+    by_path = {t.path: (name, t) for name, t in dense.items()}
+    with SafetensorsWriter(path, specs, metadata={"format": "pt"}) as out:
+        for key_path, value in params.dense():
+            name, target = by_path[key_path]
+            out.write(name, np.ascontiguousarray(value.T) if target.transpose else value)
+        for layer in cfg.moe_layer_ids:
+            w = params.experts(layer)
+            for name, target in experts.items():
+                if target.layer == layer:
+                    out.write(name, _expert_tensor(w, target, cfg.expert_intermediate_size))
+            del w  # before the next layer is read
 
 
 def _tokenizer_config(src: Path, generation: dict) -> dict | None:
@@ -63,14 +74,12 @@ def export_hf(src: str | Path, dst: str | Path) -> Path:
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise CheckpointError(f"{dst}: already exists and is not empty; choose a new destination")
     cfg = load_hf_config(src)
-    dense, experts = restore_params(src, cfg)
     hf = json.loads((src / "config.json").read_text())
     hf["dtype"] = cfg.dtype  # what the tensors are stored in
     gen_path = src / "generation_config.json"
     generation = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
-    with atomic_directory(dst) as tmp:
-        save_file(hf_tensors(cfg, dense, experts), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "model.safetensors").chmod(0o644)  # safetensors creates it owner-only
+    with open_params(src, cfg) as params, atomic_directory(dst) as tmp:
+        _write_weights(tmp / "model.safetensors", cfg, params)
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
         if gen_path.is_file():
             shutil.copyfile(gen_path, tmp / "generation_config.json")

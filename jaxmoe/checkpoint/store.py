@@ -4,60 +4,86 @@ A directory holding:
   config.json              the original Hugging Face config, untouched
   generation_config.json
   tokenizer files          when the source had them
-  params/                  Orbax: {"dense": dense pure dict,
-                                   "experts": {"<layer>": {"w_gate_up", "w_down"}}}
-Orbax wants string keys, so the dense dict's int layer keys are stored as strings.
-Restoring uses a target built from the config alone, which is where the caller
-chooses placement (e.g. experts in pinned host memory).
+  params.safetensors       the weights (params_file.py), written and read a tensor or a
+                           layer at a time
+Checkpoints written before params.safetensors hold an Orbax tree under params/ instead
+(legacy_params.py); they load the same way.
+
+Loading reads the weights into host numpy and places them with `jax.device_put`: the
+dense weights on the default device, each layer's experts where the caller says, one
+layer at a time, so host memory holds one layer beyond what is kept.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 from pathlib import Path
+from typing import Iterator
 
 import jax
-import orbax.checkpoint as ocp
 
 from jaxmoe.checkpoint.assemble import CheckpointError
+from jaxmoe.checkpoint.legacy_params import DIRECTORY as LEGACY_DIRECTORY
+from jaxmoe.checkpoint.legacy_params import OrbaxParamsReader
+from jaxmoe.checkpoint.params_file import FILE, ParamsReader, ParamsSource, ParamsWriter, leaves
 from jaxmoe.config import MoEConfig, load_hf_config
-from jaxmoe.model import ExpertWeights, MoEDecoder, build_model, dense_shapes
-
-PARAMS = "params"
-
-
-def _str_keys(tree):
-    return {str(k): _str_keys(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
-
-
-def _int_keys(tree):
-    if not isinstance(tree, dict):
-        return tree
-    return {int(k) if k.isdigit() else k: _int_keys(v) for k, v in tree.items()}
+from jaxmoe.model import ExpertWeights, MoEDecoder, build_model
 
 
 def save_params(path: str | Path, dense: dict, experts: tuple[ExpertWeights | None, ...]) -> None:
-    """Write `path/params` (numpy or jax arrays); `path` must exist, `path/params` must not."""
-    tree = {
-        "dense": _str_keys(dense),
-        "experts": {str(i): w._asdict() for i, w in enumerate(experts) if w is not None},
-    }
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(Path(path).resolve() / PARAMS, tree)
-        ckptr.wait_until_finished()
+    """Write `path/params.safetensors` from numpy or jax arrays; `path` must exist."""
+    layers = {i: w for i, w in enumerate(experts) if w is not None}
+    with ParamsWriter.like(path, dense, layers) as out:
+        for key_path, value in leaves(dense):
+            out.dense(key_path, value)
+        for layer, w in layers.items():
+            out.experts(layer, w)
 
 
-def expert_shapes(cfg: MoEConfig, sharding: jax.sharding.Sharding | None = None) -> dict[int, ExpertWeights]:
-    """Per MoE layer, the expert stacks as ShapeDtypeStructs (a restore target)."""
-    e, d, i = cfg.num_experts, cfg.hidden_size, cfg.expert_intermediate_size
-    return {
-        layer: ExpertWeights(
-            jax.ShapeDtypeStruct((e, d, 2 * i), cfg.dtype, sharding=sharding),
-            jax.ShapeDtypeStruct((e, i, d), cfg.dtype, sharding=sharding),
-        )
-        for layer in cfg.moe_layer_ids
-    }
+def open_params(path: str | Path, cfg: MoEConfig) -> ParamsSource:
+    """The checkpoint's weights, in either layout, read on demand (see ParamsSource)."""
+    path = Path(path)
+    if (path / FILE).is_file():
+        return ParamsReader(path, cfg)
+    if (path / LEGACY_DIRECTORY).is_dir():
+        return OrbaxParamsReader(path, cfg)
+    raise CheckpointError(f"{path}: no {FILE} (convert the model with scripts/convert_hf.py)")
+
+
+def expert_layers(path: str | Path, cfg: MoEConfig) -> Iterator[ExpertWeights | None]:
+    """Per layer, its expert stacks as host numpy (None for dense layers), read when asked for:
+    a consumer that drops each before asking for the next holds one layer."""
+    with open_params(path, cfg) as params:
+        for layer in range(cfg.num_layers):
+            yield params.experts(layer) if cfg.moe_layers[layer] else None
+
+
+def place(values, sharding):
+    """`jax.device_put` of host numpy (any pytree), waited for.
+
+    jaxlib lets go of a finished copy's source lazily, in a gc callback, so without a gc
+    pass a layer's numpy would outlive its copy until the next collection, beside the
+    next layer. The (cheap, youngest-generation) pass here usually frees it at once; the
+    copying thread sometimes posts the release just after, and then the next call frees it.
+    """
+    placed = jax.block_until_ready(jax.device_put(values, sharding))
+    gc.collect(0)
+    return placed
+
+
+def restore_dense(path: str | Path, cfg: MoEConfig) -> dict:
+    """The dense pure dict, each tensor read and put on the default device in turn."""
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    dense: dict = {}
+    with open_params(path, cfg) as params:
+        for key_path, value in params.dense():
+            node = dense
+            for key in key_path[:-1]:
+                node = node.setdefault(key, {})
+            node[key_path[-1]] = place(value, device)
+    return dense
 
 
 def restore_params(
@@ -66,49 +92,44 @@ def restore_params(
     """(dense pure dict, per-layer experts) as jax arrays.
 
     Dense weights go to the default device; `sharding` places the routed experts
-    (default: the default device too).
+    (default: the default device too), one layer at a time.
     """
-    params = Path(path).resolve() / PARAMS
-    if not params.is_dir():
-        raise CheckpointError(f"{path}: no {PARAMS}/ directory (convert the model with scripts/convert_hf.py)")
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    dense = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), dense_shapes(cfg))
-    experts = expert_shapes(cfg, sharding or device)
-    target = {"dense": _str_keys(dense), "experts": {str(k): w._asdict() for k, w in experts.items()}}
-    try:
-        with ocp.StandardCheckpointer() as ckptr:
-            tree = ckptr.restore(params, target)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        raise CheckpointError(f"{params}: does not match {path}/config.json ({e})") from e
-    restored = tuple(
-        ExpertWeights(**tree["experts"][str(i)]) if cfg.moe_layers[i] else None for i in range(cfg.num_layers)
-    )
-    return _int_keys(tree["dense"]), restored
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    dense = restore_dense(path, cfg)
+    experts = tuple(None if w is None else place(w, sharding) for w in expert_layers(path, cfg))
+    return dense, experts
 
 
 @dataclasses.dataclass(frozen=True)
 class LoadedModel:
     config: MoEConfig
     model: MoEDecoder  # dense weights
-    experts: tuple[ExpertWeights | None, ...]  # routed experts, one entry per layer
+    experts: tuple[ExpertWeights | None, ...] | None  # routed experts per layer; None when not loaded
     generation_config: dict
     tokenizer_path: Path | None  # tokenizer.json, when the checkpoint has one
     path: Path
 
 
-def load(path: str | Path, sharding: jax.sharding.Sharding | None = None) -> LoadedModel:
-    """Load a jaxmoe checkpoint directory; `sharding` places the routed experts."""
+def load(path: str | Path, sharding: jax.sharding.Sharding | None = None, experts: bool = True) -> LoadedModel:
+    """Load a jaxmoe checkpoint directory; `sharding` places the routed experts.
+
+    With `experts=False` the experts stay on disk (`LoadedModel.experts` is None), for a
+    caller that reads them itself, e.g. `HostExpertStore.from_checkpoint`.
+    """
     path = Path(path)
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: no config.json (not a jaxmoe checkpoint directory)")
     cfg = load_hf_config(path)
-    dense, experts = restore_params(path, cfg, sharding)
+    if experts:
+        dense, stacks = restore_params(path, cfg, sharding)
+    else:
+        dense, stacks = restore_dense(path, cfg), None
     gen = path / "generation_config.json"
     tokenizer = path / "tokenizer.json"
     return LoadedModel(
         config=cfg,
         model=build_model(cfg, dense),
-        experts=experts,
+        experts=stacks,
         generation_config=json.loads(gen.read_text()) if gen.is_file() else {},
         tokenizer_path=tokenizer if tokenizer.is_file() else None,
         path=path,

@@ -165,18 +165,18 @@ class OffloadedEngine:
     def from_checkpoint(
         cls, path: str | Path, expert_budget_bytes: int, policy: str = "lru", predictor=None, **kw
     ) -> "OffloadedEngine":
-        """Dense weights to the device, experts restored straight into pinned host memory.
-        `predictor`: None, "gate-ahead" (the next layer's router, no training), the
-        directory of a trained predictor, or a scorer."""
+        """Dense weights to the device; experts read a layer at a time into host numpy and
+        copied from there into pinned host memory (never through the device, never two
+        copies of the experts). `predictor`: None, "gate-ahead" (the next layer's router,
+        no training), the directory of a trained predictor, or a scorer."""
         from jaxmoe.checkpoint import load
         from jaxmoe.offload.host_store import ensure_host_memory, total_expert_bytes
         from jaxmoe.config import load_hf_config
 
         cfg = load_hf_config(path)
         ensure_host_memory(total_expert_bytes(cfg))  # before anything is allocated
-        pinned = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
-        loaded = load(path, sharding=pinned)
-        store = HostExpertStore.from_stacks(cfg, loaded.experts)
+        loaded = load(path, experts=False)
+        store = HostExpertStore.from_checkpoint(path, cfg)
         if predictor is not None:
             predictor = load_scorer(predictor, loaded.model)
         engine = cls(cfg, loaded.model, store, expert_budget_bytes, policy, predictor=predictor, **kw)

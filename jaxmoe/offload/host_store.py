@@ -10,11 +10,12 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable
 
 import jax
 import numpy as np
 
+from jaxmoe.checkpoint.store import expert_layers, place
 from jaxmoe.config import MoEConfig
 from jaxmoe.model import ExpertWeights
 
@@ -80,20 +81,32 @@ class HostExpertStore:
         self.expert_bytes = expert_bytes(cfg)
 
     @classmethod
-    def from_stacks(cls, cfg: MoEConfig, stacks: Sequence[ExpertWeights | None], device=None) -> "HostExpertStore":
-        """Split per-layer [E, ...] stacks (numpy or jax, any memory) into pinned per-expert arrays.
-        A layer's stack is released as soon as it is split, so the transient is one layer."""
+    def from_stacks(cls, cfg: MoEConfig, stacks: Iterable[ExpertWeights | None], device=None) -> "HostExpertStore":
+        """Split per-layer [E, ...] stacks (numpy or jax, any memory; None for dense layers) into
+        pinned per-expert arrays. Stacks are taken one at a time and each is dropped once its
+        copies are done, so an iterator that makes them on demand keeps one layer in flight."""
         ensure_host_memory(total_expert_bytes(cfg))
         device = device or jax.devices()[0]
         pinned = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
-        stacks = list(stacks)
-        experts = {}
-        for layer in cfg.moe_layer_ids:
-            gate_up, down = (np.asarray(a) for a in stacks[layer])
-            stacks[layer] = None
-            for e in range(cfg.num_experts):
-                experts[layer, e] = ExpertWeights(*jax.device_put([gate_up[e], down[e]], pinned))
+        experts, layer = {}, -1
+        for stack in stacks:  # not enumerate(): it keeps the last item until the next one is made
+            layer += 1
+            if stack is None:
+                continue
+            gate_up, down = (np.asarray(a) for a in stack)
+            del stack
+            pairs = place([(gate_up[e], down[e]) for e in range(cfg.num_experts)], pinned)
+            del gate_up, down  # before the next layer is made
+            for e, pair in enumerate(pairs):
+                experts[layer, e] = ExpertWeights(*pair)
         return cls(cfg, experts)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, cfg: MoEConfig, device=None) -> "HostExpertStore":
+        """A checkpoint's experts, read a layer at a time into host numpy and copied from there
+        into pinned memory: nothing passes through device memory, and host memory peaks at
+        the experts plus one layer."""
+        return cls.from_stacks(cfg, expert_layers(path, cfg), device)
 
     def get(self, layer: int, expert: int) -> ExpertWeights:
         return self._experts[layer, expert]

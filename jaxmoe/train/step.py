@@ -2,9 +2,10 @@
 
 Shapes: B batch, T tokens per window, V vocab, L layers.
 The trainable params are {"dense": the NNX module's pure dict, "experts": {layer:
-{"w_gate_up", "w_down"}}} with string keys throughout, the layout Orbax and
-`jaxmoe.checkpoint.save_params` store. Params are fp32 masters; the forward pass
-casts them to the config's dtype, so a bf16 config trains with fp32 optimizer math.
+{"w_gate_up", "w_down"}}} with string keys throughout, as the training checkpoints
+(Orbax) store them; `split_params` turns them into what `jaxmoe.checkpoint.save_params`
+takes. Params are fp32 masters; the forward pass casts them to the config's dtype, so
+a bf16 config trains with fp32 optimizer math.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxmoe.checkpoint.store import _int_keys as int_keys, _str_keys as str_keys  # the stored key layout
+from jaxmoe.checkpoint.params_file import int_keys, str_keys  # Orbax's string keys
 from jaxmoe.config import MoEConfig
 from jaxmoe.model import ExpertWeights, MoEDecoder, abstract_model, dense_dict, init_experts, init_kv_cache
 from jaxmoe.train.losses import load_balancing_loss, next_token_ce, router_z_loss
