@@ -240,3 +240,19 @@ def test_prepare_compiles_the_streamed_prefill_ahead_of_time():
     result = eng.generate(LONG, 1)  # 64-token bucket, one token: prefill and first token only
     assert len(eng.programs) == compiled  # nothing compiled on the way
     assert result.token_ids == [t[:1] for t in resident_tokens("olmoe", 4, 6)]
+
+
+@pytest.mark.parametrize("prefill,policy,batch", [("routed", "lru", 4), ("injit", "predictor", 1)])
+def test_prepare_compiles_every_program_a_generate_runs(prefill, policy, batch):
+    """Prefill in its mode, the first token, the decode layers and head, the cache's own
+    programs: after prepare, generating in that bucket compiles nothing."""
+    cfg, model, _, store = setup("olmoe")
+    unique = num_unique_experts(cfg.num_experts, batch, cfg.top_k)
+    kw = {"predictor": GateAhead(model)} if policy == "predictor" else {}
+    experts = minimum_experts(unique, unique if kw else 0) + 3
+    eng = engine("olmoe", experts, policy=policy, prefill=prefill, **kw)
+    eng.prepare(batch=batch, prompt_tokens=64, max_new_tokens=6)
+    compiled = len(eng.programs)
+    result = eng.generate(LONG[:batch], 6)
+    assert len(eng.programs) == compiled  # nothing compiled on the way
+    assert result.token_ids == resident_tokens("olmoe", batch, 6)

@@ -214,21 +214,64 @@ class OffloadedEngine:
         return program
 
     def prepare(self, batch: int, prompt_tokens: int, max_new_tokens: int, sampling=SamplingParams()) -> PrefillPlan:
-        """Compile ahead of time the streamed prefill's programs (embedding, each layer kind
-        per chunk, first token) for this shape bucket, so the first prompt of that size
-        compiles nothing (with the compilation cache, neither does the next process);
-        returns the stream plan such a prompt would execute with the cache as it is now."""
+        """Compile ahead of time every program a generate of this shape bucket runs (the
+        prefill in the mode it would take for full-length prompts, the first token, the
+        decode step's layer programs and head, the cache's own take and write programs),
+        so the first prompt of that size compiles nothing (with the compilation cache,
+        neither does the next process); returns the prefill plan such a prompt would
+        execute with the cache as it is now."""
+        cfg, spec = self.config, jax.ShapeDtypeStruct
         p_len = prompt_bucket(prompt_tokens)
         cache_len = cache_bucket(p_len, max_new_tokens)
         size, starts = chunk_starts(p_len, self.prefill_chunk)
         self._ensure_cache(batch)
-        spec = jax.ShapeDtypeStruct
-        self._program("embed", _embed, {}, (), self.ends, spec((batch, p_len), jnp.int32))
-        x = compile_stream(self, batch, p_len, size, cache_len)
+        mode = choose_mode(self.prefill_mode, cfg.num_experts, batch * prompt_tokens * cfg.top_k, len(starts),
+                           self.cache.staging == 0)  # fmt: skip
         root = jax.eval_shape(lambda: jax.random.key(0))
         index, step = spec((batch,), jnp.int32), spec((), jnp.int32)
-        self._program("head", _head, {"sampling": sampling}, (), self.ends, x, index, root, step)
-        return self._stream_plan(size, len(starts))
+        head = {"sampling": sampling}
+        if mode == ROUTED:
+            x = self._compile_forward(batch, size, cache_len, decode=False)
+            x = spec((batch, p_len, cfg.hidden_size), x.dtype)
+            plan = PrefillPlan(ROUTED, size, len(starts), 0)
+        else:
+            self._program("embed", _embed, {}, (), self.ends, spec((batch, p_len), jnp.int32))
+            x = compile_stream(self, batch, p_len, size, cache_len, in_jit=mode == INJIT)
+            moe = [m for m in range(cfg.num_layers) if cfg.moe_layers[m]]
+            self.cache.prepare_stream(max(self.cache.schedule.retain_quotas(moe).values(), default=0))
+            plan = self._stream_plan(size, len(starts), in_jit=mode == INJIT)
+        self._program("head", _head, head, (), self.ends, x, index, root, step)
+        if max_new_tokens > 1:
+            x = self._compile_forward(batch, 1, cache_len, decode=True)
+            self._program("head", _head, head, (), self.ends, x, index, root, step)
+        return plan
+
+    def _compile_forward(self, batch: int, tokens: int, cache_len: int, decode: bool) -> jax.ShapeDtypeStruct:
+        """Compile from shapes the programs `_forward` runs on [batch, tokens] (a decode step,
+        or a routed prefill chunk); returns the spec of the x it ends with."""
+        cfg, spec = self.config, jax.ShapeDtypeStruct
+        plain = lambda tree: jax.tree.map(lambda o: spec(o.shape, o.dtype), tree)  # noqa: E731
+        x = plain(self._program("embed", _embed, {}, (), self.ends, spec((batch, tokens), jnp.int32)).out_info)
+        positions = spec((batch, tokens), jnp.int32)
+        kv = jax.eval_shape(lambda: init_kv_cache(cfg, batch, cache_len)[0])
+        pool, staged = plain(self.cache.pool), plain((self.cache.filler,) * self.cache.staging)
+        for layer, piece in enumerate(self.layers):
+            if not cfg.moe_layers[layer]:
+                self._program("dense", _dense_layer, {}, (2,), piece, x, positions, kv)
+                continue
+            if decode and self.predictor is not None and self.cache.prefetch_max > 0:
+                static = {"scorer": self.predictor, "top": cfg.top_k}
+                args = (x, positions, kv, self.predictor.leaves, spec((), jnp.int32))
+                out = self._program("attend_route_predict", _attend_route_predict, static, (2,), piece, *args)
+            else:
+                out = self._program("attend_route", _attend_route, {}, (2,), piece, x, positions, kv)
+            x_in, _, h, ids, weights = plain(out.out_info[:5])
+            n, k = ids.shape
+            unique = min(num_unique_experts(cfg.num_experts, n, k), self.cache.num_slots)
+            args = (x_in, h, spec((n, k), jnp.int32), spec((n, k), jnp.bool_), weights,
+                    spec((n, k, cfg.hidden_size), x.dtype), pool, staged, spec((self.cache.staging,), jnp.int32))  # fmt: skip
+            x = plain(self._program("experts", _experts, {"num_unique": unique}, (6,), piece, *args).out_info[0])
+        return x
 
     def reset_cache(self) -> None:
         """Drop every cached expert: the next generate starts cold."""
@@ -246,6 +289,7 @@ class OffloadedEngine:
             self.cache = DeviceExpertCache(
                 self.store, self.expert_budget_bytes, make_policy(self.policy_name), unique_max,
                 prefetch_max=unique_max if self.predictor else 0, check_budget=self.check_budget,
+                programs=self.programs,
             )  # fmt: skip
         self.cache.clock = self.clock
 

@@ -161,23 +161,30 @@ class _StreamRun:
         self.cache.retain(plan, self.layer_experts.pop(layer), self.width)
 
 
-def compile_stream(engine, batch: int, p_len: int, chunk: int, cache_len: int) -> jax.ShapeDtypeStruct:
-    """Compile every layer kind's chunk program for this bucket from
-    shapes alone (nothing runs, nothing moves); returns the spec of x [B, P, D]."""
+def compile_stream(engine, batch: int, p_len: int, chunk: int, cache_len: int, in_jit: bool = False):
+    """Compile every layer kind's chunk program for this bucket from shapes alone (nothing
+    runs, nothing moves); `in_jit` adds the last chunk's program that also copies the next
+    layer's experts (for a cold cache: all of them). Returns the spec of x [B, P, D]."""
     cfg, spec = engine.config, jax.ShapeDtypeStruct
     tokens = spec((batch, p_len), jnp.int32)
     x = spec((batch, p_len, cfg.hidden_size), jnp.dtype(cfg.dtype))
     positions, valid, start = tokens, spec((batch, p_len), jnp.bool_), spec((), jnp.int32)
     kv = jax.eval_shape(lambda: init_kv_cache(cfg, batch, cache_len)[0])
-    expert = (spec((cfg.hidden_size, 2 * cfg.expert_intermediate_size), x.dtype),
-              spec((cfg.expert_intermediate_size, cfg.hidden_size), x.dtype))  # fmt: skip
+    shapes = ((cfg.hidden_size, 2 * cfg.expert_intermediate_size), (cfg.expert_intermediate_size, cfg.hidden_size))
+    expert = tuple(spec(shape, x.dtype) for shape in shapes)
+    pinned = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
+    host_expert = tuple(spec(shape, x.dtype, sharding=pinned) for shape in shapes)
     counts = spec((cfg.num_experts,), jnp.int32)
+    static = {"chunk": chunk}
     for layer, piece in enumerate(engine.layers):
         if cfg.moe_layers[layer]:
             args = (x, positions, valid, start, kv, counts, (expert,) * cfg.num_experts)
-            engine._program("moe_chunk", _moe_chunk, {"chunk": chunk}, (0, 4, 5), piece, *args)
+            engine._program("moe_chunk", _moe_chunk, static, (0, 4, 5), piece, *args)
+            if in_jit:
+                host = (host_expert,) * cfg.num_experts
+                engine._program("moe_chunk_fetch", _moe_chunk_fetch, static, (0, 4, 5), piece, *args, host)
         else:
-            engine._program("dense_chunk", _dense_chunk, {"chunk": chunk}, (0, 3), piece, x, positions, start, kv)
+            engine._program("dense_chunk", _dense_chunk, static, (0, 3), piece, x, positions, start, kv)
     return x
 
 

@@ -29,12 +29,12 @@ import numpy as np
 
 from jaxmoe.engine.metrics import fmt_bytes, tree_bytes
 from jaxmoe.engine.phases import PhaseClock
+from jaxmoe.engine.programs import Programs
 from jaxmoe.offload.host_store import HostExpertStore
 from jaxmoe.offload.policy import EvictionPolicy
 from jaxmoe.offload.schedule import PassPlan, Schedule
 
 
-@jax.jit
 def take_from_pool(pool, slot):  # the function's name is the program's name in a profile
     return pool[0][slot], pool[1][slot]
 
@@ -54,8 +54,6 @@ def write_slots(pool, staged, slots):
         down = down.at[slot].set(s_down, mode="drop")
     return gate_up, down
 
-
-_scatter = jax.jit(write_slots, donate_argnums=0)
 
 
 def fetch_in_jit(host_experts):
@@ -128,8 +126,12 @@ class DeviceExpertCache:
         prefetch_max: int = 0,
         device=None,
         check_budget: bool = False,
+        programs: Programs | None = None,
     ):
+        """`programs`: where the cache's own programs (take, write) are compiled; the
+        engine passes its own, so that preparing a bucket compiles them too."""
         cfg = store.config
+        self.programs = programs if programs is not None else Programs()
         self.store, self.budget_bytes, self.check_budget = store, budget_bytes, check_budget
         self.unique_max, self.prefetch_max = unique_max, prefetch_max
         self.device = jax.sharding.SingleDeviceSharding(device or jax.devices()[0], memory_kind="device")
@@ -225,7 +227,8 @@ class DeviceExpertCache:
         copies = self._copy(layer, sent)
         out = dict(zip(sent, copies))
         for e in cached:
-            out[e] = take_from_pool(self.pool, jnp.int32(self.schedule.slot_of[(layer, e)]))
+            slot = jnp.int32(self.schedule.slot_of[(layer, e)])
+            out[e] = self.programs.get("take_from_pool", take_from_pool, {}, (), self.pool, slot)(self.pool, slot)
         return out, copies
 
     def host_experts(self, layer: int, sent: Sequence[int]) -> tuple:
@@ -242,9 +245,22 @@ class DeviceExpertCache:
         staged = [layer_experts[e] for e, _ in plan.loads]
         slots = [s for _, s in plan.loads]
         pad = width - len(staged)
-        staged, slots = tuple(staged) + (self.filler,) * pad, slots + [self.num_slots] * pad
-        self.pool = _scatter(self.pool, staged, jnp.asarray(slots, jnp.int32))
+        staged, slots = tuple(staged) + (self.filler,) * pad, jnp.asarray(slots + [self.num_slots] * pad, jnp.int32)
+        self.pool = self._write_program(width)(self.pool, staged, slots)
         jax.block_until_ready(self.pool)  # the streamed layer may be freed only after this
+
+    def _write_program(self, width: int):
+        spec = jax.ShapeDtypeStruct
+        staged = tuple((spec(a.shape, a.dtype), spec(b.shape, b.dtype)) for a, b in (self.filler,) * width)
+        return self.programs.get("write_slots", write_slots, {}, (0,), self.pool, staged, spec((width,), jnp.int32))
+
+    def prepare_stream(self, width: int) -> None:
+        """Compile what a streamed prefill asks of the cache: taking a cached expert out of
+        the pool, and writing `width` retained experts into it."""
+        slot = jax.ShapeDtypeStruct((), jnp.int32)
+        self.programs.get("take_from_pool", take_from_pool, {}, (), self.pool, slot)
+        if self.filler is not None and width:
+            self._write_program(width)
 
     def wait(self, copies: list) -> None:
         """Block until demand copies land, and count it as stall time."""
