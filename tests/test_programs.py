@@ -15,6 +15,7 @@ from jaxmoe.engine import ResidentEngine
 from jaxmoe.engine.offloaded import OffloadedEngine
 from jaxmoe.engine.programs import program_name
 from jaxmoe.model import MoEDecoder, init_experts, init_kv_cache, moe_ffn
+from jaxmoe.offload.cache import minimum_experts
 from jaxmoe.offload.host_store import HostExpertStore
 
 # Qwen2-MoE has every phase: a dense layer (mlp), then a MoE layer with a shared expert.
@@ -39,13 +40,16 @@ def module_names(programs) -> dict[str, str]:
 def test_every_compiled_program_is_named_after_its_program():
     model, experts = tiny()
     store = HostExpertStore.from_stacks(CFG, experts)
-    offloaded = OffloadedEngine(CFG, model, store, 5 * store.expert_bytes)  # the minimum for batch 1
+    budget = minimum_experts(CFG.top_k) * store.expert_bytes  # batch 1
+    offloaded = OffloadedEngine(CFG, model, store, budget)
     offloaded.generate([[1, 2, 3]], 1)  # the routed prefill (decode runs the same programs)
-    offloaded.prepare(1, 3, 2)  # the streamed prefill's chunk programs
+    streamed = OffloadedEngine(CFG, model, store, budget, prefill="stream")
+    streamed.prepare(1, 3, 2)  # the streamed prefill's chunk programs and the cache's own
     resident = ResidentEngine(CFG, model, experts)
     resident.generate([[1, 2, 3]], 2)
-    names = {**module_names(offloaded.programs), **module_names(resident.programs)}
-    expected = {"embed", "dense", "attend_route", "experts", "head", "dense_chunk", "moe_chunk",
+    names = {**module_names(offloaded.programs), **module_names(streamed.programs), **module_names(resident.programs)}
+    # (write_slots, the retain program, needs a cache smaller than every expert: not this model's 4.)
+    expected = {"embed", "dense", "attend_route", "experts", "head", "dense_chunk", "moe_chunk", "take_from_pool",
                 "prefill_chunk", "first_token", "decode"}  # fmt: skip
     assert set(names) == expected
     for name, module in names.items():
