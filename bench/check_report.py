@@ -93,7 +93,9 @@ def _phases(r: dict) -> list[str]:
         return []
     lines = [f"Offloaded decode, {r['steps']} steps, policy lru at budget {r.get('budget_spec')}: step "
              f"{_ms(nat['step_ms'])} ms as run ({nat['loads_per_step']:.1f} loads, {nat['hits_per_step']:.1f} hits "
-             f"per step), {_ms(syn and syn['step_ms'])} ms with a block after every program and copy.", ""]  # fmt: skip
+             f"per step), {_ms(syn and syn['step_ms'])} ms with a block after every program and copy; host reads "
+             f"per token {_fmt(nat.get('host_syncs_per_token'), '.2f')}, resumes per token "
+             f"{_fmt(nat.get('resumes_per_token'), '.2f')}.", ""]  # fmt: skip
     names = sorted(set(nat["phases"]) | set((syn or {}).get("phases", {})))
     rows = []
     for name in names:

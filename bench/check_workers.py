@@ -303,19 +303,21 @@ def worker_phases(spec: dict) -> dict:
     for mode, sync in (("natural", False), ("synced", True)):
         engine.reset_cache()
         engine.clock = PhaseClock(enabled=True, sync=sync)
-        started = []
+        at_prefill = {}
 
         def on_token(_):  # the first call follows the prefill: count decode steps only
-            if not started:
+            if not at_prefill:
                 engine.clock.reset()
-                engine.cache.counters = type(engine.cache.counters)()
-                started.append(time.perf_counter())
+                at_prefill.update(dataclasses.asdict(engine.cache.counters))
 
         res = engine.generate(ps, steps + 1, on_token=on_token)
-        c = engine.cache.counters
-        out[mode] = {"step_ms": res.metrics["tpot_ms"], "phases": engine.clock.per_step(steps),
-                     "loads_per_step": c.expert_misses / steps, "hits_per_step": c.expert_hits / steps,
-                     "prefetch_per_step": c.prefetch_issued / steps, "h2d_bytes_per_step": c.h2d_bytes / steps}  # fmt: skip
+        c = {k: v - at_prefill[k] for k, v in dataclasses.asdict(engine.cache.counters).items()}
+        m = res.metrics
+        out[mode] = {"step_ms": m["tpot_ms"], "phases": engine.clock.per_step(steps),
+                     "loads_per_step": c["expert_misses"] / steps, "hits_per_step": c["expert_hits"] / steps,
+                     "prefetch_per_step": c["prefetch_issued"] / steps, "h2d_bytes_per_step": c["h2d_bytes"] / steps,
+                     "host_syncs_per_token": m["host_syncs_per_token"],
+                     "resumes_per_token": m["resumes_per_token"]}  # fmt: skip
         log(f"phases {mode}: {out[mode]}")
     out["expert_bytes"] = store.expert_bytes
     return out

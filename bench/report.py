@@ -106,6 +106,7 @@ def base_row(job, r: dict) -> dict:
         "peak_host_rss_bytes": r.get("peak_host_rss_bytes"), "worker_s": r.get("worker_s"),
         "decode_tokens_per_s_runs": r.get("decode_tokens_per_s_runs"), "tpot_ms_runs": r.get("tpot_ms_runs"),
         "loadavg_at_start": r.get("loadavg_at_start"), "error": r.get("error"),
+        "host_syncs_per_token": r.get("host_syncs_per_token"), "resumes_per_token": r.get("resumes_per_token"),
         "device_peak_after_build": r.get("device_peak_after_build"),
         "device_bytes_after_build": r.get("device_bytes_after_build"),
         "skipped": r.get("skipped"), "not_run": r.get("not_run"), "device_budget_bytes": job.device_budget_bytes,
@@ -294,7 +295,9 @@ def _offload_cells(r: dict) -> list[str]:
     return [
         r["model"], _policy_name(r), str(r["batch"]), str(r["prompt_tokens"]), budget, str(r["cache_slots"]),
         f"{_fmt(r['hit_rate'], '.3f')} ({_fmt(r['decode_hit_rate'], '.3f')})", f"{r['h2d_bytes_per_token'] / 1e6:.2f}",
-        _fmt(r["decode_loads_per_step"], ".2f"), stall, link, _fmt(r["ttft_ms"], ".1f"),
+        _fmt(r["decode_loads_per_step"], ".2f"),
+        f"{_fmt(r.get('host_syncs_per_token'), '.2f')} / {_fmt(r.get('resumes_per_token'), '.2f')}", stall, link,
+        _fmt(r["ttft_ms"], ".1f"),
         _fmt(r["ttft_over_bound"], ".2f"), _latency(r), _rate(r["decode_tokens_per_s"]), bound,
         _fmt(r["tpot_over_bound"], ".2f"), _peak(r), _agree(r), _fmt(r["speedup_vs_accelerate"], ".1f"),
         _fmt(r["loadavg_at_start"], ".1f"),
@@ -319,7 +322,7 @@ PEER_HEADER = ["model", "engine", "batch", "prompt", "new", "TTFT ms", "decode t
                "TPOT ms (p50 / p99)", "peak device GB", "compile s", "greedy agree (with)", "jaxmoe / HF",
                "load"]  # fmt: skip
 OFFLOAD_HEADER = ["model", "policy", "batch", "prompt", "expert budget", "slots", "hit rate (decode)",
-                  "H2D MB/token", "decode loads/step", "stall ms: prefill, decode/step",
+                  "H2D MB/token", "decode loads/step", "host reads / resumes per token", "stall ms: prefill, decode/step",
                   "decode H2D GB/s (of measured)", "TTFT ms", "TTFT / bound", "TPOT ms (p50 / p99)", "decode tok/s",
                   "bound ms (by)", "TPOT / bound", "peak device GB", "tokens = resident", "/ accelerate",
                   "load"]  # fmt: skip

@@ -81,7 +81,7 @@ def test_budget_geometry():
     assert plan_geometry(71 * 10, 10, total_experts=64, unique_max=8) == (71 - 17, 8)
     assert plan_geometry(40 * 10, 10, total_experts=64, unique_max=8) == (40 - 17, 8)
     assert plan_geometry(25 * 10, 10, total_experts=64, unique_max=8) == (8, 8)  # the minimum
-    assert minimum_experts(8) == 25 and minimum_experts(8, prefetch_max=8) == 41
+    assert minimum_experts(8) == 25 and minimum_experts(8, prefetch_max=8) == 33
     with pytest.raises(BudgetError, match="minimum working set of 250 B.*gather of 8"):
         plan_geometry(24 * 10, 10, total_experts=64, unique_max=8)
 

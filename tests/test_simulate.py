@@ -99,12 +99,27 @@ def test_prefetch_with_a_perfect_predictor_leaves_only_first_layer_misses():
     ids = random_ids(0, 50, layers, experts, k)
     probs = _scorers(ids, experts, 0)
     capacity = 2 * k
-    for sim in (simulate_prefetch, simulate_variant):
-        r = sim(ids, probs["perfect"], list(range(layers)), capacity, k)
-        # Layers 1..3 are always prefetched; only layer 0, which nothing predicts, can miss.
-        assert 0 < r.demand_misses <= ids[:, 0].size and r.prefetch_used == r.prefetch_loads, sim
-        wrong = sim(ids, probs["wrong"], list(range(layers)), capacity, k)
-        assert wrong.demand_misses > 3 * r.demand_misses and wrong.prefetch_used == 0, sim
+    # The research variant prefetches at every layer: layers 1..3 never miss; only layer 0,
+    # which nothing predicts, can.
+    r = simulate_variant(ids, probs["perfect"], list(range(layers)), capacity, k)
+    assert 0 < r.demand_misses <= ids[:, 0].size and r.prefetch_used == r.prefetch_loads
+    wrong = simulate_variant(ids, probs["wrong"], list(range(layers)), capacity, k)
+    assert wrong.demand_misses > 3 * r.demand_misses and wrong.prefetch_used == 0
+
+
+def test_runtime_prefetch_acts_where_the_step_stops():
+    """The runtime (one program per token) prefetches where a layer missed, the only point the
+    host sees predictions: with a perfect predictor every prefetch is used and there are fewer
+    misses than without prefetch; wrong predictions are never used."""
+    experts, layers, k = 8, 4, 2
+    ids = random_ids(0, 50, layers, experts, k)
+    probs = _scorers(ids, experts, 0)
+    capacity, moe = 2 * k, list(range(layers))
+    r = simulate_prefetch(ids, probs["perfect"], moe, capacity, k)
+    assert r.prefetch_loads > 0 and r.prefetch_used == r.prefetch_loads
+    assert r.demand_misses < simulate_schedule(decode_requests(ids, moe), capacity, "lru").demand_misses
+    wrong = simulate_prefetch(ids, probs["wrong"], moe, capacity, k)
+    assert wrong.prefetch_used == 0 and wrong.demand_misses > r.demand_misses
 
 
 @functools.cache

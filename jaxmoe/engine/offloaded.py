@@ -2,20 +2,16 @@
 pinned host memory, a byte-budgeted device expert cache in between.
 
 The prefill either streams every layer's experts in a fixed, overlapped order
-(engine/stream_prefill.py: long prompts, where nearly every expert is routed) or,
-for short prompts, runs like decode. Decode and the routed prefill run each MoE layer as:
-  attend_route program -> one host read of the routing ids -> the schedule plans
-  the pass(es) -> the cache issues `device_put` for the misses -> expert program
-The copies are issued before the expert program that needs them is dispatched: a
-copy issued after a dispatched computation waits for it (the ordering rule,
-docs/PREFILL.md). When a pass has demand copies the host waits for them before
-dispatching: the device has nothing else queued at that point, so the wait costs
-one dispatch latency, and it is what `stall_ms` measures. The model code is the
-same as the resident engine's; only where the experts come from differs, so the
-tokens are the same.
+(engine/stream_prefill.py: long prompts, where nearly every expert is routed) or, for
+short prompts, loads only the routed experts layer by layer (engine/routed.py). Decode
+runs one program per token while its experts are cached, resuming from the layer that
+missed after loading what it needs (engine/offloaded_decode.py, engine/step.py). Copies
+are always issued before the program that needs them is dispatched: a copy issued after
+a dispatched computation waits for it (the ordering rule, docs/PREFILL.md). The model
+code is the resident engine's; decode runs the very program the resident engine runs,
+with the cache's pool and table in place of the layer stacks, so the tokens are the same.
 
-Shapes: B batch, T tokens per call (prompt bucket or 1), S cache length, D hidden,
-K experts per token.
+Shapes: B batch, P prompt bucket, S cache length, D hidden.
 """
 
 from __future__ import annotations
@@ -31,16 +27,18 @@ from flax import nnx
 
 from jaxmoe.config import MoEConfig
 from jaxmoe.engine.buckets import DEFAULT_PREFILL_CHUNK, cache_bucket, check_chunk, chunk_starts, prompt_bucket
+from jaxmoe.engine.executor import Ends, Executor, Piece
 from jaxmoe.engine.metrics import device_peak_bytes, tree_bytes
+from jaxmoe.engine.offloaded_decode import OffloadedDecoder
 from jaxmoe.engine.outputs import TokenCollector, timing_metrics
 from jaxmoe.engine.phases import PhaseClock
-from jaxmoe.engine.programs import Programs
 from jaxmoe.engine.resident import GenerationResult, pad_prompts
+from jaxmoe.engine.routed import compile_routed, embed, routed_chunk
 from jaxmoe.engine.sampling import SamplingParams, sample
 from jaxmoe.engine.stream_prefill import StreamStats, compile_stream, run_stream
-from jaxmoe.model import ExpertWeights, MoEDecoder, combine, expert_rows, init_kv_cache, moe_ffn, num_unique_experts
+from jaxmoe.model import MoEDecoder, init_kv_cache, num_unique_experts
 from jaxmoe.model.decoder import head_logits
-from jaxmoe.offload.cache import DeviceExpertCache, plan_geometry, write_slots
+from jaxmoe.offload.cache import DeviceExpertCache, plan_geometry
 from jaxmoe.offload.host_store import HostExpertStore
 from jaxmoe.offload.prefetch import NextLayerScorer, load_scorer, next_moe_layers
 from jaxmoe.offload.policy import make_policy
@@ -48,70 +46,12 @@ from jaxmoe.offload.prefill_plan import INJIT, MODES, ROUTED, PrefillPlan, choos
 from jaxmoe.offload.schedule import PassPlan
 
 
-class _Ends(nnx.Module):
-    """Embedding, final norm and LM head: the model minus its layers (shared, not copied)."""
-
-    def __init__(self, model: MoEDecoder):
-        self.embed_tokens = model.embed_tokens
-        self.norm = model.norm
-        self.lm_head = model.lm_head
-
-
-class _Piece:
-    """A module split for per-call speed: graphdef, and its weights as a flat tuple of arrays."""
-
-    def __init__(self, module: nnx.Module):
-        self.graphdef, state = nnx.split(module)
-        self.leaves, self.treedef = jax.tree.flatten(state)
-        self.leaves = tuple(self.leaves)
-
-    def merge(self, leaves) -> nnx.Module:
-        return nnx.merge(self.graphdef, jax.tree.unflatten(self.treedef, leaves))
-
-
-# -- the jitted pieces: the same module methods the resident forward calls -------
-def _embed(ends, tokens):
-    return ends.embed_tokens(tokens)
-
-
-def _head(ends, x, index, root, step, sampling):
+def first_token(ends, x, index, root, step, sampling):
+    """The prompt's next token from x [B, P, D] at each row's last position `index` [B]."""
     h = ends.norm(x)
     last = h[jnp.arange(x.shape[0]), index]  # [B, D]
     logits = head_logits(ends.embed_tokens, ends.lm_head, last)
     return sample(logits, jax.random.fold_in(root, step), sampling)
-
-
-def _dense_layer(layer, x, positions, kv):
-    x, kv, _ = layer(x, positions, kv, None, moe_ffn)
-    return x, kv
-
-
-def _attend_route(layer, x, positions, kv):
-    x, kv, h, routing = layer.attend_and_route(x, positions, kv)
-    return x, kv, h, routing.ids, routing.weights
-
-
-def _attend_route_predict(layer, x, positions, kv, scorer_leaves, layer_index, scorer, top):
-    """attend_route plus the scorer's `top` picks per row for the next MoE layer."""
-    x, kv, h, ids, weights = _attend_route(layer, x, positions, kv)
-    logits = scorer.score(scorer_leaves, h, layer_index).astype(jnp.float32)
-    probs, picks = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), top)
-    return x, kv, h, ids, weights, picks, probs
-
-
-def _experts(layer, x, h, slot_ids, in_pass, weights, y_prev, pool, staged, staged_slots, num_unique):
-    """Scatter the staged copies into their slots, compute this pass's rows, finish the layer.
-
-    Rows outside the pass keep y_prev, so after a layer's last pass y holds every row,
-    each computed exactly as the resident kernel computes it.
-    """
-    gate_up, down = write_slots(pool, staged, staged_slots)
-    anchor = slot_ids.reshape(-1)[jnp.argmax(in_pass.reshape(-1))]  # any slot of this pass
-    ids = jnp.where(in_pass, slot_ids, anchor)
-    y_pass = expert_rows(h, ids, ExpertWeights(gate_up, down), num_unique)
-    y = jnp.where(in_pass[..., None], y_pass, y_prev)
-    x = layer.finish_moe(x, h, combine(y, weights, h.dtype))
-    return x, y, (gate_up, down)
 
 
 class OffloadedEngine:
@@ -150,16 +90,27 @@ class OffloadedEngine:
         one = num_unique_experts(config.num_experts, 1, config.top_k)
         plan_geometry(self.expert_budget_bytes, store.expert_bytes, len(store.keys()), one, one if predictor else 0)
         self.check_budget = check_budget
-        self.ends = _Piece(_Ends(model))
-        self.layers = [_Piece(layer) for layer in model.layers]
+        self.ends = Piece(Ends(model))
+        self.layers = [Piece(layer) for layer in model.layers]
+        self.model_piece = Piece(model)  # the decode step's program takes the whole model
         self.dense_bytes = tree_bytes(nnx.state(model))
-        self.programs = Programs()
-        self._by_signature: dict[tuple, jax.stages.Compiled] = {}
+        self.executor = Executor()
+        self.programs = self.executor.programs
         self._zeros: dict[tuple, jax.Array] = {}
         self.cache: DeviceExpertCache | None = None
         self.plan: list[PassPlan] = []  # what the last generate executed
         self.prefill_plan: PrefillPlan | None = None  # the last generate's prefill
-        self.clock = PhaseClock()  # off; scripts turn it on to see where a step's time goes
+
+    @property
+    def clock(self) -> PhaseClock:
+        """Where the engine's time goes (off unless a script turns it on); the cache shares it."""
+        return self.executor.clock
+
+    @clock.setter
+    def clock(self, clock: PhaseClock) -> None:
+        self.executor.clock = clock
+        if self.cache is not None:
+            self.cache.clock = clock
 
     @classmethod
     def from_checkpoint(
@@ -183,43 +134,12 @@ class OffloadedEngine:
         engine.generation_config, engine.tokenizer_path = loaded.generation_config, loaded.tokenizer_path
         return engine
 
-    # -- programs ---------------------------------------------------------------
-    def _run(self, name: str, fn: Callable, static: dict, donate: tuple[int, ...], piece: "_Piece", *args, options=None):
-        """Call `fn(module, *args, **static)` compiled for these shapes; `donate` are positions
-        in `args` whose buffers the outputs reuse (the KV cache, the expert pool). The module's
-        weights go in as a flat tuple of arrays, so a call costs little host time (it is paid
-        per layer)."""
-        program = self._program(name, fn, static, donate, piece, *args, options=options)
-        with self.clock.phase("dispatch"):
-            out = program(piece.leaves, *args)
-        self.clock.device("compute", out)
-        return out
-
-    def _program(self, name: str, fn: Callable, static: dict, donate: tuple[int, ...], piece: "_Piece", *args,
-                 options=None):  # fmt: skip
-        """The compiled program `_run` calls; `args` may be jax.ShapeDtypeStructs (compile only)."""
-        signature = (name, id(piece.graphdef), tuple(static.items()))
-        signature += tuple((a.shape, a.dtype) for a in jax.tree.leaves(args))
-        program = self._by_signature.get(signature)
-        if program is None:
-            def bound(leaves, *a, **kw):  # Programs.get names the program after `name`
-                return fn(piece.merge(leaves), *a, **kw)
-
-            # Layers of one kind have equal graphdefs and share one compiled program.
-            donate = tuple(i + 1 for i in donate)  # after the leaves
-            program = self.programs.get(
-                (name, piece.graphdef), bound, static, donate, piece.leaves, *args, options=options
-            )
-            self._by_signature[signature] = program
-        return program
-
     def prepare(self, batch: int, prompt_tokens: int, max_new_tokens: int, sampling=SamplingParams()) -> PrefillPlan:
         """Compile ahead of time every program a generate of this shape bucket runs (the
         prefill in the mode it would take for full-length prompts, the first token, the
-        decode step's layer programs and head, the cache's own take and write programs),
-        so the first prompt of that size compiles nothing (with the compilation cache,
-        neither does the next process); returns the prefill plan such a prompt would
-        execute with the cache as it is now."""
+        decode step, the cache's own programs), so the first prompt of that size compiles
+        nothing (with the compilation cache, neither does the next process); returns the
+        prefill plan such a prompt would execute with the cache as it is now."""
         cfg, spec = self.config, jax.ShapeDtypeStruct
         p_len = prompt_bucket(prompt_tokens)
         cache_len = cache_bucket(p_len, max_new_tokens)
@@ -227,61 +147,40 @@ class OffloadedEngine:
         self._ensure_cache(batch)
         mode = choose_mode(self.prefill_mode, cfg.num_experts, batch * prompt_tokens * cfg.top_k, len(starts),
                            self.cache.staging == 0)  # fmt: skip
-        root = jax.eval_shape(lambda: jax.random.key(0))
-        index, step = spec((batch,), jnp.int32), spec((), jnp.int32)
-        head = {"sampling": sampling}
         if mode == ROUTED:
-            x = self._compile_forward(batch, size, cache_len, decode=False)
+            x = compile_routed(self, batch, size, cache_len)
             x = spec((batch, p_len, cfg.hidden_size), x.dtype)
             plan = PrefillPlan(ROUTED, size, len(starts), 0)
         else:
-            self._program("embed", _embed, {}, (), self.ends, spec((batch, p_len), jnp.int32))
+            self.executor.compile("embed", embed, {}, (), self.ends, spec((batch, p_len), jnp.int32))
             x = compile_stream(self, batch, p_len, size, cache_len, in_jit=mode == INJIT)
             moe = [m for m in range(cfg.num_layers) if cfg.moe_layers[m]]
             self.cache.prepare_stream(max(self.cache.schedule.retain_quotas(moe).values(), default=0))
             plan = self._stream_plan(size, len(starts), in_jit=mode == INJIT)
-        self._program("head", _head, head, (), self.ends, x, index, root, step)
+        root = jax.eval_shape(lambda: jax.random.key(0))
+        index, step = spec((batch,), jnp.int32), spec((), jnp.int32)
+        self.executor.compile("first_token", first_token, {"sampling": sampling}, (), self.ends, x, index, root, step)
         if max_new_tokens > 1:
-            x = self._compile_forward(batch, 1, cache_len, decode=True)
-            self._program("head", _head, head, (), self.ends, x, index, root, step)
+            decoder = OffloadedDecoder(self, sampling)
+            decoder.compile(batch, cache_len)
+            self.cache.prepare_load()
         return plan
-
-    def _compile_forward(self, batch: int, tokens: int, cache_len: int, decode: bool) -> jax.ShapeDtypeStruct:
-        """Compile from shapes the programs `_forward` runs on [batch, tokens] (a decode step,
-        or a routed prefill chunk); returns the spec of the x it ends with."""
-        cfg, spec = self.config, jax.ShapeDtypeStruct
-        plain = lambda tree: jax.tree.map(lambda o: spec(o.shape, o.dtype), tree)  # noqa: E731
-        x = plain(self._program("embed", _embed, {}, (), self.ends, spec((batch, tokens), jnp.int32)).out_info)
-        positions = spec((batch, tokens), jnp.int32)
-        kv = jax.eval_shape(lambda: init_kv_cache(cfg, batch, cache_len)[0])
-        pool, staged = plain(self.cache.pool), plain((self.cache.filler,) * self.cache.staging)
-        for layer, piece in enumerate(self.layers):
-            if not cfg.moe_layers[layer]:
-                self._program("dense", _dense_layer, {}, (2,), piece, x, positions, kv)
-                continue
-            if decode and self.predictor is not None and self.cache.prefetch_max > 0:
-                static = {"scorer": self.predictor, "top": cfg.top_k}
-                args = (x, positions, kv, self.predictor.leaves, spec((), jnp.int32))
-                out = self._program("attend_route_predict", _attend_route_predict, static, (2,), piece, *args)
-            else:
-                out = self._program("attend_route", _attend_route, {}, (2,), piece, x, positions, kv)
-            x_in, _, h, ids, weights = plain(out.out_info[:5])
-            n, k = ids.shape
-            unique = min(num_unique_experts(cfg.num_experts, n, k), self.cache.num_slots)
-            args = (x_in, h, spec((n, k), jnp.int32), spec((n, k), jnp.bool_), weights,
-                    spec((n, k, cfg.hidden_size), x.dtype), pool, staged, spec((self.cache.staging,), jnp.int32))  # fmt: skip
-            x = plain(self._program("experts", _experts, {"num_unique": unique}, (6,), piece, *args).out_info[0])
-        return x
 
     def reset_cache(self) -> None:
         """Drop every cached expert: the next generate starts cold."""
         self.cache = None
 
-    def _zero_rows(self, n: int, k: int, dtype) -> jax.Array:
-        key = (n, k, jnp.dtype(dtype))
-        if key not in self._zeros:
-            self._zeros[key] = jnp.zeros((n, k, self.config.hidden_size), dtype)
-        return self._zeros[key]
+    def zeros(self, shape: tuple) -> jax.Array:
+        """A zero array in the model's dtype, made once per shape."""
+        if shape not in self._zeros:
+            self._zeros[shape] = jnp.zeros(shape, self.config.dtype)
+        return self._zeros[shape]
+
+    def scalar(self, value: int) -> jax.Array:
+        """An int32 scalar on the device, made once per value (a step's start layer)."""
+        if value not in self._zeros:
+            self._zeros[value] = jnp.int32(value)
+        return self._zeros[value]
 
     def _ensure_cache(self, batch: int) -> None:
         unique_max = num_unique_experts(self.config.num_experts, batch, self.config.top_k)
@@ -291,78 +190,7 @@ class OffloadedEngine:
                 prefetch_max=unique_max if self.predictor else 0, check_budget=self.check_budget,
                 programs=self.programs,
             )  # fmt: skip
-        self.cache.clock = self.clock
-
-    # -- one forward over the layers --------------------------------------------
-    def _forward(self, tokens, positions: np.ndarray, valid: np.ndarray, step: int, kv: list):
-        """tokens/positions/valid [B, T]; rows not `valid` (padding, finished rows) load no experts."""
-        x = self._run("embed", _embed, {}, (), self.ends, tokens)
-        positions = jnp.asarray(positions)
-        for layer, piece in enumerate(self.layers):
-            if not self.config.moe_layers[layer]:
-                x, kv[layer] = self._run("dense", _dense_layer, {}, (2,), piece, x, positions, kv[layer])
-                continue
-            predict = self.predictor is not None and step > 0 and self.cache.prefetch_max > 0
-            if predict:
-                x_in, kv[layer], h, ids, weights, picks, probs = self._run(
-                    "attend_route_predict", _attend_route_predict,
-                    {"scorer": self.predictor, "top": self.config.top_k}, (2,), piece, x, positions, kv[layer],
-                    self.predictor.leaves, jnp.int32(layer),
-                )  # fmt: skip
-                with self.clock.phase("host_read"):  # the one host sync of this layer
-                    ids_host, picks, probs = jax.device_get((ids, picks, probs))
-            else:
-                x_in, kv[layer], h, ids, weights = self._run(
-                    "attend_route", _attend_route, {}, (2,), piece, x, positions, kv[layer]
-                )
-                with self.clock.phase("host_read"):  # the one host sync of this layer
-                    ids_host, picks, probs = np.asarray(ids), None, None
-            prefetch = (picks, probs) if predict and self.next_moe[layer] is not None else None
-            x = self._experts_passes(step, layer, piece, x_in, h, ids_host, weights, valid.reshape(-1), prefetch)
-        return x
-
-    def _predicted(self, layer: int, picks: np.ndarray, probs: np.ndarray, valid_rows) -> list[int]:
-        """The next MoE layer's most probable experts (the union over live rows, best first,
-        at most prefetch_max), shown to the policy before this layer's demand is planned."""
-        best: dict[int, float] = {}
-        for e, p in zip(picks[valid_rows].ravel(), probs[valid_rows].ravel()):
-            best[int(e)] = max(best.get(int(e), 0.0), float(p))
-        ranked = sorted(best, key=lambda e: (-best[e], e))[: self.cache.prefetch_max]
-        self.cache.schedule.policy.observe(self.next_moe[layer], {e: best[e] for e in ranked})
-        return ranked
-
-    def _experts_passes(self, step, layer, piece, x, h, ids_host, weights, valid_rows, prefetch=None):
-        n, k = ids_host.shape
-        # A pass computes at most its own experts (each as one member of the batched
-        # contraction, so the count does not change the values): no workspace beyond the cache.
-        unique = min(num_unique_experts(self.config.num_experts, n, k), self.cache.num_slots)
-        y = self._zero_rows(n, k, x.dtype)
-        out = x
-        predicted, nxt = [], self.next_moe[layer]
-        with self.clock.phase("schedule"):
-            needed = np.unique(ids_host[valid_rows])
-            if prefetch is not None:
-                predicted = self._predicted(layer, *prefetch, valid_rows)
-            protect = [(nxt, e) for e in predicted]
-            plans = self.cache.schedule.plan_layer(step, layer, needed, protect)
-        for plan in plans:
-            staged, staged_slots, copies = self.cache.issue(plan)
-            self.cache.wait(copies)
-            if predicted:  # decode has one pass per layer; the copies go out before its expert program
-                with self.clock.phase("schedule"):
-                    prefetch_plan = self.cache.schedule.plan_prefetch(step, nxt, predicted)
-                self.cache.prefetch(prefetch_plan)
-            with self.clock.phase("schedule"):
-                table = np.full(self.config.num_experts, -1, np.int32)
-                table[list(plan.experts)] = plan.slots
-                slot_ids = table[ids_host]
-                in_pass = (slot_ids >= 0) & valid_rows[:, None]
-            out, y, self.cache.pool = self._run(
-                "experts", _experts, {"num_unique": unique}, (6,), piece, x, h,
-                jnp.asarray(np.maximum(slot_ids, 0)), jnp.asarray(in_pass), weights, y,
-                self.cache.pool, staged, jnp.asarray(staged_slots),
-            )  # fmt: skip
-        return out
+        self.cache.clock = self.executor.clock
 
     def _prefill(self, tokens: np.ndarray, lengths: np.ndarray, kv: list) -> tuple[jax.Array, StreamStats | None]:
         """Hidden states [B, P, D] after the last layer, chunk by chunk, streamed or routed."""
@@ -376,13 +204,13 @@ class OffloadedEngine:
         if mode == ROUTED:  # chunk by chunk through every layer, as the resident engine does
             self.prefill_plan = PrefillPlan(ROUTED, size, len(starts), 0)
             parts = [
-                self._forward(jnp.asarray(tokens[:, s : s + size]), positions[:, s : s + size],
-                              valid[:, s : s + size], 0, kv)
+                routed_chunk(self, jnp.asarray(tokens[:, s : s + size]), positions[:, s : s + size],
+                             valid[:, s : s + size], kv)
                 for s in starts
             ]  # fmt: skip
             return (parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)), None
         self.prefill_plan = self._stream_plan(size, len(starts), in_jit=mode == INJIT)
-        x = self._run("embed", _embed, {}, (), self.ends, jnp.asarray(tokens))
+        x = self.executor.run("embed", embed, {}, (), self.ends, jnp.asarray(tokens))
         return run_stream(self, self.prefill_plan, x, positions, valid, kv)
 
     def _stream_plan(self, chunk: int, chunks: int, in_jit: bool = False) -> PrefillPlan:
@@ -410,8 +238,7 @@ class OffloadedEngine:
         b, p_len = tokens.shape
         self._ensure_cache(b)
         cache = self.cache
-        cache.counters = type(cache.counters)()
-        cache.schedule.executed = []
+        cache.begin()
         kv = list(init_kv_cache(self.config, b, cache_len))
         kv_bytes = tree_bytes(kv)
         root = jax.random.key(seed)
@@ -422,30 +249,26 @@ class OffloadedEngine:
         compiled = self.programs.compile_seconds
         start = time.perf_counter()
         x, stream = self._prefill(tokens, lengths, kv)
-        head_static = {"sampling": sampling}
-        tok = self._run("head", _head, head_static, (), self.ends, x, jnp.asarray(lengths - 1), root, jnp.int32(0))
+        tok = self.executor.run("first_token", first_token, {"sampling": sampling}, (), self.ends, x,
+                                jnp.asarray(lengths - 1), root, jnp.int32(0))  # fmt: skip
         out.add(np.asarray(tok))
         ttft = time.perf_counter() - start - (self.programs.compile_seconds - compiled)
         prefill_h2d, prefill_stall = cache.counters.h2d_bytes, cache.counters.stall_s
 
-        pos = lengths.copy()
-        zeros = jnp.zeros((b,), jnp.int32)
+        decoder = OffloadedDecoder(self, sampling)
+        decoder.start(lengths, max_new_tokens)
         compiled = self.programs.compile_seconds
         decode_start, steps = time.perf_counter(), 0
         for step in range(1, max_new_tokens):
             if out.all_done:
                 break
-            x = self._forward(tok[:, None], pos[:, None], ~out.done[:, None], step, kv)
-            tok = self._run("head", _head, head_static, (), self.ends, x, zeros, root, jnp.int32(step))
-            with self.clock.phase("host_read"):
-                tok_host = np.asarray(tok)
+            tok, tok_host = decoder.token(step, tok, ~out.done, kv, root)
             out.add(tok_host)
-            pos += 1
             steps += 1
         decode_seconds = time.perf_counter() - decode_start - (self.programs.compile_seconds - compiled)
 
         self.plan = list(cache.schedule.executed)
-        c = cache.counters
+        c, d = cache.counters, decoder.counters
         plan = self.prefill_plan
         streamed_bytes = plan.max_streamed_layers * self.config.num_experts * self.store.expert_bytes
         metrics = {
@@ -464,7 +287,12 @@ class OffloadedEngine:
             "h2d_bytes": c.h2d_bytes,
             "prefetch_issued": c.prefetch_issued,
             "prefetch_used": c.prefetch_used,
-            "stall_ms": 1e3 * c.stall_s,
+            "stall_ms": 1e3 * (c.stall_s + d.stall_s),
+            "decode_stall_ms": 1e3 * d.stall_s,
+            # The prefill's token is read once; each decode token once per program run.
+            "host_syncs_per_token": d.runs / d.tokens if d.tokens else None,
+            "resumes_per_token": d.resumes / d.tokens if d.tokens else None,
+            "expert_format": self.config.dtype,
             **self._prefill_metrics(prefill_h2d, prefill_stall, stream),
         }
         return GenerationResult(out.token_ids, metrics)

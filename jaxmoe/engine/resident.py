@@ -26,6 +26,7 @@ from jaxmoe.engine.metrics import device_peak_bytes, tree_bytes
 from jaxmoe.engine.outputs import TokenCollector, timing_metrics
 from jaxmoe.engine.programs import Programs
 from jaxmoe.engine.sampling import SamplingParams, sample
+from jaxmoe.engine.step import decode_step
 from jaxmoe.model import ExpertWeights, MoEDecoder, init_kv_cache, moe_ffn
 
 
@@ -111,10 +112,14 @@ class ResidentEngine:
         return tok, lengths, jnp.ones((), jnp.int32)
 
     def _decode(self, state, experts, tokens, positions, step, kv, root, sampling):
+        """The decode step the offloaded engine runs too (engine/step.py), with the layer
+        stacks for experts and nothing missing: the same program, so the same numbers."""
         model = nnx.merge(self.graphdef, state)
-        h, kv, _ = model(tokens[:, None], positions[:, None], kv, experts, self.moe_fn)
-        tok = sample(model.logits(h[:, 0]), jax.random.fold_in(root, step), sampling)
-        return tok, positions + 1, step + 1, kv
+        b = tokens.shape[0]
+        x_start = jnp.zeros((b, 1, self.config.hidden_size), self.config.dtype)
+        out = decode_step(model, tokens[:, None], positions[:, None], jnp.ones((b,), bool), kv, experts, None,
+                          jnp.int32(0), x_start, root, step, sampling=sampling, moe_fn=self.moe_fn)  # fmt: skip
+        return out.token, positions + 1, step + 1, out.kv
 
     # -- host loop --------------------------------------------------------------
     def generate(
@@ -168,5 +173,8 @@ class ResidentEngine:
             "batch": b,
             "prompt_bucket": p_len,
             "prefill_chunks": len(starts),
+            "host_syncs_per_token": 1.0 if steps else None,  # the token, read once per step
+            "resumes_per_token": 0.0 if steps else None,
+            "expert_format": self.config.dtype,
         }
         return GenerationResult(out.token_ids, metrics)

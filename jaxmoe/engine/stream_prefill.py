@@ -115,7 +115,7 @@ class _StreamRun:
         static = {"chunk": self.plan.chunk}
         if not self.cfg.moe_layers[layer]:
             for start in self.starts:
-                self.x, kv[layer] = self.engine._run(
+                self.x, kv[layer] = self.engine.executor.run(
                     "dense_chunk", _dense_chunk, static, (0, 3), piece, self.x, self.positions, start, kv[layer]
                 )
             return
@@ -123,13 +123,13 @@ class _StreamRun:
         experts = tuple(self.layer_experts[layer][e] for e in range(self.cfg.num_experts))
         total = jnp.zeros((self.cfg.num_experts,), jnp.int32)
         for start in self.starts[:-1] if self.fetch else self.starts:
-            self.x, kv[layer], total = self.engine._run(
+            self.x, kv[layer], total = self.engine.executor.run(
                 "moe_chunk", _moe_chunk, static, (0, 4, 5), piece,
                 self.x, self.positions, self.valid, start, kv[layer], total, experts,
             )  # fmt: skip
         if self.fetch:
             next_layer, sent, host = self.fetch
-            self.x, kv[layer], total, fetched = self.engine._run(
+            self.x, kv[layer], total, fetched = self.engine.executor.run(
                 "moe_chunk_fetch", _moe_chunk_fetch, static, (0, 4, 5), piece,
                 self.x, self.positions, self.valid, self.starts[-1], kv[layer], total, experts, host,
                 options=fetch_options(),
@@ -179,12 +179,12 @@ def compile_stream(engine, batch: int, p_len: int, chunk: int, cache_len: int, i
     for layer, piece in enumerate(engine.layers):
         if cfg.moe_layers[layer]:
             args = (x, positions, valid, start, kv, counts, (expert,) * cfg.num_experts)
-            engine._program("moe_chunk", _moe_chunk, static, (0, 4, 5), piece, *args)
+            engine.executor.compile("moe_chunk", _moe_chunk, static, (0, 4, 5), piece, *args)
             if in_jit:
                 host = (host_expert,) * cfg.num_experts
-                engine._program("moe_chunk_fetch", _moe_chunk_fetch, static, (0, 4, 5), piece, *args, host)
+                engine.executor.compile("moe_chunk_fetch", _moe_chunk_fetch, static, (0, 4, 5), piece, *args, host)
         else:
-            engine._program("dense_chunk", _dense_chunk, static, (0, 3), piece, x, positions, start, kv)
+            engine.executor.compile("dense_chunk", _dense_chunk, static, (0, 3), piece, x, positions, start, kv)
     return x
 
 

@@ -1,20 +1,26 @@
 """The device expert cache: the only place that moves expert bytes to the device.
 
 Memory, all counted against the byte budget:
-  pool     [S, D, 2I] and [S, I, D]: S cached experts, preallocated
-  staging  copies in flight: `device_put` cannot write into an existing buffer,
-           so a copy lands in its own buffer and the expert program of its layer
-           scatters it into its pool slot. At most U demand copies for the layer
-           being computed, P prefetched for it by the layer before, and P being
-           prefetched for the next layer: U + 2P
-  filler   one zeroed expert that pads the staged list to its static length U + P
+  pool     [S, D, 2I] and [S, I, D]: S cached experts, preallocated, held as unsigned
+           integers of the weights' width and read through a bitcast (`pool_experts`):
+           XLA CPU writes a bf16 array by converting all of it to fp32 and back (6 ms
+           for 91 slots of the shipped model, 37 ms for 300), an integer one in place
+           (0.1 ms); the bits, and so the numbers, are the same
+  staging  copies in flight: `device_put` cannot write into an existing buffer, so a
+           copy lands in its own buffer until a program writes it into its pool slot.
+           At most the U experts one layer needs and P predicted for the next: U + P
+  filler   one zeroed expert that pads a staged list to its static length U + P
   gather   the expert program computes its U experts as one batched contraction, so it
            gathers them out of the pool first: U experts of workspace in every step
 A budget of every expert plus that gather preloads them all: no copies.
 
-A streamed prefill moves whole layers outside this budget (at most two at once,
-see prefill_plan.py): `stream` sends a layer's experts and takes device copies of
-those already cached, `retain` keeps the prompt's most-used ones in the pool.
+A decode step finds its experts through `table()` ([L, E] pool rows, -1 when absent),
+which is rebuilt from the schedule only when a plan changed it; `load` copies a set of
+plans' experts and writes them into the pool with one program. A routed prefill pass
+takes its copies as a staged list instead (`issue`). A streamed prefill moves whole
+layers outside this budget (at most two at once, see prefill_plan.py): `stream` sends
+a layer's experts and takes device copies of those already cached, `retain` keeps the
+prompt's most-used ones in the pool.
 """
 
 from __future__ import annotations
@@ -30,28 +36,34 @@ import numpy as np
 from jaxmoe.engine.metrics import fmt_bytes, tree_bytes
 from jaxmoe.engine.phases import PhaseClock
 from jaxmoe.engine.programs import Programs
+from jaxmoe.model import ExpertWeights
 from jaxmoe.offload.host_store import HostExpertStore
 from jaxmoe.offload.policy import EvictionPolicy
 from jaxmoe.offload.schedule import PassPlan, Schedule
 
 
-def take_from_pool(pool, slot):  # the function's name is the program's name in a profile
-    return pool[0][slot], pool[1][slot]
+def bits_dtype(dtype) -> np.dtype:
+    """The unsigned integer type a pool of `dtype` weights is held in."""
+    return {2: np.dtype(np.uint16), 4: np.dtype(np.uint32)}[jnp.dtype(dtype).itemsize]
+
+
+def pool_experts(pool, dtype) -> ExpertWeights:
+    """Inside a jitted program: the pool's bits as `dtype` weights (a bitcast, no copy)."""
+    return ExpertWeights(*(jax.lax.bitcast_convert_type(part, dtype) for part in pool))
+
+
+def take_from_pool(pool, slot, dtype):  # the function's name is the program's name in a profile
+    return tuple(jax.lax.bitcast_convert_type(part[slot], dtype) for part in pool)
 
 
 @jax.named_scope("pool_write")
 def write_slots(pool, staged, slots):
     """Inside a jitted program: each staged (gate_up, down) into its pool slot (in place
-    when the pool is donated); a slot past the end (padding) is dropped.
-
-    XLA CPU runs this update over the whole pool when it is bf16 (it computes bf16 in
-    fp32 and converts the pool both ways; fp32 pools update in place), so on CPU the
-    per-step cost grows with the cache size. A GPU computes bf16 natively; not
-    measured there."""
+    when the pool is donated); a slot past the end (padding) is dropped."""
     gate_up, down = pool
     for (s_gate_up, s_down), slot in zip(staged, slots):
-        gate_up = gate_up.at[slot].set(s_gate_up, mode="drop")
-        down = down.at[slot].set(s_down, mode="drop")
+        gate_up = gate_up.at[slot].set(jax.lax.bitcast_convert_type(s_gate_up, gate_up.dtype), mode="drop")
+        down = down.at[slot].set(jax.lax.bitcast_convert_type(s_down, down.dtype), mode="drop")
     return gate_up, down
 
 
@@ -85,9 +97,9 @@ class CacheCounters:
 
 def minimum_experts(unique_max: int, prefetch_max: int = 0) -> int:
     """The smallest budget, in experts: the `unique_max` experts one layer can need resident,
-    their copies and 2 x `prefetch_max` prefetched ones in flight, the filler, and the
+    their copies and `prefetch_max` prefetched ones in flight, the filler, and the
     expert program's gather of the `unique_max` it computes."""
-    return unique_max + (unique_max + 2 * prefetch_max) + 1 + unique_max
+    return unique_max + (unique_max + prefetch_max) + 1 + unique_max
 
 
 def plan_geometry(
@@ -96,15 +108,15 @@ def plan_geometry(
     """(pool slots S, copies in flight) for a budget, or BudgetError naming the minimum.
 
     A decode step of one layer needs up to `unique_max` experts resident at once, all
-    possibly copied in that step, while up to 2 x `prefetch_max` prefetched copies are
-    in flight: S >= unique_max, in flight = unique_max + 2 x prefetch_max, plus the filler
-    and the expert program's gather (unique_max experts).
+    possibly copied in that step, while up to `prefetch_max` prefetched copies are in
+    flight: S >= unique_max, in flight = unique_max + prefetch_max, plus the filler and
+    the expert program's gather (unique_max experts).
     """
     capacity = budget_bytes // expert_bytes
     gather = unique_max
     if capacity >= total_experts + gather:
         return total_experts, 0
-    in_flight = unique_max + 2 * prefetch_max
+    in_flight = unique_max + prefetch_max
     minimum = minimum_experts(unique_max, prefetch_max)
     if capacity < minimum:
         raise BudgetError(
@@ -139,31 +151,33 @@ class DeviceExpertCache:
         slots, in_flight = plan_geometry(budget_bytes, store.expert_bytes, total, unique_max, prefetch_max)
         if not in_flight:  # everything resident: nothing to prefetch
             prefetch_max = 0
-        # The staged list an expert program takes: its demand copies and what was prefetched for it.
+        # The staged list a write takes: a layer's demand copies and the next one's prefetches.
         self.staging = unique_max + prefetch_max if in_flight else 0
         self.schedule = Schedule(slots, unique_max if in_flight else 0, policy, prefetch_max)
-        self.pending: dict[int, list[tuple[tuple[int, int], int, tuple]]] = {}  # layer -> (key, slot, copy)
-        self._handed_over = 0
+        self._table, self._table_stale = None, True
         d, i, dt = cfg.hidden_size, cfg.expert_intermediate_size, cfg.dtype
+        self.dtype, bits = jnp.dtype(dt), bits_dtype(dt)
         with jax.default_device(self.device.device_set.pop()):
             self.filler = (jnp.zeros((d, 2 * i), dt), jnp.zeros((i, d), dt)) if self.staging else None
             if self.staging:
-                self.pool = (jnp.zeros((slots, d, 2 * i), dt), jnp.zeros((slots, i, d), dt))
+                self.pool = (jnp.zeros((slots, d, 2 * i), bits), jnp.zeros((slots, i, d), bits))
             else:  # everything fits: stack on the host and copy once, so the device never holds two copies
                 placed = self.schedule.preload(sorted(store.keys()))
                 experts = [store.get(*key) for key, _ in placed]
-                stacks = [np.stack([np.asarray(w[part]) for w in experts]) for part in (0, 1)]
+                stacks = [np.stack([np.asarray(w[part]) for w in experts]).view(bits) for part in (0, 1)]
                 self.pool = tuple(jax.device_put(stacks, self.device))
         self.counters = CacheCounters()
         self.clock = PhaseClock()  # the engine shares its own
         self._account(0)
 
+    def begin(self) -> None:
+        """A new generate: counters from zero and an empty executed plan; the cached experts stay."""
+        self.counters = CacheCounters()
+        self.schedule.executed = []
+
     @property
     def num_slots(self) -> int:
         return self.schedule.num_slots
-
-    def _in_flight(self) -> int:
-        return sum(len(v) for v in self.pending.values())
 
     def _account(self, in_flight: int) -> None:
         gather = self.unique_max * self.store.expert_bytes  # inside every expert program
@@ -174,8 +188,11 @@ class DeviceExpertCache:
 
     def _host(self, layer: int, experts: Sequence[int]) -> list:
         """The pinned host arrays of `experts`, counted as moved to the device."""
-        self.counters.h2d_bytes += len(experts) * self.store.expert_bytes
-        return [self.store.get(layer, e) for e in experts]
+        return self._host_pairs([(layer, e, None) for e in experts])
+
+    def _host_pairs(self, loads: Sequence[tuple]) -> list:
+        self.counters.h2d_bytes += len(loads) * self.store.expert_bytes
+        return [self.store.get(layer, e) for layer, e, _ in loads]
 
     def _copy(self, layer: int, experts: Sequence[int]) -> list:
         if not experts:
@@ -186,37 +203,61 @@ class DeviceExpertCache:
         self.clock.device("copy", copies)
         return copies
 
-    def issue(self, plan: PassPlan) -> tuple[tuple, np.ndarray, list]:
-        """Start a demand plan's copies (one batched `device_put`); returns the staged
-        arrays for the layer's expert program, padded to their static length with the
-        filler, their target slots (S for padding: dropped by the scatter) and the
-        demand copies (to wait on). Prefetched copies for this layer ride along."""
-        self.counters.expert_hits += len(plan.hits)
-        self.counters.expert_misses += len(plan.loads)
-        self.counters.prefetch_used += len(plan.prefetched_hits)
-        evicted = set(plan.evicted)
-        pending = [p for p in self.pending.pop(plan.layer, []) if p[0] not in evicted]  # slot reused: drop
-        for other in self.pending:  # a later layer's prefetch may also have been evicted
-            self.pending[other] = [p for p in self.pending[other] if p[0] not in evicted]
-        copies = self._copy(plan.layer, [e for e, _ in plan.loads])
-        # Copies handed to the expert program count until the next layer's issue.
-        self._handed_over = len(copies) + len(pending)
-        self._account(self._handed_over + self._in_flight())
-        staged = copies + [c for _, _, c in pending]
-        slots = [s for _, s in plan.loads] + [s for _, s, _ in pending]
-        pad = self.staging - len(staged)
-        return tuple(staged) + (self.filler,) * pad, np.array(slots + [self.num_slots] * pad, np.int32), copies
+    def record(self, plan: PassPlan) -> None:
+        """Count a plan's hits and loads (a prefetch plan's loads as prefetches); a plan
+        that moved slots makes the device table stale."""
+        if plan.kind == "prefetch":
+            self.counters.prefetch_issued += len(plan.loads)
+        else:
+            self.counters.expert_hits += len(plan.hits)
+            self.counters.expert_misses += len(plan.loads)
+            self.counters.prefetch_used += len(plan.prefetched_hits)
+        if plan.loads or plan.evicted:
+            self._table_stale = True
 
-    def prefetch(self, plan: PassPlan) -> None:
-        """Start a prefetch plan's copies; they wait, in flight, for their layer's expert program."""
-        for key in plan.evicted:
-            for layer in self.pending:
-                self.pending[layer] = [p for p in self.pending[layer] if p[0] != key]
+    def issue(self, plan: PassPlan) -> tuple[tuple, np.ndarray, list]:
+        """Start a routed prefill pass's copies (one batched `device_put`); returns the
+        staged arrays for the layer's expert program, padded to their static length with
+        the filler, their target slots (S for padding: dropped by the scatter) and the
+        copies (to wait on)."""
+        self.record(plan)
         copies = self._copy(plan.layer, [e for e, _ in plan.loads])
-        self.counters.prefetch_issued += len(copies)
-        entries = [((plan.layer, e), slot, c) for (e, slot), c in zip(plan.loads, copies)]
-        self.pending.setdefault(plan.layer, []).extend(entries)
-        self._account(self._handed_over + self._in_flight())
+        self._account(len(copies))
+        pad = self.staging - len(copies)
+        slots = [s for _, s in plan.loads] + [self.num_slots] * pad
+        return tuple(copies) + (self.filler,) * pad, np.array(slots, np.int32), copies
+
+    def load(self, plans: Sequence[PassPlan]) -> bool:
+        """Copy every plan's loads (one batched `device_put`, issued before the program that
+        writes them, so nothing waits on the host) and write them into their pool slots
+        with one program (in place). Returns whether anything was copied."""
+        for plan in plans:
+            self.record(plan)
+        loads = [(plan.layer, e, slot) for plan in plans for e, slot in plan.loads]
+        if not loads:
+            return False
+        host = self._host_pairs(loads)
+        with self.clock.phase("copy_issue"):
+            copies = [tuple(c) for c in jax.device_put(host, self.device)]
+        self.clock.device("copy", copies)
+        self._account(len(copies))
+        pad = self.staging - len(copies)
+        staged = tuple(copies) + (self.filler,) * pad
+        slots = jnp.asarray([slot for _, _, slot in loads] + [self.num_slots] * pad, jnp.int32)
+        with self.clock.phase("dispatch"):
+            self.pool = self._write_program(self.staging)(self.pool, staged, slots)
+        return True
+
+    def table(self) -> jax.Array:
+        """[L, E] int32 on the device: the pool row of each (layer, expert), -1 where absent;
+        copied again only after a plan moved slots."""
+        if self._table_stale:
+            cfg = self.store.config
+            table = np.full((cfg.num_layers, cfg.num_experts), -1, np.int32)
+            for (layer, e), slot in self.schedule.slot_of.items():
+                table[layer, e] = slot
+            self._table, self._table_stale = jax.device_put(table, self.device), False
+        return self._table
 
     def stream(self, layer: int, sent: Sequence[int], cached: Sequence[int]) -> tuple[dict[int, tuple], list]:
         """A whole layer for a streamed prefill: `sent` copied from the host (one batched
@@ -228,7 +269,8 @@ class DeviceExpertCache:
         out = dict(zip(sent, copies))
         for e in cached:
             slot = jnp.int32(self.schedule.slot_of[(layer, e)])
-            out[e] = self.programs.get("take_from_pool", take_from_pool, {}, (), self.pool, slot)(self.pool, slot)
+            take = self.programs.get("take_from_pool", take_from_pool, {"dtype": self.dtype}, (), self.pool, slot)
+            out[e] = take(self.pool, slot)
         return out, copies
 
     def host_experts(self, layer: int, sent: Sequence[int]) -> tuple:
@@ -242,6 +284,7 @@ class DeviceExpertCache:
         staged list is padded to the static `width` (so one program serves every layer)."""
         if not plan.loads:
             return
+        self._table_stale = True
         staged = [layer_experts[e] for e, _ in plan.loads]
         slots = [s for _, s in plan.loads]
         pad = width - len(staged)
@@ -254,11 +297,16 @@ class DeviceExpertCache:
         staged = tuple((spec(a.shape, a.dtype), spec(b.shape, b.dtype)) for a, b in (self.filler,) * width)
         return self.programs.get("write_slots", write_slots, {}, (0,), self.pool, staged, spec((width,), jnp.int32))
 
+    def prepare_load(self) -> None:
+        """Compile the program `load` writes copies into the pool with."""
+        if self.staging:
+            self._write_program(self.staging)
+
     def prepare_stream(self, width: int) -> None:
         """Compile what a streamed prefill asks of the cache: taking a cached expert out of
         the pool, and writing `width` retained experts into it."""
         slot = jax.ShapeDtypeStruct((), jnp.int32)
-        self.programs.get("take_from_pool", take_from_pool, {}, (), self.pool, slot)
+        self.programs.get("take_from_pool", take_from_pool, {"dtype": self.dtype}, (), self.pool, slot)
         if self.filler is not None and width:
             self._write_program(width)
 

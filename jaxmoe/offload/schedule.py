@@ -36,6 +36,7 @@ class PassPlan:
     kind: str = "demand"  # "prefetch": copies issued ahead, for `layer`, before its routing is known;
     # "retain": a streamed prefill layer's experts kept for decode (device copies, no transfer)
     prefetched_hits: tuple[int, ...] = ()  # hits that an earlier prefetch brought in
+    resume: bool = False  # decode: the step's program ran again from this layer after its loads
 
     def to_dict(self) -> dict:
         return {
@@ -48,6 +49,7 @@ class PassPlan:
             "prefetched_hits": list(self.prefetched_hits),
             "loads": [list(x) for x in self.loads],
             "evicted": [list(x) for x in self.evicted],
+            "resume": self.resume,
         }
 
 
@@ -79,9 +81,11 @@ class Schedule:
         heapq.heappush(self._free, slot)
         return slot
 
-    def plan_layer(self, step: int, layer: int, needed: Sequence[int], protect: Sequence[Key] = ()) -> list[PassPlan]:
+    def plan_layer(self, step: int, layer: int, needed: Sequence[int], protect: Sequence[Key] = (),
+                   resume: bool = False) -> list[PassPlan]:  # fmt: skip
         """The demand passes of `layer`; `protect`: keys not to evict (the next layer's
-        predicted experts, about to be prefetched)."""
+        predicted experts, about to be prefetched); `resume`: the step resumes at this
+        layer once its loads land (one-program decode)."""
         needed = sorted(set(int(e) for e in needed))
         protect = set(protect)
         evicted: list[Key] = []
@@ -99,12 +103,12 @@ class Schedule:
             room = self.num_slots - len(hits)
             take = misses[: min(self.staging, room)]
             misses = misses[len(take) :]
-            passes.append(self._plan_pass(step, layer, len(passes), hits, take, evicted, protect))
+            passes.append(self._plan_pass(step, layer, len(passes), hits, take, evicted, protect, resume))
             hits, evicted = [], []
         self.executed.extend(passes)
         return passes
 
-    def _plan_pass(self, step, layer, index, hits, misses, evicted, protect=frozenset()) -> PassPlan:
+    def _plan_pass(self, step, layer, index, hits, misses, evicted, protect=frozenset(), resume=False) -> PassPlan:
         self._tick += 1
         pinned = {(layer, e) for e in hits + misses}
         # Protection yields when nothing else could go (a tiny cache): the demand pass must fit.
@@ -136,6 +140,7 @@ class Schedule:
             loads=tuple(loads),
             evicted=tuple(evicted),
             prefetched_hits=used_prefetch,
+            resume=resume,
         )
 
     def _claim(self, layer: int, experts: Sequence[int], protected: set) -> tuple[list, list]:
@@ -190,10 +195,11 @@ class Schedule:
         self.executed.append(plan)
         return plan
 
-    def plan_prefetch(self, step: int, layer: int, predicted: Sequence[int]) -> PassPlan:
+    def plan_prefetch(self, step: int, layer: int, predicted: Sequence[int], protect: Sequence[Key] = ()) -> PassPlan:
         """Slots for the predicted experts of `layer` that are not resident, best first, at most
-        `prefetch_staging`; never evicts another predicted expert of that layer."""
-        protected = {(layer, int(e)) for e in predicted}
+        `prefetch_staging`; never evicts another predicted expert of that layer, nor `protect`
+        (the experts the step is about to compute)."""
+        protected = {(layer, int(e)) for e in predicted} | set(protect)
         wanted = [int(e) for e in predicted if (layer, int(e)) not in self.slot_of][: self.prefetch_staging]
         loads, evicted = self._claim(layer, wanted, protected)
         self.prefetched.update((layer, e) for e, _ in loads)

@@ -144,8 +144,10 @@ def simulate_prefetch(
 
     ids [n, Lm, K] actual routing; probs [n, R, E] the predicted distribution of MoE
     layer j+1, made at layer j. Per request: the top-`prefetch` predictions for layer
-    j+1 are observed by the policy, layer j's demand is planned with them protected,
-    then they are planned as a prefetch. Tokens before `predict_from` predict nothing (the engine's prefill).
+    j+1 are observed by the policy and layer j's demand is planned with them protected;
+    when layer j missed (the one-program decode stops there and loads), they are planned
+    as a prefetch too, protecting layer j's experts. Tokens before `predict_from`
+    predict nothing (the engine's prefill).
     """
     requests = decode_requests(ids, moe_layers)
     _check_capacity(requests, capacity)
@@ -161,11 +163,14 @@ def simulate_prefetch(
                 ranked = [int(e) for e in np.argsort(-p, kind="stable")[:prefetch]]
                 schedule.policy.observe(moe_layers[j + 1], {e: float(p[e]) for e in ranked})
             protect = [(moe_layers[j + 1], e) for e in ranked]
+            missed = False
             for plan in schedule.plan_layer(t, layer, needed, protect):
                 res.demand_misses += len(plan.loads)
                 res.prefetch_used += len(plan.prefetched_hits)
-            if ranked:
-                res.prefetch_loads += len(schedule.plan_prefetch(t, moe_layers[j + 1], ranked).loads)
+                missed = missed or bool(plan.loads)
+            if ranked and missed:
+                this_layer = [(layer, int(e)) for e in needed]
+                res.prefetch_loads += len(schedule.plan_prefetch(t, moe_layers[j + 1], ranked, this_layer).loads)
             res.requests += 1
             res.needed += len(needed)
     return res

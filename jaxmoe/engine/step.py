@@ -1,0 +1,120 @@
+"""One decode step as one program, the same for the resident and the offloaded engine.
+
+Embedding, every layer, the final norm, the head and sampling run in one compiled
+program. Each MoE layer finds its experts through a table: `table[l, e]` is the row of
+`experts[l]` that holds expert e of layer l, or -1 when it is not on the device. The
+resident engine passes the layer stacks and no table (expert e is row e); the offloaded
+engine passes its cache pool for every MoE layer and the cache's table. The expert
+computation is the same call with the same shapes in both (U experts gathered, one
+batched contraction), so both compute the same numbers.
+
+A layer that needs an expert outside the pool cannot be computed here: the program keeps
+the hidden state entering it, skips it and every layer after it, and says which layer
+it was (`first_miss`). The host loads what that layer needs and runs the same program
+again from there (`start`), with that hidden state (`x_start`). Recomputing a layer's
+attention writes the same keys and values again, so resuming is exact. Layers are
+skipped with `lax.cond`, so a resume costs only the layers it runs, and every start
+runs the same compiled program (the same numbers whatever the start).
+
+Shapes: B batch, T tokens (1 when decoding), N = B x T, D hidden, L layers, E experts,
+K experts per token, P predicted experts per row, S rows of a pool.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jaxmoe.model import ExpertWeights, MoEDecoder, moe_ffn, num_unique_experts
+from jaxmoe.model.decoder import LayerKV, head_logits
+from jaxmoe.engine.sampling import SamplingParams, sample
+
+
+class StepOut(NamedTuple):
+    token: jax.Array  # [B] int32, sampled from the last position; meaningful when first_miss == L
+    kv: tuple[LayerKV, ...]
+    first_miss: jax.Array  # [] int32: the first layer at or after `start` missing an expert; L if none
+    x_miss: jax.Array  # [B, T, D]: the hidden state entering that layer (the next run's x_start)
+    ids: jax.Array  # [L, N, K] int32: each layer's routing in this run (zeros for layers not run)
+    picks: jax.Array  # [L, N, P] int32: the scorer's picks for the next MoE layer, from layer l (P = 0: none)
+    probs: jax.Array  # [L, N, P] fp32: their probabilities
+
+
+def decode_step(
+    model: MoEDecoder,
+    tokens: jax.Array,  # [B, T] int32
+    positions: jax.Array,  # [B, T] int32
+    valid: jax.Array,  # [B] bool: rows whose experts count (padding and finished rows load nothing)
+    kv: Sequence[LayerKV],
+    experts: Sequence[ExpertWeights | None],  # per layer: the rows `table` points into
+    table: jax.Array | None,  # [L, E] int32, or None: expert e is row e of its layer's stack
+    start: jax.Array,  # [] int32: the first layer to run
+    x_start: jax.Array,  # [B, T, D]: the hidden state entering `start` (ignored when start is 0)
+    root: jax.Array,  # PRNG key
+    step: jax.Array,  # [] int32: the token step (sampling key)
+    scorer_leaves: tuple = (),
+    *,
+    sampling: SamplingParams,
+    scorer=None,
+    picks: int = 0,
+    moe_fn: Callable = moe_ffn,
+) -> StepOut:
+    cfg = model.cfg
+    num_layers = cfg.num_layers
+    b, t = tokens.shape
+    n, k = b * t, cfg.top_k
+    unique = num_unique_experts(cfg.num_experts, n, k)
+    rows_valid = jnp.repeat(valid, t)  # [N]
+    x = jnp.where(start == 0, model.embed_tokens(tokens), x_start)
+    missed = jnp.asarray(False)
+    first_miss, x_miss = jnp.int32(num_layers), x
+    zeros_ids = jnp.zeros((n, k), jnp.int32)
+    zeros_picks, zeros_probs = jnp.zeros((n, picks), jnp.int32), jnp.zeros((n, picks), jnp.float32)
+    ids_all, picks_all, probs_all, new_kv = [], [], [], []
+    for layer, (module, layer_kv) in enumerate(zip(model.layers, kv, strict=True)):
+        active = (layer >= start) & ~missed
+
+        def skip(x, layer_kv):
+            return x, layer_kv, jnp.asarray(False), zeros_ids, zeros_picks, zeros_probs
+
+        if not module.is_moe:
+
+            def run(x, layer_kv, module=module):
+                x, layer_kv, _ = module(x, positions, layer_kv, None, moe_fn)
+                return x, layer_kv, jnp.asarray(False), zeros_ids, zeros_picks, zeros_probs
+
+        else:
+
+            def run(x, layer_kv, module=module, layer=layer):
+                x_att, layer_kv, h, routing = module.attend_and_route(x, positions, layer_kv)
+                rows = routing.ids if table is None else table[layer][routing.ids]  # [N, K]
+                miss = jnp.any((rows < 0) & rows_valid[:, None])
+                y = moe_fn(h, jnp.maximum(rows, 0), routing.weights, experts[layer], unique)
+                # A missing expert leaves the layer undone: keep its input for the resume.
+                x_out = jnp.where(miss, x, module.finish_moe(x_att, h, y))
+                if not picks:
+                    return x_out, layer_kv, miss, routing.ids, zeros_picks, zeros_probs
+                logits = scorer.score(scorer_leaves, h, jnp.int32(layer)).astype(jnp.float32)
+                probs, best = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), picks)
+                return x_out, layer_kv, miss, routing.ids, best.astype(jnp.int32), probs
+
+        x_in = x
+        x, layer_kv, miss, ids, best, probs = jax.lax.cond(active, run, skip, x, layer_kv)
+        new_miss = active & miss
+        first_miss = jnp.where(new_miss, layer, first_miss)
+        x_miss = jnp.where(new_miss, x_in, x_miss)
+        missed = missed | new_miss
+        new_kv.append(layer_kv)
+        ids_all.append(ids)
+        picks_all.append(best)
+        probs_all.append(probs)
+
+    def head(x):
+        h = model.norm(x)[:, -1]  # [B, D] the last position
+        return sample(head_logits(model.embed_tokens, model.lm_head, h), jax.random.fold_in(root, step), sampling)
+
+    token = jax.lax.cond(missed, lambda x: jnp.zeros((b,), jnp.int32), head, x)
+    return StepOut(token, tuple(new_kv), first_miss, x_miss, jnp.stack(ids_all), jnp.stack(picks_all),
+                   jnp.stack(probs_all))  # fmt: skip
