@@ -139,7 +139,6 @@ class OffloadedDecoder:
             if not start <= layer <= first_miss or layer == planned:
                 continue
             needed = np.unique(ids[layer][valid])
-            predicted = self._predicted(layer, picks[layer], probs[layer], valid)
             nxt = self.engine.next_moe[layer]
             if layer < first_miss:  # computed: every expert it used was cached
                 (plan,) = schedule.plan_layer(step, layer, needed)
@@ -147,6 +146,7 @@ class OffloadedDecoder:
                     raise AssertionError(f"layer {layer} computed with experts {plan.loads} missing from the table")
                 cache.record(plan)
                 continue
+            predicted = self._predicted(layer, picks[layer], probs[layer], valid)  # made where it missed
             plans = schedule.plan_layer(step, layer, needed, [(nxt, e) for e in predicted], resume=True)
             if predicted:
                 plans.append(schedule.plan_prefetch(step, nxt, predicted, [(layer, e) for e in needed]))

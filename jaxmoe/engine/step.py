@@ -38,7 +38,8 @@ class StepOut(NamedTuple):
     first_miss: jax.Array  # [] int32: the first layer at or after `start` missing an expert; L if none
     x_miss: jax.Array  # [B, T, D]: the hidden state entering that layer (the next run's x_start)
     ids: jax.Array  # [L, N, K] int32: each layer's routing in this run (zeros for layers not run)
-    picks: jax.Array  # [L, N, P] int32: the scorer's picks for the next MoE layer, from layer l (P = 0: none)
+    picks: jax.Array  # [L, N, P] int32: the scorer's picks for the next MoE layer, made at the layer that
+    # missed (zeros elsewhere; P = 0: no scorer)
     probs: jax.Array  # [L, N, P] fp32: their probabilities
 
 
@@ -96,9 +97,16 @@ def decode_step(
                 x_out = jnp.where(miss, x, module.finish_moe(x_att, h, y))
                 if not picks:
                     return x_out, layer_kv, miss, routing.ids, zeros_picks, zeros_probs
-                logits = scorer.score(scorer_leaves, h, jnp.int32(layer)).astype(jnp.float32)
-                probs, best = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), picks)
-                return x_out, layer_kv, miss, routing.ids, best.astype(jnp.int32), probs
+
+                def predict(h, layer=layer):
+                    logits = scorer.score(scorer_leaves, h, jnp.int32(layer)).astype(jnp.float32)
+                    probs, best = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), picks)
+                    return best.astype(jnp.int32), probs
+
+                # The host acts on predictions only where a layer missed (it loads then), so
+                # only that layer predicts.
+                best, probs = jax.lax.cond(miss, predict, lambda h: (zeros_picks, zeros_probs), h)
+                return x_out, layer_kv, miss, routing.ids, best, probs
 
         x_in = x
         x, layer_kv, miss, ids, best, probs = jax.lax.cond(active, run, skip, x, layer_kv)

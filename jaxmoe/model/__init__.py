@@ -3,6 +3,7 @@
 from jaxmoe.model.decoder import LayerKV, MoEDecoder, init_experts, init_kv_cache
 from jaxmoe.model.experts import (
     ExpertWeights,
+    PackedExperts,
     Routing,
     combine,
     expert_rows,
@@ -18,6 +19,7 @@ __all__ = [
     "ExpertWeights",
     "LayerKV",
     "MoEDecoder",
+    "PackedExperts",
     "Routing",
     "abstract_model",
     "combine",

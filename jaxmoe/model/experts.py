@@ -25,6 +25,43 @@ class ExpertWeights(NamedTuple):
     w_down: jax.Array  # [E, I, D]
 
 
+@jax.tree_util.register_pytree_node_class
+class PackedExperts:
+    """Experts held in a storage form (a cache pool or a quantized stack): `parts`, each
+    [S, ...], and `unpack` (static), which turns parts with any leading shape into
+    ExpertWeights of the compute dtype. `expert_rows` gathers the rows it computes first
+    and unpacks only those, inside the same computation: a whole pool or layer is never
+    converted."""
+
+    def __init__(self, parts: tuple, unpack):
+        self.parts, self.unpack = tuple(parts), unpack
+
+    @property
+    def rows(self) -> int:
+        return self.parts[0].shape[0]
+
+    def take(self, index: jax.Array | None) -> ExpertWeights:
+        """The unpacked weights of rows `index` [U], or of every row (None)."""
+        return self.unpack(self.parts if index is None else tuple(p[index] for p in self.parts))
+
+    def tree_flatten(self):
+        return self.parts, self.unpack
+
+    @classmethod
+    def tree_unflatten(cls, unpack, parts):
+        return cls(parts, unpack)
+
+
+def _rows(w) -> int:
+    return w.rows if isinstance(w, PackedExperts) else w.w_down.shape[0]
+
+
+def _take(w, index: jax.Array | None) -> ExpertWeights:
+    if isinstance(w, PackedExperts):
+        return w.take(index)
+    return w if index is None else ExpertWeights(w.w_gate_up[index], w.w_down[index])
+
+
 class Routing(NamedTuple):
     logits: jax.Array  # [N, E] router logits in the activation dtype
     ids: jax.Array  # [N, K] int32 expert ids, descending probability
@@ -59,7 +96,7 @@ def moe_ffn(x: jax.Array, ids: jax.Array, weights: jax.Array, w: ExpertWeights, 
 
 
 @jax.named_scope("experts")
-def expert_rows(x: jax.Array, ids: jax.Array, w: ExpertWeights, num_unique: int) -> jax.Array:
+def expert_rows(x: jax.Array, ids: jax.Array, w: "ExpertWeights | PackedExperts", num_unique: int) -> jax.Array:
     """Each chosen expert's output for its token, [N, K, D], uncombined.
 
     Each distinct chosen expert is computed once over all N tokens, then each
@@ -70,13 +107,13 @@ def expert_rows(x: jax.Array, ids: jax.Array, w: ExpertWeights, num_unique: int)
     of a (token, k) row depends only on the token and the expert's weights, not
     on where the expert sits in `w`, which is what lets a cache reorder experts.
     """
-    if num_unique == w.w_down.shape[0]:
-        unique, w_gate_up, w_down = jnp.arange(num_unique, dtype=ids.dtype), w.w_gate_up, w.w_down
+    if num_unique == _rows(w):
+        unique, chosen = jnp.arange(num_unique, dtype=ids.dtype), _take(w, None)
     else:
         # Padding repeats the largest id so `unique` stays sorted for searchsorted.
         unique = jnp.unique(ids, size=num_unique, fill_value=jnp.max(ids))
-        w_gate_up, w_down = w.w_gate_up[unique], w.w_down[unique]  # [U, D, 2I], [U, I, D]
-    y_u = expert_outputs(x, w_gate_up, w_down)
+        chosen = _take(w, unique)  # [U, D, 2I], [U, I, D]
+    y_u = expert_outputs(x, chosen.w_gate_up, chosen.w_down)
     pos = jnp.searchsorted(unique, ids)  # [N, K] position of each chosen expert in `unique`
     return y_u[pos, jnp.arange(ids.shape[0])[:, None]]  # [N, K, D]
 

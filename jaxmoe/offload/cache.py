@@ -36,7 +36,7 @@ import numpy as np
 from jaxmoe.engine.metrics import fmt_bytes, tree_bytes
 from jaxmoe.engine.phases import PhaseClock
 from jaxmoe.engine.programs import Programs
-from jaxmoe.model import ExpertWeights
+from jaxmoe.model import ExpertWeights, PackedExperts
 from jaxmoe.offload.host_store import HostExpertStore
 from jaxmoe.offload.policy import EvictionPolicy
 from jaxmoe.offload.schedule import PassPlan, Schedule
@@ -47,9 +47,20 @@ def bits_dtype(dtype) -> np.dtype:
     return {2: np.dtype(np.uint16), 4: np.dtype(np.uint32)}[jnp.dtype(dtype).itemsize]
 
 
-def pool_experts(pool, dtype) -> ExpertWeights:
-    """Inside a jitted program: the pool's bits as `dtype` weights (a bitcast, no copy)."""
-    return ExpertWeights(*(jax.lax.bitcast_convert_type(part, dtype) for part in pool))
+@dataclasses.dataclass(frozen=True)
+class FromBits:
+    """Unpacks pool rows: their bits as `dtype` weights."""
+
+    dtype: str
+
+    def __call__(self, parts) -> ExpertWeights:
+        return ExpertWeights(*(jax.lax.bitcast_convert_type(part, self.dtype) for part in parts))
+
+
+def pool_experts(pool, dtype) -> PackedExperts:
+    """The pool as experts a program computes with: only the rows it gathers are bitcast
+    (a bitcast of the whole pool outside a layer's conditional would be a copy of it)."""
+    return PackedExperts(pool, FromBits(str(jnp.dtype(dtype))))
 
 
 def take_from_pool(pool, slot, dtype):  # the function's name is the program's name in a profile

@@ -143,11 +143,11 @@ def simulate_prefetch(
     """The runtime's predictor policy: Schedule + PredictorAware, driven as the offloaded engine drives them.
 
     ids [n, Lm, K] actual routing; probs [n, R, E] the predicted distribution of MoE
-    layer j+1, made at layer j. Per request: the top-`prefetch` predictions for layer
-    j+1 are observed by the policy and layer j's demand is planned with them protected;
-    when layer j missed (the one-program decode stops there and loads), they are planned
-    as a prefetch too, protecting layer j's experts. Tokens before `predict_from`
-    predict nothing (the engine's prefill).
+    layer j+1, made at layer j. Where layer j misses an expert (the one-program decode
+    stops there and loads), the top-`prefetch` predictions for layer j+1 are observed
+    by the policy, layer j's demand is planned with them protected, and they are planned
+    as a prefetch, protecting layer j's experts. Tokens before `predict_from` predict
+    nothing (the engine's prefill).
     """
     requests = decode_requests(ids, moe_layers)
     _check_capacity(requests, capacity)
@@ -158,17 +158,16 @@ def simulate_prefetch(
         for j, layer in enumerate(moe_layers):
             needed = requests[t * lm + j][2]
             ranked = []
-            if j + 1 < lm and t >= predict_from and prefetch > 0:
+            missed = any((layer, int(e)) not in schedule.slot_of for e in needed)
+            if missed and j + 1 < lm and t >= predict_from and prefetch > 0:  # a layer predicts where it missed
                 p = probs[t, j]
                 ranked = [int(e) for e in np.argsort(-p, kind="stable")[:prefetch]]
                 schedule.policy.observe(moe_layers[j + 1], {e: float(p[e]) for e in ranked})
             protect = [(moe_layers[j + 1], e) for e in ranked]
-            missed = False
             for plan in schedule.plan_layer(t, layer, needed, protect):
                 res.demand_misses += len(plan.loads)
                 res.prefetch_used += len(plan.prefetched_hits)
-                missed = missed or bool(plan.loads)
-            if ranked and missed:
+            if ranked:
                 this_layer = [(layer, int(e)) for e in needed]
                 res.prefetch_loads += len(schedule.plan_prefetch(t, moe_layers[j + 1], ranked, this_layer).loads)
             res.requests += 1

@@ -1,0 +1,149 @@
+"""How one routed expert is held as bytes: in pinned host memory, over the link, in the
+device cache. Every format packs an expert into one contiguous uint8 buffer (one copy
+moves one expert; a cache is one [S, bytes] array that XLA updates in place), made of
+parts, for each of the expert's two matrices (gate_up [D, 2I] and down [I, D], input
+dimension first):
+
+  dense   the weights in the model dtype
+  int8    int8 values [K, N] and per-output-channel scales [1, N] (symmetric)
+  int4    values two to a byte along the input dimension [K/2, N] (the low nibble holds
+          the even row), with scales and zero points per group of `group_size` input rows
+          [K/g, N] (asymmetric)
+
+Scales and zero points are kept in the model dtype. A program gathers the rows of the U
+experts it computes and unpacks them (`unpack`: bitcasts, and the dequantization for
+int8 / int4) into model-dtype weights: only the experts computed are ever dequantized,
+never a whole layer or the cache. The resident engine holds its experts in the same
+format, so both engines compute with the same numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmoe.config import MoEConfig
+from jaxmoe.model import ExpertWeights
+
+FORMATS = ("dense", "int8", "int4")
+GROUP_SIZES = (32, 64, 128)
+ALIGN = 16  # bytes between parts, so a part's bytes can be viewed without a shift
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    matrix: str  # "w_gate_up" | "w_down"
+    role: str  # "w" (dense) | "q" (quantized values) | "scale" | "zero"
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    offset: int
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertFormat:
+    kind: str = "dense"
+    group_size: int = 64  # int4: input rows sharing a scale and zero point
+
+    def __post_init__(self):
+        if self.kind not in FORMATS:
+            raise ValueError(f"expert format must be one of {', '.join(FORMATS)}, got {self.kind!r}")
+        if self.kind == "int4" and self.group_size not in GROUP_SIZES:
+            raise ValueError(f"int4 group size must be one of {GROUP_SIZES}, got {self.group_size}")
+
+    @property
+    def name(self) -> str:
+        return f"int4-g{self.group_size}" if self.kind == "int4" else self.kind
+
+    def matrices(self, cfg: MoEConfig) -> dict[str, tuple[int, int]]:
+        d, i = cfg.hidden_size, cfg.expert_intermediate_size
+        return {"w_gate_up": (d, 2 * i), "w_down": (i, d)}
+
+    def check(self, cfg: MoEConfig) -> None:
+        """Refuse a model whose input dimensions the format cannot group or pack."""
+        if self.kind == "int4":
+            for matrix, (k, _) in self.matrices(cfg).items():
+                if k % self.group_size:
+                    raise ValueError(f"int4 group size {self.group_size} does not divide {matrix}'s input dim {k}")
+
+    def parts(self, cfg: MoEConfig) -> tuple[Part, ...]:
+        dtype, out, offset = np.dtype(jnp.dtype(cfg.dtype)), [], 0
+        for matrix, (k, n) in self.matrices(cfg).items():
+            if self.kind == "dense":
+                roles = [("w", (k, n), dtype)]
+            elif self.kind == "int8":
+                roles = [("q", (k, n), np.dtype(np.int8)), ("scale", (1, n), dtype)]
+            else:
+                groups = (k // self.group_size, n)
+                roles = [("q", (k // 2, n), np.dtype(np.uint8)), ("scale", groups, dtype), ("zero", groups, dtype)]
+            for role, shape, dt in roles:
+                part = Part(matrix, role, shape, dt, offset)
+                out.append(part)
+                offset += -(-part.nbytes // ALIGN) * ALIGN
+        return tuple(out)
+
+    def nbytes(self, cfg: MoEConfig) -> int:
+        last = self.parts(cfg)[-1]
+        return -(-(last.offset + last.nbytes) // ALIGN) * ALIGN
+
+    # -- host side ---------------------------------------------------------------------
+    def pack(self, cfg: MoEConfig, tensors: dict[tuple[str, str], np.ndarray]) -> np.ndarray:
+        """One expert's parts {(matrix, role): array} as its uint8 buffer."""
+        buf = np.zeros(self.nbytes(cfg), np.uint8)
+        for part in self.parts(cfg):
+            value = np.ascontiguousarray(tensors[part.matrix, part.role])
+            if value.shape != part.shape or value.dtype != part.dtype:
+                raise ValueError(f"{part.matrix}.{part.role}: expected {part.dtype} {part.shape}, "
+                                 f"got {value.dtype} {value.shape}")  # fmt: skip
+            buf[part.offset : part.offset + part.nbytes] = value.reshape(-1).view(np.uint8)
+        return buf
+
+    # -- inside a program --------------------------------------------------------------
+    def unpack(self, cfg: MoEConfig, rows: jax.Array) -> ExpertWeights:
+        """rows [..., bytes] uint8 -> the experts' weights [..., K, N] in the model dtype."""
+        lead, dtype = rows.shape[:-1], jnp.dtype(cfg.dtype)
+        views: dict[tuple[str, str], jax.Array] = {}
+        for part in self.parts(cfg):
+            raw = rows[..., part.offset : part.offset + part.nbytes]
+            size = part.dtype.itemsize
+            if size > 1:
+                raw = raw.reshape(lead + (part.nbytes // size, size))
+            views[part.matrix, part.role] = jax.lax.bitcast_convert_type(raw, part.dtype).reshape(lead + part.shape)
+        return ExpertWeights(*(self._matrix(views, m, dtype) for m in ("w_gate_up", "w_down")))
+
+    def _matrix(self, views, matrix: str, dtype) -> jax.Array:
+        if self.kind == "dense":
+            return views[matrix, "w"]
+        q, scale = views[matrix, "q"], views[matrix, "scale"]
+        if self.kind == "int8":
+            return (q.astype(jnp.float32) * scale.astype(jnp.float32)).astype(dtype)
+        values = unpack_nibbles(q)  # [..., K, N] in 0..15
+        zero = views[matrix, "zero"]
+        groups = values.reshape(values.shape[:-2] + (scale.shape[-2], self.group_size, values.shape[-1]))
+        w = (groups.astype(jnp.float32) - zero[..., :, None, :].astype(jnp.float32)) * scale[..., :, None, :].astype(
+            jnp.float32
+        )
+        return w.reshape(values.shape).astype(dtype)
+
+
+def pack_nibbles(values: np.ndarray) -> np.ndarray:
+    """[K, N] integers in 0..15 -> [K/2, N] uint8, row 2k in the low nibble, 2k + 1 in the high."""
+    v = values.astype(np.uint8)
+    return (v[0::2] | (v[1::2] << 4)).astype(np.uint8)
+
+
+def unpack_nibbles(packed: jax.Array) -> jax.Array:
+    """[..., K/2, N] uint8 -> [..., K, N] uint8 (the inverse of pack_nibbles)."""
+    low, high = packed & 0xF, packed >> 4
+    both = jnp.stack([low, high], axis=-2)  # [..., K/2, 2, N]
+    return both.reshape(packed.shape[:-2] + (2 * packed.shape[-2], packed.shape[-1]))
+
+
+def dense_format() -> ExpertFormat:
+    return ExpertFormat("dense")
