@@ -1,14 +1,22 @@
 """Evaluate a predictor against the baselines and replay the traces through the cache policies.
 
   python scripts/eval_predictor.py --traces traces/NAME --predictor checkpoints/NAME/predictor \
-      --budget-frac 0.25 [--model checkpoints/NAME] [--json]
+      --budget-frac 0.25 [--model checkpoints/NAME] [--maps FILE] [--cost-model h200-olmoe] [--json]
 
 On the traces the predictor was trained on, only their held-out test split is used;
 on other traces, all of them. --model enables the gate_ahead baseline (the next
-layer's router applied to the current router input). Capacity is budget-frac x all
-experts, in whole experts. --json prints one JSON object on stdout:
-  {"recall": {"mlp", "gate_ahead", "prev_token", "frequency"},
-   "policies": {"ondemand"|"lru"|"lfu"|"predictor"|"belady": {"demand_misses", "total_loads", ...}}, ...}
+layer's router applied to the current router input) and the expert maps' request
+maps. --maps: expert maps to start from (scripts/build_expert_maps.py; without it they
+start empty and learn as the replay goes). Capacity is budget-frac x all experts, in
+whole experts; a prefetching policy gets that minus its copies in flight (as the
+engine's byte budget does). Every runtime policy is replayed through the engine's own
+decode driver; "time" is a modelled decode time per token from the counts
+(jaxmoe/offload/costs.py, --cost-model): a model, not a measurement. --json prints one
+JSON object on stdout (progress on stderr):
+  {"recall": {"mlp", "gate_ahead", "prev_token", "frequency", "maps"},
+   "policies": {"ondemand"|"lru"|"lfu"|"lfru"|"predictor"|"reuse"|"maps"|...|"belady":
+                {"demand_misses", "total_loads", "time": {"ms_per_token", ..., "label": "model"}, ...}},
+   "policy_variants": {...offline research rules...}, "time_model": {...}, ...}
 """
 
 from __future__ import annotations
@@ -23,11 +31,20 @@ try:
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # research/ lives beside the package, not in it
+    sys.path.append(str(ROOT))
+
+from tqdm import tqdm
+
 from jaxmoe.checkpoint import CheckpointError, load
 from jaxmoe.config import ConfigError
-from jaxmoe.predictor.pipeline import evaluate_on_traces
+from jaxmoe.offload.costs import COST_MODELS, cost_model
+from jaxmoe.offload.expert_maps import MapsMismatch
+from jaxmoe.predictor.evaluate import POLICY_RUNS, evaluate_on_traces
 from jaxmoe.predictor.store import PredictorMismatch
 from jaxmoe.predictor.traces import TraceError
+from research.variants import EVICTIONS, simulate_variant
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -38,7 +55,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", type=Path, help="the checkpoint the traces came from (enables gate_ahead)")
     p.add_argument("--prefetch", type=int, help="experts prefetched per layer (default: the predictor's, top_k)")
     p.add_argument("--max-tokens", type=int, help="evaluate on at most this many tokens")
+    p.add_argument("--maps", type=Path, help="expert maps to start from (scripts/build_expert_maps.py)")
+    p.add_argument("--cost-model", choices=sorted(COST_MODELS), default="h200-olmoe",
+                   help="the figures the modelled time and the prefetch gate use")  # fmt: skip
+    p.add_argument("--policies", help=f"comma list of policy runs (default all: {','.join(POLICY_RUNS)})")
+    p.add_argument("--no-variants", action="store_true", help="skip the offline research variants")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
 
@@ -47,12 +70,24 @@ def main(argv=None) -> int:
     if not 0 < args.budget_frac <= 1:
         print(f"error: --budget-frac {args.budget_frac} must be in (0, 1]", file=sys.stderr)
         return 2
+    runs = tuple(args.policies.split(",")) if args.policies else tuple(POLICY_RUNS)
+    bar = tqdm(total=len(runs), desc="policies", unit="run", file=sys.stderr, disable=args.quiet)
+
+    def progress(name):
+        bar.set_postfix_str(name)
+        bar.update(1)
+
     try:
         model = load(args.model) if args.model else None
-        out = evaluate_on_traces(args.traces, args.predictor, args.budget_frac, model, args.prefetch, args.max_tokens)
-    except (CheckpointError, ConfigError, TraceError, PredictorMismatch, ValueError, FileNotFoundError) as e:
+        out = evaluate_on_traces(args.traces, args.predictor, args.budget_frac, model, args.prefetch, args.max_tokens,
+                                 args.maps, cost_model(args.cost_model), runs, progress)  # fmt: skip
+    except (CheckpointError, ConfigError, TraceError, PredictorMismatch, MapsMismatch, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        bar.close()
+    if not args.no_variants:
+        out["policy_variants"] = variants(args, out)
     if args.json:
         print(json.dumps(out))
         return 0
@@ -64,11 +99,33 @@ def main(argv=None) -> int:
             print(f"{name:<12}{'n/a':>10}  ({out['notes'].get(name, '')})")
             continue
         print(f"{name:<12}{r:>10.4f}{out['recall_at_prefetch'][name]:>11.4f}{out['precision_at_prefetch'][name]:>10.4f}")
-    print(f"\ncapacity {out['capacity_experts']} of {out['total_experts']} experts (budget {out['budget_frac']})")
-    print(f"{'policy':<20}{'demand misses':>14}{'total loads':>13}{'MB moved':>10}")
+    print(f"\ncapacity {out['capacity_experts']} of {out['total_experts']} experts (budget {out['budget_frac']}); "
+          f"time: a model ({out['time_model']['name']}), not a measurement")  # fmt: skip
+    print(f"{'policy':<22}{'slots':>6}{'demand':>9}{'total':>9}{'resumes/tok':>12}{'model ms/tok':>13}"
+          f"{'demand/LRU':>11}{'total/MIN':>10}{'time/LRU':>9}")  # fmt: skip
     for name, r in out["policies"].items():
-        print(f"{name:<20}{r['demand_misses']:>14}{r['total_loads']:>13}{r['bytes'] / 1e6:>10.1f}")
+        if name == "belady":
+            print(f"{name:<22}{r['capacity']:>6}{r['demand_misses']:>9}{r['total_loads']:>9}")
+            continue
+        print(f"{name:<22}{r['slots']:>6}{r['demand_misses']:>9}{r['total_loads']:>9}{r['resumes'] / r['tokens']:>12.2f}"
+              f"{r['time']['ms_per_token']:>13.2f}{r.get('demand_vs_lru', 0):>11.2f}{r['total_vs_belady']:>10.2f}"
+              f"{r.get('time_vs_lru', 0):>9.2f}")  # fmt: skip
     return 0
+
+
+def variants(args, out: dict) -> dict:
+    """The offline research rules (research/variants.py) on the same tokens: not the runtime's."""
+    from jaxmoe.predictor.baselines import mlp_scores
+    from jaxmoe.predictor.store import load_predictor
+    from jaxmoe.predictor.traces import TraceSet
+
+    pred = load_predictor(args.predictor, None)
+    start, stop = out["token_range"]
+    arrays = TraceSet(args.traces).load(start, stop, fields=("inputs", "ids"))
+    scores, m = mlp_scores(pred.module, arrays["inputs"]), pred.meta["model"]
+    return {f"mlp_{ev}": simulate_variant(arrays["ids"].astype(int), scores, m["moe_layers"], out["capacity_experts"],
+                                          out["prefetch_count"], m["expert_bytes"], evict=ev).to_dict()
+            for ev in EVICTIONS}  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -32,7 +32,9 @@ from jaxmoe.engine.offloaded import OffloadedEngine
 from jaxmoe.engine.resident import check_fits
 from jaxmoe.offload.cache import BudgetError
 from jaxmoe.offload.host_store import HostMemoryError, total_expert_bytes
-from jaxmoe.offload.policy import POLICIES
+from jaxmoe.offload.driver import Amortize
+from jaxmoe.offload.expert_maps import MapsMismatch
+from jaxmoe.offload.policy import POLICY_NAMES, policy_class
 from jaxmoe.engine.buckets import DEFAULT_PREFILL_CHUNK, check_chunk
 from jaxmoe.engine.metrics import tree_bytes
 from jaxmoe.engine.programs import CACHE_ENV, DEFAULT_CACHE_DIR, enable_compilation_cache
@@ -62,10 +64,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "(default: every expert resident on the device)")  # fmt: skip
     p.add_argument("--expert-budget-frac", type=float,
                    help="the same budget as a fraction of all the model's expert bytes, e.g. 0.5")  # fmt: skip
-    p.add_argument("--policy", choices=sorted(POLICIES),
+    p.add_argument("--policy", choices=POLICY_NAMES,
                    help="expert cache policy (with a budget); default: predictor when the model has a matching "
                    "trained predictor (MODEL/predictor), else lru")  # fmt: skip
-    p.add_argument("--predictor", help="predictor directory, or 'gate-ahead' (the next layer's router, untrained)")
+    p.add_argument("--predictor", help="predictor directory, or 'gate-ahead' (the next layer's router, untrained); "
+                   "predictor, reuse and maps use MODEL/predictor when it matches")  # fmt: skip
+    p.add_argument("--maps", type=Path, help="expert maps for --policy maps (default: MODEL/expert_maps.npz if "
+                   "present, else they start empty and learn as they run)")  # fmt: skip
+    p.add_argument("--predict-every", type=int, default=1,
+                   help="amortised prediction: the step program runs the predictor on every K-th token only")
+    p.add_argument("--predict-below", type=float,
+                   help="amortised prediction: ... and only while the recent hit rate is below this")
     p.add_argument("--prefill", choices=MODES, default="auto",
                    help="offloaded prefill: stream every expert layer by layer, overlapped with compute; load only "
                    "the routed experts; or auto (routed for short prompts)")  # fmt: skip
@@ -91,6 +100,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         value = getattr(args, flag)
         if value is not None and value <= 0:
             p.error(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    try:
+        args.amortize = Amortize(args.predict_every, args.predict_below)
+    except ValueError as e:
+        p.error(f"--predict-every/--predict-below: {e}")
     return args
 
 
@@ -122,18 +135,24 @@ def build_engine(path: Path, args: argparse.Namespace):
     else:
         budget = round(args.expert_budget_frac * total_expert_bytes(load_hf_config(path)))
     policy, predictor = choose_policy(Path(path), args.policy, args.predictor)
+    if args.maps is not None and not policy_class(policy).maps:
+        raise ValueError(f"--maps needs --policy maps, not --policy {policy}")
     engine = OffloadedEngine.from_checkpoint(
         path, budget, policy, predictor=predictor, prefill=args.prefill,
-        prefill_overlap=not args.no_prefill_overlap, prefill_chunk=args.prefill_chunk,
+        prefill_overlap=not args.no_prefill_overlap, prefill_chunk=args.prefill_chunk, maps=args.maps,
+        amortize=args.amortize,
     )  # fmt: skip
     return engine, engine.config, engine.generation_config, engine.tokenizer_path
 
 
 def choose_policy(model: Path, policy: str | None, predictor: str | None) -> tuple[str, str | None]:
-    """An explicit --policy wins; otherwise the predictor when one is given or shipped and matches."""
-    if policy is not None and policy != "predictor":
+    """An explicit --policy wins; otherwise the predictor when one is given or shipped and
+    matches. A policy that can use a predictor (predictor, reuse, maps) takes the given
+    or shipped one; one that needs it (predictor) is refused without."""
+    wants = "required" if policy is None else policy_class(policy).scorer
+    if wants == "none":
         if predictor is not None:
-            raise ValueError(f"--predictor needs --policy predictor, not --policy {policy}")
+            raise ValueError(f"--predictor needs --policy predictor, reuse or maps, not --policy {policy}")
         return policy, None
     if predictor is None:
         shipped = model / "predictor"
@@ -141,9 +160,9 @@ def choose_policy(model: Path, policy: str | None, predictor: str | None) -> tup
             predictor = str(shipped)
         elif policy == "predictor":
             raise ValueError(f"--policy predictor needs --predictor DIR or 'gate-ahead' ({shipped} not usable)")
-        else:
+        elif policy is None:
             return "lru", None
-    return "predictor", predictor
+    return policy or "predictor", predictor
 
 
 def matches(predictor: Path, config) -> bool:
@@ -208,7 +227,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         report = run(args)
-    except (CheckpointError, ConfigError, ContextError, BudgetError, HostMemoryError, ValueError, FileNotFoundError) as e:
+    except (CheckpointError, ConfigError, ContextError, BudgetError, HostMemoryError, MapsMismatch, ValueError,
+            FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:

@@ -6,6 +6,8 @@ import pytest
 # Tests run on CPU JAX unless a GPU test asks for more; helper modules live beside the tests.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(__file__))
+# research/ (offline variants, not the package) lives beside jaxmoe in the checkout.
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from hf_models import fuse_experts, tiny_hf_model  # noqa: E402
 
 

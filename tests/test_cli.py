@@ -75,6 +75,16 @@ def test_generate_offloaded_matches_resident_and_dumps_the_plan(hf_checkpoint, t
     assert [o["token_ids"] for o in predicted["outputs"]] == [o["token_ids"] for o in resident["outputs"]]
     assert predicted["metrics"]["policy"] == "predictor" and predicted["metrics"]["prefetch_issued"] > 0
 
+    # Expert maps with the router ahead, predicting on every other token only: same tokens.
+    proc = script("generate.py", *args, "--expert-budget-gb", str(40 * 12288 / 1e9), "--policy", "maps",
+                  "--predictor", "gate-ahead", "--predict-every", "2")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    mapped = json.loads(proc.stdout)
+    assert [o["token_ids"] for o in mapped["outputs"]] == [o["token_ids"] for o in resident["outputs"]]
+    assert mapped["metrics"]["policy"] == "maps" and mapped["metrics"]["expert_misses"] > 0
+    proc = script("generate.py", *args, "--expert-budget-gb", "1", "--policy", "lru", "--maps", str(tmp_path / "m.npz"))
+    assert proc.returncode == 2 and "--maps needs --policy maps" in proc.stderr
+
 
 def test_generate_refuses_a_budget_below_the_working_set(hf_checkpoint, tmp_path):
     _, src = hf_checkpoint("olmoe", "wide")

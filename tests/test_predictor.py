@@ -234,6 +234,7 @@ def test_scripts_train_and_evaluate_on_traces(checkpoint, tmp_path, capsys):
     scripts = str(Path(__file__).resolve().parents[1] / "scripts")
     sys.path.insert(0, scripts)
     try:
+        import build_expert_maps
         import collect_traces as collect_script
         import eval_predictor
         import train_predictor
@@ -250,15 +251,22 @@ def test_scripts_train_and_evaluate_on_traces(checkpoint, tmp_path, capsys):
     trained = json.loads(capsys.readouterr().out)
     assert set(trained["candidates"]) == {"embed", "heads"} and trained["arch"] in trained["candidates"]
     assert trained["bytes"] < 2_000_000
-    argv = ["--traces", str(tmp_path / "tr"), "--predictor", str(tmp_path / "p"), "--budget-frac", "0.5", "--json"]
-    assert eval_predictor.main(argv + ["--model", str(ckpt)]) == 0
+    assert build_expert_maps.main(["--traces", str(tmp_path / "tr"), "--out", str(tmp_path / "maps.npz"),
+                                   "--model", str(ckpt), "--json", "--quiet"]) == 0  # fmt: skip
+    built = json.loads(capsys.readouterr().out)
+    assert built["token_maps"] > 0 and built["request_maps"] > 0 and built["split"] == "train"
+    argv = ["--traces", str(tmp_path / "tr"), "--predictor", str(tmp_path / "p"), "--budget-frac", "0.5", "--json",
+            "--quiet"]  # fmt: skip
+    assert eval_predictor.main(argv + ["--model", str(ckpt), "--maps", str(tmp_path / "maps.npz")]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert set(out["recall"]) == {"mlp", "gate_ahead", "prev_token", "frequency"}
+    assert set(out["recall"]) == {"mlp", "gate_ahead", "prev_token", "frequency", "maps"}  # the contract, plus maps
     assert all(0 <= v <= 1 for v in out["recall"].values())
-    assert {"ondemand", "lru", "lfu", "predictor", "belady"} <= set(out["policies"])
+    assert {"ondemand", "lru", "lfu", "predictor", "belady", "lfru", "reuse", "maps"} <= set(out["policies"])
     for r in out["policies"].values():
         assert r["total_loads"] >= r["demand_misses"] >= 0
         assert r["total_loads"] >= out["policies"]["belady"]["total_loads"]
+        assert r["time"]["label"] == "model" and r["time"]["ms_per_token"] > 0
+    assert out["time_model"]["label"] == "model" and set(out["policy_variants"]) == {"mlp_prob_freq", "mlp_need_distance"}
     assert out["split"] == "test"
     assert eval_predictor.main(argv) == 0
     assert json.loads(capsys.readouterr().out)["recall"]["gate_ahead"] is None

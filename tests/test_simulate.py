@@ -1,5 +1,6 @@
 """The cache simulator: Belady's MIN is optimal (checked by brute force) and a lower bound
-for every policy; the lru/lfu replay agrees with the offloaded engine's own counts."""
+for every policy; the replay through the decode driver gives the offloaded engine's own
+counts for every policy, at batch 1 and 3."""
 
 from __future__ import annotations
 
@@ -15,21 +16,22 @@ from hf_models import tiny_hf_model
 from jax_from_hf import jaxmoe_from_hf
 from jaxmoe.engine.offloaded import OffloadedEngine
 from jaxmoe.model import init_kv_cache
+from jaxmoe.offload.driver import Amortize
 from jaxmoe.offload.host_store import HostExpertStore
 from jaxmoe.offload.prefetch import ModuleScorer
 from jaxmoe.predictor import layer_pairs, load_predictor, model_summary, save_predictor
 from jaxmoe.predictor.baselines import mlp_scores
 from jaxmoe.predictor.store import build_module
 from jaxmoe.predictor.simulate import (
-    EVICTIONS,
+    DecodeTrace,
     brute_force_min,
     capacity_for,
     decode_requests,
     simulate_belady,
-    simulate_prefetch,
+    simulate_decode,
     simulate_schedule,
-    simulate_variant,
 )
+from research.variants import EVICTIONS, simulate_variant
 
 
 def random_ids(seed, tokens, layers, experts, k, skew=1.0):
@@ -87,7 +89,9 @@ def test_min_is_a_lower_bound_for_every_policy(seed):
         for policy in ("ondemand", "lru", "lfu"):
             assert simulate_schedule(requests, capacity, policy).total_loads >= best
         for name, probs in _scorers(ids, experts, seed).items():
-            runs = [simulate_prefetch(ids, probs, moe, capacity, k)]
+            trace = DecodeTrace.single(ids, probs)
+            runs = [simulate_decode(trace, moe, 4, capacity, policy, prefetch_max=k, picks=k, num_experts=experts)
+                    for policy in ("predictor", "reuse", "maps")]  # fmt: skip
             runs += [simulate_variant(ids, probs, moe, capacity, k, evict=evict) for evict in EVICTIONS]
             for r in runs:
                 assert r.total_loads >= best, (frac, name, r.policy)
@@ -115,11 +119,17 @@ def test_runtime_prefetch_acts_where_the_step_stops():
     ids = random_ids(0, 50, layers, experts, k)
     probs = _scorers(ids, experts, 0)
     capacity, moe = 2 * k, list(range(layers))
-    r = simulate_prefetch(ids, probs["perfect"], moe, capacity, k)
+    run = lambda p, policy="predictor": simulate_decode(DecodeTrace.single(ids, p), moe, layers, capacity, policy,  # noqa: E731
+                                                        prefetch_max=k, picks=k, num_experts=experts)  # fmt: skip
+    r = run(probs["perfect"])
     assert r.prefetch_loads > 0 and r.prefetch_used == r.prefetch_loads
     assert r.demand_misses < simulate_schedule(decode_requests(ids, moe), capacity, "lru").demand_misses
-    wrong = simulate_prefetch(ids, probs["wrong"], moe, capacity, k)
+    wrong = run(probs["wrong"])
     assert wrong.prefetch_used == 0 and wrong.demand_misses > r.demand_misses
+    # The gated policy learns that wrong picks are never used and stops copying them.
+    gated, gated_wrong = run(probs["perfect"], "reuse"), run(probs["wrong"], "reuse")
+    assert gated.prefetch_used == gated.prefetch_loads > 0
+    assert gated_wrong.prefetch_loads < wrong.prefetch_loads
 
 
 @functools.cache
@@ -128,62 +138,104 @@ def _wide_olmoe():
     return cfg, model, experts, HostExpertStore.from_stacks(cfg, experts)
 
 
-def _engine_run(policy, budget_experts, predictor=None):
-    if predictor is None:
-        return _cached_engine_run(policy, budget_experts)
-    return _engine_run_uncached(policy, budget_experts, predictor)
-
-
 @functools.cache
-def _cached_engine_run(policy, budget_experts):
-    return _engine_run_uncached(policy, budget_experts)
+def _untrained_mlp(tmp):
+    """An untrained (so often wrong) MLP predictor for the wide test model."""
+    cfg, model, *_ = _wide_olmoe()
+    meta = {"model": model_summary(cfg), "pairs": [list(p) for p in layer_pairs(cfg)], "arch": "heads",
+            "width": 16, "projection": None}  # fmt: skip
+    save_predictor(tmp / "p", build_module(meta, seed=1), meta)
+    return load_predictor(tmp / "p", cfg)
 
 
-def _engine_run_uncached(policy, budget_experts, predictor=None):
-    """Decode one token at a time with the real engine; return it, its result and the routing it saw."""
-    cfg, model, experts, store = _wide_olmoe()
-    engine = OffloadedEngine(cfg, model, store, budget_experts * store.expert_bytes, policy, predictor=predictor)
-    result = engine.generate([[7]], 16)
-    fed = [7] + result.token_ids[0][:-1]  # the last token is sampled, never fed back
+PROMPTS = [[7], [3, 9, 4], [12, 1]]
+
+
+def _routing(fed: list[int]):
+    """A row's routing ids [T, Lm, K] and router inputs [T, Lm, D] over its fed tokens,
+    from the resident model (the engine computes the same numbers)."""
+    cfg, model, experts, _ = _wide_olmoe()
     tokens = jnp.asarray([fed], jnp.int32)
     positions = jnp.arange(len(fed), dtype=jnp.int32)[None]
     graphdef, state = nnx.split(model)
     forward = jax.jit(lambda state, experts: nnx.merge(graphdef, state)(tokens, positions, init_kv_cache(cfg, 1, len(fed)), experts))
     _, _, routings = forward(state, experts)
     moe = cfg.moe_layer_ids
-    ids = np.stack([np.asarray(routings[l].ids) for l in moe], axis=1)  # [T, Lm, K]
-    inputs = np.stack([np.asarray(routings[l].inputs) for l in moe], axis=1)  # [T, Lm, D]
-    return engine, result, ids, inputs
+    ids = np.stack([np.asarray(routings[l].ids) for l in moe], axis=1)
+    inputs = np.stack([np.asarray(routings[l].inputs) for l in moe], axis=1)
+    return ids, inputs
 
 
-@pytest.mark.parametrize("policy", ["lru", "lfu"])
-def test_replay_agrees_with_the_offloaded_engine(policy):
-    engine, result, ids, _ = _engine_run(policy, 14)
-    requests = decode_requests(ids, _wide_olmoe()[0].moe_layer_ids)
-    executed = {}
-    for plan in engine.plan:
-        executed.setdefault((plan.step, plan.layer), set()).update(plan.experts)
-    assert {(s, l): set(e) for s, l, e in requests} == executed
-    sim = simulate_schedule(requests, engine.cache.num_slots, policy, staging=engine.cache.staging)
-    assert sim.demand_misses == result.metrics["expert_misses"] > 0
-    assert sim.needed - sim.demand_misses == result.metrics["expert_hits"]
-
-
-def test_prefetch_replay_agrees_with_the_engine_running_the_mlp(tmp_path):
-    """The engine prefetching with an (untrained, so often wrong) MLP predictor: the same tokens
-    as without prefetch, and the replay of its routing and scores gives the engine's counts."""
-    cfg, model, *_ = _wide_olmoe()
-    meta = {"model": model_summary(cfg), "pairs": [list(p) for p in layer_pairs(cfg)], "arch": "heads",
-            "width": 16, "projection": None}  # fmt: skip
-    save_predictor(tmp_path / "p", build_module(meta, seed=1), meta)
-    predictor = load_predictor(tmp_path / "p", cfg)
-    engine, result, ids, inputs = _engine_run("predictor", 24, ModuleScorer(predictor.module))
-    assert result.token_ids == _engine_run("lru", 14)[1].token_ids
-    probs = mlp_scores(predictor.module, inputs)
+def _engine_and_replay(policy, batch, budget, predictor=None, amortize=Amortize(), new=12):
+    """Generate with the engine (routed prefill), then replay each row's routing, scores and
+    tokens through simulate_decode with the engine's cache geometry."""
+    cfg, model, _, store = _wide_olmoe()
+    scorer = None if predictor is None else ModuleScorer(predictor.module)
+    engine = OffloadedEngine(cfg, model, store, budget * store.expert_bytes, policy, predictor=scorer,
+                             prefill="routed", amortize=amortize)  # fmt: skip
+    prompts = PROMPTS[:batch]
+    result = engine.generate(prompts, new)
+    moe, steps = cfg.moe_layer_ids, new - 1
+    ids, scores, tokens, prefill = [], [], [], [set() for _ in moe]
+    for prompt, out in zip(prompts, result.token_ids):
+        fed = list(prompt) + out[:-1]  # the last token is sampled, never fed back
+        row_ids, inputs = _routing(fed)
+        for j in range(len(moe)):
+            prefill[j].update(int(e) for e in row_ids[: len(prompt), j].ravel())
+        decode = slice(len(prompt) - 1 + 1, len(prompt) + steps)  # positions of decode steps 1..steps
+        ids.append(row_ids[decode])
+        tokens.append(np.asarray(fed)[decode])
+        if predictor is not None:
+            s = mlp_scores(predictor.module, inputs)[decode]
+            scores.append(np.concatenate([s, np.zeros_like(s[:, :1])], axis=1))
+    trace = DecodeTrace(np.stack(ids), np.stack(scores) if scores else None, np.stack(tokens),
+                        prefill=tuple(tuple(sorted(p)) for p in prefill))  # fmt: skip
     schedule = engine.cache.schedule
-    sim = simulate_prefetch(ids, probs, cfg.moe_layer_ids, engine.cache.num_slots, schedule.prefetch_staging,
-                            staging=schedule.staging, predict_from=1)  # fmt: skip
+    sim = simulate_decode(trace, moe, cfg.num_layers, schedule.num_slots, policy, staging=schedule.staging,
+                          prefetch_max=schedule.prefetch_staging, picks=cfg.top_k if predictor else 0,
+                          amortize=amortize, cost_expert_bytes=store.expert_bytes, num_experts=cfg.num_experts)  # fmt: skip
+    return engine, result, sim
+
+
+CASES = [("ondemand", False), ("lru", False), ("lfu", False), ("lfru", False), ("predictor", True),
+         ("reuse", True), ("reuse", False), ("maps", True), ("maps", False)]  # fmt: skip
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("policy,scored", CASES)
+def test_the_engine_equals_the_simulation(policy, scored, batch, tmp_path_factory):
+    """The engine's counters equal the replay of the same routing through the same driver,
+    for every policy, with and without a predictor, at batch 1 and 3; tokens stay resident's."""
+    predictor = _untrained_mlp(tmp_path_factory.getbasetemp()) if scored else None
+    budget = 24 if batch == 1 else 48
+    engine, result, sim = _engine_and_replay(policy, batch, budget, predictor)
     m = result.metrics
-    assert m["prefetch_issued"] > m["prefetch_used"] > 0
-    assert (sim.demand_misses, sim.prefetch_loads, sim.prefetch_used) == (
-        m["expert_misses"], m["prefetch_issued"], m["prefetch_used"])  # fmt: skip
+    assert result.token_ids == _reference_tokens(batch)
+    assert m["expert_misses"] > 0 and m["prefill_mode"] == "routed"
+    got = (sim.demand_misses, sim.hits, sim.prefetch_loads, sim.prefetch_used)
+    assert got == (m["expert_misses"], m["expert_hits"], m["prefetch_issued"], m["prefetch_used"]), got
+    assert sim.resumes == round(m["resumes_per_token"] * sim.tokens)
+    if scored and policy != "ondemand":
+        assert m["prefetch_issued"] > 0
+
+
+def test_amortised_prediction_runs_the_scorer_less_and_the_engine_equals_the_simulation(tmp_path_factory):
+    """Predicting every other token: the engine dispatches the program without the scorer
+    for the other tokens; same tokens, and the replay gives its counts."""
+    predictor = _untrained_mlp(tmp_path_factory.getbasetemp())
+    every = Amortize(every=2)
+    _, result, sim = _engine_and_replay("predictor", 3, 48, predictor, every)
+    _, _, always = _engine_and_replay("predictor", 3, 48, predictor)
+    m = result.metrics
+    assert result.token_ids == _reference_tokens(3)
+    got = (sim.demand_misses, sim.hits, sim.prefetch_loads, sim.prefetch_used)
+    assert got == (m["expert_misses"], m["expert_hits"], m["prefetch_issued"], m["prefetch_used"]), got
+    assert sim.skipped_predictions == 5 and sim.scorer_calls < always.scorer_calls
+
+
+@functools.cache
+def _reference_tokens(batch):
+    from jaxmoe.engine import ResidentEngine
+
+    cfg, model, experts, _ = _wide_olmoe()
+    return ResidentEngine(cfg, model, experts).generate(PROMPTS[:batch], 12).token_ids

@@ -39,9 +39,12 @@ from jaxmoe.engine.stream_prefill import StreamStats, compile_stream, run_stream
 from jaxmoe.model import MoEDecoder, init_kv_cache, num_unique_experts
 from jaxmoe.model.decoder import head_logits
 from jaxmoe.offload.cache import DeviceExpertCache, plan_geometry
+from jaxmoe.offload.costs import CostModel
+from jaxmoe.offload.driver import Amortize, DecodeDriver, DriverConfig
+from jaxmoe.offload.expert_maps import MAPS_FILE, ExpertMaps, normalise
 from jaxmoe.offload.host_store import HostExpertStore
 from jaxmoe.offload.prefetch import NextLayerScorer, load_scorer, next_moe_layers
-from jaxmoe.offload.policy import make_policy
+from jaxmoe.offload.policy import PolicyShape, make_policy, policy_class
 from jaxmoe.offload.prefill_plan import INJIT, MODES, ROUTED, PrefillPlan, choose_mode, plan_stream
 from jaxmoe.offload.schedule import PassPlan
 
@@ -67,12 +70,18 @@ class OffloadedEngine:
         prefill: str = "auto",
         prefill_overlap: bool = True,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        maps: ExpertMaps | None = None,
+        amortize: Amortize = Amortize(),
+        costs: CostModel = CostModel(),
     ):
         """`prefill`: "stream" (every expert, layer by layer, overlapped), "routed" (only the
         routed experts, like decode), "auto" (routed for short prompts) or "injit" (stream
         with the copies made inside the programs); `prefill_overlap`
         False streams a layer, then computes it (the baseline the overlap is measured
-        against); `prefill_chunk`: tokens per prefill chunk (a power of two)."""
+        against); `prefill_chunk`: tokens per prefill chunk (a power of two). `maps`: the
+        expert maps a "maps" policy starts from (empty if None; they learn as it runs);
+        `amortize`: when the step program runs the predictor (eMoE); `costs`: the cost
+        model a gated prefetch weighs (jaxmoe/offload/costs.py)."""
         if prefill not in MODES:
             raise ValueError(f"prefill must be one of {', '.join(MODES)}, got {prefill!r}")
         if prefill == INJIT and not prefill_overlap:
@@ -81,18 +90,27 @@ class OffloadedEngine:
         self.prefill_chunk = check_chunk(prefill_chunk)
         self.config, self.store = config, store
         self.expert_budget_bytes, self.policy_name = int(expert_budget_bytes), policy
-        make_policy(policy)  # fail now on a bad name
-        if (policy == "predictor") != (predictor is not None):
-            raise ValueError("policy 'predictor' and a predictor go together: give both or neither")
-        self.predictor = predictor
+        kind = policy_class(policy)  # fails now on a bad name
+        if kind.scorer == "required" and predictor is None:
+            raise ValueError(f"policy {policy!r} needs a predictor (a trained predictor's directory or 'gate-ahead')")
+        if kind.scorer == "none" and predictor is not None:
+            raise ValueError(f"policy {policy!r} uses no predictor; a predictor needs policy 'predictor', 'reuse' or 'maps'")
+        if maps is not None and not kind.maps:
+            raise ValueError(f"policy {policy!r} uses no expert maps; they need policy 'maps'")
+        self.predictor, self.amortize, self.costs = predictor, amortize, costs
+        self.maps = maps if maps is not None or not kind.maps else ExpertMaps(
+            len(config.moe_layer_ids), config.num_experts, config.top_k)  # fmt: skip
+        # Room for prefetched copies only where something predicts.
+        self.prefetches = kind.prefetch != "none" and (predictor is not None or kind.maps)
         self.next_moe = next_moe_layers(config)
         # Refuse now a budget too small even for one sequence; larger batches are checked per call.
         one = num_unique_experts(config.num_experts, 1, config.top_k)
-        plan_geometry(self.expert_budget_bytes, store.expert_bytes, len(store.keys()), one, one if predictor else 0)
+        plan_geometry(self.expert_budget_bytes, store.expert_bytes, len(store.keys()), one, one if self.prefetches else 0)
         self.check_budget = check_budget
         self.ends = Piece(Ends(model))
         self.layers = [Piece(layer) for layer in model.layers]
         self.model_piece = Piece(model)  # the decode step's program takes the whole model
+        self.embedding = model.embed_tokens.embedding[...]  # for the prompts' semantic vectors (expert maps)
         self.dense_bytes = tree_bytes(nnx.state(model))
         self.executor = Executor()
         self.programs = self.executor.programs
@@ -119,7 +137,9 @@ class OffloadedEngine:
         """Dense weights to the device; experts read a layer at a time into host numpy and
         copied from there into pinned host memory (never through the device, never two
         copies of the experts). `predictor`: None, "gate-ahead" (the next layer's router,
-        no training), the directory of a trained predictor, or a scorer."""
+        no training), the directory of a trained predictor, or a scorer. A "maps" policy
+        starts from `maps` (an ExpertMaps or its file), else from MODEL/expert_maps.npz if
+        there is one."""
         from jaxmoe.checkpoint import load
         from jaxmoe.offload.host_store import ensure_host_memory, total_expert_bytes
         from jaxmoe.config import load_hf_config
@@ -130,7 +150,14 @@ class OffloadedEngine:
         store = HostExpertStore.from_checkpoint(path, cfg)
         if predictor is not None:
             predictor = load_scorer(predictor, loaded.model)
-        engine = cls(cfg, loaded.model, store, expert_budget_bytes, policy, predictor=predictor, **kw)
+        maps = kw.pop("maps", None)
+        if maps is None and policy_class(policy).maps and (Path(path) / MAPS_FILE).is_file():
+            maps = Path(path) / MAPS_FILE  # shipped next to the model
+        if maps is not None and not isinstance(maps, ExpertMaps):
+            from jaxmoe.predictor.fingerprint import model_summary
+
+            maps = ExpertMaps.load(maps, model_summary(cfg))
+        engine = cls(cfg, loaded.model, store, expert_budget_bytes, policy, predictor=predictor, maps=maps, **kw)
         engine.generation_config, engine.tokenizer_path = loaded.generation_config, loaded.tokenizer_path
         return engine
 
@@ -185,11 +212,19 @@ class OffloadedEngine:
     def _ensure_cache(self, batch: int) -> None:
         unique_max = num_unique_experts(self.config.num_experts, batch, self.config.top_k)
         if self.cache is None or self.cache.unique_max != unique_max:
+            cfg = self.config
+            shape = PolicyShape(tuple(cfg.moe_layer_ids), cfg.num_experts, cfg.top_k)
+            policy = make_policy(self.policy_name, shape, **({"maps": self.maps} if self.maps is not None else {}))
             self.cache = DeviceExpertCache(
-                self.store, self.expert_budget_bytes, make_policy(self.policy_name), unique_max,
-                prefetch_max=unique_max if self.predictor else 0, check_budget=self.check_budget,
+                self.store, self.expert_budget_bytes, policy, unique_max,
+                prefetch_max=unique_max if self.prefetches else 0, check_budget=self.check_budget,
                 programs=self.programs,
             )  # fmt: skip
+            schedule = self.cache.schedule
+            config = DriverConfig(prefetch_max=schedule.prefetch_staging, costs=self.costs,
+                                  expert_bytes=self.store.expert_bytes, amortize=self.amortize)  # fmt: skip
+            # Lives with the cache: what it learns (pick calibration, hit rate) outlasts a generate.
+            self.driver = DecodeDriver(schedule, cfg.moe_layer_ids, cfg.num_layers, config)
         self.cache.clock = self.executor.clock
 
     def _prefill(self, tokens: np.ndarray, lengths: np.ndarray, kv: list) -> tuple[jax.Array, StreamStats | None]:
@@ -239,6 +274,7 @@ class OffloadedEngine:
         self._ensure_cache(b)
         cache = self.cache
         cache.begin()
+        self.driver.begin_request(self._semantic_vector(tokens, lengths) if self.maps is not None else None)
         kv = list(init_kv_cache(self.config, b, cache_len))
         kv_bytes = tree_bytes(kv)
         root = jax.random.key(seed)
@@ -251,12 +287,13 @@ class OffloadedEngine:
         x, stream = self._prefill(tokens, lengths, kv)
         tok = self.executor.run("first_token", first_token, {"sampling": sampling}, (), self.ends, x,
                                 jnp.asarray(lengths - 1), root, jnp.int32(0))  # fmt: skip
-        out.add(np.asarray(tok))
+        first_host = np.asarray(tok)
+        out.add(first_host)
         ttft = time.perf_counter() - start - (self.programs.compile_seconds - compiled)
         prefill_h2d, prefill_stall = cache.counters.h2d_bytes, cache.counters.stall_s
 
         decoder = OffloadedDecoder(self, sampling)
-        decoder.start(lengths, max_new_tokens)
+        decoder.start(lengths, max_new_tokens, first_host)
         compiled = self.programs.compile_seconds
         decode_start, steps = time.perf_counter(), 0
         for step in range(1, max_new_tokens):
@@ -266,6 +303,7 @@ class OffloadedEngine:
             out.add(tok_host)
             steps += 1
         decode_seconds = time.perf_counter() - decode_start - (self.programs.compile_seconds - compiled)
+        self.driver.end_request()
 
         self.plan = list(cache.schedule.executed)
         c, d = cache.counters, decoder.counters
@@ -296,6 +334,13 @@ class OffloadedEngine:
             **self._prefill_metrics(prefill_h2d, prefill_stall, stream),
         }
         return GenerationResult(out.token_ids, metrics)
+
+    def _semantic_vector(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """The prompts' mean input embedding (a request's key in the expert maps); the rows
+        are gathered at the padded shape, so a prompt bucket compiles one gather."""
+        rows = np.asarray(jnp.take(self.embedding, jnp.asarray(tokens), axis=0), np.float32)
+        mask = np.arange(tokens.shape[1])[None, :] < lengths[:, None]
+        return normalise(rows[mask].mean(0))
 
     def _prefill_metrics(self, h2d_bytes: int, stall_s: float, stream: StreamStats | None) -> dict:
         """The routed prefill waits for every copy with nothing to compute: its transfer

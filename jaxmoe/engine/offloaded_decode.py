@@ -3,12 +3,14 @@ trip only where one is missing.
 
 Per token the host dispatches the step program (engine/step.py) from layer 0 and reads
 its small outputs once: the first layer that missed an expert, every layer's routing
-ids, the predictor's picks. The schedule records each completed layer's experts as hits
-(the policy sees all layers' routing at once). If a layer missed, the schedule plans its
-loads (and, with a predictor, the next MoE layer's predicted experts), the cache copies
+ids, the predictor's picks. The decode driver (jaxmoe/offload/driver.py, the code the
+cache simulator runs too) records each completed layer's experts as hits and, if a
+layer missed, plans its loads and the prefetches its policy asks for; the cache copies
 them and writes them into the pool (the copies are issued before that write program, so
 the host never waits on a copy), and the same program runs again from that layer with
 the hidden state it kept. A token costs 1 + (layers that missed) programs and host reads.
+With amortised prediction the driver decides per token whether its runs carry the
+scorer; a token that does not predict runs the program compiled without it.
 
 Shapes: B batch, D hidden, L layers, E experts, K experts per token.
 """
@@ -52,30 +54,37 @@ class OffloadedDecoder:
     def __init__(self, engine, sampling):
         self.engine, self.cfg, self.sampling = engine, engine.config, sampling
         self.counters = DecodeCounters()
-        self.moe_layers = [m for m in range(self.cfg.num_layers) if self.cfg.moe_layers[m]]
 
-    def static(self) -> dict:
-        predictor = self.engine.predictor if self.engine.cache.prefetch_max > 0 else None
+    def static(self, predict: bool = True) -> dict:
+        """The step program's static arguments; `predict` False: the variant without the scorer."""
+        room = self.engine.cache.schedule.prefetch_staging > 0
+        predictor = self.engine.predictor if room and predict else None
         return {"sampling": self.sampling, "scorer": predictor, "picks": self.cfg.top_k if predictor else 0}
 
-    def args(self, tok, positions, valid, kv, start, x_start, root, step) -> tuple:
-        cache, static = self.engine.cache, self.static()
+    def args(self, tok, positions, valid, kv, start, x_start, root, step, predict: bool = True) -> tuple:
+        cache, static = self.engine.cache, self.static(predict)
         leaves = static["scorer"].leaves if static["scorer"] else ()
         return (tok, positions, valid, tuple(kv), cache.pool, cache.table(), start, x_start, root, step, leaves)
 
     def compile(self, batch: int, cache_len: int) -> None:
-        """The step program for this batch from shapes (prepare)."""
+        """The step program for this batch from shapes (prepare); with amortised prediction
+        also its variant without the scorer."""
         spec, cfg = jax.ShapeDtypeStruct, self.cfg
         rows = spec((batch,), jnp.int32)
         kv = jax.eval_shape(lambda: init_kv_cache(cfg, batch, cache_len))
-        args = self.args(rows, rows, spec((batch,), jnp.bool_), kv, spec((), jnp.int32),
-                         spec((batch, 1, cfg.hidden_size), jnp.dtype(cfg.dtype)),
-                         jax.eval_shape(lambda: jax.random.key(0)), spec((), jnp.int32))  # fmt: skip
-        self.engine.executor.compile("step", offloaded_step, self.static(), (3,), self.engine.model_piece, *args)
+        a = self.engine.amortize
+        for predict in (True, False) if a.every > 1 or a.below is not None else (True,):
+            args = self.args(rows, rows, spec((batch,), jnp.bool_), kv, spec((), jnp.int32),
+                             spec((batch, 1, cfg.hidden_size), jnp.dtype(cfg.dtype)),
+                             jax.eval_shape(lambda: jax.random.key(0)), spec((), jnp.int32), predict)  # fmt: skip
+            self.engine.executor.compile("step", offloaded_step, self.static(predict), (3,), self.engine.model_piece,
+                                         *args)  # fmt: skip
 
-    def start(self, positions: np.ndarray, max_new_tokens: int) -> None:
-        """Before the first decode step: the rows' positions [B] (the prompt lengths)."""
+    def start(self, positions: np.ndarray, max_new_tokens: int, first_tokens: np.ndarray | None = None) -> None:
+        """Before the first decode step: the rows' positions [B] (the prompt lengths) and the
+        tokens the prefill sampled (the first step's input, on the host, for expert maps)."""
         self._positions, self._step = jnp.asarray(positions, jnp.int32), jnp.int32(1)
+        self._tokens_host = first_tokens
         self._valid_host, self._valid = None, None
         self._ahead = None  # (step, run) dispatched before the previous token's bookkeeping
         self.max_new_tokens = max_new_tokens
@@ -83,12 +92,14 @@ class OffloadedDecoder:
         # other layer as it goes (ondemand) would move slots the run ahead already used.
         self.dispatch_ahead = not self.engine.cache.schedule.policy.keep_only_current
 
-    def _dispatch(self, tok, kv: list, start: int, x_start, root):
+    def _dispatch(self, tok, kv: list, start: int, x_start, root, step: int):
         b = tok.shape[0]
         x_start = self.engine.zeros((b, 1, self.cfg.hidden_size)) if x_start is None else x_start
-        args = self.args(tok, self._positions, self._valid, kv, self.engine.scalar(start), x_start, root, self._step)
+        predict = self.engine.driver.predicting(step)
+        args = self.args(tok, self._positions, self._valid, kv, self.engine.scalar(start), x_start, root, self._step,
+                         predict)  # fmt: skip
         out, next_positions, next_step = self.engine.executor.run(
-            "step", offloaded_step, self.static(), (3,), self.engine.model_piece, *args)  # fmt: skip
+            "step", offloaded_step, self.static(predict), (3,), self.engine.model_piece, *args)  # fmt: skip
         kv[:] = out.kv
         return out, next_positions, next_step
 
@@ -100,10 +111,12 @@ class OffloadedDecoder:
         cache, clock = self.engine.cache, self.engine.executor.clock
         if self._valid_host is None or not np.array_equal(valid, self._valid_host):  # rows finish rarely
             self._valid_host, self._valid = valid.copy(), jnp.asarray(valid)
+        driver = self.engine.driver
         if self._ahead is not None and self._ahead[0] == step:
             run, self._ahead = self._ahead[1], None
         else:
-            run = self._dispatch(tok, kv, 0, None, root)
+            driver.begin_token(step, self._tokens_host)
+            run = self._dispatch(tok, kv, 0, None, root, step)
         start, loaded, planned = 0, False, None
         while True:
             out, next_positions, next_step = run
@@ -119,8 +132,10 @@ class OffloadedDecoder:
             if first_miss == self.cfg.num_layers:
                 self.counters.tokens += 1
                 self._positions, self._step = next_positions, next_step
+                self._tokens_host = tok_host  # the next step's input
                 if self.dispatch_ahead and step + 1 < self.max_new_tokens:
-                    self._ahead = (step + 1, self._dispatch(out.token, kv, 0, None, root))
+                    driver.begin_token(step + 1, tok_host)
+                    self._ahead = (step + 1, self._dispatch(out.token, kv, 0, None, root, step + 1))
                 with clock.phase("schedule"):
                     self._plan(step, start, first_miss, ids, picks, probs, valid, planned)
                 return out.token, tok_host
@@ -128,40 +143,12 @@ class OffloadedDecoder:
                 plans = self._plan(step, start, first_miss, ids, picks, probs, valid, planned)
             loaded = cache.load(plans)
             start, planned = first_miss, first_miss
-            run = self._dispatch(tok, kv, start, out.x_miss, root)
+            run = self._dispatch(tok, kv, start, out.x_miss, root, step)
 
     def _plan(self, step, start, first_miss, ids, picks, probs, valid, planned) -> list:
-        """Record the completed layers' hits; for a missed layer, its loads and the next MoE
-        layer's predicted experts."""
-        schedule, cache = self.engine.cache.schedule, self.engine.cache
-        for layer in self.moe_layers:
-            # The layer a run resumed at was planned (and counted) when it missed.
-            if not start <= layer <= first_miss or layer == planned:
-                continue
-            needed = np.unique(ids[layer][valid])
-            nxt = self.engine.next_moe[layer]
-            if layer < first_miss:  # computed: every expert it used was cached
-                (plan,) = schedule.plan_layer(step, layer, needed)
-                if plan.loads:
-                    raise AssertionError(f"layer {layer} computed with experts {plan.loads} missing from the table")
-                cache.record(plan)
-                continue
-            predicted = self._predicted(layer, picks[layer], probs[layer], valid)  # made where it missed
-            plans = schedule.plan_layer(step, layer, needed, [(nxt, e) for e in predicted], resume=True)
-            if predicted:
-                plans.append(schedule.plan_prefetch(step, nxt, predicted, [(layer, e) for e in needed]))
-            return plans
-        return []
-
-    def _predicted(self, layer: int, picks: np.ndarray, probs: np.ndarray, valid: np.ndarray) -> list[int]:
-        """The next MoE layer's most probable experts (the union over live rows, best first,
-        at most prefetch_max), shown to the policy."""
-        cache, nxt = self.engine.cache, self.engine.next_moe[layer]
-        if not picks.shape[-1] or nxt is None:
-            return []
-        best: dict[int, float] = {}
-        for e, p in zip(picks[valid].ravel(), probs[valid].ravel()):
-            best[int(e)] = max(best.get(int(e), 0.0), float(p))
-        ranked = sorted(best, key=lambda e: (-best[e], e))[: cache.prefetch_max]
-        cache.schedule.policy.observe(nxt, {e: best[e] for e in ranked})
-        return ranked
+        """The decode driver's plans for this run: the completed layers' hits are counted
+        here, the missed layer's loads (and prefetches) are returned for the cache to copy."""
+        planned_now = self.engine.driver.plan(step, start, first_miss, ids, picks, probs, valid, planned)
+        for plan in planned_now.record:
+            self.engine.cache.record(plan)
+        return planned_now.load

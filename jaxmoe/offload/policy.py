@@ -1,25 +1,53 @@
 """Eviction policies for the device expert cache: which cached expert makes room.
 
-A policy sees only (layer, expert) keys and a monotonically increasing tick (one
-per layer pass); it never touches arrays. Experts pinned for the step in flight
-are never offered as candidates.
+A policy sees only (layer, expert) keys, a monotonically increasing tick (one
+per layer pass), each layer visit's experts and the predictions the decode driver
+shows it; it never touches arrays. Experts pinned for the step in flight are never
+offered as candidates. What a policy asks of the driver (jaxmoe/offload/driver.py) is
+declared on its class: `prefetch` (none; "next": the next layer's top predictions where
+a layer missed; "gated": whatever the cost model says pays, jaxmoe/offload/costs.py),
+`scorer` (whether the step program must run a next-layer scorer) and `maps` (expert
+maps, jaxmoe/offload/expert_maps.py).
 """
 
 from __future__ import annotations
 
 import collections
-from typing import Iterable
+import dataclasses
+from typing import Iterable, Sequence
 
 Key = tuple[int, int]  # (layer, expert)
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyShape:
+    """What a policy that reasons about layer order needs of the model."""
+
+    moe_layers: tuple[int, ...]
+    num_experts: int
+    top_k: int
 
 
 class EvictionPolicy:
     name = "base"
     # ondemand keeps nothing beyond the layer being computed.
     keep_only_current = False
+    prefetch = "none"  # "none" | "next" | "gated"
+    scorer = "none"  # "none" | "required" | "optional": a next-layer scorer in the step program
+    maps = False  # uses expert maps
 
     def on_use(self, key: Key, tick: int) -> None:
         """`key` was needed by the pass at `tick` (hit or load)."""
+
+    def visit(self, layer: int, needed: Sequence[int]) -> None:
+        """`layer` is being planned and needs `needed` (called before its victims are chosen)."""
+
+    def observe(self, layer: int, probabilities: dict[int, float]) -> None:
+        """A prediction for `layer`, visited later in this token: expert -> probability."""
+
+    def need_probability(self, key: Key) -> float:
+        """The chance `key` is needed at its layer's next visit, as far as the policy knows."""
+        return 0.0
 
     def victim(self, candidates: Iterable[Key]) -> Key:
         raise NotImplementedError
@@ -75,8 +103,10 @@ class PredictorAware(EvictionPolicy):
     protects the experts predicted for the next layer."""
 
     name = "predictor"
+    prefetch = "next"
+    scorer = "required"
 
-    def __init__(self):
+    def __init__(self, shape: PolicyShape | None = None):
         self.uses: collections.Counter[Key] = collections.Counter()
         self.last_use: dict[Key, int] = {}
         self.predicted: dict[Key, float] = {}
@@ -90,6 +120,9 @@ class PredictorAware(EvictionPolicy):
         self.predicted = {k: p for k, p in self.predicted.items() if k[0] != layer}
         self.predicted.update(((layer, e), p) for e, p in probabilities.items())
 
+    def need_probability(self, key: Key) -> float:
+        return self.predicted.get(key, 0.0)
+
     def victim(self, candidates: Iterable[Key]) -> Key:
         return min(
             candidates,
@@ -97,10 +130,56 @@ class PredictorAware(EvictionPolicy):
         )
 
 
-POLICIES = {p.name: p for p in (OnDemand, LRU, LFU, PredictorAware)}
+class LFRU(EvictionPolicy):
+    """Least frequently-and-recently used: each use adds 1 to a count that halves every
+    `half_life` tokens, so old popularity fades (LFRU); evict the lowest, ties least recent.
+    Uses no prediction."""
+
+    name = "lfru"
+    needs_shape = True
+
+    def __init__(self, shape: PolicyShape | None = None, half_life_tokens: float = 8.0):
+        layers = len(shape.moe_layers) if shape else 1
+        # One tick per layer pass: a token is `layers` ticks.
+        self.rate = 0.5 ** (1.0 / (half_life_tokens * layers))
+        self.count: dict[Key, tuple[float, int]] = {}  # key -> (count at tick, tick)
+        self.last_use: dict[Key, int] = {}
+        self.tick = 0
+
+    def _value(self, key: Key) -> float:
+        count, tick = self.count.get(key, (0.0, self.tick))
+        return count * self.rate ** (self.tick - tick)
+
+    def on_use(self, key: Key, tick: int) -> None:
+        self.tick = tick
+        self.count[key] = (self._value(key) + 1.0, tick)
+        self.last_use[key] = tick
+
+    def victim(self, candidates: Iterable[Key]) -> Key:
+        return min(candidates, key=lambda k: (self._value(k), self.last_use.get(k, -1), k))
 
 
-def make_policy(name: str) -> EvictionPolicy:
-    if name not in POLICIES:
-        raise ValueError(f"unknown policy {name!r}; choose one of {sorted(POLICIES)}")
-    return POLICIES[name]()
+def _policies() -> dict[str, type]:
+    from jaxmoe.offload.reuse import ExpertMapsPolicy, ReuseAware
+
+    return {p.name: p for p in (OnDemand, LRU, LFU, LFRU, PredictorAware, ReuseAware, ExpertMapsPolicy)}
+
+
+POLICY_NAMES = ("ondemand", "lru", "lfu", "lfru", "predictor", "reuse", "maps")
+
+
+def policy_class(name: str) -> type:
+    if name not in POLICY_NAMES:
+        raise ValueError(f"unknown policy {name!r}; choose one of {sorted(POLICY_NAMES)}")
+    return _policies()[name]
+
+
+def make_policy(name: str, shape: PolicyShape | None = None, **options) -> EvictionPolicy:
+    """A fresh policy by name; `shape` is required by the policies that reason about the
+    model's layer order (lfru, reuse, maps); `options` go to the policy's constructor."""
+    cls = policy_class(name)
+    if cls in (OnDemand, LRU, LFU):
+        return cls()
+    if shape is None and getattr(cls, "needs_shape", False):
+        raise ValueError(f"policy {name!r} needs the model's MoE layers, experts and top_k (a PolicyShape)")
+    return cls(shape, **options)

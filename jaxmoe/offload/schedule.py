@@ -88,6 +88,7 @@ class Schedule:
         layer once its loads land (one-program decode)."""
         needed = sorted(set(int(e) for e in needed))
         protect = set(protect)
+        self.policy.visit(layer, needed)
         evicted: list[Key] = []
         # With no staging room every expert is preloaded and nothing may be evicted.
         if self.policy.keep_only_current and self.staging:
@@ -143,9 +144,10 @@ class Schedule:
             resume=resume,
         )
 
-    def _claim(self, layer: int, experts: Sequence[int], protected: set) -> tuple[list, list]:
+    def _claim(self, layer: int, experts: Sequence[int], protected: set, accept=None) -> tuple[list, list]:
         """Slots for `experts` of `layer` (not resident), in order, evicting the policy's victims
-        from outside `protected`; stops when nothing is left to evict. (loads, evicted)."""
+        from outside `protected`; stops when nothing is left to evict. `accept(key, victim)`:
+        whether `key` is worth evicting `victim` for (skipped if not). (loads, evicted)."""
         loads, evicted = [], []
         for e in experts:
             if not self._free:
@@ -153,6 +155,8 @@ class Schedule:
                 if not candidates:
                     break
                 victim = self.policy.victim(candidates)
+                if accept is not None and not accept((layer, e), victim):
+                    continue
                 self._evict(victim)
                 evicted.append(victim)
             slot = heapq.heappop(self._free)
@@ -195,13 +199,16 @@ class Schedule:
         self.executed.append(plan)
         return plan
 
-    def plan_prefetch(self, step: int, layer: int, predicted: Sequence[int], protect: Sequence[Key] = ()) -> PassPlan:
+    def plan_prefetch(self, step: int, layer: int, predicted: Sequence[int], protect: Sequence[Key] = (),
+                      limit: int | None = None, accept=None) -> PassPlan:  # fmt: skip
         """Slots for the predicted experts of `layer` that are not resident, best first, at most
-        `prefetch_staging`; never evicts another predicted expert of that layer, nor `protect`
-        (the experts the step is about to compute)."""
+        `prefetch_staging` (and `limit`); never evicts another predicted expert of that layer,
+        nor `protect` (the experts the step is about to compute, other prefetches); `accept`:
+        see `_claim`."""
         protected = {(layer, int(e)) for e in predicted} | set(protect)
-        wanted = [int(e) for e in predicted if (layer, int(e)) not in self.slot_of][: self.prefetch_staging]
-        loads, evicted = self._claim(layer, wanted, protected)
+        cap = self.prefetch_staging if limit is None else min(limit, self.prefetch_staging)
+        wanted = [int(e) for e in predicted if (layer, int(e)) not in self.slot_of][:cap]
+        loads, evicted = self._claim(layer, wanted, protected, accept)
         self.prefetched.update((layer, e) for e, _ in loads)
         plan = PassPlan(
             step=step,

@@ -9,12 +9,13 @@ Runtime use (one compiled program for every layer):
 
 from jaxmoe.predictor.fingerprint import expert_bytes, layer_pairs, model_hash, model_summary, router_hash
 from jaxmoe.predictor.mlp import ExpertPredictor
-from jaxmoe.predictor.simulate import SimResult, simulate_belady, simulate_prefetch, simulate_schedule, simulate_variant
+from jaxmoe.predictor.simulate import DecodeTrace, SimResult, simulate_belady, simulate_decode, simulate_schedule
 from jaxmoe.predictor.store import LoadedPredictor, PredictorMismatch, load_predictor, save_predictor
 from jaxmoe.predictor.traces import TraceError, TraceSet, TraceWriter
 from jaxmoe.predictor.train import TrainConfig
 
 __all__ = [
+    "DecodeTrace",
     "ExpertPredictor",
     "LoadedPredictor",
     "PredictorMismatch",
@@ -31,7 +32,6 @@ __all__ = [
     "router_hash",
     "save_predictor",
     "simulate_belady",
-    "simulate_prefetch",
+    "simulate_decode",
     "simulate_schedule",
-    "simulate_variant",
 ]

@@ -1,6 +1,6 @@
-"""Trace set -> trained predictor, and trace set + predictor -> recall and cache figures.
-
-The scripts are thin wrappers over these two functions.
+"""Trace set -> trained predictor, trace set -> expert maps (and, re-exported from
+evaluate.py, trace set + predictor -> recall and cache figures). The scripts are thin
+wrappers over these.
 """
 
 from __future__ import annotations
@@ -9,30 +9,16 @@ import dataclasses
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 
 from jaxmoe.config import MoEConfig
-from jaxmoe.predictor.baselines import (
-    expert_frequency,
-    frequency_scores,
-    gate_ahead_scores,
-    mlp_scores,
-    prev_token_scores,
-    router_kernels,
-)
-from jaxmoe.predictor.fingerprint import layer_pairs, model_summary, router_hash
-from jaxmoe.predictor.metrics import per_row_recall, precision_at, recall_at
+import numpy as np
+
+from jaxmoe.offload.expert_maps import ExpertMaps, MapsConfig
+from jaxmoe.predictor.baselines import expert_frequency, semantic_vectors
+from jaxmoe.predictor.evaluate import PROMPT_TOKENS, evaluate_on_traces  # noqa: F401  (the scripts' entry point)
+from jaxmoe.predictor.fingerprint import layer_pairs, model_summary
 from jaxmoe.predictor.mlp import param_count
-from jaxmoe.predictor.simulate import (
-    EVICTIONS,
-    capacity_for,
-    decode_requests,
-    simulate_belady,
-    simulate_prefetch,
-    simulate_schedule,
-    simulate_variant,
-)
-from jaxmoe.predictor.store import build_module, check_summary, load_predictor, save_predictor
+from jaxmoe.predictor.store import build_module, save_predictor
 from jaxmoe.predictor.traces import TraceError, TraceSet
 from jaxmoe.predictor.train import PairData, TrainConfig, fit, split_ranges
 
@@ -92,88 +78,41 @@ def train_on_traces(
     return meta
 
 
-def evaluate_on_traces(
-    traces: str | Path,
-    predictor: str | Path,
-    budget_frac: float,
-    model=None,
-    prefetch: int | None = None,
-    max_tokens: int | None = None,
-) -> dict:
-    """Recall of every predictor and cache loads of every policy on the held-out traces.
+def maps_token_range(ts: TraceSet, split: str, val_frac: float = 0.1, test_frac: float = 0.2) -> tuple[int, int]:
+    """The tokens [start, stop) build_maps_on_traces reads for `split`."""
+    if split == "all":
+        return 0, ts.token_count
+    if split == "train":
+        return tuple(split_ranges(ts.token_count, ts.manifest["window"], val_frac, test_frac)["train"])
+    raise ValueError(f"split={split!r}; choose 'train' or 'all'")
 
-    If the traces are the ones the predictor was trained on, only their test split is
-    used; other traces (e.g. of other text) are used whole. `model` (a LoadedModel)
-    enables the gate_ahead baseline.
-    """
+
+def build_maps_on_traces(traces: str | Path, out: str | Path | None = None, model=None, split: str = "train",
+                         val_frac: float = 0.1, test_frac: float = 0.2, config: MapsConfig = MapsConfig(),
+                         progress: Callable[[int], None] | None = None) -> ExpertMaps:  # fmt: skip
+    """Expert maps from a trace set's `split` ("train": the split train_on_traces trains the
+    predictor on, with the same fractions; "all"): every token's routing (token and
+    trajectory maps) and, with `model` (a LoadedModel, for the semantic vectors), every
+    window as one request. Saved to `out` if given."""
     ts = TraceSet(traces)
-    pred = load_predictor(predictor, None)
-    check_summary(pred.meta["model"], ts.model, str(predictor), what=f"the traces at {traces}")
-    recorded = ts.manifest.get("router_hash")  # absent from traces collected before it was recorded
-    if model is not None and recorded is not None and router_hash(model.model, model.config) != recorded:
-        raise TraceError(
-            f"{traces}: router_hash={recorded} is not the given model's "
-            f"({router_hash(model.model, model.config)}): the traces come from other weights"
-        )
-    held_out = ts.fingerprint == pred.meta["traces"]["fingerprint"]
-    start, stop = pred.meta["traces"]["split"]["test"] if held_out else (0, ts.token_count)
-    if max_tokens:
-        stop = min(stop, start + max_tokens)
-    first = max(0, start - 1)  # the token before the range, for prev_token
-    arrays = ts.load(first, stop, fields=FIELDS)
-    before = arrays["probs"][0] if first < start else None
-    inputs, ids, probs = (arrays[k][start - first :] for k in FIELDS)
-    m = pred.meta["model"]
-    k, e, moe = m["top_k"], m["num_experts"], m["moe_layers"]
-    count = prefetch or pred.prefetch_count
-    true_next = ids[:, 1:].astype(np.int64)
-
-    scores = {
-        "mlp": mlp_scores(pred.module, inputs),
-        "gate_ahead": None,
-        "prev_token": prev_token_scores(probs, before),
-        "frequency": frequency_scores(np.asarray(pred.meta["frequency"]), len(ids)),
-    }
-    notes = {}
-    if model is None:
-        notes["gate_ahead"] = "no --model given"
-    elif ts.manifest["projection"] is not None:
-        notes["gate_ahead"] = "traces hold projected router inputs; the router needs the full hidden state"
-    else:
-        scores["gate_ahead"] = gate_ahead_scores(inputs, router_kernels(model.model, model.config))
-
-    recall = {n: None if s is None else recall_at(s, true_next) for n, s in scores.items()}
-    precision = {n: None if s is None else precision_at(s, true_next, count) for n, s in scores.items()}
-    recall_p = {n: None if s is None else recall_at(s, true_next, count) for n, s in scores.items()}
-
-    capacity = capacity_for(budget_frac, len(moe), e)
-    requests = decode_requests(ids, moe)
-    eb = m["expert_bytes"]
-    policies = {name: simulate_schedule(requests, capacity, name, expert_bytes=eb) for name in ("ondemand", "lru", "lfu")}
-    policies["predictor"] = simulate_prefetch(ids, scores["mlp"], moe, capacity, count, expert_bytes=eb)
-    if scores["gate_ahead"] is not None:
-        ga = scores["gate_ahead"]
-        ga = np.exp(ga - ga.max(-1, keepdims=True))
-        ga /= ga.sum(-1, keepdims=True)
-        policies["gate_ahead_prefetch"] = simulate_prefetch(ids, ga, moe, capacity, count, expert_bytes=eb)
-    policies["belady"] = simulate_belady(requests, capacity, eb)
-    variants = {f"mlp_{ev}": simulate_variant(ids, scores["mlp"], moe, capacity, count, eb, evict=ev) for ev in EVICTIONS}
-
-    return {
-        "recall": recall,
-        "precision_at_prefetch": precision,
-        "recall_at_prefetch": recall_p,
-        "mlp_recall_per_layer": dict(zip([f"{a}->{b}" for a, b in pred.meta["pairs"]], per_row_recall(scores["mlp"], true_next))),
-        "prefetch_count": count,
-        "top_k": k,
-        "policies": {n: r.to_dict() for n, r in policies.items()},
-        "policy_variants": {n: r.to_dict() for n, r in variants.items()},  # offline rules, not the runtime's
-        "capacity_experts": capacity,
-        "total_experts": len(moe) * e,
-        "budget_frac": budget_frac,
-        "tokens": int(len(ids)),
-        "token_range": [int(start), int(stop)],
-        "split": "test" if held_out else "all",  # test: the held-out split of the predictor's own traces
-        "predictor_arch": pred.meta["arch"],
-        "notes": notes,
-    }
+    start, stop = maps_token_range(ts, split, val_frac, test_frac)
+    arrays = ts.load(start, stop, fields=("tokens", "ids"))
+    tokens, ids = arrays["tokens"], arrays["ids"].astype(np.int64)
+    m = ts.model
+    maps = ExpertMaps(len(m["moe_layers"]), m["num_experts"], m["top_k"], config, model=m)
+    window = ts.manifest["window"]
+    embedding = None if model is None else np.asarray(model.model.embed_tokens.embedding[...], np.float32)
+    for w in range(0, len(ids), window):
+        for t in range(w, min(w + window, len(ids))):
+            maps.add_token(int(tokens[t]), [list(row) for row in ids[t]])
+        if embedding is not None:
+            usage = np.zeros((maps.lm, maps.e))
+            for j in range(maps.lm):
+                np.add.at(usage[j], ids[w : w + window, j].ravel(), 1.0)
+            vector = semantic_vectors(embedding, tokens, [w], PROMPT_TOKENS)[0]
+            maps.add_request(vector, usage / len(ids[w : w + window]))
+        if progress:
+            progress(min(window, len(ids) - w))
+    if out is not None:
+        maps.save(out)
+    return maps

@@ -1,26 +1,24 @@
-"""Replay a decode-order routing sequence through an expert cache of fixed capacity.
+"""Replay decode-order routing through an expert cache of fixed capacity.
 
-The sequence is one request per (token, MoE layer), in decode order: token t's
-MoE layers in order, then token t+1's. A request needs its experts resident at
-once; loading one that is absent is a demand miss (the step waits for it).
-Capacity counts cached experts (slots) over all layers.
+  simulate_decode     every runtime policy (jaxmoe/offload/policy.py), through the
+                      runtime's own decode driver (jaxmoe/offload/driver.py) and
+                      Schedule: a naive model of the step program (engine/step.py)
+                      says, per run, which layer misses first and what the host then
+                      reads (routing ids up to it, the scorer's picks at it), and the
+                      driver turns that into plans exactly as in the engine, so the
+                      counts are the engine's (tests/test_simulate.py checks them,
+                      batch > 1 included). Prefetches are counted as loads, not as
+                      demand misses: the program that resumes waits for all copies.
+  simulate_schedule   demand loads only, one plan_layer per request, for request lists
+                      of any shape (Belady comparisons on tiny inputs).
+  belady              MIN: on a miss evict the expert whose next use lies farthest
+                      ahead; the fewest loads any policy (prefetching or not) can make
+                      at this capacity.
 
-  ondemand, lru, lfu  the runtime's own Schedule and policies (jaxmoe/offload),
-                      driven exactly as the offloaded engine drives them
-  predictor           the runtime's Schedule with its PredictorAware policy
-                      (simulate_prefetch): after layer j's demand loads, the
-                      top-P predicted experts of layer j+1 are prefetched;
-                      eviction never takes what the pass needs or what is
-                      predicted for j+1, and otherwise takes the lowest predicted
-                      probability x (uses + 1) (FineMoE), ties least recent.
-                      Prefetches are assumed to arrive before layer j+1 needs
-                      them (they count as loads, not as demand misses).
-  simulate_variant    offline variants of prediction-driven prefetch with their
-                      own rules (see its docstring), to compare eviction scores;
-                      not what the runtime does.
-  belady              MIN: on a miss evict the expert whose next use lies
-                      farthest ahead; the fewest loads any policy (prefetching
-                      or not) can make at this capacity.
+A request is one (token, MoE layer) needing its experts resident at once; loading one
+that is absent is a demand miss. Capacity counts cached experts (slots) over all layers.
+`SimResult.time` turns the counts into a modelled decode time per token
+(jaxmoe/offload/costs.py): a model, not a measurement.
 """
 
 from __future__ import annotations
@@ -34,8 +32,10 @@ from typing import Sequence
 
 import numpy as np
 
-from jaxmoe.offload.policy import make_policy
-from jaxmoe.offload.schedule import Schedule
+from jaxmoe.offload.costs import CostModel
+from jaxmoe.offload.driver import Amortize, DecodeDriver, DriverConfig
+from jaxmoe.offload.policy import EvictionPolicy, PolicyShape, make_policy
+from jaxmoe.offload.schedule import PassPlan, Schedule
 
 Key = tuple[int, int]  # (layer, expert)
 Request = tuple[int, int, tuple[int, ...]]  # (step, layer, experts needed)
@@ -51,6 +51,14 @@ class SimResult:
     prefetch_loads: int = 0
     prefetch_used: int = 0  # prefetched experts that a later request used before eviction
     expert_bytes: int = 0
+    hits: int = 0  # experts found cached (demand passes)
+    tokens: int = 0  # decode steps replayed (simulate_decode)
+    runs: int = 0  # step programs run: one per token plus one per resume
+    resumes: int = 0  # runs that resumed after a layer missed
+    prefill_loads: int = 0  # demand loads of the prefill, included in demand_misses
+    scorer_calls: int = 0  # runs whose program ran the scorer
+    map_calls: int = 0  # missed layers the expert maps predicted for
+    skipped_predictions: int = 0  # tokens that did not predict (amortised)
 
     @property
     def total_loads(self) -> int:
@@ -62,6 +70,12 @@ class SimResult:
         out["bytes"] = self.total_loads * self.expert_bytes
         out["hit_rate"] = 1 - self.demand_misses / self.needed if self.needed else None
         return out
+
+    def time(self, costs: CostModel, num_layers: int, predictor_ms: float = 0.0, expert_bytes: int | None = None) -> dict:
+        """Modelled decode time per token (a model, not a measurement): see CostModel.token_ms."""
+        loads = self.total_loads - self.prefill_loads
+        out = costs.token_ms(num_layers, self.tokens, self.resumes, loads, self.scorer_calls, predictor_ms, expert_bytes)
+        return {**out, "label": "model"}
 
 
 def decode_requests(ids: np.ndarray, moe_layers: Sequence[int]) -> list[Request]:
@@ -77,7 +91,7 @@ def capacity_for(budget_frac: float, num_moe_layers: int, num_experts: int) -> i
     return int(math.floor(budget_frac * num_moe_layers * num_experts + 1e-9))
 
 
-def _check_capacity(requests: Sequence[Request], capacity: int) -> None:
+def check_capacity(requests: Sequence[Request], capacity: int) -> None:
     widest = max((len(r[2]) for r in requests), default=0)
     if capacity < widest:
         raise ValueError(f"capacity {capacity} is below one request's {widest} experts")
@@ -87,7 +101,7 @@ def simulate_schedule(
     requests: Sequence[Request], capacity: int, policy: str, staging: int | None = None, expert_bytes: int = 0
 ) -> SimResult:
     """Drive the runtime Schedule: demand loads only, one plan_layer per request."""
-    _check_capacity(requests, capacity)
+    check_capacity(requests, capacity)
     staging = capacity if staging is None else staging
     schedule = Schedule(capacity, staging, make_policy(policy))
     res = SimResult(policy, capacity, expert_bytes=expert_bytes)
@@ -100,7 +114,7 @@ def simulate_schedule(
 
 
 def simulate_belady(requests: Sequence[Request], capacity: int, expert_bytes: int = 0) -> SimResult:
-    _check_capacity(requests, capacity)
+    check_capacity(requests, capacity)
     uses: dict[Key, list[int]] = collections.defaultdict(list)
     for s, (_, layer, needed) in enumerate(requests):
         for e in needed:
@@ -117,6 +131,7 @@ def simulate_belady(requests: Sequence[Request], capacity: int, expert_bytes: in
         keys = [(layer, e) for e in needed]
         for key in keys:
             ptr[key] += 1  # this use is now past: next_use() looks beyond s
+        res.resumes += any(key not in cache for key in keys)  # the layer would stop the step program
         for key in keys:
             if key in cache:
                 continue
@@ -127,158 +142,146 @@ def simulate_belady(requests: Sequence[Request], capacity: int, expert_bytes: in
             res.demand_misses += 1
         res.requests += 1
         res.needed += len(needed)
+    res.tokens = len({step for step, _, _ in requests})
     return res
 
 
-def simulate_prefetch(
-    ids: np.ndarray,
-    probs: np.ndarray,
+@dataclasses.dataclass(frozen=True)
+class DecodeTrace:
+    """What simulate_decode replays: per row (batch) and decode step, the routing, the
+    scorer's view and the input token; optionally the routed prefill's experts."""
+
+    ids: np.ndarray  # [B, T, Lm, K] each row's experts at each MoE layer
+    scores: np.ndarray | None = None  # [B, T, Lm, E] the scorer's next-layer distribution made at each MoE layer
+    tokens: np.ndarray | None = None  # [B, T] each row's input token (expert maps)
+    valid: np.ndarray | None = None  # [B, T] rows still generating (default: all)
+    prefill: tuple[tuple[int, ...], ...] = ()  # per MoE layer, the experts a routed prefill loads
+    requests: tuple[int, ...] = (0,)  # steps at which a new request starts (begin_request)
+    vectors: np.ndarray | None = None  # [len(requests), D] their semantic vectors
+
+    @classmethod
+    def single(cls, ids, scores=None, tokens=None, **kw) -> "DecodeTrace":
+        """One row: ids [T, Lm, K], scores [T, R, E] (R = Lm - 1: no row for the last MoE
+        layer, as in the traces), tokens [T]."""
+        if scores is not None and scores.shape[1] == ids.shape[1] - 1:
+            scores = np.concatenate([scores, np.zeros_like(scores[:, :1])], axis=1)
+        return cls(ids[None], None if scores is None else scores[None], None if tokens is None else tokens[None], **kw)
+
+
+def simulate_decode(
+    trace: DecodeTrace,
     moe_layers: Sequence[int],
+    num_layers: int,
     capacity: int,
-    prefetch: int,
+    policy: str | EvictionPolicy,
+    *,
     staging: int | None = None,
+    prefetch_max: int = 0,
+    picks: int = 0,
+    costs: CostModel = CostModel(),
+    amortize: Amortize = Amortize(),
     expert_bytes: int = 0,
-    predict_from: int = 0,
+    cost_expert_bytes: int | None = None,
+    num_experts: int | None = None,
+    first_step: int = 1,
+    on_token_end=None,
 ) -> SimResult:
-    """The runtime's predictor policy: Schedule + PredictorAware, driven as the offloaded engine drives them.
-
-    ids [n, Lm, K] actual routing; probs [n, R, E] the predicted distribution of MoE
-    layer j+1, made at layer j. Where layer j misses an expert (the one-program decode
-    stops there and loads), the top-`prefetch` predictions for layer j+1 are observed
-    by the policy, layer j's demand is planned with them protected, and they are planned
-    as a prefetch, protecting layer j's experts. Tokens before `predict_from` predict
-    nothing (the engine's prefill).
+    """Replay `trace` through the runtime's decode driver and Schedule as the offloaded
+    engine runs them: token by token, a run from layer 0 stops at the first MoE layer
+    whose experts are not all cached, the driver plans from what that run reports (the
+    scorer's top `picks` for the next layer, at the missed layer only), and the run
+    resumes there. `capacity`: cache slots; `staging`: demand copies per pass (default:
+    capacity); `prefetch_max`: prefetch copies per missed layer (the cache's in-flight
+    room); `cost_expert_bytes`: the expert size the prefetch gate prices (default: the
+    cost model's). Steps count from `first_step` (the engine's first decode step is 1).
+    `on_token_end(driver, next_step, next_tokens) -> plans`: an extension point for
+    what-if studies of host work the engine does not do (research/); its plans are
+    counted like the driver's.
     """
-    requests = decode_requests(ids, moe_layers)
-    _check_capacity(requests, capacity)
-    schedule = Schedule(capacity, capacity if staging is None else staging, make_policy("predictor"), prefetch)
-    res = SimResult("predictor", capacity, expert_bytes=expert_bytes)
-    lm = len(moe_layers)
-    for t in range(ids.shape[0]):
-        for j, layer in enumerate(moe_layers):
-            needed = requests[t * lm + j][2]
-            ranked = []
-            missed = any((layer, int(e)) not in schedule.slot_of for e in needed)
-            if missed and j + 1 < lm and t >= predict_from and prefetch > 0:  # a layer predicts where it missed
-                p = probs[t, j]
-                ranked = [int(e) for e in np.argsort(-p, kind="stable")[:prefetch]]
-                schedule.policy.observe(moe_layers[j + 1], {e: float(p[e]) for e in ranked})
-            protect = [(moe_layers[j + 1], e) for e in ranked]
-            for plan in schedule.plan_layer(t, layer, needed, protect):
+    ids = np.asarray(trace.ids)
+    b, t_count, lm, k = ids.shape
+    e_count = num_experts or (trace.scores.shape[-1] if trace.scores is not None else int(ids.max()) + 1)
+    requests = [(s, layer, tuple(sorted(set(int(x) for x in ids[:, s, j].ravel())))) for s in range(t_count)
+                for j, layer in enumerate(moe_layers)]  # fmt: skip
+    check_capacity(requests, capacity)  # a prefill wider than the cache takes several passes
+    shape = PolicyShape(tuple(moe_layers), e_count, k)
+    policy = make_policy(policy, shape) if isinstance(policy, str) else policy
+    schedule = Schedule(capacity, capacity if staging is None else staging, policy, prefetch_max)
+    config = DriverConfig(prefetch_max=prefetch_max, costs=costs, expert_bytes=cost_expert_bytes, amortize=amortize)
+    driver = DecodeDriver(schedule, moe_layers, num_layers, config)
+    valid = np.ones((b, t_count), bool) if trace.valid is None else np.asarray(trace.valid, bool)
+    res = SimResult(policy.name, capacity, expert_bytes=expert_bytes)
+
+    def count(plans: Sequence[PassPlan]) -> None:
+        for plan in plans:
+            if plan.kind == "prefetch":
+                res.prefetch_loads += len(plan.loads)
+            else:
                 res.demand_misses += len(plan.loads)
+                res.hits += len(plan.hits)
                 res.prefetch_used += len(plan.prefetched_hits)
-            if ranked:
-                this_layer = [(layer, int(e)) for e in needed]
-                res.prefetch_loads += len(schedule.plan_prefetch(t, moe_layers[j + 1], ranked, this_layer).loads)
-            res.requests += 1
-            res.needed += len(needed)
+
+    starts = {s: i for i, s in enumerate(trace.requests)}
+    for j, layer in enumerate(moe_layers[: len(trace.prefill)]):  # the routed prefill: one pass per layer
+        if j == 0:
+            driver.begin_request(None if trace.vectors is None else trace.vectors[0])
+        plans = schedule.plan_layer(0, layer, trace.prefill[j])
+        count(plans)
+        res.prefill_loads += sum(len(p.loads) for p in plans)
+    dispatch_ahead, ahead = not policy.keep_only_current, False
+    for t in range(t_count):
+        step, live = first_step + t, valid[:, t]
+        if t in starts and not (t == 0 and trace.prefill):
+            if t:
+                driver.end_request()
+            driver.begin_request(None if trace.vectors is None else trace.vectors[starts[t]])
+        tokens = None if trace.tokens is None else trace.tokens[:, t]
+        if not ahead:
+            driver.begin_token(step, tokens)
+        ahead, start, planned = False, 0, None
+        needed = {layer: {int(x) for x in ids[live, t, j].ravel()} for j, layer in enumerate(moe_layers)}
+        while True:
+            res.runs += 1
+            res.resumes += planned is not None
+            first_miss = next((layer for layer in moe_layers if layer >= start and
+                               any((layer, x) not in schedule.slot_of for x in needed[layer])), num_layers)  # fmt: skip
+            run_ids, run_picks, run_probs = _step_outputs(trace, ids, t, moe_layers, num_layers, start, first_miss,
+                                                          picks if driver.predicting(step) else 0)  # fmt: skip
+            if first_miss == num_layers:
+                if dispatch_ahead and t + 1 < t_count:  # the engine dispatches the next token first
+                    driver.begin_token(step + 1, None if trace.tokens is None else trace.tokens[:, t + 1])
+                    ahead = True
+                out = driver.plan(step, start, first_miss, run_ids, run_picks, run_probs, live, planned)
+                count(out.record)
+                if on_token_end is not None and t + 1 < t_count:
+                    count(on_token_end(driver, step + 1, None if trace.tokens is None else trace.tokens[:, t + 1]))
+                break
+            out = driver.plan(step, start, first_miss, run_ids, run_picks, run_probs, live, planned)
+            count(out.record + out.load)
+            start, planned = first_miss, first_miss
+        res.tokens += 1
+        res.requests += lm
+        res.needed += sum(len(x) for x in needed.values())
+    driver.end_request()
+    res.scorer_calls, res.map_calls, res.skipped_predictions = driver.scorer_calls, driver.map_calls, driver.skipped
     return res
 
 
-EVICTIONS = ("prob_freq", "need_distance")
-
-
-def simulate_variant(
-    ids: np.ndarray,
-    probs: np.ndarray,
-    moe_layers: Sequence[int],
-    capacity: int,
-    prefetch: int,
-    expert_bytes: int = 0,
-    evict: str = "prob_freq",
-    guard: bool = False,
-) -> SimResult:
-    """ids [n, Lm, K] actual routing; probs [n, R, E] predicted distribution of MoE layer j+1 made at layer j.
-
-    Unlike the runtime, the experts predicted for layer j+1 are protected already
-    during layer j's demand loads, and an expert of a layer nothing predicts (the
-    first MoE layer) is scored by its share of that layer's uses so far, not 0.
-    evict: "prob_freq" (FineMoE: lowest predicted probability x use count) or
-    "need_distance" (lowest chance of being needed at its layer's next visit, divided
-    by how many layer steps away that visit is). guard: prefetch only into a free slot
-    or over a victim that scores lower than the prefetched expert.
-    """
-    if evict not in EVICTIONS:
-        raise ValueError(f"evict={evict!r}; choose one of {EVICTIONS}")
-    requests = decode_requests(ids, moe_layers)
-    _check_capacity(requests, capacity)
-    lm, k = len(moe_layers), ids.shape[2]
-    index = {layer: j for j, layer in enumerate(moe_layers)}
-    prefetch = max(0, min(prefetch, capacity - k))
-    cache: set[Key] = set()
-    pending: set[Key] = set()  # prefetched, not yet used
-    uses: collections.Counter[Key] = collections.Counter()
-    visits: collections.Counter[int] = collections.Counter()
-    last_prob: dict[int, np.ndarray] = {}  # layer -> latest predicted distribution over its experts
-    last_use: dict[Key, int] = {}
-    res = SimResult(f"variant_{evict}", capacity, expert_bytes=expert_bytes)
-    tick, j_now = 0, 0
-
-    def need(key: Key) -> float:
-        """Chance `key` is among its layer's top-k at that layer's next visit."""
-        layer, e = key
-        if layer in last_prob:
-            return min(1.0, k * float(last_prob[layer][e]))
-        return uses[key] / max(1, visits[layer])
-
-    def score(key: Key) -> float:
-        if evict == "prob_freq":
-            layer, e = key
-            p = float(last_prob[layer][e]) if layer in last_prob else uses[key] / max(1, visits[layer])
-            return p * uses[key]
-        distance = (index[key[0]] - j_now - 1) % lm + 1  # layer steps until its layer runs again
-        return need(key) / distance
-
-    def victim(protected: set[Key]) -> Key | None:
-        candidates = [c for c in cache if c not in protected]
-        if not candidates:
-            return None
-        return min(candidates, key=lambda c: (score(c), last_use.get(c, -1), c))
-
-    def evict_one(key: Key) -> None:
-        cache.remove(key)
-        pending.discard(key)
-
-    for t in range(ids.shape[0]):
-        for j, layer in enumerate(moe_layers):
-            tick, j_now = tick + 1, j
-            needed = sorted(set(int(e) for e in ids[t, j]))
-            protected = {(layer, e) for e in needed}
-            predicted: list[Key] = []
-            if j + 1 < lm:
-                nxt = moe_layers[j + 1]
-                last_prob[nxt] = probs[t, j]
-                predicted = [(nxt, int(e)) for e in np.argsort(-probs[t, j], kind="stable")[:prefetch]]
-                protected |= set(predicted)
-            for e in needed:
-                key = (layer, e)
-                if key in cache:
-                    if key in pending:
-                        pending.discard(key)
-                        res.prefetch_used += 1
-                    continue
-                if len(cache) >= capacity:
-                    evict_one(victim(protected))
-                cache.add(key)
-                res.demand_misses += 1
-            visits[layer] += 1
-            for e in needed:
-                uses[(layer, e)] += 1
-                last_use[(layer, e)] = tick
-            for key in predicted:
-                if key in cache:
-                    continue
-                if len(cache) >= capacity:
-                    v = victim(protected)
-                    if v is None or (guard and score(v) >= score(key)):
-                        continue
-                    evict_one(v)
-                cache.add(key)
-                pending.add(key)
-                res.prefetch_loads += 1
-            res.requests += 1
-            res.needed += len(needed)
-    return res
+def _step_outputs(trace, ids, t, moe_layers, num_layers, start, first_miss, picks):
+    """What the step program (engine/step.py) hands the host for a run from `start` that
+    stopped at `first_miss`: ids [L, B, K] of the layers it ran (zeros elsewhere), and at
+    the missed layer the scorer's top `picks` experts and probabilities [L, B, P]."""
+    b, _, _, k = ids.shape
+    run_ids = np.zeros((num_layers, b, k), np.int64)
+    for j, layer in enumerate(moe_layers):
+        if start <= layer <= first_miss:
+            run_ids[layer] = ids[:, t, j]
+    run_picks, run_probs = np.zeros((num_layers, b, picks), np.int64), np.zeros((num_layers, b, picks), np.float32)
+    if picks and first_miss < num_layers:
+        p = np.asarray(trace.scores[:, t, moe_layers.index(first_miss)], np.float32)  # [B, E]
+        best = np.argsort(-p, axis=-1, kind="stable")[:, :picks]  # ties: lower id, as lax.top_k
+        run_picks[first_miss], run_probs[first_miss] = best, np.take_along_axis(p, best, -1)
+    return run_ids, run_picks, run_probs
 
 
 def brute_force_min(requests: Sequence[Request], capacity: int) -> int:

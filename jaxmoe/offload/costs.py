@@ -1,0 +1,73 @@
+"""What a decode step costs, as a model (never a measurement): the figures the prefetch
+gate weighs and the simulator's time estimates come from.
+
+The one-program decode pays, per token, one dispatch, one host read and the compute of
+every layer; each layer that misses adds a resume: the copies (one `device_put` call,
+then bytes at the host-to-device bandwidth), the program that writes them into the pool,
+the step program again from that layer (its dispatch and host read) and that layer's
+attention again. Every copy is on the critical path: the resumed program reads the pool
+the copies are written into, so a prefetch is paid for when it is made.
+
+The defaults are measured figures of an NVIDIA H200 with jax 0.11.2 on the OLMoE-1B-7B
+shape in bf16 (docs/BENCHMARKS.md): 12.58 MB per expert, one expert copied in 0.50-0.54
+ms and eight in one call in 2.62-2.75 ms (so about 0.21 ms per call plus the bytes at
+41 GB/s, the whole-layer rate), 5.28 ms of device compute for a 16-layer batch-1 step
+(measured with a block after every program, the old per-layer design, so it is an upper
+figure), 0.3-0.4 ms for a host read of a small result, 0.34 ms for one dispatch with many
+arguments. Derived figures are a model: label them so wherever they are shown.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class CostModel:
+    name: str = "h200-olmoe"
+    layer_ms: float = 5.28 / 16  # device compute of one layer in one decode step, batch 1
+    dispatch_ms: float = 0.34  # one program dispatch with many arguments
+    read_ms: float = 0.35  # one host read of a step's small outputs
+    copy_call_ms: float = 0.21  # the fixed part of one batched device_put
+    h2d_gbps: float = 41.0  # pinned host -> device, batched expert copies
+    expert_bytes: int = 12_580_000  # one OLMoE-1B-7B expert in bf16
+    recompute_layers: float = 1.0  # a resume recomputes the missed layer's attention; counted as a whole layer
+
+    def expert_ms(self, expert_bytes: int | None = None) -> float:
+        """One expert's bytes at the bandwidth."""
+        size = self.expert_bytes if expert_bytes is None else expert_bytes
+        return size / (self.h2d_gbps * 1e9) * 1e3
+
+    def resume_ms(self) -> float:
+        """A layer that misses, apart from its copies' bytes: the copy call, the pool write
+        program, the step dispatched again and read again, the layer's attention again."""
+        return self.copy_call_ms + 2 * self.dispatch_ms + self.read_ms + self.recompute_layers * self.layer_ms
+
+    def token_ms(self, layers: int, tokens: int, resumes: int, loads: int, predictions: int = 0,
+                 predictor_ms: float = 0.0, expert_bytes: int | None = None) -> dict:  # fmt: skip
+        """Modelled decode time per token and its parts, from counts over `tokens` steps of a
+        model with `layers` layers; `predictions`: scorer evaluations, each `predictor_ms`."""
+        if tokens <= 0:
+            raise ValueError("token_ms needs at least one token")
+        parts = {
+            "compute_ms": layers * self.layer_ms,
+            "step_ms": self.dispatch_ms + self.read_ms,
+            "resume_ms": resumes / tokens * self.resume_ms(),
+            "copy_ms": loads / tokens * self.expert_ms(expert_bytes),
+            "predictor_ms": predictions / tokens * predictor_ms,
+        }
+        return {"ms_per_token": sum(parts.values()), **parts}
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "label": "model"}
+
+
+# H100: gpu-facts' pinned host -> device rate for batched copies of 64 MB (40.8 GB/s); the
+# compute, dispatch and read figures are the H200's (not measured on an H100).
+COST_MODELS = {"h200-olmoe": CostModel(), "h100-olmoe": CostModel(name="h100-olmoe", h2d_gbps=40.8)}
+
+
+def cost_model(name: str) -> CostModel:
+    if name not in COST_MODELS:
+        raise ValueError(f"unknown cost model {name!r}; choose one of {sorted(COST_MODELS)}")
+    return COST_MODELS[name]

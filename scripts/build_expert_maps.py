@@ -1,0 +1,63 @@
+"""Build expert maps (FineMoE) from routing traces, for the "maps" cache policy.
+
+  python scripts/build_expert_maps.py --traces traces/NAME --out checkpoints/NAME/expert_maps.npz \
+      [--model checkpoints/NAME] [--split train|all] [--json]
+
+The maps count, per input token and per pair of MoE layers, which experts the traced
+tokens used (jaxmoe/offload/expert_maps.py); with --model every traced window also
+becomes a request map keyed by its prompt's mean input embedding. --split train (the
+default) uses only the split the predictor trains on, so the held-out text stays
+unseen. Saved next to a model as expert_maps.npz, `generate.py --policy maps` starts
+from them; without them the policy learns its maps while it runs. Progress goes to
+stderr; --json prints one JSON object on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+try:
+    import jaxmoe  # noqa: F401
+except ImportError:  # run from a checkout without installing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tqdm import tqdm
+
+from jaxmoe.checkpoint import CheckpointError, load
+from jaxmoe.config import ConfigError
+from jaxmoe.predictor.pipeline import build_maps_on_traces, maps_token_range
+from jaxmoe.predictor.traces import TraceError, TraceSet
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--traces", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="the .npz to write (replaced when the build succeeds)")
+    p.add_argument("--model", type=Path, help="the checkpoint the traces came from (adds request maps)")
+    p.add_argument("--split", choices=("train", "all"), default="train")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        model = load(args.model) if args.model else None
+        start, stop = maps_token_range(TraceSet(args.traces), args.split)
+        with tqdm(total=stop - start, desc="maps", unit="tok", file=sys.stderr, disable=args.quiet) as bar:
+            maps = build_maps_on_traces(args.traces, args.out, model, args.split, progress=bar.update)
+    except (CheckpointError, ConfigError, TraceError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = {"out": str(args.out), "bytes": args.out.stat().st_size, "tokens": maps.tokens_seen,
+           "token_maps": len(maps.token_counts), "request_maps": len(maps.requests), "split": args.split}  # fmt: skip
+    print(json.dumps(out) if args.json else "\n".join(f"{k}: {v}" for k, v in out.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
