@@ -35,7 +35,17 @@ def offloaded_step(model, tok, positions, valid, kv, pool, table, start, x_start
     experts = [pool_experts(pool, model.cfg.dtype) if moe else None for moe in model.cfg.moe_layers]
     out = decode_step(model, tok[:, None], positions[:, None], valid, kv, experts, table, start, x_start, root,
                       step, scorer_leaves, sampling=sampling, scorer=scorer, picks=picks)  # fmt: skip
-    return out, positions + 1, step + 1
+    # What the host reads, as one int32 array (one transfer): first miss, tokens, routing ids,
+    # picks; the picks' probabilities apart (fp32).
+    report = jnp.concatenate([out.first_miss[None], out.token, out.ids.reshape(-1), out.picks.reshape(-1)])
+    return out, report, out.probs, positions + 1, step + 1
+
+
+def read_report(report: np.ndarray, layers: int, batch: int, k: int, picks: int):
+    """The host side of offloaded_step's report: (first_miss, tokens [B], ids [L, B, K], picks [L, B, P])."""
+    ids_end = 1 + batch + layers * batch * k
+    return (int(report[0]), report[1 : 1 + batch], report[1 + batch : ids_end].reshape(layers, batch, k),
+            report[ids_end:].reshape(layers, batch, picks))  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -82,15 +92,20 @@ class OffloadedDecoder:
         # Dispatching ahead assumes recording hits moves no slot; a policy that evicts every
         # other layer as it goes (ondemand) would move slots the run ahead already used.
         self.dispatch_ahead = not self.engine.cache.schedule.policy.keep_only_current
+        self._program = None
 
     def _dispatch(self, tok, kv: list, start: int, x_start, root):
-        b = tok.shape[0]
-        x_start = self.engine.zeros((b, 1, self.cfg.hidden_size)) if x_start is None else x_start
-        args = self.args(tok, self._positions, self._valid, kv, self.engine.scalar(start), x_start, root, self._step)
-        out, next_positions, next_step = self.engine.executor.run(
-            "step", offloaded_step, self.static(), (3,), self.engine.model_piece, *args)  # fmt: skip
-        kv[:] = out.kv
-        return out, next_positions, next_step
+        engine, b = self.engine, tok.shape[0]
+        x_start = engine.zeros((b, 1, self.cfg.hidden_size)) if x_start is None else x_start
+        args = self.args(tok, self._positions, self._valid, kv, engine.scalar(start), x_start, root, self._step)
+        if self._program is None:  # looked up once per generate: a lookup per call costs a signature
+            self._program = engine.executor.compile("step", offloaded_step, self.static(), (3,), engine.model_piece,
+                                                    *args)  # fmt: skip
+        with engine.executor.clock.phase("dispatch"):
+            run = self._program(engine.model_piece.leaves, *args)
+        engine.executor.clock.device("compute", run)
+        kv[:] = run[0].kv
+        return run
 
     def token(self, step: int, tok: jax.Array, valid: np.ndarray, kv: list, root):
         """One decode step for tok [B] (on the device); `valid` [B] marks rows still
@@ -105,17 +120,18 @@ class OffloadedDecoder:
         else:
             run = self._dispatch(tok, kv, 0, None, root)
         start, loaded, planned = 0, False, None
+        picks_n = self.static()["picks"]
         while True:
-            out, next_positions, next_step = run
+            out, report, probs, next_positions, next_step = run
             read_start = time.perf_counter()
             with clock.phase("host_read"):  # the one host read of this run
-                first_miss, ids, picks, probs, tok_host = jax.device_get(
-                    (out.first_miss, out.ids, out.picks, out.probs, out.token))  # fmt: skip
+                report, probs = jax.device_get((report, probs)) if picks_n else (np.asarray(report), None)
+            first_miss, tok_host, ids, picks = read_report(report, self.cfg.num_layers, len(valid), self.cfg.top_k,
+                                                           picks_n)  # fmt: skip
             if loaded:
                 self.counters.stall_s += time.perf_counter() - read_start
             self.counters.runs += 1
             self.counters.resumes += planned is not None
-            first_miss = int(first_miss)
             if first_miss == self.cfg.num_layers:
                 self.counters.tokens += 1
                 self._positions, self._step = next_positions, next_step
@@ -146,7 +162,8 @@ class OffloadedDecoder:
                     raise AssertionError(f"layer {layer} computed with experts {plan.loads} missing from the table")
                 cache.record(plan)
                 continue
-            predicted = self._predicted(layer, picks[layer], probs[layer], valid)  # made where it missed
+            # Made where it missed; none without a scorer.
+            predicted = [] if probs is None else self._predicted(layer, picks[layer], probs[layer], valid)
             plans = schedule.plan_layer(step, layer, needed, [(nxt, e) for e in predicted], resume=True)
             if predicted:
                 plans.append(schedule.plan_prefetch(step, nxt, predicted, [(layer, e) for e in needed]))
