@@ -161,9 +161,7 @@ class OffloadedEngine:
         index, step = spec((batch,), jnp.int32), spec((), jnp.int32)
         self.executor.compile("first_token", first_token, {"sampling": sampling}, (), self.ends, x, index, root, step)
         if max_new_tokens > 1:
-            decoder = OffloadedDecoder(self, sampling)
-            decoder.compile(batch, cache_len)
-            self.cache.prepare_load()
+            OffloadedDecoder(self, sampling).compile(batch, cache_len)
         return plan
 
     def reset_cache(self) -> None:

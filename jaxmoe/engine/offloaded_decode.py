@@ -24,21 +24,25 @@ import numpy as np
 
 from jaxmoe.engine.step import decode_step
 from jaxmoe.model import init_kv_cache
-from jaxmoe.offload.cache import pool_experts
+from jaxmoe.offload.cache import pool_experts, write_slots
+
+DONATE = (3, 4)  # the KV cache and the pool: updated in place
 
 
-def offloaded_step(model, tok, positions, valid, kv, pool, table, start, x_start, root, step, scorer_leaves,
-                   *, sampling, scorer, picks):  # fmt: skip
-    """decode_step on tok [B] at positions [B], with the cache's pool standing for every MoE
-    layer's experts; also returns the next step's positions and step (used after a run
-    that completed the token), so the host feeds device arrays straight back in."""
+def offloaded_step(model, tok, positions, valid, kv, pool, staged, staged_slots, table, start, x_start, root, step,
+                   scorer_leaves, *, sampling, scorer, picks):  # fmt: skip
+    """decode_step on tok [B] at positions [B] with the cache's pool standing for every MoE
+    layer's experts, after writing into the pool (in place) the copies the cache staged;
+    also returns the pool, and the next step's positions and step (used after a run that
+    completed the token), so the host feeds device arrays straight back in."""
+    pool = write_slots(pool, staged, staged_slots)
     experts = [pool_experts(pool, model.cfg.dtype) if moe else None for moe in model.cfg.moe_layers]
     out = decode_step(model, tok[:, None], positions[:, None], valid, kv, experts, table, start, x_start, root,
                       step, scorer_leaves, sampling=sampling, scorer=scorer, picks=picks)  # fmt: skip
     # What the host reads, as one int32 array (one transfer): first miss, tokens, routing ids,
     # picks; the picks' probabilities apart (fp32).
     report = jnp.concatenate([out.first_miss[None], out.token, out.ids.reshape(-1), out.picks.reshape(-1)])
-    return out, report, out.probs, positions + 1, step + 1
+    return out, pool, report, out.probs, positions + 1, step + 1
 
 
 def read_report(report: np.ndarray, layers: int, batch: int, k: int, picks: int):
@@ -68,20 +72,24 @@ class OffloadedDecoder:
         predictor = self.engine.predictor if self.engine.cache.prefetch_max > 0 else None
         return {"sampling": self.sampling, "scorer": predictor, "picks": self.cfg.top_k if predictor else 0}
 
-    def args(self, tok, positions, valid, kv, start, x_start, root, step) -> tuple:
-        cache, static = self.engine.cache, self.static()
+    def args(self, tok, positions, valid, kv, start, x_start, root, step, cache_inputs) -> tuple:
+        static = self.static()
         leaves = static["scorer"].leaves if static["scorer"] else ()
-        return (tok, positions, valid, tuple(kv), cache.pool, cache.table(), start, x_start, root, step, leaves)
+        return (tok, positions, valid, tuple(kv), *cache_inputs, start, x_start, root, step, leaves)
 
     def compile(self, batch: int, cache_len: int) -> None:
         """The step program for this batch from shapes (prepare)."""
         spec, cfg = jax.ShapeDtypeStruct, self.cfg
         rows = spec((batch,), jnp.int32)
         kv = jax.eval_shape(lambda: init_kv_cache(cfg, batch, cache_len))
+        cache = self.engine.cache
+        plain = lambda tree: jax.tree.map(lambda a: spec(a.shape, a.dtype), tree)  # noqa: E731
+        cache_inputs = plain((cache.pool, (cache.filler,) * cache.staging, jnp.zeros(cache.staging, jnp.int32),
+                              jnp.zeros((cfg.num_layers, cfg.num_experts), jnp.int32)))  # fmt: skip
         args = self.args(rows, rows, spec((batch,), jnp.bool_), kv, spec((), jnp.int32),
                          spec((batch, 1, cfg.hidden_size), jnp.dtype(cfg.dtype)),
-                         jax.eval_shape(lambda: jax.random.key(0)), spec((), jnp.int32))  # fmt: skip
-        self.engine.executor.compile("step", offloaded_step, self.static(), (3,), self.engine.model_piece, *args)
+                         jax.eval_shape(lambda: jax.random.key(0)), spec((), jnp.int32), cache_inputs)  # fmt: skip
+        self.engine.executor.compile("step", offloaded_step, self.static(), DONATE, self.engine.model_piece, *args)
 
     def start(self, positions: np.ndarray, max_new_tokens: int) -> None:
         """Before the first decode step: the rows' positions [B] (the prompt lengths)."""
@@ -97,15 +105,17 @@ class OffloadedDecoder:
     def _dispatch(self, tok, kv: list, start: int, x_start, root):
         engine, b = self.engine, tok.shape[0]
         x_start = engine.zeros((b, 1, self.cfg.hidden_size)) if x_start is None else x_start
-        args = self.args(tok, self._positions, self._valid, kv, engine.scalar(start), x_start, root, self._step)
+        args = self.args(tok, self._positions, self._valid, kv, engine.scalar(start), x_start, root, self._step,
+                         engine.cache.step_inputs())  # fmt: skip
         if self._program is None:  # looked up once per generate: a lookup per call costs a signature
-            self._program = engine.executor.compile("step", offloaded_step, self.static(), (3,), engine.model_piece,
+            self._program = engine.executor.compile("step", offloaded_step, self.static(), DONATE, engine.model_piece,
                                                     *args)  # fmt: skip
         with engine.executor.clock.phase("dispatch"):
-            run = self._program(engine.model_piece.leaves, *args)
-        engine.executor.clock.device("compute", run)
-        kv[:] = run[0].kv
-        return run
+            out, pool, *run = self._program(engine.model_piece.leaves, *args)
+        engine.executor.clock.device("compute", out)
+        kv[:] = out.kv
+        engine.cache.step_outputs(pool)
+        return (out, *run)
 
     def token(self, step: int, tok: jax.Array, valid: np.ndarray, kv: list, root):
         """One decode step for tok [B] (on the device); `valid` [B] marks rows still

@@ -14,10 +14,12 @@ Memory, all counted against the byte budget:
            gathers them out of the pool first: U experts of workspace in every step
 A budget of every expert plus that gather preloads them all: no copies.
 
-A decode step finds its experts through `table()` ([L, E] pool rows, -1 when absent),
-which is rebuilt from the schedule only when a plan changed it; `load` copies a set of
-plans' experts and writes them into the pool with one program. A routed prefill pass
-takes its copies as a staged list instead (`issue`). A streamed prefill moves whole
+A decode step finds its experts through a table ([L, E] pool rows, -1 when absent) on
+the device. `load` copies a set of plans' experts, the slots they go to and the new
+table with one batched `device_put`; the next step program writes them into the pool
+as it starts (`step_inputs`, then `step_outputs` with the pool it returns), so a miss
+costs one transfer call and no program of its own. A routed prefill pass takes its
+copies as a staged list too (`issue`). A streamed prefill moves whole
 layers outside this budget (at most two at once, see prefill_plan.py): `stream` sends
 a layer's experts and takes device copies of those already cached, `retain` keeps the
 prompt's most-used ones in the pool.
@@ -166,6 +168,8 @@ class DeviceExpertCache:
         self.staging = unique_max + prefetch_max if in_flight else 0
         self.schedule = Schedule(slots, unique_max if in_flight else 0, policy, prefetch_max)
         self._table, self._table_stale = None, True
+        self._staged = None  # (copies, slots) of the last load, until a step program takes them
+        self._no_writes = None  # (fillers, slots past the end): what a step writes when nothing was loaded
         d, i, dt = cfg.hidden_size, cfg.expert_intermediate_size, cfg.dtype
         self.dtype, bits = jnp.dtype(dt), bits_dtype(dt)
         with jax.default_device(self.device.device_set.pop()):
@@ -239,36 +243,53 @@ class DeviceExpertCache:
         return tuple(copies) + (self.filler,) * pad, np.array(slots, np.int32), copies
 
     def load(self, plans: Sequence[PassPlan]) -> bool:
-        """Copy every plan's loads (one batched `device_put`, issued before the program that
-        writes them, so nothing waits on the host) and write them into their pool slots
-        with one program (in place). Returns whether anything was copied."""
+        """Copy every plan's loads, their slots and the new table in one batched `device_put`
+        (issued before the program that writes them, so nothing waits on the host); the
+        next step program writes them into the pool. Returns whether anything was copied."""
         for plan in plans:
             self.record(plan)
         loads = [(plan.layer, e, slot) for plan in plans for e, slot in plan.loads]
         if not loads:
             return False
-        host = self._host_pairs(loads)
+        host = [a for pair in self._host_pairs(loads) for a in pair]
+        slots = np.array([slot for _, _, slot in loads] + [self.num_slots] * (self.staging - len(loads)), np.int32)
         with self.clock.phase("copy_issue"):
-            copies = [tuple(c) for c in jax.device_put(host, self.device)]
+            *arrays, slots, self._table = jax.device_put([*host, slots, self._table_array()], self.device)
+        copies = list(zip(arrays[0::2], arrays[1::2]))
         self.clock.device("copy", copies)
         self._account(len(copies))
-        pad = self.staging - len(copies)
-        staged = tuple(copies) + (self.filler,) * pad
-        slots = jnp.asarray([slot for _, _, slot in loads] + [self.num_slots] * pad, jnp.int32)
-        with self.clock.phase("dispatch"):
-            self.pool = self._write_program(self.staging)(self.pool, staged, slots)
+        self._staged, self._table_stale = (tuple(copies) + (self.filler,) * (self.staging - len(copies)), slots), False
         return True
+
+    def _table_array(self) -> np.ndarray:
+        cfg = self.store.config
+        table = np.full((cfg.num_layers, cfg.num_experts), -1, np.int32)
+        for (layer, e), slot in self.schedule.slot_of.items():
+            table[layer, e] = slot
+        return table
 
     def table(self) -> jax.Array:
         """[L, E] int32 on the device: the pool row of each (layer, expert), -1 where absent;
         copied again only after a plan moved slots."""
         if self._table_stale:
-            cfg = self.store.config
-            table = np.full((cfg.num_layers, cfg.num_experts), -1, np.int32)
-            for (layer, e), slot in self.schedule.slot_of.items():
-                table[layer, e] = slot
-            self._table, self._table_stale = jax.device_put(table, self.device), False
+            self._table, self._table_stale = jax.device_put(self._table_array(), self.device), False
         return self._table
+
+    def step_inputs(self) -> tuple:
+        """(pool, staged copies, their slots, table) for a step program: what the last
+        `load` copied, or nothing (the filler, to slots past the end: dropped)."""
+        if self._staged is None:
+            if self._no_writes is None:
+                self._no_writes = ((self.filler,) * self.staging,
+                                   jax.device_put(np.full(self.staging, self.num_slots, np.int32), self.device))  # fmt: skip
+            staged, slots = self._no_writes
+        else:
+            (staged, slots), self._staged = self._staged, None
+        return self.pool, staged, slots, self.table()
+
+    def step_outputs(self, pool) -> None:
+        """The pool a step program returned (it wrote the staged copies in place)."""
+        self.pool = pool
 
     def stream(self, layer: int, sent: Sequence[int], cached: Sequence[int]) -> tuple[dict[int, tuple], list]:
         """A whole layer for a streamed prefill: `sent` copied from the host (one batched
@@ -307,11 +328,6 @@ class DeviceExpertCache:
         spec = jax.ShapeDtypeStruct
         staged = tuple((spec(a.shape, a.dtype), spec(b.shape, b.dtype)) for a, b in (self.filler,) * width)
         return self.programs.get("write_slots", write_slots, {}, (0,), self.pool, staged, spec((width,), jnp.int32))
-
-    def prepare_load(self) -> None:
-        """Compile the program `load` writes copies into the pool with."""
-        if self.staging:
-            self._write_program(self.staging)
 
     def prepare_stream(self, width: int) -> None:
         """Compile what a streamed prefill asks of the cache: taking a cached expert out of
