@@ -39,21 +39,26 @@ def random_dense(cfg, seed: int):
     return MoEDecoder(cfg, nnx.Rngs(seed))
 
 
-def random_host_store(cfg, seed: int):
-    """Every expert into pinned host memory, one layer on the device at a time (device -> pinned
-    copies; no numpy round trip, nothing on disk)."""
-    from jaxmoe.model import ExpertWeights
+def random_host_store(cfg, seed: int, fmt=None):
+    """Every expert into pinned host memory, one layer on the device at a time: dense experts
+    packed there and copied device -> pinned (no numpy round trip, nothing on disk);
+    quantized ones packed on the host."""
     from jaxmoe.offload.host_store import HostExpertStore
+    from jaxmoe.quant import DENSE
 
+    fmt = fmt or DENSE
+    if fmt.kind != "dense":
+        layers = (random_layer_experts(cfg, seed + 1, layer) if moe else None for layer, moe in enumerate(cfg.moe_layers))
+        return HostExpertStore.from_stacks(cfg, layers, fmt=fmt)
     pinned = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
     experts = {}
     for layer in cfg.moe_layer_ids:
-        stack = random_layer_experts(cfg, seed + 1, layer)
-        for e in range(cfg.num_experts):
-            experts[layer, e] = ExpertWeights(*jax.device_put([stack.w_gate_up[e], stack.w_down[e]], pinned))
+        rows = jax.jit(fmt.pack_stacks, static_argnums=0)(cfg, *random_layer_experts(cfg, seed + 1, layer))
+        for e, buffer in enumerate(jax.device_put([rows[e] for e in range(cfg.num_experts)], pinned)):
+            experts[layer, e] = buffer
         jax.block_until_ready(experts[layer, cfg.num_experts - 1])
-        del stack  # one layer's stack on the device at a time
-    return HostExpertStore(cfg, experts)
+        del rows  # one layer on the device at a time
+    return HostExpertStore(cfg, experts, fmt)
 
 
 def random_resident(cfg, seed: int) -> list:

@@ -124,8 +124,10 @@ class OffloadedEngine:
         from jaxmoe.offload.host_store import ensure_host_memory, total_expert_bytes
         from jaxmoe.config import load_hf_config
 
+        from jaxmoe.checkpoint.expert_format import read_format
+
         cfg = load_hf_config(path)
-        ensure_host_memory(total_expert_bytes(cfg))  # before anything is allocated
+        ensure_host_memory(total_expert_bytes(cfg, read_format(path, cfg)))  # before anything is allocated
         loaded = load(path, experts=False)
         store = HostExpertStore.from_checkpoint(path, cfg)
         if predictor is not None:

@@ -30,13 +30,13 @@ DONATE = (3, 4)  # the KV cache and the pool: updated in place
 
 
 def offloaded_step(model, tok, positions, valid, kv, pool, staged, staged_slots, table, start, x_start, root, step,
-                   scorer_leaves, *, sampling, scorer, picks):  # fmt: skip
+                   scorer_leaves, *, sampling, scorer, picks, fmt):  # fmt: skip
     """decode_step on tok [B] at positions [B] with the cache's pool standing for every MoE
     layer's experts, after writing into the pool (in place) the copies the cache staged;
     also returns the pool, and the next step's positions and step (used after a run that
     completed the token), so the host feeds device arrays straight back in."""
     pool = write_slots(pool, staged, staged_slots)
-    experts = [pool_experts(pool, model.cfg.dtype) if moe else None for moe in model.cfg.moe_layers]
+    experts = [pool_experts(pool, fmt, model.cfg) if moe else None for moe in model.cfg.moe_layers]
     out = decode_step(model, tok[:, None], positions[:, None], valid, kv, experts, table, start, x_start, root,
                       step, scorer_leaves, sampling=sampling, scorer=scorer, picks=picks)  # fmt: skip
     # What the host reads, as one int32 array (one transfer): first miss, tokens, routing ids,
@@ -70,7 +70,8 @@ class OffloadedDecoder:
 
     def static(self) -> dict:
         predictor = self.engine.predictor if self.engine.cache.prefetch_max > 0 else None
-        return {"sampling": self.sampling, "scorer": predictor, "picks": self.cfg.top_k if predictor else 0}
+        return {"sampling": self.sampling, "scorer": predictor, "picks": self.cfg.top_k if predictor else 0,
+                "fmt": self.engine.store.format}  # fmt: skip
 
     def args(self, tok, positions, valid, kv, start, x_start, root, step, cache_inputs) -> tuple:
         static = self.static()
