@@ -292,7 +292,8 @@ class OffloadedEngine:
             # The prefill's token is read once; each decode token once per program run.
             "host_syncs_per_token": d.runs / d.tokens if d.tokens else None,
             "resumes_per_token": d.resumes / d.tokens if d.tokens else None,
-            "expert_format": self.config.dtype,
+            "expert_format": self.store.format.name,
+            "expert_bytes": self.store.expert_bytes,
             **self._prefill_metrics(prefill_h2d, prefill_stall, stream),
         }
         return GenerationResult(out.token_ids, metrics)

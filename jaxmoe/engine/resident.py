@@ -29,6 +29,7 @@ from jaxmoe.engine.programs import Programs
 from jaxmoe.engine.sampling import SamplingParams, sample
 from jaxmoe.engine.step import decode_step
 from jaxmoe.model import ExpertWeights, MoEDecoder, init_kv_cache, moe_ffn
+from jaxmoe.quant import format_of
 
 
 class ContextError(ValueError):
@@ -179,6 +180,7 @@ class ResidentEngine:
             "prefill_chunks": len(starts),
             "host_syncs_per_token": 1.0 if steps else None,  # the token, read once per step
             "resumes_per_token": 0.0 if steps else None,
-            "expert_format": self.config.dtype,
+            "expert_format": format_of(self.experts).name,
+            "expert_bytes": format_of(self.experts).nbytes(self.config),
         }
         return GenerationResult(out.token_ids, metrics)

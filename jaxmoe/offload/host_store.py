@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import jax
 import numpy as np
@@ -19,7 +19,7 @@ import numpy as np
 from jaxmoe.checkpoint.store import expert_layers, place
 from jaxmoe.config import MoEConfig
 from jaxmoe.model import ExpertWeights
-from jaxmoe.quant import DENSE, ExpertFormat, pack_expert
+from jaxmoe.quant import DENSE, ExpertFormat, packed_rows
 
 POOL_LIMIT_ENV = "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"
 POOL_LIMIT_DEFAULT_GB = 64  # XLA's default for the pinned host pool
@@ -132,18 +132,3 @@ class HostExpertStore:
     @property
     def total_bytes(self) -> int:
         return self.expert_bytes * len(self._experts)
-
-
-def packed_rows(cfg: MoEConfig, stack, fmt: ExpertFormat, refine: int = 0) -> Iterator[np.ndarray]:
-    """A layer's experts, one uint8 buffer each in `fmt`, made as they are asked for: packed
-    rows ([E, bytes]) as they are, or dense stacks packed (quantized first where `fmt` asks)."""
-    if not isinstance(stack, ExpertWeights):
-        rows = np.asarray(stack)
-        if rows.shape != (cfg.num_experts, fmt.nbytes(cfg)) or rows.dtype != np.uint8:
-            raise ValueError(f"packed experts: expected uint8 {(cfg.num_experts, fmt.nbytes(cfg))} for {fmt.name}, "
-                             f"got {rows.dtype} {rows.shape}")  # fmt: skip
-        yield from rows
-        return
-    gate_up, down = (np.asarray(a) for a in stack)
-    for e in range(cfg.num_experts):
-        yield pack_expert(fmt, cfg, gate_up[e], down[e], refine)

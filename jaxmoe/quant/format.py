@@ -178,3 +178,11 @@ def packed_experts(rows: jax.Array, fmt: ExpertFormat, cfg: MoEConfig) -> Packed
 
 
 DENSE = ExpertFormat("dense")
+
+
+def format_of(experts) -> ExpertFormat:
+    """The format a model's per-layer experts are held in (dense stacks, or packed rows)."""
+    for w in experts:
+        if isinstance(w, PackedExperts) and isinstance(w.unpack, RowUnpacker):
+            return w.unpack.fmt
+    return DENSE

@@ -11,9 +11,12 @@ reconstruction error, alternating with re-rounding the values.
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmoe.model import ExpertWeights
 from jaxmoe.quant.format import ExpertFormat, pack_nibbles
 
 
@@ -66,3 +69,18 @@ def quantize_expert(fmt: ExpertFormat, cfg, w_gate_up: np.ndarray, w_down: np.nd
 def pack_expert(fmt: ExpertFormat, cfg, w_gate_up: np.ndarray, w_down: np.ndarray, refine: int = 0) -> np.ndarray:
     """One expert's weights as its uint8 buffer in `fmt` (quantized first where it asks)."""
     return fmt.pack(cfg, quantize_expert(fmt, cfg, w_gate_up, w_down, refine))
+
+
+def packed_rows(cfg, stack, fmt: ExpertFormat, refine: int = 0) -> Iterator[np.ndarray]:
+    """A layer's experts, one uint8 buffer each in `fmt`, made as they are asked for: packed
+    rows ([E, bytes]) as they are, or dense stacks packed (quantized first where `fmt` asks)."""
+    if not isinstance(stack, ExpertWeights):
+        rows = np.asarray(stack)
+        if rows.shape != (cfg.num_experts, fmt.nbytes(cfg)) or rows.dtype != np.uint8:
+            raise ValueError(f"packed experts: expected uint8 {(cfg.num_experts, fmt.nbytes(cfg))} for {fmt.name}, "
+                             f"got {rows.dtype} {rows.shape}")  # fmt: skip
+        yield from rows
+        return
+    gate_up, down = (np.asarray(a) for a in stack)
+    for e in range(cfg.num_experts):
+        yield pack_expert(fmt, cfg, gate_up[e], down[e], refine)
