@@ -78,11 +78,12 @@ def _write_params(dst: Path, cfg: MoEConfig, plan: TensorPlan, read, fmt: Expert
         for name, target in plan.dense.items():
             out.dense(target.path, dense_value(target, read(name), dtype))
         for layer in cfg.moe_layer_ids:
-            experts = layer_experts(cfg, plan, layer, read)
+            # No name holds a layer's experts past its write, so the next layer is built
+            # after this one is freed (peak: one layer, not two).
             if fmt.kind == "dense":
-                out.experts(layer, experts)
+                out.experts(layer, layer_experts(cfg, plan, layer, read))
             else:
-                out.packed(layer, np.stack(list(packed_rows(cfg, experts, fmt))))
+                out.packed(layer, np.stack(list(packed_rows(cfg, layer_experts(cfg, plan, layer, read), fmt))))
 
 
 def convert_hf(src: str | Path, dst: str | Path, progress: bool = True, fmt: ExpertFormat = DENSE) -> Path:

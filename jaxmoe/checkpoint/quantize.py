@@ -26,7 +26,7 @@ from jaxmoe.checkpoint.store import open_params
 from jaxmoe.config import MoEConfig, load_hf_config
 from jaxmoe.quant import ExpertFormat, packed_rows
 
-SIDE_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
+SIDE_FILES = ("config.json", "generation_config.json", "training.json", *TOKENIZER_FILES)
 
 
 def packed_layer(cfg: MoEConfig, stacks, fmt: ExpertFormat, refine: int = 0) -> np.ndarray:

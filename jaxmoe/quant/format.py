@@ -180,6 +180,14 @@ def packed_experts(rows: jax.Array, fmt: ExpertFormat, cfg: MoEConfig) -> Packed
 DENSE = ExpertFormat("dense")
 
 
+def parse_format(text: str) -> ExpertFormat:
+    """A format's name as `ExpertFormat.name` writes it: dense, int8, int4 (group 64), int4-g32."""
+    kind, _, group = text.partition("-g")
+    if kind not in FORMATS or (group and kind != "int4"):
+        raise ValueError(f"expert format {text!r}: expected dense, int8, int4 or int4-gN")
+    return ExpertFormat(kind, int(group) if group else 64)
+
+
 def format_of(experts) -> ExpertFormat:
     """The format a model's per-layer experts are held in (dense stacks, or packed rows)."""
     for w in experts:
