@@ -2,7 +2,7 @@
 
 The offload bound (issue 4) divides the bytes a decode step must move by this
 bandwidth, so it is measured in the same run, on the same device, with arrays
-shaped like one expert ([D, 2I] and [I, D], as the host store keeps them):
+shaped like one expert (one contiguous buffer of its bytes, as the host store keeps it):
 one expert per call, and one layer's decode demand (`batched` experts) in one
 call, which is what the cache issues for a layer's misses.
 """
@@ -29,23 +29,21 @@ def _copy_seconds(host: list, target, repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure(hidden: int, width: int, dtype: str, batched: int, repeats: int = 20, seed: int = 0) -> dict:
+def measure(expert_bytes: int, batched: int, repeats: int = 20, seed: int = 0) -> dict:
     """{"expert_bytes", "one_expert_ms", "one_expert_GBps", "batched_experts", "batched_ms", "batched_GBps"}."""
     dev = jax.devices()[0]
     pinned = jax.sharding.SingleDeviceSharding(dev, memory_kind="pinned_host")
     device = jax.sharding.SingleDeviceSharding(dev, memory_kind="device")
     rng = np.random.default_rng(seed)
-    np_dtype = jax.numpy.dtype(dtype)
 
-    def expert():
-        parts = [rng.standard_normal((hidden, 2 * width), np.float32), rng.standard_normal((width, hidden), np.float32)]
-        return jax.device_put([p.astype(np_dtype) for p in parts], pinned)
+    def expert():  # one contiguous buffer, as the host store keeps an expert
+        return jax.device_put(rng.integers(0, 256, expert_bytes, dtype=np.uint8), pinned)
 
     experts = [expert() for _ in range(batched)]
     jax.block_until_ready(experts)
-    nbytes = sum(a.size * a.dtype.itemsize for a in experts[0])
-    one = _copy_seconds(experts[0], device, repeats)
-    many = _copy_seconds([a for e in experts for a in e], device, max(5, repeats // 2))
+    nbytes = experts[0].size
+    one = _copy_seconds([experts[0]], device, repeats)
+    many = _copy_seconds(experts, device, max(5, repeats // 2))
     return {
         "expert_bytes": nbytes,
         "one_expert_ms": 1e3 * one,
@@ -54,5 +52,5 @@ def measure(hidden: int, width: int, dtype: str, batched: int, repeats: int = 20
         "batched_ms": 1e3 * many,
         "batched_GBps": batched * nbytes / many / 1e9,
         "memory_kinds": [m.kind for m in dev.addressable_memories()],
-        "source_memory_kind": experts[0][0].sharding.memory_kind,
+        "source_memory_kind": experts[0].sharding.memory_kind,
     }

@@ -15,9 +15,11 @@ GIB = 2**30
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
-def expert_bytes(cfg) -> int:
-    """One routed expert: gate, up and down projections (what one transfer moves)."""
-    return cfg.expert_params * ITEMSIZE[cfg.dtype]
+def expert_bytes(cfg, fmt=None) -> int:
+    """One routed expert as `fmt` holds it (default dense): what one transfer moves."""
+    from jaxmoe.quant import DENSE
+
+    return (fmt or DENSE).nbytes(cfg)
 
 
 def num_experts(cfg) -> int:
@@ -44,16 +46,16 @@ def dense_bytes(cfg) -> int:
     return tree_bytes(nnx.state(abstract_model(cfg)))
 
 
-def weight_bytes(cfg) -> int:
-    return dense_bytes(cfg) + num_experts(cfg) * expert_bytes(cfg)
+def weight_bytes(cfg, fmt=None) -> int:
+    return dense_bytes(cfg) + num_experts(cfg) * expert_bytes(cfg, fmt)
 
 
-def workspace_bytes(cfg, batch: int, prompt_tokens: int, new_tokens: int = 1) -> tuple[int, str]:
+def workspace_bytes(cfg, batch: int, prompt_tokens: int, new_tokens: int = 1, fmt=None) -> tuple[int, str]:
     """Device memory the offloaded engine declares beyond weights, KV and cache
     (jaxmoe.offload.workspace), and how it adds up."""
     from jaxmoe.offload.workspace import workspace_bytes as declared
 
-    parts = declared(cfg, batch, prompt_tokens, new_tokens, expert_bytes(cfg))
+    parts = declared(cfg, batch, prompt_tokens, new_tokens, expert_bytes(cfg, fmt))
     text = (f"the engine's declared workspace: max(streamed {parts['streamed'] / 1e9:.3f} GB, gathered "
             f"{parts['gathered'] / 1e9:.3f} GB) + activations {parts['activations'] / 1e9:.3f} GB + slack "
             f"{parts['slack'] / 1e9:.3f} GB")  # fmt: skip
@@ -70,13 +72,14 @@ class Budget:
 
 
 def fit_within(cfg, batch: int, prompt_tokens: int, new_tokens: int,
-               device_bytes: int, workspace: int | None) -> tuple[int, list[str]]:  # fmt: skip
+               device_bytes: int, workspace: int | None, fmt=None) -> tuple[int, list[str]]:  # fmt: skip
     """(expert budget bytes, the arithmetic as lines) so that dense + KV + experts + workspace
-    <= device_bytes; the budget is rounded down to whole experts. `workspace` None: estimated."""
-    dense, one = dense_bytes(cfg), expert_bytes(cfg)
+    <= device_bytes; the budget is rounded down to whole experts (held in `fmt`).
+    `workspace` None: the engine's declared one."""
+    dense, one = dense_bytes(cfg), expert_bytes(cfg, fmt)
     kv = kv_bytes(cfg, batch, prompt_tokens, new_tokens)
     if workspace is None:
-        workspace, why = workspace_bytes(cfg, batch, prompt_tokens, new_tokens)
+        workspace, why = workspace_bytes(cfg, batch, prompt_tokens, new_tokens, fmt)
     else:
         why = "given with --workspace-gib"
     left = device_bytes - dense - kv - workspace
@@ -93,18 +96,19 @@ def fit_within(cfg, batch: int, prompt_tokens: int, new_tokens: int,
     return n * one, lines
 
 
-def parse(specs: str, cfg, fit_args: dict, device_budgets: list[int]) -> tuple[list[Budget], list[str]]:
+def parse(specs: str, cfg, fit_args: dict, device_budgets: list[int], fmt=None) -> tuple[list[Budget], list[str]]:
     """`--budgets` as a comma list of: a fraction of all experts (0 < f <= 1), `NGB` (N x 10^9
     bytes, as generate.py's --expert-budget-gb), `NGiB`, or `auto`: for each total device budget
     in `device_budgets` (bytes), the expert budget that fits it (fit_within).
-    Returns the budgets and the arithmetic of the `auto` ones."""
-    one, total = expert_bytes(cfg), num_experts(cfg)
+    Returns the budgets and the arithmetic of the `auto` ones. Fractions are of the experts
+    as `fmt` holds them (a quarter of an int4 model's expert bytes is a quarter of its experts)."""
+    one, total = expert_bytes(cfg, fmt), num_experts(cfg)
     out, arithmetic = [], []
     for spec in filter(None, (s.strip() for s in specs.split(","))):
         low = spec.lower()
         if low == "auto":
             for device in device_budgets:
-                size, lines = fit_within(cfg, **fit_args, device_bytes=device)
+                size, lines = fit_within(cfg, **fit_args, device_bytes=device, fmt=fmt)
                 arithmetic += lines
                 note = f"auto: {device / GIB:g} GiB total"
                 out.append(Budget(f"auto@{device / GIB:g}GiB", size, min(size // one, total), note, device))

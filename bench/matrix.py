@@ -50,30 +50,30 @@ class Job:
 
     @property
     def key(self) -> str:
-        parts = [self.worker, self.model.name, self.dtype, f"b{self.batch}", f"p{self.prompt_tokens}"]
+        parts = [self.worker, self.model.label.replace("/", "-"), self.dtype, f"b{self.batch}", f"p{self.prompt_tokens}"]
         parts += [self.policy or "", str(self.budget.bytes) if self.budget else "", self.prefill or ""]
         parts += [f"dev{self.device_budget_bytes}" if self.device_budget_bytes else ""]
         return "-".join(p for p in parts if p)
 
 
-def fits_device(cfg, batch: int, prompt: int, new: int, device_bytes: int | None) -> str | None:
+def fits_device(cfg, batch: int, prompt: int, new: int, device_bytes: int | None, fmt=None) -> str | None:
     """Why every weight cannot be resident on the device, or None."""
     if device_bytes is None:
         return None
-    need = B.weight_bytes(cfg) + B.kv_bytes(cfg, batch, prompt, new)
+    need = B.weight_bytes(cfg, fmt) + B.kv_bytes(cfg, batch, prompt, new)
     if need > 0.95 * device_bytes:
         return f"does not fit: weights + KV {need / 1e9:.1f} GB > 95% of the {device_bytes / 1e9:.0f} GB device"
     return None
 
 
-def below_minimum(cfg, budget: B.Budget, policy: str, batch: int) -> str | None:
+def below_minimum(cfg, budget: B.Budget, policy: str, batch: int, fmt=None) -> str | None:
     """The library's own refusal of a budget too small for this policy and batch (a predictor
     needs room for copies in flight), asked before a worker is spawned for it."""
     from jaxmoe.offload.cache import BudgetError, plan_geometry
 
     unique = min(cfg.num_experts, batch * cfg.top_k)
     try:
-        plan_geometry(budget.bytes, B.expert_bytes(cfg), B.num_experts(cfg), unique,
+        plan_geometry(budget.bytes, B.expert_bytes(cfg, fmt), B.num_experts(cfg), unique,
                       unique if policy == "predictor" else 0)  # fmt: skip
     except BudgetError as e:
         return str(e)
@@ -84,7 +84,7 @@ def model_jobs(args, model: ModelSpec, dtype: str) -> tuple[list[Job], list[str]
     """(jobs, `auto` budget arithmetic lines) of one model in one dtype."""
     from bench.peers import hf_accelerate as hfa
 
-    cfg = model.config(dtype)
+    cfg, fmt = model.config(dtype), model.fmt()
     points = [(b, p) for b in args.batch for p in args.prompt_tokens]
     out = [Job("bandwidth", model, dtype, max(args.batch), points[0][1])] if args.policies else []
     arithmetic = []
@@ -94,22 +94,23 @@ def model_jobs(args, model: ModelSpec, dtype: str) -> tuple[list[Job], list[str]
     for batch, prompt in points:
         main = (batch, prompt) == points[0]
         at = dict(model=model, dtype=dtype, batch=batch, prompt_tokens=prompt)
-        no_fit = fits_device(cfg, batch, prompt, args.new_tokens, args.device_bytes)
+        no_fit = fits_device(cfg, batch, prompt, args.new_tokens, args.device_bytes, fmt)
+        peers = model.has_peers and fmt.kind == "dense"  # transformers runs the dense weights only
         if "jaxmoe" in args.engines:
             out.append(Job("jaxmoe", **at, skipped=no_fit))
-        if model.has_peers and "hf" in args.engines:
+        if peers and "hf" in args.engines:
             out.append(Job("hf", **at, skipped=no_fit))
-        if model.has_peers and "hf-accelerate" in args.engines:
+        if peers and "hf-accelerate" in args.engines:
             why = hfa.unavailable(args.gpu)
             for d in device_budgets if main else device_budgets[:1]:
                 out.append(Job("hf-accelerate", **at, device_budget_bytes=d, skipped=why))
         fit = {"batch": batch, "prompt_tokens": prompt, "new_tokens": args.new_tokens, "workspace": args.workspace}
-        budgets, lines = B.parse(args.budgets, cfg, fit, device_budgets)
+        budgets, lines = B.parse(args.budgets, cfg, fit, device_budgets, fmt)
         arithmetic += [f"{model.name}/{dtype} batch {batch} prompt {prompt}: {line}" for line in lines]
         policies = args.policies if main else [p for p in args.sweep_policies if p in args.policies]
         for budget in budgets if main else budgets[:1]:
             for policy in policies[:1] if budget.experts >= total else policies:
-                why = below_minimum(cfg, budget, policy, batch)
+                why = below_minimum(cfg, budget, policy, batch, fmt)
                 out.append(Job("offload", **at, policy=policy, budget=budget, skipped=why))
         sweep = [p for p in args.sweep_policies if p in args.policies] or ["lru"]
         out += [Job("offload", **at, policy=sweep[0], budget=budgets[0], prefill=m) for m in args.prefill_modes]
@@ -146,7 +147,7 @@ def worker_env(args, job: Job) -> dict:
     env = {**getattr(args, "worker_base_env", os.environ), "XLA_PYTHON_CLIENT_PREALLOCATE": "false", "PYTHONPATH": str(Path(__file__).parents[1])}
     if job.worker in PINNED_WORKERS:
         # Raise the pinned pool limit before XLA starts (Mixtral's experts are ~90 GB; the default is 64).
-        need = B.num_experts(job.model.config(job.dtype)) * B.expert_bytes(job.model.config(job.dtype))
+        need = B.num_experts(job.model.config(job.dtype)) * B.expert_bytes(job.model.config(job.dtype), job.model.fmt())
         env.setdefault("XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB", str(max(64, int(need / 1e9 * 1.05) + 2)))
     # Workers of one model compile the same programs: JAX's persistent cache lets the later ones
     # load them (compile_ms is then a load), and lets a resumed GPU matrix skip compiling again.

@@ -12,6 +12,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bench.shapes import ModelSpec
 
@@ -39,25 +40,44 @@ def random_dense(cfg, seed: int):
     return MoEDecoder(cfg, nnx.Rngs(seed))
 
 
-def random_host_store(cfg, seed: int):
-    """Every expert into pinned host memory, one layer on the device at a time (device -> pinned
-    copies; no numpy round trip, nothing on disk)."""
-    from jaxmoe.model import ExpertWeights
+def random_host_store(cfg, seed: int, fmt=None):
+    """Every expert into pinned host memory, one layer on the device at a time: dense experts
+    packed there and copied device -> pinned (no numpy round trip, nothing on disk);
+    quantized ones packed on the host."""
     from jaxmoe.offload.host_store import HostExpertStore
+    from jaxmoe.quant import DENSE
 
+    fmt = fmt or DENSE
+    if fmt.kind != "dense":
+        layers = (random_layer_experts(cfg, seed + 1, layer) if moe else None for layer, moe in enumerate(cfg.moe_layers))
+        return HostExpertStore.from_stacks(cfg, layers, fmt=fmt)
     pinned = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
     experts = {}
     for layer in cfg.moe_layer_ids:
-        stack = random_layer_experts(cfg, seed + 1, layer)
-        for e in range(cfg.num_experts):
-            experts[layer, e] = ExpertWeights(*jax.device_put([stack.w_gate_up[e], stack.w_down[e]], pinned))
+        rows = jax.jit(fmt.pack_stacks, static_argnums=0)(cfg, *random_layer_experts(cfg, seed + 1, layer))
+        for e, buffer in enumerate(jax.device_put([rows[e] for e in range(cfg.num_experts)], pinned)):
+            experts[layer, e] = buffer
         jax.block_until_ready(experts[layer, cfg.num_experts - 1])
-        del stack  # one layer's stack on the device at a time
-    return HostExpertStore(cfg, experts)
+        del rows  # one layer on the device at a time
+    return HostExpertStore(cfg, experts, fmt)
 
 
-def random_resident(cfg, seed: int) -> list:
-    return [random_layer_experts(cfg, seed + 1, layer) if moe else None for layer, moe in enumerate(cfg.moe_layers)]
+def random_resident(cfg, seed: int, fmt=None) -> list:
+    """Every layer's experts on the device: dense stacks, or (quantized) packed rows."""
+    stacks = [random_layer_experts(cfg, seed + 1, layer) if moe else None for layer, moe in enumerate(cfg.moe_layers)]
+    return resident_experts(cfg, stacks, fmt)
+
+
+def resident_experts(cfg, stacks: list, fmt=None) -> list:
+    """Dense stacks as the resident engine holds them in `fmt`: as they are, or quantized into
+    packed rows on the device (the same bytes an offloaded store of that format holds)."""
+    from jaxmoe.quant import packed_experts, packed_rows
+
+    if fmt is None or fmt.kind == "dense":
+        return jax.device_put(stacks)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return [None if w is None else packed_experts(jax.device_put(np.stack(list(packed_rows(cfg, w, fmt))), device),
+                                                  fmt, cfg) for w in stacks]  # fmt: skip
 
 
 def from_torch(spec: ModelSpec, dtype: str, seed: int, gpu: bool):
@@ -88,19 +108,20 @@ def build(spec: ModelSpec, dtype: str, seed: int, gpu: bool, offload: bool):
 
         cfg = load_hf_config(spec.path)
         if offload:
-            ensure_host_memory(total_expert_bytes(cfg))  # before the backend starts
+            ensure_host_memory(total_expert_bytes(cfg, spec.fmt()))  # before the backend starts
             # Experts a layer at a time from disk into pinned memory: one copy, never on the device.
             return cfg, load(spec.path, experts=False).model, HostExpertStore.from_checkpoint(spec.path, cfg)
         loaded = load(spec.path)
         return cfg, loaded.model, list(loaded.experts)
+    fmt = spec.fmt()
     if spec.source == "random":
         cfg = spec.config(dtype)
         if offload:
-            ensure_host_memory(total_expert_bytes(cfg))
-            return cfg, random_dense(cfg, seed), random_host_store(cfg, seed)
-        return cfg, random_dense(cfg, seed), random_resident(cfg, seed)
+            ensure_host_memory(total_expert_bytes(cfg, fmt))
+            return cfg, random_dense(cfg, seed), random_host_store(cfg, seed, fmt)
+        return cfg, random_dense(cfg, seed), random_resident(cfg, seed, fmt)
     cfg, model, stacks = from_torch(spec, dtype, seed, gpu)
     if offload:
         # from_stacks frees each layer's numpy stack once it is pinned: one extra layer at most.
-        return cfg, model, HostExpertStore.from_stacks(cfg, (stacks.pop(0) for _ in range(len(stacks))))
-    return cfg, model, jax.device_put(stacks)
+        return cfg, model, HostExpertStore.from_stacks(cfg, (stacks.pop(0) for _ in range(len(stacks))), fmt=fmt)
+    return cfg, model, resident_experts(cfg, stacks, fmt)

@@ -39,16 +39,16 @@ class Lookup:
         self.by = {}
         for job, r in results.items():
             if job.policy is None:
-                self.by.setdefault((job.worker, job.model.name, job.dtype, job.batch, job.prompt_tokens), r)
-        self.bandwidth = {(j.model.name, j.dtype): r.get("bandwidth") or {} for j, r in results.items()
+                self.by.setdefault((job.worker, job.model.label, job.dtype, job.batch, job.prompt_tokens), r)
+        self.bandwidth = {(j.model.label, j.dtype): r.get("bandwidth") or {} for j, r in results.items()
                           if j.worker == "bandwidth"}  # fmt: skip
 
     def at(self, worker: str, job) -> dict:
-        return self.by.get((worker, job.model.name, job.dtype, job.batch, job.prompt_tokens)) or {}
+        return self.by.get((worker, job.model.label, job.dtype, job.batch, job.prompt_tokens)) or {}
 
     def gbps(self, job, demand: int) -> dict | None:
         """The bandwidth measured for this decode demand (or the nearest measured one)."""
-        measured = self.bandwidth.get((job.model.name, job.dtype)) or {}
+        measured = self.bandwidth.get((job.model.label, job.dtype)) or {}
         if not measured:
             return None
         return measured[min(measured, key=lambda n: abs(int(n) - demand))]
@@ -93,7 +93,8 @@ def offload_fields(r: dict, resident: dict, bw: dict | None, demand: int) -> dic
 def base_row(job, r: dict) -> dict:
     settings = r.get("settings", {})
     return {
-        "model": f"{job.model.name}/{SHORT.get(job.dtype, job.dtype)}",
+        "model": f"{job.model.name}/{SHORT.get(job.dtype, job.dtype)}" + (
+            "" if job.model.label == job.model.name else f"/{job.model.fmt().name}"),
         "policy": job.policy or PEER[job.worker], "expert_budget_bytes": r.get("expert_bytes"),
         "batch": job.batch, "prompt_tokens": job.prompt_tokens, "ttft_ms": r.get("ttft_ms"),
         "decode_tokens_per_s": r.get("decode_tokens_per_s"), "peak_device_bytes": r.get("peak_device_bytes"),
@@ -195,7 +196,7 @@ def make_report(args, jobs: list, results: dict, arithmetic: list[str]) -> dict:
     for job in jobs:
         r = results[job]
         if job.worker == "bandwidth" and ("error" in r or "not_run" in r):
-            problems.append(f"{job.model.name}: bandwidth not measured: {r.get('error') or r['not_run']}")
+            problems.append(f"{job.model.label}: bandwidth not measured: {r.get('error') or r['not_run']}")
     rows = [make_row(j, results[j], look, problems) for j in jobs if j.worker != "bandwidth"]
     add_batch_gains(rows)
     loads = [r["loadavg_at_start"] for r in rows if r["loadavg_at_start"] is not None]

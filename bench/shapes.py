@@ -90,6 +90,23 @@ class ModelSpec:
     name: str  # a SHAPES key, or the checkpoint directory's name
     source: str  # "hf" | "random" | "checkpoint"
     path: str | None = None  # checkpoint directory
+    expert_format: str = "dense"  # how the experts are held (a checkpoint: its own, see fmt())
+
+    def fmt(self):
+        """The ExpertFormat of the routed experts."""
+        if self.source == "checkpoint":
+            from jaxmoe.checkpoint.expert_format import read_format
+
+            return read_format(self.path)
+        from jaxmoe.quant import parse_format
+
+        return parse_format(self.expert_format)
+
+    @property
+    def label(self) -> str:
+        """The name, with the expert format when it is not dense."""
+        fmt = self.fmt().name
+        return self.name if fmt == "dense" else f"{self.name}/{fmt}"
 
     def hf_fields(self, dtype: str) -> dict:
         """The config.json dict of this model in `dtype` (a checkpoint keeps its own dtype)."""

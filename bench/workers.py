@@ -216,16 +216,16 @@ def worker_offload(spec: dict) -> dict:
 
 
 def worker_bandwidth(spec: dict) -> dict:
-    """Pinned H2D bandwidth with arrays shaped like this model's experts, for one expert and
-    for each decode demand (batch x top-k experts of one layer) in one call."""
+    """Pinned H2D bandwidth with buffers the size of this model's experts (in its format), for
+    one expert and for each decode demand (batch x top-k experts of one layer) in one call."""
     from bench import bandwidth
 
     check_jax_backend(spec["gpu"])
-    cfg = model_spec(spec).config(spec["dtype"])
+    m = model_spec(spec)
+    cfg = m.config(spec["dtype"])
     by_demand = {}
     for n in spec["demands"]:
-        by_demand[str(n)] = bandwidth.measure(cfg.hidden_size, cfg.expert_intermediate_size, cfg.dtype, n,
-                                              seed=spec["seed"])  # fmt: skip
+        by_demand[str(n)] = bandwidth.measure(B.expert_bytes(cfg, m.fmt()), n, seed=spec["seed"])
         b = by_demand[str(n)]
         log(f"bandwidth {cfg.dtype}: one expert {b['expert_bytes'] / 1e6:.2f} MB {b['one_expert_GBps']:.2f} GB/s; "
             f"{n} in one call {b['batched_GBps']:.2f} GB/s")  # fmt: skip

@@ -10,7 +10,7 @@ process per configuration.
   [--engines jaxmoe,hf,hf-accelerate] [--policies ondemand,lru,lfu,predictor] [--sweep-policies lru]
   [--budgets 0.25,0.5,3.8GB,4GiB,auto] [--device-budgets-gib 5,8,16] [--device-gib 80] [--workspace-gib G]
   [--batch 1,4,16] [--prompt-tokens 128,512,2048] [--prefill-modes stream,stream-serial,routed,injit]
-  [--dtypes bfloat16] [--new-tokens N] [--repeats R] [--accelerate-new-tokens N] [--accelerate-repeats R]
+  [--dtypes bfloat16] [--formats dense,int8,int4] [--new-tokens N] [--repeats R] [--accelerate-new-tokens N] [--accelerate-repeats R]
   [--cpu-threads T] [--seed S] [--out-dir docs/bench] [--name STEM] [--no-plots]
   [--resume] [--stop-after SECONDS] [--worker-timeout SECONDS] [--json]
 
@@ -29,6 +29,7 @@ left to run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -42,6 +43,7 @@ from bench import budgets as B  # noqa: E402
 from bench import matrix, plots, workers  # noqa: E402
 from bench.report import make_report, markdown  # noqa: E402
 from bench.shapes import DEFAULT_CHECKPOINT, SHAPES, resolve  # noqa: E402
+from jaxmoe.quant import parse_format  # noqa: E402
 
 ENGINES = ("jaxmoe", "hf", "hf-accelerate")
 POLICIES = ("ondemand", "lru", "lfu", "predictor")
@@ -64,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "directories (default: olmoe-small,jaxmoe-tiny on CPU, olmoe-1b-7b on GPU)")
     p.add_argument("--model", action="append", default=[], help="a converted jaxmoe checkpoint (repeatable)")
     p.add_argument("--dtypes", default="bfloat16", help="comma list (checkpoints keep their own dtype)")
+    p.add_argument("--formats", default="dense", help="expert formats, comma list of dense, int8, int4, int4-gN "
+                   "(checkpoints keep their own; transformers rows only for dense)")
     p.add_argument("--engines", default=",".join(ENGINES), help="comma list of: " + ",".join(ENGINES))
     p.add_argument("--policies", default=",".join(POLICIES), help="offload policies, comma list ('' for none)")
     p.add_argument("--sweep-policies", default="lru", help="policies also run at the other batch/prompt points")
@@ -99,8 +103,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                                                  else CPU_MODELS))
     try:
         args.models = [resolve(m) for m in names + args.model]
+        formats = [parse_format(f).name for f in _list(args.formats)]
     except ValueError as e:
         p.error(str(e))
+    args.models = [m if m.source == "checkpoint" else dataclasses.replace(m, expert_format=f)
+                   for m in args.models for f in (formats if m.source != "checkpoint" else [None])]  # fmt: skip
     args.dtypes, args.engines, args.policies = _list(args.dtypes), _list(args.engines), _list(args.policies)
     args.sweep_policies, args.prefill_modes = _list(args.sweep_policies), _list(args.prefill_modes)
     _check(p, "--engines", args.engines, ENGINES)

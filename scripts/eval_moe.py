@@ -1,7 +1,14 @@
-"""Evaluate a trained checkpoint on the held-out split of each corpus domain.
+"""Evaluate a checkpoint: perplexity on any text file, or on the held-out split of each corpus domain.
 
+  python scripts/eval_moe.py --model DIR --text FILE [--seq-len N] [--json]
   python scripts/eval_moe.py --model checkpoints/jaxmoe-tiny [--data data/corpus] [--json]
 
+With --text: the file is tokenized with the model's tokenizer and scored in strided
+windows (every scored token has at least seq_len/2 tokens of context; seq_len from the
+checkpoint's training.json, else 256). JSON: {"model", "text", "tokens", "model_ppl",
+"expert_format"}. Compare a quantized checkpoint with its source on the same file.
+
+Without --text:
 Reports per domain the model's perplexity (strided windows: every scored token
 has at least seq_len/2 tokens of context) next to two add-k smoothed bigrams: one
 trained on exactly the training windows the model saw (the same tokens), one on
@@ -18,6 +25,8 @@ import json
 import math
 import sys
 from pathlib import Path
+
+import numpy as np
 
 try:
     import jaxmoe  # noqa: F401
@@ -64,13 +73,47 @@ def evaluate(model_dir: Path, data_dir: Path, cache: Path | None) -> dict:
     }
 
 
+def evaluate_text(model_dir: Path, text_file: Path, seq_len: int | None) -> dict:
+    """Perplexity of the model on `text_file`, in strided windows of `seq_len` tokens."""
+    loaded = load(model_dir)
+    if loaded.tokenizer_path is None:
+        raise ValueError(f"{model_dir}: no tokenizer.json to read {text_file} with")
+    if seq_len is None:
+        training = model_dir / "training.json"
+        seq_len = json.loads(training.read_text())["run"]["seq_len"] if training.is_file() else 256
+    text = text_file.read_text(encoding="utf-8", errors="replace")
+    ids = np.asarray(load_tokenizer(loaded.tokenizer_path).encode(text).ids, np.int32)
+    scored = seq_len // 2
+    if len(ids) < seq_len + 1:
+        raise ValueError(f"{text_file}: {len(ids)} tokens, fewer than one window of {seq_len + 1} (--seq-len)")
+    windows = strided_windows(ids, seq_len, scored)
+    nll, _, _ = model_nll(loaded, windows, scored)
+    n = windows.shape[0] * scored
+    return {"model": str(model_dir), "text": str(text_file), "tokens": int(n), "model_ppl": math.exp(nll / n),
+            "expert_format": loaded.expert_format.name, "seq_len": seq_len}  # fmt: skip
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=ROOT / "checkpoints" / "jaxmoe-tiny")
+    p.add_argument("--text", type=Path, help="score this text file instead of the corpus split")
+    p.add_argument("--seq-len", type=int, help="--text: window length (default: the model's training length)")
     p.add_argument("--data", type=Path, default=ROOT / "data" / "corpus")
     p.add_argument("--token-cache", type=lambda s: Path(s) if s else None, default=ROOT / "data" / "tokens")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     args = p.parse_args(argv)
+    if args.text is not None:
+        if not args.text.is_file():
+            p.error(f"--text {args.text}: no such file")
+        try:
+            report = evaluate_text(args.model, args.text, args.seq_len)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(json.dumps(report) if args.json else
+              f"{report['text']}: {report['tokens']} tokens scored, perplexity {report['model_ppl']:.2f} "
+              f"({report['expert_format']} experts)")  # fmt: skip
+        return 0
     report = evaluate(args.model, args.data, args.token_cache)
     if args.json:
         print(json.dumps(report))

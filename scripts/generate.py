@@ -31,6 +31,7 @@ from jaxmoe.engine import ContextError, ResidentEngine, SamplingParams
 from jaxmoe.engine.offloaded import OffloadedEngine
 from jaxmoe.engine.resident import check_fits
 from jaxmoe.offload.cache import BudgetError
+from jaxmoe.checkpoint.expert_format import read_format
 from jaxmoe.offload.host_store import HostMemoryError, total_expert_bytes
 from jaxmoe.offload.driver import Amortize
 from jaxmoe.offload.expert_maps import MapsMismatch
@@ -133,7 +134,8 @@ def build_engine(path: Path, args: argparse.Namespace):
     if args.expert_budget_gb is not None:
         budget = round(args.expert_budget_gb * 1e9)
     else:
-        budget = round(args.expert_budget_frac * total_expert_bytes(load_hf_config(path)))
+        cfg = load_hf_config(path)
+        budget = round(args.expert_budget_frac * total_expert_bytes(cfg, read_format(path, cfg)))
     policy, predictor = choose_policy(Path(path), args.policy, args.predictor)
     if args.maps is not None and not policy_class(policy).maps:
         raise ValueError(f"--maps needs --policy maps, not --policy {policy}")
@@ -244,7 +246,8 @@ def main(argv=None) -> int:
         prefill = ""
         if m["policy"] != "resident":
             prefill = f" ({m['prefill_mode']} prefill, {m['prefill_h2d_bytes'] / 1e6:.1f} MB)"
-        print(f"[ttft {m['ttft_ms']:.1f} ms{prefill}, decode {tps} tok/s{cache}]", file=sys.stderr)
+        print(f"[ttft {m['ttft_ms']:.1f} ms{prefill}, decode {tps} tok/s, {m['expert_format']} experts{cache}]",
+              file=sys.stderr)  # fmt: skip
     return 0
 
 

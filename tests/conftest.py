@@ -20,7 +20,18 @@ def _has_gpu() -> bool:
         return False
 
 
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="also run the tests marked slow")
+
+
 def pytest_collection_modifyitems(config, items):
+    # Slow cases repeat what a fast representative in the default run already covers
+    # (another family, budget or batch); --slow (or JAXMOE_SLOW_TESTS=1) runs them too.
+    if not (config.getoption("--slow") or os.environ.get("JAXMOE_SLOW_TESTS") == "1"):
+        skip_slow = pytest.mark.skip(reason="slow: run with --slow")
+        for item in items:
+            if item.get_closest_marker("slow"):
+                item.add_marker(skip_slow)
     if any(item.get_closest_marker("gpu") for item in items) and not _has_gpu():
         skip = pytest.mark.skip(reason="needs a CUDA GPU")
         for item in items:

@@ -56,9 +56,9 @@ def test_params_file_round_trips(tiny):
 def test_pinned_store_matches_the_stacks(tiny):
     _, experts, path = tiny
     store = HostExpertStore.from_checkpoint(path, load_hf_config(path))
-    assert store.get(2, 5).w_gate_up.sharding.memory_kind == "pinned_host"
-    np.testing.assert_array_equal(np.asarray(store.get(2, 5).w_gate_up), np.asarray(experts[2].w_gate_up[5]))
-    np.testing.assert_array_equal(np.asarray(store.get(3, 15).w_down), np.asarray(experts[3].w_down[15]))
+    assert store.get(2, 5).sharding.memory_kind == "pinned_host"
+    np.testing.assert_array_equal(store.weights(2, 5).w_gate_up, np.asarray(experts[2].w_gate_up[5]))
+    np.testing.assert_array_equal(store.weights(3, 15).w_down, np.asarray(experts[3].w_down[15]))
 
 
 def test_a_config_that_does_not_match_is_named(tiny, tmp_path):
@@ -96,4 +96,4 @@ def test_shipped_orbax_checkpoint_loads_a_layer_at_a_time():
     )
     assert_same((str_keys(dense), experts), (whole["dense"], want))
     store = HostExpertStore.from_checkpoint(SHIPPED, cfg)
-    np.testing.assert_array_equal(np.asarray(store.get(5, 7).w_down), np.asarray(want[5].w_down[7]))
+    np.testing.assert_array_equal(store.weights(5, 7).w_down, np.asarray(want[5].w_down[7]))

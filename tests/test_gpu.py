@@ -32,7 +32,7 @@ dev = jax.devices()[0]
 before = dev.memory_stats()["bytes_in_use"]
 engine = OffloadedEngine.from_checkpoint(sys.argv[1], int(sys.argv[2]), "lru")
 after_load = dev.memory_stats()
-kinds = sorted({w.sharding.memory_kind for key in engine.store.keys() for w in engine.store.get(*key)})
+kinds = sorted({engine.store.get(*key).sharding.memory_kind for key in engine.store.keys()})
 prompt, new = [[5, 6, 7, 8] * 24], 32
 result = engine.generate(prompt, new)
 from jaxmoe.engine.buckets import cache_bucket, prompt_bucket
@@ -100,9 +100,8 @@ def test_a_copy_issued_before_a_dispatched_program_overlaps_it():
     cfg = from_hf_dict({"architectures": ["OlmoeForCausalLM"], "vocab_size": 64, "hidden_size": 2048,
                         "intermediate_size": 1024, "num_hidden_layers": 1, "num_attention_heads": 16,
                         "num_experts": 32, "num_experts_per_tok": 8, "dtype": "bfloat16"})  # fmt: skip
-    pinned = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
-    w = jnp.ones((2048, 2048), jnp.bfloat16), jnp.ones((1024, 2048), jnp.bfloat16)
-    store = HostExpertStore(cfg, {(0, e): ExpertWeights(*jax.device_put(w, pinned)) for e in range(32)})
+    w = ExpertWeights(jnp.ones((32, 2048, 2048), jnp.bfloat16), jnp.ones((32, 1024, 2048), jnp.bfloat16))
+    store = HostExpertStore.from_stacks(cfg, [w])
     cache = DeviceExpertCache(store, 25 * store.expert_bytes, make_policy("lru"), unique_max=8)
     big = jnp.ones((8192, 8192), jnp.bfloat16)
     work = jax.jit(lambda a: jax.lax.fori_loop(0, 12, lambda i, y: (y @ a) * 1e-4, a))

@@ -122,7 +122,7 @@ def test_from_checkpoint_restores_experts_into_pinned_host_memory(hf_checkpoint,
     path = convert_hf(src, tmp_path / "ckpt", progress=False)
     cfg, *_, store = setup("olmoe")
     engine = OffloadedEngine.from_checkpoint(path, budgets("olmoe", 3)["min+4"] * store.expert_bytes, "lfu")
-    assert engine.store.get(0, 3).w_gate_up.sharding.memory_kind == "pinned_host"
+    assert engine.store.get(0, 3).sharding.memory_kind == "pinned_host"
     assert engine.generate(PROMPTS[:3], 16).token_ids == resident_tokens("olmoe", 3, 16)
 
 
@@ -178,10 +178,10 @@ def test_bf16_matches_resident(budget):
 
 
 def test_the_pool_is_updated_in_place():
-    """The pool is donated to each expert program: the previous buffers are gone, not copied."""
+    """The pool is donated to the programs that write it: the previous buffer is gone, not copied."""
     cfg, model, _, store = setup("olmoe")
     engine = OffloadedEngine(cfg, model, store, budgets("olmoe", 1)["min+4"] * store.expert_bytes, "lru")
     engine.generate(PROMPTS[:1], 2)
     before = engine.cache.pool
     engine.generate(PROMPTS[:1], 2)
-    assert all(a.is_deleted() for a in before) and not any(a.is_deleted() for a in engine.cache.pool)
+    assert before.is_deleted() and not engine.cache.pool.is_deleted()

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import jax
+import numpy as np
 from tqdm import tqdm
 
 from jaxmoe.checkpoint.assemble import (
@@ -29,10 +30,12 @@ from jaxmoe.checkpoint.assemble import (
     plan_tensors,
 )
 from jaxmoe.checkpoint.atomic import atomic_directory
+from jaxmoe.checkpoint.expert_format import write_format
 from jaxmoe.checkpoint.params_file import ParamsWriter, expected
 from jaxmoe.checkpoint.safetensors_io import SafetensorsCheckpoint
 from jaxmoe.config import MoEConfig, load_hf_config
 from jaxmoe.model import dense_shapes
+from jaxmoe.quant import DENSE, ExpertFormat, packed_rows
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -65,18 +68,27 @@ def _copy_side_files(src: Path, dst: Path) -> None:
             shutil.copyfile(src / name, dst / name)
 
 
-def _write_params(dst: Path, cfg: MoEConfig, plan: TensorPlan, read) -> None:
-    """params.safetensors: each dense tensor, then each layer's experts, written as it is made."""
+def _write_params(dst: Path, cfg: MoEConfig, plan: TensorPlan, read, fmt: ExpertFormat = DENSE) -> None:
+    """params.safetensors: each dense tensor, then each layer's experts (quantized and packed
+    when `fmt` asks), written as it is made."""
     dtype = np_dtype(cfg.dtype)  # conversion stores every weight in the config's dtype
-    with ParamsWriter(dst, {name: (shape, dtype) for name, (shape, _) in expected(cfg).items()}) as out:
+    specs = {name: (shape, dt if fmt.kind != "dense" and dt == np.uint8 else dtype)
+             for name, (shape, dt) in expected(cfg, fmt).items()}  # fmt: skip
+    with ParamsWriter(dst, specs) as out:
         for name, target in plan.dense.items():
             out.dense(target.path, dense_value(target, read(name), dtype))
         for layer in cfg.moe_layer_ids:
-            out.experts(layer, layer_experts(cfg, plan, layer, read))
+            # No name holds a layer's experts past its write, so the next layer is built
+            # after this one is freed (peak: one layer, not two).
+            if fmt.kind == "dense":
+                out.experts(layer, layer_experts(cfg, plan, layer, read))
+            else:
+                out.packed(layer, np.stack(list(packed_rows(cfg, layer_experts(cfg, plan, layer, read), fmt))))
 
 
-def convert_hf(src: str | Path, dst: str | Path, progress: bool = True) -> Path:
-    """Convert `src` (config.json + safetensors) into a new jaxmoe checkpoint at `dst`.
+def convert_hf(src: str | Path, dst: str | Path, progress: bool = True, fmt: ExpertFormat = DENSE) -> Path:
+    """Convert `src` (config.json + safetensors) into a new jaxmoe checkpoint at `dst`, its
+    routed experts quantized when `fmt` is int8 or int4.
 
     Raises ConfigError for configs jaxmoe cannot run and CheckpointError for
     weights that do not match the config; both name the offending file.
@@ -85,6 +97,10 @@ def convert_hf(src: str | Path, dst: str | Path, progress: bool = True) -> Path:
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise CheckpointError(f"{dst}: already exists and is not empty; choose a new destination")
     cfg = load_hf_config(src)
+    try:
+        fmt.check(cfg)
+    except ValueError as e:
+        raise CheckpointError(f"{src}/config.json: {e}") from e
     with SafetensorsCheckpoint(src) as weights:
         plan = plan_tensors(cfg, weights.names, weights.shape_of, str(weights.source))  # before any write
         total = len(plan.dense) + sum(len(names) for names in plan.experts.values())
@@ -95,6 +111,7 @@ def convert_hf(src: str | Path, dst: str | Path, progress: bool = True) -> Path:
             return weights.read(name)
 
         with bar, atomic_directory(dst) as tmp:
-            _write_params(tmp, cfg, plan, read)
+            _write_params(tmp, cfg, plan, read, fmt)
             _copy_side_files(src, tmp)
+            write_format(tmp, fmt, source=str(src))
     return dst

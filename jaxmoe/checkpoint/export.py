@@ -17,6 +17,7 @@ import numpy as np
 
 from jaxmoe.checkpoint.assemble import CheckpointError, np_dtype
 from jaxmoe.checkpoint.atomic import atomic_directory
+from jaxmoe.checkpoint.expert_format import read_format
 from jaxmoe.checkpoint.convert import TOKENIZER_FILES
 from jaxmoe.checkpoint.hf_keys import ExpertTarget, dense_targets, expert_targets
 from jaxmoe.checkpoint.params_file import dense_name, expected
@@ -74,6 +75,12 @@ def export_hf(src: str | Path, dst: str | Path) -> Path:
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise CheckpointError(f"{dst}: already exists and is not empty; choose a new destination")
     cfg = load_hf_config(src)
+    fmt = read_format(src, cfg)
+    if fmt.kind != "dense":
+        raise CheckpointError(
+            f"{src}: its experts are quantized ({fmt.name}); export_hf writes dense checkpoints that "
+            "transformers loads: export the checkpoint it was quantized from"
+        )
     hf = json.loads((src / "config.json").read_text())
     hf["dtype"] = cfg.dtype  # what the tensors are stored in
     gen_path = src / "generation_config.json"

@@ -4,6 +4,8 @@ and two per MoE layer.
   dense.<key path>          e.g. dense.layers.0.self_attn.q_proj.kernel (the pure dict's keys)
   experts.<layer>.w_gate_up [E, D, 2I]
   experts.<layer>.w_down    [E, I, D]
+  experts.<layer>.packed    [E, bytes] uint8, instead of the two above when the experts are
+                            quantized (expert_format.json): each row one expert's buffer
 
 Safetensors rather than Orbax because every tensor's place in the file is fixed by
 the header: a writer emits each tensor (or one layer's experts) as soon as it exists
@@ -24,6 +26,7 @@ from jaxmoe.checkpoint.safetensors_io import SafetensorsFile
 from jaxmoe.checkpoint.safetensors_write import SafetensorsWriter
 from jaxmoe.config import MoEConfig
 from jaxmoe.model import ExpertWeights, dense_shapes
+from jaxmoe.quant import DENSE, ExpertFormat
 
 FILE = "params.safetensors"
 
@@ -57,11 +60,18 @@ def expert_names(layer: int) -> tuple[str, str]:
     return f"experts.{layer}.w_gate_up", f"experts.{layer}.w_down"
 
 
-def expected(cfg: MoEConfig) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Every tensor the config implies: name -> (shape, dtype the model computes in)."""
+def packed_name(layer: int) -> str:
+    return f"experts.{layer}.packed"
+
+
+def expected(cfg: MoEConfig, fmt: ExpertFormat = DENSE) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Every tensor the config (and expert format) implies: name -> (shape, dtype)."""
     specs = {dense_name(p): (tuple(s.shape), np.dtype(s.dtype)) for p, s in leaves(dense_shapes(cfg))}
     e, d, i, dtype = cfg.num_experts, cfg.hidden_size, cfg.expert_intermediate_size, np_dtype(cfg.dtype)
     for layer in cfg.moe_layer_ids:
+        if fmt.kind != "dense":
+            specs[packed_name(layer)] = ((e, fmt.nbytes(cfg)), np.dtype(np.uint8))
+            continue
         gate_up, down = expert_names(layer)
         specs[gate_up], specs[down] = ((e, d, 2 * i), dtype), ((e, i, d), dtype)
     return specs
@@ -89,6 +99,10 @@ class ParamsWriter:
         for name, value in zip(expert_names(layer), weights):
             self._file.write(name, value)
 
+    def packed(self, layer: int, rows: np.ndarray) -> None:
+        """A quantized layer: one packed byte row per expert."""
+        self._file.write(packed_name(layer), rows)
+
     def close(self) -> None:
         self._file.close()
 
@@ -110,6 +124,10 @@ class ParamsSource:
     def experts(self, layer: int) -> ExpertWeights:
         raise NotImplementedError
 
+    def packed(self, layer: int) -> np.ndarray:
+        """A quantized checkpoint's layer: [E, bytes] uint8, one row per expert."""
+        raise CheckpointError(f"{self}: a dense checkpoint has no packed experts")
+
     def close(self) -> None:
         pass
 
@@ -124,10 +142,10 @@ class ParamsReader(ParamsSource):
     """Read `directory/params.safetensors`. Names and shapes are checked against the config
     when the reader opens, before anything is read."""
 
-    def __init__(self, directory: str | Path, cfg: MoEConfig):
-        self.cfg = cfg
+    def __init__(self, directory: str | Path, cfg: MoEConfig, fmt: ExpertFormat = DENSE):
+        self.cfg, self.format = cfg, fmt
         self._file = SafetensorsFile(Path(directory) / FILE)
-        self._specs = expected(cfg)
+        self._specs = expected(cfg, fmt)
         config = Path(directory) / "config.json"
         stored = self._file.entries
         missing = [n for n in self._specs if n not in stored]
@@ -152,7 +170,14 @@ class ParamsReader(ParamsSource):
             yield path, self._read(dense_name(path))
 
     def experts(self, layer: int) -> ExpertWeights:
+        if self.format.kind != "dense":
+            raise CheckpointError(f"{self._file.path}: the experts are {self.format.name}: read them packed")
         return ExpertWeights(*(self._read(name) for name in expert_names(layer)))
+
+    def packed(self, layer: int) -> np.ndarray:
+        if self.format.kind == "dense":
+            raise CheckpointError(f"{self._file.path}: the experts are dense: there is nothing packed")
+        return self._read(packed_name(layer))
 
     def close(self) -> None:
         self._file.close()

@@ -24,12 +24,16 @@ from typing import Iterator
 
 import jax
 
+import numpy as np
+
 from jaxmoe.checkpoint.assemble import CheckpointError
+from jaxmoe.checkpoint.expert_format import read_format
 from jaxmoe.checkpoint.legacy_params import DIRECTORY as LEGACY_DIRECTORY
 from jaxmoe.checkpoint.legacy_params import OrbaxParamsReader
 from jaxmoe.checkpoint.params_file import FILE, ParamsReader, ParamsSource, ParamsWriter, leaves
 from jaxmoe.config import MoEConfig, load_hf_config
 from jaxmoe.model import ExpertWeights, MoEDecoder, build_model
+from jaxmoe.quant import ExpertFormat, packed_experts
 
 
 def save_params(path: str | Path, dense: dict, experts: tuple[ExpertWeights | None, ...]) -> None:
@@ -46,18 +50,23 @@ def open_params(path: str | Path, cfg: MoEConfig) -> ParamsSource:
     """The checkpoint's weights, in either layout, read on demand (see ParamsSource)."""
     path = Path(path)
     if (path / FILE).is_file():
-        return ParamsReader(path, cfg)
+        return ParamsReader(path, cfg, read_format(path, cfg))
     if (path / LEGACY_DIRECTORY).is_dir():
         return OrbaxParamsReader(path, cfg)
     raise CheckpointError(f"{path}: no {FILE} (convert the model with scripts/convert_hf.py)")
 
 
-def expert_layers(path: str | Path, cfg: MoEConfig) -> Iterator[ExpertWeights | None]:
-    """Per layer, its expert stacks as host numpy (None for dense layers), read when asked for:
-    a consumer that drops each before asking for the next holds one layer."""
+def expert_layers(path: str | Path, cfg: MoEConfig) -> Iterator[ExpertWeights | np.ndarray | None]:
+    """Per layer, its experts as host numpy (None for dense layers), read when asked for: the
+    stacks of a dense checkpoint, the packed rows [E, bytes] of a quantized one. A consumer
+    that drops each before asking for the next holds one layer."""
+    packed = read_format(path, cfg).kind != "dense"
     with open_params(path, cfg) as params:
         for layer in range(cfg.num_layers):
-            yield params.experts(layer) if cfg.moe_layers[layer] else None
+            if not cfg.moe_layers[layer]:
+                yield None
+            else:
+                yield params.packed(layer) if packed else params.experts(layer)
 
 
 def place(values, sharding):
@@ -88,26 +97,34 @@ def restore_dense(path: str | Path, cfg: MoEConfig) -> dict:
 
 def restore_params(
     path: str | Path, cfg: MoEConfig, sharding: jax.sharding.Sharding | None = None
-) -> tuple[dict, tuple[ExpertWeights | None, ...]]:
-    """(dense pure dict, per-layer experts) as jax arrays.
+) -> tuple[dict, tuple]:
+    """(dense pure dict, per-layer experts) as jax arrays: ExpertWeights stacks, or for a
+    quantized checkpoint PackedExperts over each layer's byte rows.
 
     Dense weights go to the default device; `sharding` places the routed experts
     (default: the default device too), one layer at a time.
     """
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    fmt = read_format(path, cfg)
     dense = restore_dense(path, cfg)
-    experts = tuple(None if w is None else place(w, sharding) for w in expert_layers(path, cfg))
-    return dense, experts
+
+    def placed(w):
+        if w is None:
+            return None
+        return place(w, sharding) if fmt.kind == "dense" else packed_experts(place(w, sharding), fmt, cfg)
+
+    return dense, tuple(placed(w) for w in expert_layers(path, cfg))
 
 
 @dataclasses.dataclass(frozen=True)
 class LoadedModel:
     config: MoEConfig
     model: MoEDecoder  # dense weights
-    experts: tuple[ExpertWeights | None, ...] | None  # routed experts per layer; None when not loaded
+    experts: tuple | None  # routed experts per layer (ExpertWeights or PackedExperts); None when not loaded
     generation_config: dict
     tokenizer_path: Path | None  # tokenizer.json, when the checkpoint has one
     path: Path
+    expert_format: ExpertFormat
 
 
 def load(path: str | Path, sharding: jax.sharding.Sharding | None = None, experts: bool = True) -> LoadedModel:
@@ -133,4 +150,5 @@ def load(path: str | Path, sharding: jax.sharding.Sharding | None = None, expert
         generation_config=json.loads(gen.read_text()) if gen.is_file() else {},
         tokenizer_path=tokenizer if tokenizer.is_file() else None,
         path=path,
+        expert_format=read_format(path, cfg),
     )

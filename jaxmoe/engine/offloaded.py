@@ -144,8 +144,10 @@ class OffloadedEngine:
         from jaxmoe.offload.host_store import ensure_host_memory, total_expert_bytes
         from jaxmoe.config import load_hf_config
 
+        from jaxmoe.checkpoint.expert_format import read_format
+
         cfg = load_hf_config(path)
-        ensure_host_memory(total_expert_bytes(cfg))  # before anything is allocated
+        ensure_host_memory(total_expert_bytes(cfg, read_format(path, cfg)))  # before anything is allocated
         loaded = load(path, experts=False)
         store = HostExpertStore.from_checkpoint(path, cfg)
         if predictor is not None:
@@ -188,9 +190,7 @@ class OffloadedEngine:
         index, step = spec((batch,), jnp.int32), spec((), jnp.int32)
         self.executor.compile("first_token", first_token, {"sampling": sampling}, (), self.ends, x, index, root, step)
         if max_new_tokens > 1:
-            decoder = OffloadedDecoder(self, sampling)
-            decoder.compile(batch, cache_len)
-            self.cache.prepare_load()
+            OffloadedDecoder(self, sampling).compile(batch, cache_len)
         return plan
 
     def reset_cache(self) -> None:
@@ -330,7 +330,8 @@ class OffloadedEngine:
             # The prefill's token is read once; each decode token once per program run.
             "host_syncs_per_token": d.runs / d.tokens if d.tokens else None,
             "resumes_per_token": d.resumes / d.tokens if d.tokens else None,
-            "expert_format": self.config.dtype,
+            "expert_format": self.store.format.name,
+            "expert_bytes": self.store.expert_bytes,
             **self._prefill_metrics(prefill_h2d, prefill_stall, stream),
         }
         return GenerationResult(out.token_ids, metrics)

@@ -26,18 +26,32 @@ import numpy as np
 
 from jaxmoe.engine.step import decode_step
 from jaxmoe.model import init_kv_cache
-from jaxmoe.offload.cache import pool_experts
+from jaxmoe.offload.cache import pool_experts, write_slots
+
+DONATE = (3, 4)  # the KV cache and the pool: updated in place
 
 
-def offloaded_step(model, tok, positions, valid, kv, pool, table, start, x_start, root, step, scorer_leaves,
-                   *, sampling, scorer, picks):  # fmt: skip
-    """decode_step on tok [B] at positions [B], with the cache's pool standing for every MoE
-    layer's experts; also returns the next step's positions and step (used after a run
-    that completed the token), so the host feeds device arrays straight back in."""
-    experts = [pool_experts(pool, model.cfg.dtype) if moe else None for moe in model.cfg.moe_layers]
+def offloaded_step(model, tok, positions, valid, kv, pool, staged, staged_slots, table, start, x_start, root, step,
+                   scorer_leaves, *, sampling, scorer, picks, fmt):  # fmt: skip
+    """decode_step on tok [B] at positions [B] with the cache's pool standing for every MoE
+    layer's experts, after writing into the pool (in place) the copies the cache staged;
+    also returns the pool, and the next step's positions and step (used after a run that
+    completed the token), so the host feeds device arrays straight back in."""
+    pool = write_slots(pool, staged, staged_slots)
+    experts = [pool_experts(pool, fmt, model.cfg) if moe else None for moe in model.cfg.moe_layers]
     out = decode_step(model, tok[:, None], positions[:, None], valid, kv, experts, table, start, x_start, root,
                       step, scorer_leaves, sampling=sampling, scorer=scorer, picks=picks)  # fmt: skip
-    return out, positions + 1, step + 1
+    # What the host reads, as one int32 array (one transfer): first miss, tokens, routing ids,
+    # picks; the picks' probabilities apart (fp32).
+    report = jnp.concatenate([out.first_miss[None], out.token, out.ids.reshape(-1), out.picks.reshape(-1)])
+    return out, pool, report, out.probs, positions + 1, step + 1
+
+
+def read_report(report: np.ndarray, layers: int, batch: int, k: int, picks: int):
+    """The host side of offloaded_step's report: (first_miss, tokens [B], ids [L, B, K], picks [L, B, P])."""
+    ids_end = 1 + batch + layers * batch * k
+    return (int(report[0]), report[1 : 1 + batch], report[1 + batch : ids_end].reshape(layers, batch, k),
+            report[ids_end:].reshape(layers, batch, picks))  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -59,12 +73,13 @@ class OffloadedDecoder:
         """The step program's static arguments; `predict` False: the variant without the scorer."""
         room = self.engine.cache.schedule.prefetch_staging > 0
         predictor = self.engine.predictor if room and predict else None
-        return {"sampling": self.sampling, "scorer": predictor, "picks": self.cfg.top_k if predictor else 0}
+        return {"sampling": self.sampling, "scorer": predictor, "picks": self.cfg.top_k if predictor else 0,
+                "fmt": self.engine.store.format}  # fmt: skip
 
-    def args(self, tok, positions, valid, kv, start, x_start, root, step, predict: bool = True) -> tuple:
-        cache, static = self.engine.cache, self.static(predict)
+    def args(self, tok, positions, valid, kv, start, x_start, root, step, cache_inputs, predict=True) -> tuple:
+        static = self.static(predict)
         leaves = static["scorer"].leaves if static["scorer"] else ()
-        return (tok, positions, valid, tuple(kv), cache.pool, cache.table(), start, x_start, root, step, leaves)
+        return (tok, positions, valid, tuple(kv), *cache_inputs, start, x_start, root, step, leaves)
 
     def compile(self, batch: int, cache_len: int) -> None:
         """The step program for this batch from shapes (prepare); with amortised prediction
@@ -72,13 +87,17 @@ class OffloadedDecoder:
         spec, cfg = jax.ShapeDtypeStruct, self.cfg
         rows = spec((batch,), jnp.int32)
         kv = jax.eval_shape(lambda: init_kv_cache(cfg, batch, cache_len))
-        a = self.engine.amortize
-        for predict in (True, False) if a.every > 1 or a.below is not None else (True,):
+        cache = self.engine.cache
+        plain = lambda tree: jax.tree.map(lambda a: spec(a.shape, a.dtype), tree)  # noqa: E731
+        cache_inputs = plain((cache.pool, (cache.filler,) * cache.staging, jnp.zeros(cache.staging, jnp.int32),
+                              jnp.zeros((cfg.num_layers, cfg.num_experts), jnp.int32)))  # fmt: skip
+        for predict in (True, False) if self.engine.amortize.active else (True,):
             args = self.args(rows, rows, spec((batch,), jnp.bool_), kv, spec((), jnp.int32),
                              spec((batch, 1, cfg.hidden_size), jnp.dtype(cfg.dtype)),
-                             jax.eval_shape(lambda: jax.random.key(0)), spec((), jnp.int32), predict)  # fmt: skip
-            self.engine.executor.compile("step", offloaded_step, self.static(predict), (3,), self.engine.model_piece,
-                                         *args)  # fmt: skip
+                             jax.eval_shape(lambda: jax.random.key(0)), spec((), jnp.int32), cache_inputs,
+                             predict)  # fmt: skip
+            self.engine.executor.compile("step", offloaded_step, self.static(predict), DONATE,
+                                         self.engine.model_piece, *args)  # fmt: skip
 
     def start(self, positions: np.ndarray, max_new_tokens: int, first_tokens: np.ndarray | None = None) -> None:
         """Before the first decode step: the rows' positions [B] (the prompt lengths) and the
@@ -91,17 +110,25 @@ class OffloadedDecoder:
         # Dispatching ahead assumes recording hits moves no slot; a policy that evicts every
         # other layer as it goes (ondemand) would move slots the run ahead already used.
         self.dispatch_ahead = not self.engine.cache.schedule.policy.keep_only_current
+        self._programs = {}  # predict -> compiled step program
 
     def _dispatch(self, tok, kv: list, start: int, x_start, root, step: int):
-        b = tok.shape[0]
-        x_start = self.engine.zeros((b, 1, self.cfg.hidden_size)) if x_start is None else x_start
-        predict = self.engine.driver.predicting(step)
-        args = self.args(tok, self._positions, self._valid, kv, self.engine.scalar(start), x_start, root, self._step,
-                         predict)  # fmt: skip
-        out, next_positions, next_step = self.engine.executor.run(
-            "step", offloaded_step, self.static(predict), (3,), self.engine.model_piece, *args)  # fmt: skip
+        """Run the step program from `start`; returns (out, report, probs, positions, step, picks)."""
+        engine, b = self.engine, tok.shape[0]
+        x_start = engine.zeros((b, 1, self.cfg.hidden_size)) if x_start is None else x_start
+        predict = engine.driver.predicting(step)
+        args = self.args(tok, self._positions, self._valid, kv, engine.scalar(start), x_start, root, self._step,
+                         engine.cache.step_inputs(), predict)  # fmt: skip
+        program = self._programs.get(predict)
+        if program is None:  # looked up once per generate: a lookup per call costs a signature
+            program = self._programs[predict] = engine.executor.compile(
+                "step", offloaded_step, self.static(predict), DONATE, engine.model_piece, *args)  # fmt: skip
+        with engine.executor.clock.phase("dispatch"):
+            out, pool, *run = program(engine.model_piece.leaves, *args)
+        engine.executor.clock.device("compute", out)
         kv[:] = out.kv
-        return out, next_positions, next_step
+        engine.cache.step_outputs(pool)
+        return (out, *run, self.static(predict)["picks"])
 
     def token(self, step: int, tok: jax.Array, valid: np.ndarray, kv: list, root):
         """One decode step for tok [B] (on the device); `valid` [B] marks rows still
@@ -119,16 +146,17 @@ class OffloadedDecoder:
             run = self._dispatch(tok, kv, 0, None, root, step)
         start, loaded, planned = 0, False, None
         while True:
-            out, next_positions, next_step = run
+            out, report, probs, next_positions, next_step, picks_n = run
             read_start = time.perf_counter()
             with clock.phase("host_read"):  # the one host read of this run
-                first_miss, ids, picks, probs, tok_host = jax.device_get(
-                    (out.first_miss, out.ids, out.picks, out.probs, out.token))  # fmt: skip
+                report, probs = jax.device_get((report, probs)) if picks_n else (np.asarray(report), None)
+            first_miss, tok_host, ids, picks = read_report(report, self.cfg.num_layers, len(valid), self.cfg.top_k,
+                                                           picks_n)  # fmt: skip
+            probs = np.zeros(picks.shape, np.float32) if probs is None else probs
             if loaded:
                 self.counters.stall_s += time.perf_counter() - read_start
             self.counters.runs += 1
             self.counters.resumes += planned is not None
-            first_miss = int(first_miss)
             if first_miss == self.cfg.num_layers:
                 self.counters.tokens += 1
                 self._positions, self._step = next_positions, next_step

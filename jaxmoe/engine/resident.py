@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from jaxmoe.config import MoEConfig
+from jaxmoe.engine.executor import Piece
 from jaxmoe.engine.buckets import DEFAULT_PREFILL_CHUNK, cache_bucket, check_chunk, chunk_starts, prompt_bucket
 from jaxmoe.engine.metrics import device_peak_bytes, tree_bytes
 from jaxmoe.engine.outputs import TokenCollector, timing_metrics
@@ -28,6 +29,7 @@ from jaxmoe.engine.programs import Programs
 from jaxmoe.engine.sampling import SamplingParams, sample
 from jaxmoe.engine.step import decode_step
 from jaxmoe.model import ExpertWeights, MoEDecoder, init_kv_cache, moe_ffn
+from jaxmoe.quant import format_of
 
 
 class ContextError(ValueError):
@@ -89,7 +91,10 @@ class ResidentEngine:
     ):
         self.config = config
         self.prefill_chunk = check_chunk(prefill_chunk)
-        self.graphdef, self.state = nnx.split(model)
+        # The weights go in as a flat tuple: flattening the module's state on every call
+        # costs more host time than a decode step computes on a small model.
+        self.piece = Piece(model)
+        self.state = self.piece.leaves
         self.experts = tuple(experts)
         self.moe_fn = moe_fn
         self.programs = Programs()
@@ -100,21 +105,21 @@ class ResidentEngine:
     def _prefill_chunk(self, state, experts, tokens, start, lengths, last, kv):
         """One chunk tokens [B, C] at positions start.., through every layer; `last` [B, D]
         picks up the final-norm hidden state of each prompt's last token if it is here."""
-        model = nnx.merge(self.graphdef, state)
+        model = self.piece.merge(state)
         b, c = tokens.shape
         positions = start + jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (b, c))
         h, kv, _ = model(tokens, positions, kv, experts, self.moe_fn)
         return pick_last(h, start, lengths, last), kv
 
     def _first_token(self, state, last, lengths, root, sampling):
-        model = nnx.merge(self.graphdef, state)
+        model = self.piece.merge(state)
         tok = sample(model.logits(last), jax.random.fold_in(root, 0), sampling)
         return tok, lengths, jnp.ones((), jnp.int32)
 
     def _decode(self, state, experts, tokens, positions, step, kv, root, sampling):
         """The decode step the offloaded engine runs too (engine/step.py), with the layer
         stacks for experts and nothing missing: the same program, so the same numbers."""
-        model = nnx.merge(self.graphdef, state)
+        model = self.piece.merge(state)
         b = tokens.shape[0]
         x_start = jnp.zeros((b, 1, self.config.hidden_size), self.config.dtype)
         out = decode_step(model, tokens[:, None], positions[:, None], jnp.ones((b,), bool), kv, experts, None,
@@ -175,6 +180,7 @@ class ResidentEngine:
             "prefill_chunks": len(starts),
             "host_syncs_per_token": 1.0 if steps else None,  # the token, read once per step
             "resumes_per_token": 0.0 if steps else None,
-            "expert_format": self.config.dtype,
+            "expert_format": format_of(self.experts).name,
+            "expert_bytes": format_of(self.experts).nbytes(self.config),
         }
         return GenerationResult(out.token_ids, metrics)

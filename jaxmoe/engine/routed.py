@@ -35,7 +35,7 @@ def attend_route(layer, x, positions, kv):
     return x, kv, h, routing.ids, routing.weights
 
 
-def experts_pass(layer, x, h, slot_ids, in_pass, weights, y_prev, pool, staged, staged_slots, num_unique):
+def experts_pass(layer, x, h, slot_ids, in_pass, weights, y_prev, pool, staged, staged_slots, num_unique, fmt):
     """Scatter the staged copies into their slots, compute this pass's rows, finish the layer.
 
     Rows outside the pass keep y_prev, so after a layer's last pass y holds every row.
@@ -43,7 +43,7 @@ def experts_pass(layer, x, h, slot_ids, in_pass, weights, y_prev, pool, staged, 
     pool = write_slots(pool, staged, staged_slots)
     anchor = slot_ids.reshape(-1)[jnp.argmax(in_pass.reshape(-1))]  # any slot of this pass
     ids = jnp.where(in_pass, slot_ids, anchor)
-    y_pass = expert_rows(h, ids, pool_experts(pool, h.dtype), num_unique)
+    y_pass = expert_rows(h, ids, pool_experts(pool, fmt, layer.mlp.cfg), num_unique)
     y = jnp.where(in_pass[..., None], y_pass, y_prev)
     x = layer.finish_moe(x, h, combine(y, weights, h.dtype))
     return x, y, pool
@@ -78,7 +78,7 @@ def routed_chunk(engine, tokens, positions: np.ndarray, valid: np.ndarray, kv: l
                 slot_ids = table[ids_host]
                 in_pass = (slot_ids >= 0) & valid_rows[:, None]
             x, y, cache.pool = run(
-                "experts", experts_pass, {"num_unique": unique}, (6,), piece, x_in, h,
+                "experts", experts_pass, {"num_unique": unique, "fmt": cache.format}, (6,), piece, x_in, h,
                 jnp.asarray(np.maximum(slot_ids, 0)), jnp.asarray(in_pass), weights, y,
                 cache.pool, staged, jnp.asarray(staged_slots),
             )  # fmt: skip
@@ -105,5 +105,6 @@ def compile_routed(engine, batch: int, tokens: int, cache_len: int):
         unique = min(num_unique_experts(cfg.num_experts, n, k), cache.num_slots)
         args = (x_in, h, spec((n, k), jnp.int32), spec((n, k), jnp.bool_), weights,
                 spec((n, k, cfg.hidden_size), x.dtype), pool, staged, spec((cache.staging,), jnp.int32))  # fmt: skip
-        x = plain(compile_("experts", experts_pass, {"num_unique": unique}, (6,), piece, *args).out_info[0])
+        static = {"num_unique": unique, "fmt": cache.format}
+        x = plain(compile_("experts", experts_pass, static, (6,), piece, *args).out_info[0])
     return x

@@ -46,23 +46,26 @@ def _dense_chunk(layer, x, positions, start, kv, chunk):
     return jax.lax.dynamic_update_slice_in_dim(x, xc, start, axis=1), kv
 
 
-def _moe_chunk(layer, x, positions, valid, start, kv, counts, experts, chunk):
-    """One chunk through one MoE layer with every expert of the layer at hand;
+def _moe_chunk(layer, x, positions, valid, start, kv, counts, experts, chunk, fmt):
+    """One chunk through one MoE layer with every expert of the layer at hand (one buffer
+    each, in `fmt`, unpacked here one at a time: never the layer at once);
     `counts` [E] accumulates how many valid tokens chose each expert."""
     xc = jax.lax.dynamic_slice_in_dim(x, start, chunk, axis=1)
     pc = jax.lax.dynamic_slice_in_dim(positions, start, chunk, axis=1)
     vc = jax.lax.dynamic_slice_in_dim(valid, start, chunk, axis=1).reshape(-1)  # [B*C]
     xc, kv, h, routing = layer.attend_and_route(xc, pc, kv)
-    y = expert_rows_from(h, routing.ids, experts)  # [B*C, K, D]
+    cfg = layer.mlp.cfg
+    weights = [fmt.unpack(cfg, buffer[None]) for buffer in experts]
+    y = expert_rows_from(h, routing.ids, [(w.w_gate_up[0], w.w_down[0]) for w in weights])  # [B*C, K, D]
     xc = layer.finish_moe(xc, h, combine(y, routing.weights, h.dtype))
     chosen = jax.nn.one_hot(routing.ids, len(experts), dtype=jnp.int32) * vc[:, None, None]  # [B*C, K, E]
     counts = counts + jnp.sum(chosen, axis=(0, 1))
     return jax.lax.dynamic_update_slice_in_dim(x, xc, start, axis=1), kv, counts
 
 
-def _moe_chunk_fetch(layer, x, positions, valid, start, kv, counts, experts, host_next, chunk):
+def _moe_chunk_fetch(layer, x, positions, valid, start, kv, counts, experts, host_next, chunk, fmt):
     """_moe_chunk that also copies the next MoE layer's experts (the injit variant)."""
-    x, kv, counts = _moe_chunk(layer, x, positions, valid, start, kv, counts, experts, chunk)
+    x, kv, counts = _moe_chunk(layer, x, positions, valid, start, kv, counts, experts, chunk, fmt)
     return x, kv, counts, fetch_in_jit(host_next)
 
 
@@ -122,6 +125,7 @@ class _StreamRun:
         self._wait_for_copies(layer)
         experts = tuple(self.layer_experts[layer][e] for e in range(self.cfg.num_experts))
         total = jnp.zeros((self.cfg.num_experts,), jnp.int32)
+        static = {**static, "fmt": self.cache.format}
         for start in self.starts[:-1] if self.fetch else self.starts:
             self.x, kv[layer], total = self.engine.executor.run(
                 "moe_chunk", _moe_chunk, static, (0, 4, 5), piece,
@@ -170,19 +174,20 @@ def compile_stream(engine, batch: int, p_len: int, chunk: int, cache_len: int, i
     x = spec((batch, p_len, cfg.hidden_size), jnp.dtype(cfg.dtype))
     positions, valid, start = tokens, spec((batch, p_len), jnp.bool_), spec((), jnp.int32)
     kv = jax.eval_shape(lambda: init_kv_cache(cfg, batch, cache_len)[0])
-    shapes = ((cfg.hidden_size, 2 * cfg.expert_intermediate_size), (cfg.expert_intermediate_size, cfg.hidden_size))
-    expert = tuple(spec(shape, x.dtype) for shape in shapes)
+    nbytes = engine.store.expert_bytes
+    expert = spec((nbytes,), jnp.uint8)
     pinned = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
-    host_expert = tuple(spec(shape, x.dtype, sharding=pinned) for shape in shapes)
+    host_expert = spec((nbytes,), jnp.uint8, sharding=pinned)
     counts = spec((cfg.num_experts,), jnp.int32)
     static = {"chunk": chunk}
+    moe_static = {**static, "fmt": engine.store.format}
     for layer, piece in enumerate(engine.layers):
         if cfg.moe_layers[layer]:
             args = (x, positions, valid, start, kv, counts, (expert,) * cfg.num_experts)
-            engine.executor.compile("moe_chunk", _moe_chunk, static, (0, 4, 5), piece, *args)
+            engine.executor.compile("moe_chunk", _moe_chunk, moe_static, (0, 4, 5), piece, *args)
             if in_jit:
                 host = (host_expert,) * cfg.num_experts
-                engine.executor.compile("moe_chunk_fetch", _moe_chunk_fetch, static, (0, 4, 5), piece, *args, host)
+                engine.executor.compile("moe_chunk_fetch", _moe_chunk_fetch, moe_static, (0, 4, 5), piece, *args, host)
         else:
             engine.executor.compile("dense_chunk", _dense_chunk, static, (0, 3), piece, x, positions, start, kv)
     return x

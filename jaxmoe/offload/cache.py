@@ -1,11 +1,11 @@
 """The device expert cache: the only place that moves expert bytes to the device.
 
 Memory, all counted against the byte budget:
-  pool     [S, D, 2I] and [S, I, D]: S cached experts, preallocated, held as unsigned
-           integers of the weights' width and read through a bitcast (`pool_experts`):
-           XLA CPU writes a bf16 array by converting all of it to fp32 and back (6 ms
-           for 91 slots of the shipped model, 37 ms for 300), an integer one in place
-           (0.1 ms); the bits, and so the numbers, are the same
+  pool     [S, bytes] uint8: S cached experts, each one row holding its format's buffer
+           (jaxmoe/quant/format.py), preallocated; a program unpacks (and dequantizes)
+           only the rows it gathers (`pool_experts`). Bytes are also what XLA CPU
+           writes in place: it writes a bf16 array by converting all of it to fp32 and
+           back (6 ms for 91 slots of the shipped model, 37 ms for 300; 0.1 ms as integers)
   staging  copies in flight: `device_put` cannot write into an existing buffer, so a
            copy lands in its own buffer until a program writes it into its pool slot.
            At most the U experts one layer needs and P predicted for the next: U + P
@@ -14,10 +14,12 @@ Memory, all counted against the byte budget:
            gathers them out of the pool first: U experts of workspace in every step
 A budget of every expert plus that gather preloads them all: no copies.
 
-A decode step finds its experts through `table()` ([L, E] pool rows, -1 when absent),
-which is rebuilt from the schedule only when a plan changed it; `load` copies a set of
-plans' experts and writes them into the pool with one program. A routed prefill pass
-takes its copies as a staged list instead (`issue`). A streamed prefill moves whole
+A decode step finds its experts through a table ([L, E] pool rows, -1 when absent) on
+the device. `load` copies a set of plans' experts, the slots they go to and the new
+table with one batched `device_put`; the next step program writes them into the pool
+as it starts (`step_inputs`, then `step_outputs` with the pool it returns), so a miss
+costs one transfer call and no program of its own. A routed prefill pass takes its
+copies as a staged list too (`issue`). A streamed prefill moves whole
 layers outside this budget (at most two at once, see prefill_plan.py): `stream` sends
 a layer's experts and takes device copies of those already cached, `retain` keeps the
 prompt's most-used ones in the pool.
@@ -36,54 +38,37 @@ import numpy as np
 from jaxmoe.engine.metrics import fmt_bytes, tree_bytes
 from jaxmoe.engine.phases import PhaseClock
 from jaxmoe.engine.programs import Programs
-from jaxmoe.model import ExpertWeights, PackedExperts
+from jaxmoe.model import PackedExperts
 from jaxmoe.offload.host_store import HostExpertStore
 from jaxmoe.offload.policy import EvictionPolicy
 from jaxmoe.offload.schedule import PassPlan, Schedule
+from jaxmoe.quant import ExpertFormat, packed_experts
 
 
-def bits_dtype(dtype) -> np.dtype:
-    """The unsigned integer type a pool of `dtype` weights is held in."""
-    return {2: np.dtype(np.uint16), 4: np.dtype(np.uint32)}[jnp.dtype(dtype).itemsize]
+def pool_experts(pool: jax.Array, fmt: ExpertFormat, cfg) -> PackedExperts:
+    """Inside a program: the pool's rows as experts to compute with; only the rows the
+    program gathers are unpacked (unpacking the whole pool outside a layer's conditional
+    would be a copy of it)."""
+    return packed_experts(pool, fmt, cfg)
 
 
-@dataclasses.dataclass(frozen=True)
-class FromBits:
-    """Unpacks pool rows: their bits as `dtype` weights."""
-
-    dtype: str
-
-    def __call__(self, parts) -> ExpertWeights:
-        return ExpertWeights(*(jax.lax.bitcast_convert_type(part, self.dtype) for part in parts))
-
-
-def pool_experts(pool, dtype) -> PackedExperts:
-    """The pool as experts a program computes with: only the rows it gathers are bitcast
-    (a bitcast of the whole pool outside a layer's conditional would be a copy of it)."""
-    return PackedExperts(pool, FromBits(str(jnp.dtype(dtype))))
-
-
-def take_from_pool(pool, slot, dtype):  # the function's name is the program's name in a profile
-    return tuple(jax.lax.bitcast_convert_type(part[slot], dtype) for part in pool)
+def take_from_pool(pool, slot):  # the function's name is the program's name in a profile
+    return pool[slot]
 
 
 @jax.named_scope("pool_write")
-def write_slots(pool, staged, slots):
-    """Inside a jitted program: each staged (gate_up, down) into its pool slot (in place
-    when the pool is donated); a slot past the end (padding) is dropped."""
-    gate_up, down = pool
-    for (s_gate_up, s_down), slot in zip(staged, slots):
-        gate_up = gate_up.at[slot].set(jax.lax.bitcast_convert_type(s_gate_up, gate_up.dtype), mode="drop")
-        down = down.at[slot].set(jax.lax.bitcast_convert_type(s_down, down.dtype), mode="drop")
-    return gate_up, down
-
+def write_slots(pool: jax.Array, staged, slots):
+    """Inside a jitted program: each staged expert buffer into its pool row (in place when
+    the pool is donated); a slot past the end (padding) is dropped."""
+    for buffer, slot in zip(staged, slots):
+        pool = pool.at[slot].set(buffer, mode="drop")
+    return pool
 
 
 def fetch_in_jit(host_experts):
-    """Inside a jitted program: pinned host (gate_up, down) pairs to device memory. XLA
-    copies each whole operand; with the latency hiding scheduler (GPU) the copies can
-    run while the rest of the program computes."""
-    return tuple(tuple(jax.device_put(w, jax.memory.Space.Device) for w in pair) for pair in host_experts)
+    """Inside a jitted program: pinned host expert buffers to device memory. With the latency
+    hiding scheduler (GPU) the copies can run while the rest of the program computes."""
+    return tuple(jax.device_put(buffer, jax.memory.Space.Device) for buffer in host_experts)
 
 
 class BudgetError(ValueError):
@@ -166,17 +151,17 @@ class DeviceExpertCache:
         self.staging = unique_max + prefetch_max if in_flight else 0
         self.schedule = Schedule(slots, unique_max if in_flight else 0, policy, prefetch_max)
         self._table, self._table_stale = None, True
-        d, i, dt = cfg.hidden_size, cfg.expert_intermediate_size, cfg.dtype
-        self.dtype, bits = jnp.dtype(dt), bits_dtype(dt)
+        self._staged = None  # (copies, slots) of the last load, until a step program takes them
+        self._no_writes = None  # (fillers, slots past the end): what a step writes when nothing was loaded
+        nbytes, self.format = store.expert_bytes, store.format
         with jax.default_device(self.device.device_set.pop()):
-            self.filler = (jnp.zeros((d, 2 * i), dt), jnp.zeros((i, d), dt)) if self.staging else None
+            self.filler = jnp.zeros((nbytes,), jnp.uint8) if self.staging else None
             if self.staging:
-                self.pool = (jnp.zeros((slots, d, 2 * i), bits), jnp.zeros((slots, i, d), bits))
+                self.pool = jnp.zeros((slots, nbytes), jnp.uint8)
             else:  # everything fits: stack on the host and copy once, so the device never holds two copies
                 placed = self.schedule.preload(sorted(store.keys()))
-                experts = [store.get(*key) for key, _ in placed]
-                stacks = [np.stack([np.asarray(w[part]) for w in experts]).view(bits) for part in (0, 1)]
-                self.pool = tuple(jax.device_put(stacks, self.device))
+                rows = np.stack([np.asarray(store.get(*key)) for key, _ in placed])
+                self.pool = jax.device_put(rows, self.device)
         self.counters = CacheCounters()
         self.clock = PhaseClock()  # the engine shares its own
         self._account(0)
@@ -210,7 +195,7 @@ class DeviceExpertCache:
             return []
         host = self._host(layer, experts)
         with self.clock.phase("copy_issue"):
-            copies = [tuple(c) for c in jax.device_put(host, self.device)]  # async: returns before the bytes land
+            copies = list(jax.device_put(host, self.device))  # async: returns before the bytes land
         self.clock.device("copy", copies)
         return copies
 
@@ -239,56 +224,71 @@ class DeviceExpertCache:
         return tuple(copies) + (self.filler,) * pad, np.array(slots, np.int32), copies
 
     def load(self, plans: Sequence[PassPlan]) -> bool:
-        """Copy every plan's loads (one batched `device_put`, issued before the program that
-        writes them, so nothing waits on the host) and write them into their pool slots
-        with one program (in place). Returns whether anything was copied."""
+        """Copy every plan's loads, their slots and the new table in one batched `device_put`
+        (issued before the program that writes them, so nothing waits on the host); the
+        next step program writes them into the pool. Returns whether anything was copied."""
         for plan in plans:
             self.record(plan)
         loads = [(plan.layer, e, slot) for plan in plans for e, slot in plan.loads]
         if not loads:
             return False
         host = self._host_pairs(loads)
+        slots = np.array([slot for _, _, slot in loads] + [self.num_slots] * (self.staging - len(loads)), np.int32)
         with self.clock.phase("copy_issue"):
-            copies = [tuple(c) for c in jax.device_put(host, self.device)]
+            *copies, slots, self._table = jax.device_put([*host, slots, self._table_array()], self.device)
         self.clock.device("copy", copies)
         self._account(len(copies))
-        pad = self.staging - len(copies)
-        staged = tuple(copies) + (self.filler,) * pad
-        slots = jnp.asarray([slot for _, _, slot in loads] + [self.num_slots] * pad, jnp.int32)
-        with self.clock.phase("dispatch"):
-            self.pool = self._write_program(self.staging)(self.pool, staged, slots)
+        self._staged, self._table_stale = (tuple(copies) + (self.filler,) * (self.staging - len(copies)), slots), False
         return True
+
+    def _table_array(self) -> np.ndarray:
+        cfg = self.store.config
+        table = np.full((cfg.num_layers, cfg.num_experts), -1, np.int32)
+        for (layer, e), slot in self.schedule.slot_of.items():
+            table[layer, e] = slot
+        return table
 
     def table(self) -> jax.Array:
         """[L, E] int32 on the device: the pool row of each (layer, expert), -1 where absent;
         copied again only after a plan moved slots."""
         if self._table_stale:
-            cfg = self.store.config
-            table = np.full((cfg.num_layers, cfg.num_experts), -1, np.int32)
-            for (layer, e), slot in self.schedule.slot_of.items():
-                table[layer, e] = slot
-            self._table, self._table_stale = jax.device_put(table, self.device), False
+            self._table, self._table_stale = jax.device_put(self._table_array(), self.device), False
         return self._table
 
-    def stream(self, layer: int, sent: Sequence[int], cached: Sequence[int]) -> tuple[dict[int, tuple], list]:
+    def step_inputs(self) -> tuple:
+        """(pool, staged copies, their slots, table) for a step program: what the last
+        `load` copied, or nothing (the filler, to slots past the end: dropped)."""
+        if self._staged is None:
+            if self._no_writes is None:
+                self._no_writes = ((self.filler,) * self.staging,
+                                   jax.device_put(np.full(self.staging, self.num_slots, np.int32), self.device))  # fmt: skip
+            staged, slots = self._no_writes
+        else:
+            (staged, slots), self._staged = self._staged, None
+        return self.pool, staged, slots, self.table()
+
+    def step_outputs(self, pool) -> None:
+        """The pool a step program returned (it wrote the staged copies in place)."""
+        self.pool = pool
+
+    def stream(self, layer: int, sent: Sequence[int], cached: Sequence[int]) -> tuple[dict[int, jax.Array], list]:
         """A whole layer for a streamed prefill: `sent` copied from the host (one batched
         `device_put`), `cached` copied out of the pool on the device. Returns every
-        expert's (gate_up, down) by id, and the host copies (to wait on)."""
+        expert's buffer by id, and the host copies (to wait on)."""
         self.counters.expert_misses += len(sent)
         self.counters.expert_hits += len(cached)
         copies = self._copy(layer, sent)
         out = dict(zip(sent, copies))
         for e in cached:
             slot = jnp.int32(self.schedule.slot_of[(layer, e)])
-            take = self.programs.get("take_from_pool", take_from_pool, {"dtype": self.dtype}, (), self.pool, slot)
-            out[e] = take(self.pool, slot)
+            out[e] = self.programs.get("take_from_pool", take_from_pool, {}, (), self.pool, slot)(self.pool, slot)
         return out, copies
 
     def host_experts(self, layer: int, sent: Sequence[int]) -> tuple:
-        """The pinned host arrays of experts a program will copy itself (fetch_in_jit),
+        """The pinned host buffers of experts a program will copy itself (fetch_in_jit),
         counted as moved."""
         self.counters.expert_misses += len(sent)
-        return tuple(tuple(pair) for pair in self._host(layer, sent))
+        return tuple(self._host(layer, sent))
 
     def retain(self, plan: PassPlan, layer_experts: dict[int, tuple], width: int) -> None:
         """Write a retain plan's experts from a streamed layer into their pool slots; the
@@ -305,19 +305,14 @@ class DeviceExpertCache:
 
     def _write_program(self, width: int):
         spec = jax.ShapeDtypeStruct
-        staged = tuple((spec(a.shape, a.dtype), spec(b.shape, b.dtype)) for a, b in (self.filler,) * width)
+        staged = (spec(self.filler.shape, self.filler.dtype),) * width
         return self.programs.get("write_slots", write_slots, {}, (0,), self.pool, staged, spec((width,), jnp.int32))
-
-    def prepare_load(self) -> None:
-        """Compile the program `load` writes copies into the pool with."""
-        if self.staging:
-            self._write_program(self.staging)
 
     def prepare_stream(self, width: int) -> None:
         """Compile what a streamed prefill asks of the cache: taking a cached expert out of
         the pool, and writing `width` retained experts into it."""
         slot = jax.ShapeDtypeStruct((), jnp.int32)
-        self.programs.get("take_from_pool", take_from_pool, {"dtype": self.dtype}, (), self.pool, slot)
+        self.programs.get("take_from_pool", take_from_pool, {}, (), self.pool, slot)
         if self.filler is not None and width:
             self._write_program(width)
 

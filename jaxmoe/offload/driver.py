@@ -51,6 +51,11 @@ class Amortize:
         if self.below is not None and not 0 < self.below <= 1:
             raise ValueError(f"Amortize.below must be in (0, 1], got {self.below}")
 
+    @property
+    def active(self) -> bool:
+        """Whether some tokens skip the scorer (the engine then compiles both step programs)."""
+        return self.every > 1 or self.below is not None
+
 
 @dataclasses.dataclass(frozen=True)
 class DriverConfig:

@@ -286,7 +286,7 @@ def _step_outputs(trace, ids, t, moe_layers, num_layers, start, first_miss, pick
 
 def brute_force_min(requests: Sequence[Request], capacity: int) -> int:
     """The fewest demand loads over every choice of evictions (exponential: tiny inputs only)."""
-    _check_capacity(requests, capacity)
+    check_capacity(requests, capacity)
     reqs = [frozenset((layer, e) for e in needed) for _, layer, needed in requests]
 
     @functools.lru_cache(maxsize=None)

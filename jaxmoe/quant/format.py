@@ -26,10 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmoe.config import MoEConfig
-from jaxmoe.model import ExpertWeights
+from jaxmoe.model import ExpertWeights, PackedExperts
 
 FORMATS = ("dense", "int8", "int4")
-GROUP_SIZES = (32, 64, 128)
 ALIGN = 16  # bytes between parts, so a part's bytes can be viewed without a shift
 
 
@@ -54,8 +53,9 @@ class ExpertFormat:
     def __post_init__(self):
         if self.kind not in FORMATS:
             raise ValueError(f"expert format must be one of {', '.join(FORMATS)}, got {self.kind!r}")
-        if self.kind == "int4" and self.group_size not in GROUP_SIZES:
-            raise ValueError(f"int4 group size must be one of {GROUP_SIZES}, got {self.group_size}")
+        g = self.group_size
+        if self.kind == "int4" and (g < 2 or g & (g - 1)):
+            raise ValueError(f"int4 group size must be a power of two (32, 64, 128, ...), got {g}")
 
     @property
     def name(self) -> str:
@@ -104,6 +104,21 @@ class ExpertFormat:
             buf[part.offset : part.offset + part.nbytes] = value.reshape(-1).view(np.uint8)
         return buf
 
+    def pack_stacks(self, cfg: MoEConfig, w_gate_up: jax.Array, w_down: jax.Array) -> jax.Array:
+        """Dense stacks [E, ...] as rows [E, bytes] with jax ops (where they already are, e.g.
+        on the device, so nothing goes through host numpy): the dense format only."""
+        if self.kind != "dense":
+            raise ValueError(f"pack_stacks packs dense experts; {self.name} quantizes on the host (pack)")
+        e, columns, offset = w_gate_up.shape[0], [], 0
+        for part, w in zip(self.parts(cfg), (w_gate_up, w_down)):
+            if part.offset > offset:
+                columns.append(jnp.zeros((e, part.offset - offset), jnp.uint8))
+            bytes_ = jax.lax.bitcast_convert_type(w.reshape(e, -1), jnp.uint8).reshape(e, -1)
+            columns.append(bytes_)
+            offset = part.offset + part.nbytes
+        columns.append(jnp.zeros((e, self.nbytes(cfg) - offset), jnp.uint8))
+        return jnp.concatenate(columns, axis=1)
+
     # -- inside a program --------------------------------------------------------------
     def unpack(self, cfg: MoEConfig, rows: jax.Array) -> ExpertWeights:
         """rows [..., bytes] uint8 -> the experts' weights [..., K, N] in the model dtype."""
@@ -145,5 +160,37 @@ def unpack_nibbles(packed: jax.Array) -> jax.Array:
     return both.reshape(packed.shape[:-2] + (2 * packed.shape[-2], packed.shape[-1]))
 
 
-def dense_format() -> ExpertFormat:
-    return ExpertFormat("dense")
+@dataclasses.dataclass(frozen=True)
+class RowUnpacker:
+    """The static half of PackedExperts over byte rows: hashable, so programs cache on it."""
+
+    fmt: ExpertFormat
+    cfg: MoEConfig
+
+    def __call__(self, parts) -> ExpertWeights:
+        (rows,) = parts
+        return self.fmt.unpack(self.cfg, rows)
+
+
+def packed_experts(rows: jax.Array, fmt: ExpertFormat, cfg: MoEConfig) -> PackedExperts:
+    """Experts held as byte rows [S, bytes] (a cache pool, or a layer's quantized stack)."""
+    return PackedExperts((rows,), RowUnpacker(fmt, cfg))
+
+
+DENSE = ExpertFormat("dense")
+
+
+def parse_format(text: str) -> ExpertFormat:
+    """A format's name as `ExpertFormat.name` writes it: dense, int8, int4 (group 64), int4-g32."""
+    kind, _, group = text.partition("-g")
+    if kind not in FORMATS or (group and kind != "int4"):
+        raise ValueError(f"expert format {text!r}: expected dense, int8, int4 or int4-gN")
+    return ExpertFormat(kind, int(group) if group else 64)
+
+
+def format_of(experts) -> ExpertFormat:
+    """The format a model's per-layer experts are held in (dense stacks, or packed rows)."""
+    for w in experts:
+        if isinstance(w, PackedExperts) and isinstance(w.unpack, RowUnpacker):
+            return w.unpack.fmt
+    return DENSE
