@@ -275,6 +275,7 @@ class OffloadedEngine:
         cache = self.cache
         cache.begin()
         self.driver.begin_request(self._semantic_vector(tokens, lengths) if self.maps is not None else None)
+        predicted_before = self.driver.counts()
         kv = list(init_kv_cache(self.config, b, cache_len))
         kv_bytes = tree_bytes(kv)
         root = jax.random.key(seed)
@@ -332,6 +333,8 @@ class OffloadedEngine:
             "resumes_per_token": d.resumes / d.tokens if d.tokens else None,
             "expert_format": self.store.format.name,
             "expert_bytes": self.store.expert_bytes,
+            # Amortised prediction (eMoE): runs that ran the scorer, tokens that skipped it.
+            **{k: v - predicted_before[k] for k, v in self.driver.counts().items()},
             **self._prefill_metrics(prefill_h2d, prefill_stall, stream),
         }
         return GenerationResult(out.token_ids, metrics)

@@ -121,6 +121,11 @@ class DecodeDriver:
         self.skipped += not predict
         return predict
 
+    def counts(self) -> dict:
+        """What prediction cost so far (cumulative; the engine reports a generate's difference)."""
+        return {"predictor_calls": self.scorer_calls, "map_calls": self.map_calls,
+                "predictor_skipped_tokens": self.skipped}  # fmt: skip
+
     def predicting(self, step: int) -> bool:
         return self._predict.get(step, True)
 
