@@ -224,8 +224,12 @@ def test_the_engine_equals_the_simulation(policy, scored, batch, tmp_path_factor
     got = (sim.demand_misses, sim.hits, sim.prefetch_loads, sim.prefetch_used)
     assert got == (m["expert_misses"], m["expert_hits"], m["prefetch_issued"], m["prefetch_used"]), got
     assert sim.resumes == round(m["resumes_per_token"] * sim.tokens)
+    assert (sim.scorer_calls, sim.map_calls, sim.boundary_copies) == (
+        m["predictor_calls"], m["map_calls"], m["boundary_copies"])  # fmt: skip
     if scored and policy != "ondemand":
         assert m["prefetch_issued"] > 0
+    if policy == "maps":  # it copies at token boundaries too (the maps learn as it runs)
+        assert m["boundary_copies"] > 0
 
 
 def test_amortised_prediction_runs_the_scorer_less_and_the_engine_equals_the_simulation(tmp_path_factory):

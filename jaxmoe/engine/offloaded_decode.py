@@ -106,6 +106,7 @@ class OffloadedDecoder:
         self._tokens_host = first_tokens
         self._valid_host, self._valid = None, None
         self._ahead = None  # (step, run) dispatched before the previous token's bookkeeping
+        self._ahead_loaded = False  # the boundary copied for the next token
         self.max_new_tokens = max_new_tokens
         # Dispatching ahead assumes recording hits moves no slot; a policy that evicts every
         # other layer as it goes (ondemand) would move slots the run ahead already used.
@@ -144,7 +145,8 @@ class OffloadedDecoder:
         else:
             driver.begin_token(step, self._tokens_host)
             run = self._dispatch(tok, kv, 0, None, root, step)
-        start, loaded, planned = 0, False, None
+        # A run after copies (the boundary's) waits for them: its read counts as a stall.
+        start, loaded, planned, self._ahead_loaded = 0, self._ahead_loaded, None, False
         while True:
             out, report, probs, next_positions, next_step, picks_n = run
             read_start = time.perf_counter()
@@ -161,11 +163,20 @@ class OffloadedDecoder:
                 self.counters.tokens += 1
                 self._positions, self._step = next_positions, next_step
                 self._tokens_host = tok_host  # the next step's input
-                if self.dispatch_ahead and step + 1 < self.max_new_tokens:
-                    driver.begin_token(step + 1, tok_host)
+                more = step + 1 < self.max_new_tokens
+                if driver.boundary:  # record, then plan the next token's copies, before dispatching it
+                    with clock.phase("schedule"):
+                        self._plan(step, start, first_miss, ids, picks, probs, valid, planned)
+                        if more:
+                            driver.begin_token(step + 1, tok_host)
+                            plans = driver.end_token(step + 1, tok_host, valid)
+                    self._ahead_loaded = more and cache.load(plans)
+                if self.dispatch_ahead and more:
+                    driver.begin_token(step + 1, tok_host)  # no-op where the boundary began it
                     self._ahead = (step + 1, self._dispatch(out.token, kv, 0, None, root, step + 1))
-                with clock.phase("schedule"):
-                    self._plan(step, start, first_miss, ids, picks, probs, valid, planned)
+                if not driver.boundary:
+                    with clock.phase("schedule"):
+                        self._plan(step, start, first_miss, ids, picks, probs, valid, planned)
                 return out.token, tok_host
             with clock.phase("schedule"):
                 plans = self._plan(step, start, first_miss, ids, picks, probs, valid, planned)

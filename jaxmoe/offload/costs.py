@@ -44,15 +44,18 @@ class CostModel:
         return self.copy_call_ms + 2 * self.dispatch_ms + self.read_ms + self.recompute_layers * self.layer_ms
 
     def token_ms(self, layers: int, tokens: int, resumes: int, loads: int, predictions: int = 0,
-                 predictor_ms: float = 0.0, expert_bytes: int | None = None) -> dict:  # fmt: skip
+                 predictor_ms: float = 0.0, expert_bytes: int | None = None, copy_calls: int = 0) -> dict:  # fmt: skip
         """Modelled decode time per token and its parts, from counts over `tokens` steps of a
-        model with `layers` layers; `predictions`: scorer evaluations, each `predictor_ms`."""
+        model with `layers` layers; `predictions`: scorer evaluations, each `predictor_ms`;
+        `copy_calls`: copies made outside a resume (at a token boundary), each a device_put
+        call whose copies the next step program writes (no program of their own)."""
         if tokens <= 0:
             raise ValueError("token_ms needs at least one token")
         parts = {
             "compute_ms": layers * self.layer_ms,
             "step_ms": self.dispatch_ms + self.read_ms,
             "resume_ms": resumes / tokens * self.resume_ms(),
+            "copy_call_ms": copy_calls / tokens * self.copy_call_ms,
             "copy_ms": loads / tokens * self.expert_ms(expert_bytes),
             "predictor_ms": predictions / tokens * predictor_ms,
         }

@@ -17,8 +17,14 @@ its policy asks for (`EvictionPolicy.prefetch`):
          its bytes (`expert_ms`), and so does the expected reload of what it evicts
 Predictions come from the scorer (the next layer) and, for a policy with expert maps,
 from the maps (every later layer; jaxmoe/offload/expert_maps.py), which learn from
-every finished token. Where a layer misses is the only point the host acts: a
-prediction made elsewhere could not be acted on before the program reaches that layer.
+every finished token. Within a token, where a layer misses is the only point the host
+acts: a prediction made elsewhere could not be acted on before the program reaches
+that layer. The other point is the token boundary (`end_token`, policies with
+`boundary`): when a token completes the host has just read the next token's input, and
+its token map foretells that token's first layers (layer 0 is the layer every online
+policy misses most: nothing inside a token predicts it). The copies the gate picks
+there ride with the next token's first program (one device_put, written into the pool
+by that program), so they cost a copy call and their bytes, and no program of their own.
 
 Amortised prediction (eMoE, `Amortize`): the step program runs the scorer only on
 every k-th token, or only while the recent hit rate is below a threshold; the engine
@@ -81,6 +87,7 @@ class DecodeDriver:
         self.scorer_calls = 0  # runs whose program ran the scorer (at the layer that missed)
         self.map_calls = 0  # missed layers the expert maps predicted for
         self.skipped = 0  # tokens whose runs did not predict (amortised)
+        self.boundary_copies = 0  # token boundaries that copied something (one copy call each)
         self._predict: dict[int, bool] = {}  # step -> whether its runs predict
         self._tokens: dict[int, np.ndarray | None] = {}  # step -> input token of each row
         self._step, self._rows = None, {}  # the token being planned; row -> {layer index: experts}
@@ -97,6 +104,8 @@ class DecodeDriver:
         """A new request (a generate call) starts; `vector`: its prompt's semantic vector,
         for a policy with expert maps (the maps of similar requests become its prior)."""
         self._vector = vector
+        # Steps count again from 1: nothing planned for the last request's steps carries over.
+        self._predict, self._tokens, self._step, self._pending = {}, {}, None, None
         if self.maps is None:
             return
         self._usage = np.zeros((len(self.moe_layers), self.maps.e))
@@ -113,6 +122,8 @@ class DecodeDriver:
     def begin_token(self, step: int, tokens: np.ndarray | None = None) -> bool:
         """Before a token's first run is dispatched: whether its runs predict (amortised
         prediction); `tokens` [N]: each row's input token (for expert maps)."""
+        if step in self._predict:  # begun already (the engine dispatched it ahead, or planned its boundary)
+            return self._predict[step]
         a = self.config.amortize
         predict = (step - 1) % a.every == 0 and (a.below is None or self.hit_rate < a.below)
         self._predict = {s: v for s, v in self._predict.items() if s >= step - 1}
@@ -124,7 +135,7 @@ class DecodeDriver:
     def counts(self) -> dict:
         """What prediction cost so far (cumulative; the engine reports a generate's difference)."""
         return {"predictor_calls": self.scorer_calls, "map_calls": self.map_calls,
-                "predictor_skipped_tokens": self.skipped}  # fmt: skip
+                "predictor_skipped_tokens": self.skipped, "boundary_copies": self.boundary_copies}  # fmt: skip
 
     def predicting(self, step: int) -> bool:
         return self._predict.get(step, True)
@@ -196,6 +207,39 @@ class DecodeDriver:
             for j, es in enumerate(experts):
                 self._usage[j, es] += 1
 
+    # -- the token boundary -------------------------------------------------------------
+    @property
+    def boundary(self) -> bool:
+        """Whether the host plans prefetches between tokens (the engine then plans before it
+        dispatches the next token, not while it runs)."""
+        return self.policy.boundary and self.maps is not None and self.config.prefetch_max > 0
+
+    def end_token(self, step: int, tokens: np.ndarray | None, valid: np.ndarray) -> list[PassPlan]:
+        """After the token before `step` completed and was recorded (`plan`), and begin_token(step):
+        the prefetches for `step`'s layers from its input tokens [N] (rows `valid`), by the
+        maps and the cost gate; [] where nothing pays, or the step does not predict."""
+        if not self.boundary or tokens is None or not self.predicting(step):
+            return []
+        rows = np.flatnonzero(valid)
+        targets = list(range(len(self.moe_layers)))
+        per_row = np.stack([self.maps.predict(int(tokens[r]), {}, targets) for r in rows])  # [N, Lm, E]
+        union = 1.0 - np.prod(1.0 - per_row, axis=0)  # [Lm, E]: some live row needs it
+        predicted = {m: union[j] for j, m in enumerate(self.moe_layers)}
+        self.policy.next_token()
+        for m, q in predicted.items():
+            self.policy.observe(m, q)
+        self.map_calls += 1
+        chosen = self._choose_prefetch(predicted)
+        protect, room, plans = [(m, e) for m, es in chosen for e in es], self.config.prefetch_max, []
+        for m, es in chosen:
+            if room <= 0:
+                break
+            plan = self.schedule.plan_prefetch(step, m, es, protect, limit=room, accept=self._accept)
+            room -= len(plan.loads)
+            plans.append(plan)
+        self.boundary_copies += any(p.loads for p in plans)
+        return plans
+
     # -- a missed layer -----------------------------------------------------------------
     def _plan_miss(self, step, layer, needed, picks, probs, valid) -> list[PassPlan]:
         if self.policy.prefetch == "none":
@@ -205,7 +249,7 @@ class DecodeDriver:
         predicted = self._predict_later(step, layer, picks, probs, valid)
         for m, q in predicted.items():
             self.policy.observe(m, q)
-        prefetch = self._choose_prefetch(layer, predicted)
+        prefetch = self._choose_prefetch(predicted)
         protect = [(m, e) for m, es in prefetch for e in es]
         plans = self.schedule.plan_layer(step, layer, needed, protect, resume=True)
         this, room = [(layer, int(e)) for e in needed], self.config.prefetch_max
@@ -267,7 +311,7 @@ class DecodeDriver:
             union = union[:1]
         return {m: union[i] for i, m in enumerate(later[: len(union)])}
 
-    def _choose_prefetch(self, layer: int, predicted: dict[int, np.ndarray]) -> list[tuple[int, list[int]]]:
+    def _choose_prefetch(self, predicted: dict[int, np.ndarray]) -> list[tuple[int, list[int]]]:
         """Later layers' experts worth copying now, by the cost model; at most prefetch_max.
 
         Layer m runs without a resume when none of the experts it needs is absent; under

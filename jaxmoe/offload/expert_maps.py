@@ -18,7 +18,9 @@ experts a token uses per layer).
 
 Bounded memory: at most `max_tokens` token maps (the least observed are dropped when
 full) and `max_requests` request maps (the oldest dropped); the trajectory table is
-Lm^2 E^2 counts. `save`/`load` keep them in one .npz (next to a model, if asked).
+Lm^2 E^2 counts. `save`/`load` keep them in one .npz (next to a model, if asked; the
+request vectors in fp16). The token maps also drive the decode driver's copies at the
+token boundary (jaxmoe/offload/driver.py, `end_token`).
 """
 
 from __future__ import annotations
@@ -165,7 +167,9 @@ class ExpertMaps:
             token_ids=np.asarray(tokens, np.int64),
             token_counts=np.stack([self.token_counts[t] for t in tokens]) if tokens else np.zeros((0, self.lm, self.e), np.uint16),
             token_visits=np.asarray([self.token_visits[t] for t in tokens], np.int64),
-            request_vectors=np.stack([v for v, _ in self.requests]) if self.requests else np.zeros((0, d), np.float32),
+            # fp16 keys: a cosine similarity needs no more, and they are half the file.
+            request_vectors=np.stack([v for v, _ in self.requests]).astype(np.float16) if self.requests
+            else np.zeros((0, d), np.float16),
             request_maps=np.stack([m for _, m in self.requests]) if self.requests else np.zeros((0, self.lm, self.e), np.float32),
         )  # fmt: skip
         tmp.replace(path)
@@ -191,7 +195,7 @@ class ExpertMaps:
             maps.layer_counts, maps.co, maps.tokens_seen = z["layer_counts"], z["co"], meta["tokens_seen"]
             maps.token_counts = {int(t): c for t, c in zip(z["token_ids"], z["token_counts"])}
             maps.token_visits = {int(t): int(v) for t, v in zip(z["token_ids"], z["token_visits"])}
-            maps.requests = list(zip(z["request_vectors"], z["request_maps"]))
+            maps.requests = list(zip(z["request_vectors"].astype(np.float32), z["request_maps"]))
         return maps
 
 

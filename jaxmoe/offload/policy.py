@@ -35,12 +35,16 @@ class EvictionPolicy:
     prefetch = "none"  # "none" | "next" | "gated"
     scorer = "none"  # "none" | "required" | "optional": a next-layer scorer in the step program
     maps = False  # uses expert maps
+    boundary = False  # prefetches at the token boundary from the next token's map (driver.end_token)
 
     def on_use(self, key: Key, tick: int) -> None:
         """`key` was needed by the pass at `tick` (hit or load)."""
 
     def visit(self, layer: int, needed: Sequence[int]) -> None:
         """`layer` is being planned and needs `needed` (called before its victims are chosen)."""
+
+    def next_token(self) -> None:
+        """The token boundary: what is observed next is for the coming token's layers."""
 
     def observe(self, layer: int, probabilities: dict[int, float]) -> None:
         """A prediction for `layer`, visited later in this token: expert -> probability."""

@@ -84,6 +84,9 @@ class ReuseAware(EvictionPolicy):
         self.estimates[:, j] += decays * (used - self.estimates[:, j])
         self.upcoming[j] = np.nan  # this layer's routing is known now: its predictions are spent
 
+    def next_token(self) -> None:
+        self.position = -1  # every layer is ahead; distances are unchanged ((j + 1) steps)
+
     def observe(self, layer: int, probabilities) -> None:
         """`probabilities`: expert -> chance, or an [E] array of them."""
         j = self.order[layer]
@@ -131,15 +134,18 @@ class ReuseAware(EvictionPolicy):
 
 class ExpertMapsPolicy(ReuseAware):
     """The reuse rule fed by expert maps; a next-layer scorer, if given, refines the
-    layer after a miss."""
+    layer after a miss; at the token boundary the next token's map picks what to copy."""
 
     name = "maps"
     scorer = "optional"
     maps = True
+    boundary = True
 
     def __init__(self, shape: PolicyShape, config: ReuseConfig = ReuseConfig(), maps: ExpertMaps | None = None,
-                 maps_config: MapsConfig = MapsConfig()):  # fmt: skip
+                 maps_config: MapsConfig = MapsConfig(), boundary: bool = True):  # fmt: skip
+        """`boundary` False: no copies at token boundaries (the ablation eval_predictor reports)."""
         super().__init__(shape, config)
+        self.boundary = boundary
         lm, e, k = len(shape.moe_layers), shape.num_experts, shape.top_k
         self.expert_maps = maps if maps is not None else ExpertMaps(lm, e, k, maps_config)
         if (self.expert_maps.lm, self.expert_maps.e, self.expert_maps.k) != (lm, e, k):

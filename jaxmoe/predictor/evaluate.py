@@ -58,6 +58,7 @@ POLICY_RUNS = {
     "reuse_gate_ahead": ("reuse", "gate_ahead", None),
     "maps": ("maps", "mlp", None),
     "maps_only": ("maps", None, None),
+    "maps_no_boundary": ("maps", "mlp", None),  # the ablation: no copies at token boundaries
     "predictor@every2": ("predictor", "mlp", Amortize(every=2)),
     "predictor@every4": ("predictor", "mlp", Amortize(every=4)),
     "maps@every4": ("maps", "mlp", Amortize(every=4)),
@@ -157,7 +158,7 @@ def evaluate_on_traces(
             continue
         if progress:
             progress(name)
-        options = {"maps": copy.deepcopy(maps)} if policy_name == "maps" else {}
+        options = {"maps": copy.deepcopy(maps), "boundary": name != "maps_no_boundary"} if policy_name == "maps" else {}
         policy = make_policy(policy_name, shape, **options)
         # As the engine: room for copies in flight only where something predicts.
         room = count if policy.prefetch != "none" and (source is not None or policy.maps) else 0

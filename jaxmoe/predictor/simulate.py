@@ -59,6 +59,7 @@ class SimResult:
     scorer_calls: int = 0  # runs whose program ran the scorer
     map_calls: int = 0  # missed layers the expert maps predicted for
     skipped_predictions: int = 0  # tokens that did not predict (amortised)
+    boundary_copies: int = 0  # token boundaries that copied (one copy call each, no program)
 
     @property
     def total_loads(self) -> int:
@@ -74,7 +75,8 @@ class SimResult:
     def time(self, costs: CostModel, num_layers: int, predictor_ms: float = 0.0, expert_bytes: int | None = None) -> dict:
         """Modelled decode time per token (a model, not a measurement): see CostModel.token_ms."""
         loads = self.total_loads - self.prefill_loads
-        out = costs.token_ms(num_layers, self.tokens, self.resumes, loads, self.scorer_calls, predictor_ms, expert_bytes)
+        out = costs.token_ms(num_layers, self.tokens, self.resumes, loads, self.scorer_calls, predictor_ms, expert_bytes,
+                             copy_calls=self.boundary_copies)  # fmt: skip
         return {**out, "label": "model"}
 
 
@@ -184,7 +186,6 @@ def simulate_decode(
     cost_expert_bytes: int | None = None,
     num_experts: int | None = None,
     first_step: int = 1,
-    on_token_end=None,
 ) -> SimResult:
     """Replay `trace` through the runtime's decode driver and Schedule as the offloaded
     engine runs them: token by token, a run from layer 0 stops at the first MoE layer
@@ -194,9 +195,8 @@ def simulate_decode(
     capacity); `prefetch_max`: prefetch copies per missed layer (the cache's in-flight
     room); `cost_expert_bytes`: the expert size the prefetch gate prices (default: the
     cost model's). Steps count from `first_step` (the engine's first decode step is 1).
-    `on_token_end(driver, next_step, next_tokens) -> plans`: an extension point for
-    what-if studies of host work the engine does not do (research/); its plans are
-    counted like the driver's.
+    A policy with `boundary` prefetches between tokens (driver.end_token), in the engine's
+    order: the finished token is recorded first, then the next one begins.
     """
     ids = np.asarray(trace.ids)
     b, t_count, lm, k = ids.shape
@@ -228,7 +228,6 @@ def simulate_decode(
         plans = schedule.plan_layer(0, layer, trace.prefill[j])
         count(plans)
         res.prefill_loads += sum(len(p.loads) for p in plans)
-    dispatch_ahead, ahead = not policy.keep_only_current, False
     for t in range(t_count):
         step, live = first_step + t, valid[:, t]
         if t in starts and not (t == 0 and trace.prefill):
@@ -236,9 +235,8 @@ def simulate_decode(
                 driver.end_request()
             driver.begin_request(None if trace.vectors is None else trace.vectors[starts[t]])
         tokens = None if trace.tokens is None else trace.tokens[:, t]
-        if not ahead:
-            driver.begin_token(step, tokens)
-        ahead, start, planned = False, 0, None
+        driver.begin_token(step, tokens)  # a no-op where the previous token began it (dispatched ahead)
+        start, planned = 0, None
         needed = {layer: {int(x) for x in ids[live, t, j].ravel()} for j, layer in enumerate(moe_layers)}
         while True:
             res.runs += 1
@@ -248,13 +246,17 @@ def simulate_decode(
             run_ids, run_picks, run_probs = _step_outputs(trace, ids, t, moe_layers, num_layers, start, first_miss,
                                                           picks if driver.predicting(step) else 0)  # fmt: skip
             if first_miss == num_layers:
-                if dispatch_ahead and t + 1 < t_count:  # the engine dispatches the next token first
-                    driver.begin_token(step + 1, None if trace.tokens is None else trace.tokens[:, t + 1])
-                    ahead = True
-                out = driver.plan(step, start, first_miss, run_ids, run_picks, run_probs, live, planned)
-                count(out.record)
-                if on_token_end is not None and t + 1 < t_count:
-                    count(on_token_end(driver, step + 1, None if trace.tokens is None else trace.tokens[:, t + 1]))
+                # A request's last token has no next one in the engine (a new generate follows).
+                more = t + 1 < t_count and t + 1 not in starts
+                following = trace.tokens[:, t + 1] if more and trace.tokens is not None else None
+                # As the engine (engine/offloaded_decode.py): the next token begins before this
+                # one is recorded where it is dispatched ahead, after it where the boundary plans.
+                if more and not driver.boundary and not policy.keep_only_current:
+                    driver.begin_token(step + 1, following)
+                count(driver.plan(step, start, first_miss, run_ids, run_picks, run_probs, live, planned).record)
+                if more and driver.boundary:
+                    driver.begin_token(step + 1, following)
+                    count(driver.end_token(step + 1, following, live))
                 break
             out = driver.plan(step, start, first_miss, run_ids, run_picks, run_probs, live, planned)
             count(out.record + out.load)
@@ -264,6 +266,7 @@ def simulate_decode(
         res.needed += sum(len(x) for x in needed.values())
     driver.end_request()
     res.scorer_calls, res.map_calls, res.skipped_predictions = driver.scorer_calls, driver.map_calls, driver.skipped
+    res.boundary_copies = driver.boundary_copies
     return res
 
 
