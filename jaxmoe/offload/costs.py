@@ -2,10 +2,11 @@
 gate weighs and the simulator's time estimates come from.
 
 The one-program decode pays, per token, one dispatch, one host read and the compute of
-every layer; each layer that misses adds a resume: the copies (one `device_put` call,
-then bytes at the host-to-device bandwidth), the program that writes them into the pool,
-the step program again from that layer (its dispatch and host read) and that layer's
-attention again. Every copy is on the critical path: the resumed program reads the pool
+every layer; each layer that misses adds a resume: the copies (one `device_put` call of
+the experts, their slots and the table, then bytes at the host-to-device bandwidth), the
+step program again from that layer (its dispatch and host read; it writes the copies into
+the pool as it starts, so they need no program of their own) and that layer's attention
+again. Every copy is on the critical path: the resumed program reads the pool
 the copies are written into, so a prefetch is paid for when it is made.
 
 The defaults are measured figures of an NVIDIA H200 with jax 0.11.2 on the OLMoE-1B-7B
@@ -39,9 +40,10 @@ class CostModel:
         return size / (self.h2d_gbps * 1e9) * 1e3
 
     def resume_ms(self) -> float:
-        """A layer that misses, apart from its copies' bytes: the copy call, the pool write
-        program, the step dispatched again and read again, the layer's attention again."""
-        return self.copy_call_ms + 2 * self.dispatch_ms + self.read_ms + self.recompute_layers * self.layer_ms
+        """A layer that misses, apart from its copies' bytes: the copy call, the step
+        dispatched again (writing the copies into the pool) and read again, the layer's
+        attention again."""
+        return self.copy_call_ms + self.dispatch_ms + self.read_ms + self.recompute_layers * self.layer_ms
 
     def token_ms(self, layers: int, tokens: int, resumes: int, loads: int, predictions: int = 0,
                  predictor_ms: float = 0.0, expert_bytes: int | None = None, copy_calls: int = 0) -> dict:  # fmt: skip
