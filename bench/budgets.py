@@ -55,7 +55,9 @@ def workspace_bytes(cfg, batch: int, prompt_tokens: int, new_tokens: int = 1, fm
     (jaxmoe.offload.workspace), and how it adds up."""
     from jaxmoe.offload.workspace import workspace_bytes as declared
 
-    parts = declared(cfg, batch, prompt_tokens, new_tokens, expert_bytes(cfg, fmt))
+    quantized = fmt is not None and fmt.kind != "dense"
+    parts = declared(cfg, batch, prompt_tokens, new_tokens, expert_bytes(cfg, fmt),
+                     unpacked_bytes=expert_bytes(cfg) if quantized else 0)  # fmt: skip
     text = (f"the engine's declared workspace: max(streamed {parts['streamed'] / 1e9:.3f} GB, gathered "
             f"{parts['gathered'] / 1e9:.3f} GB) + activations {parts['activations'] / 1e9:.3f} GB + slack "
             f"{parts['slack'] / 1e9:.3f} GB")  # fmt: skip

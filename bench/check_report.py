@@ -87,6 +87,19 @@ def _decode(r: dict) -> list[str]:
     return [*_targets(r["rows"]), "", bench_report.markdown(r).rstrip()]
 
 
+def _quantized(r: dict) -> list[str]:
+    if "rows" not in r:
+        return []
+    base = r.get("resident_bf16_tokens_per_s")
+    lines = [f"Resident bf16 decode (the decode step): {_fmt(base, '.1f')} tok/s; target: OLMoE-1B-7B int4 within "
+             "5 GiB >= 0.5x that, Mixtral-8x7B int4 at 24 GiB >= 25 tok/s.", ""]
+    for row in r["rows"]:
+        tok = row.get("decode_tokens_per_s")
+        if row.get("policy") == "lru" and tok and base:
+            lines.append(f"- {row['model']} lru: {tok:.1f} tok/s = {tok / base:.2f}x resident bf16")
+    return [*lines, "", bench_report.markdown(r).rstrip()]
+
+
 def _phases(r: dict) -> list[str]:
     nat, syn = r.get("natural"), r.get("synced")
     if not nat:
@@ -162,7 +175,7 @@ def _diagnosis(r: dict) -> list[str]:
 
 SECTIONS = {"environment": _environment, "pytest": _pytest, "bandwidth": _bandwidth, "exactness": _exactness,
             "decode": _decode, "phases": _phases, "injit_probe": _probe,
-            "exact_diagnosis": _diagnosis}  # fmt: skip
+            "exact_diagnosis": _diagnosis, "quantized": _quantized}  # fmt: skip
 
 
 def _step(record: dict, name: str) -> dict | None:

@@ -15,6 +15,8 @@ tiny shapes):
   prefill      512 and 2048 tokens: stream, stream without overlap, routed, injit; accelerate at 2048
   injit_probe  does a dynamic slice of a pinned_host stack inside jit copy only the slice, async?
 and, only when named in --steps:
+  quantized    int4 experts: OLMoE-1B-7B shape resident and offloaded (lru) within 5 GiB in total,
+               Mixtral-8x7B shape offloaded at 24 GiB (random codes; tok/s, hit rate, bytes/token)
   exact_diagnosis  where offloaded tokens leave the resident ones on the decode shape (resident
                run twice, each prefill mode, every expert preloaded, expert computations bitwise)
 Every step runs in its own process(es) (bench.matrix.spawn); a step that fails or overruns
@@ -299,6 +301,52 @@ def step_prefill(c: Check) -> tuple[str, dict]:
     return ("error" if "error" in r else "failed" if bad else "passed"), r
 
 
+# int4 experts: (shape, total device GiB) on a GPU; the dry run's stand-in (shape, budget fraction)
+QUANT_ROWS = {False: (("olmoe-1b-7b", 5), ("mixtral-8x7b", 24)), True: (("olmoe-small", 0.5),)}
+
+
+def quant_jobs(c: Check) -> tuple[list[Job], list[str]]:
+    """int4 experts, batch 1: per shape, jaxmoe resident (OLMoE only: Mixtral's target is the
+    offloaded row) and offloaded with lru at the expert budget that keeps the whole process
+    within the device budget (OLMoE-1B-7B at 5 GiB: every expert should fit)."""
+    jobs, arithmetic, new = [], [], c.bench.new_tokens
+    for name, size in QUANT_ROWS[c.dry]:
+        model = ModelSpec(name, "random", expert_format="int4")
+        cfg, fmt = model.config("bfloat16"), model.fmt()
+        if c.gpu:
+            budget_bytes, lines = B.fit_within(cfg, 1, 128, new, int(size * B.GIB), None, fmt)
+            spec = f"auto@{size:g}GiB"
+        else:
+            budget_bytes, lines, spec = int(size * B.num_experts(cfg)) * B.expert_bytes(cfg, fmt), [], f"{size:g}"
+        experts = min(budget_bytes // B.expert_bytes(cfg, fmt), B.num_experts(cfg))
+        budget = B.Budget(spec, budget_bytes, experts, "int4 experts", int(size * B.GIB) if c.gpu else None)
+        arithmetic += [f"{model.label}: {line}" for line in lines]
+        if name != "mixtral-8x7b":
+            jobs.append(Job("jaxmoe", model, "bfloat16"))
+        jobs.append(Job("offload", model, "bfloat16", policy="lru", budget=budget))
+    return jobs, arithmetic
+
+
+def step_quantized(c: Check) -> tuple[str, dict]:
+    """The quantized-experts targets: OLMoE-1B-7B int4 within 5 GiB >= 0.5x resident bf16
+    tok/s (the decode step's resident row, when it ran), Mixtral-8x7B int4 at 24 GiB."""
+    jobs, arithmetic = quant_jobs(c)
+    results, end = {}, time.perf_counter() + c.cap
+    for job in jobs:
+        left = end - time.perf_counter()
+        if left < 10:
+            results[job] = {"not_run": "the quantized step's time cap was reached"}
+            continue
+        log(f"quantized: {job.key} ({left:.0f} s left)")
+        s = matrix.spec(c.bench, job)
+        results[job] = c.spawn(job, s, left) | {"settings": s}
+    report = make_report(c.bench, jobs, results, arithmetic)
+    resident = next((r for r in (c.results.get("decode") or {}).get("rows", []) if r.get("policy") == "resident"), None)
+    report["resident_bf16_tokens_per_s"] = resident and resident.get("decode_tokens_per_s")
+    bad = any(r["error"] for r in report["rows"]) or any(p.startswith("MISMATCH") for p in report["problems"])
+    return ("failed" if bad else "timeout" if any(r["not_run"] for r in report["rows"]) else "passed"), report
+
+
 def step_exact_diagnosis(c: Check) -> tuple[str, dict]:
     budget = getattr(c, "decode_budget", None) or first_budget(matrix.model_jobs(c.bench, c.model, "bfloat16")[0])
     r = c.worker("exact_diagnosis", c.cap, budget_bytes=budget.bytes, new_tokens=64 if c.gpu else 8)
@@ -326,6 +374,8 @@ STEPS = (
     Step("phases", "Where an offloaded decode step's time goes", 50, step_phases),
     Step("prefill", "Prefill modes", 90, step_prefill),
     Step("injit_probe", "In-jit selective fetch probe", 45, step_injit_probe),
+    Step("quantized", "int4 experts: OLMoE-1B-7B within 5 GiB, Mixtral-8x7B at 24 GiB", 150, step_quantized,
+         default=False),
 )
 
 

@@ -69,12 +69,13 @@ def fits_device(cfg, batch: int, prompt: int, new: int, device_bytes: int | None
 def below_minimum(cfg, budget: B.Budget, policy: str, batch: int, fmt=None) -> str | None:
     """The library's own refusal of a budget too small for this policy and batch (a predictor
     needs room for copies in flight), asked before a worker is spawned for it."""
-    from jaxmoe.offload.cache import BudgetError, plan_geometry
+    from jaxmoe.offload.cache import BudgetError, gather_experts, plan_geometry
+    from jaxmoe.quant import DENSE
 
     unique = min(cfg.num_experts, batch * cfg.top_k)
     try:
         plan_geometry(budget.bytes, B.expert_bytes(cfg, fmt), B.num_experts(cfg), unique,
-                      unique if policy == "predictor" else 0)  # fmt: skip
+                      unique if policy == "predictor" else 0, gather_experts(unique, fmt or DENSE, cfg))  # fmt: skip
     except BudgetError as e:
         return str(e)
     return None

@@ -40,21 +40,41 @@ def random_dense(cfg, seed: int):
     return MoEDecoder(cfg, nnx.Rngs(seed))
 
 
+@functools.partial(jax.jit, static_argnums=(0, 2, 3))
+def random_layer_rows(cfg, seed: int, layer: int, fmt):
+    """Layer `layer`'s experts as packed rows [E, bytes] on the device, from (seed, layer) alone.
+    Dense: the random_layer_experts weights. Quantized: random codes with one scale (and
+    zero point 8 for int4) chosen so the dequantized weights have EXPERT_STD, made on the
+    device: quantizing random weights on the host would take minutes for Mixtral-8x7B and
+    measure nothing the codes do not (the bytes moved and the unpacking are the same)."""
+    if fmt.kind == "dense":
+        w = random_layer_experts(cfg, seed, layer)
+        return fmt.pack_stacks(cfg, {("w_gate_up", "w"): w.w_gate_up, ("w_down", "w"): w.w_down})
+    e, dtype = cfg.num_experts, jnp.dtype(cfg.dtype)
+    # std of uniform codes: int8 in [-128, 127] ~ 73.9; int4 in [0, 15] around 8 ~ 4.61
+    scale = EXPERT_STD / (73.9 if fmt.kind == "int8" else 4.61)
+    key, parts = jax.random.fold_in(jax.random.key(seed), layer), {}
+    for i, part in enumerate(fmt.parts(cfg)):
+        shape = (e, *part.shape)
+        if part.role == "q":
+            bits = jax.random.bits(jax.random.fold_in(key, i), shape, jnp.uint8)
+            parts[part.matrix, part.role] = jax.lax.bitcast_convert_type(bits, part.dtype)
+        else:
+            parts[part.matrix, part.role] = jnp.full(shape, scale if part.role == "scale" else 8.0, dtype)
+    return fmt.pack_stacks(cfg, parts)
+
+
 def random_host_store(cfg, seed: int, fmt=None):
-    """Every expert into pinned host memory, one layer on the device at a time: dense experts
-    packed there and copied device -> pinned (no numpy round trip, nothing on disk);
-    quantized ones packed on the host."""
+    """Every expert into pinned host memory, one layer on the device at a time: packed there
+    and copied device -> pinned (no numpy round trip, nothing on disk)."""
     from jaxmoe.offload.host_store import HostExpertStore
     from jaxmoe.quant import DENSE
 
     fmt = fmt or DENSE
-    if fmt.kind != "dense":
-        layers = (random_layer_experts(cfg, seed + 1, layer) if moe else None for layer, moe in enumerate(cfg.moe_layers))
-        return HostExpertStore.from_stacks(cfg, layers, fmt=fmt)
     pinned = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
     experts = {}
     for layer in cfg.moe_layer_ids:
-        rows = jax.jit(fmt.pack_stacks, static_argnums=0)(cfg, *random_layer_experts(cfg, seed + 1, layer))
+        rows = random_layer_rows(cfg, seed + 1, layer, fmt)
         for e, buffer in enumerate(jax.device_put([rows[e] for e in range(cfg.num_experts)], pinned)):
             experts[layer, e] = buffer
         jax.block_until_ready(experts[layer, cfg.num_experts - 1])
@@ -63,9 +83,14 @@ def random_host_store(cfg, seed: int, fmt=None):
 
 
 def random_resident(cfg, seed: int, fmt=None) -> list:
-    """Every layer's experts on the device: dense stacks, or (quantized) packed rows."""
-    stacks = [random_layer_experts(cfg, seed + 1, layer) if moe else None for layer, moe in enumerate(cfg.moe_layers)]
-    return resident_experts(cfg, stacks, fmt)
+    """Every layer's experts on the device: dense stacks, or (quantized) the packed rows
+    random_host_store holds, so resident and offloaded compute with the same bytes."""
+    from jaxmoe.quant import packed_experts
+
+    if fmt is None or fmt.kind == "dense":
+        return [random_layer_experts(cfg, seed + 1, layer) if moe else None for layer, moe in enumerate(cfg.moe_layers)]
+    return [packed_experts(random_layer_rows(cfg, seed + 1, layer, fmt), fmt, cfg) if moe else None
+            for layer, moe in enumerate(cfg.moe_layers)]  # fmt: skip
 
 
 def resident_experts(cfg, stacks: list, fmt=None) -> list:

@@ -11,7 +11,7 @@ from jaxmoe.engine import ContextError, ResidentEngine, SamplingParams
 PROMPTS = [[5, 7, 9], list(range(3, 19)), [4, 0, 12, 31, 8] * 4]  # 3, 16 and 20 tokens: two buckets
 
 
-@pytest.fixture(scope="module", params=["qwen2_moe", "mixtral"])
+@pytest.fixture(scope="module", params=["qwen2_moe", pytest.param("mixtral", marks=pytest.mark.slow)])
 def engine(request):
     return ResidentEngine(*jaxmoe_from_hf(tiny_hf_model(request.param)))
 

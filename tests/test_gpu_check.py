@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.py"
@@ -38,3 +40,14 @@ def test_a_step_over_its_cap_is_recorded_and_the_next_runs(tmp_path):
     assert rc == 1 and "| phases | timeout |" in md
     probe = next(s for s in record["steps"] if s["name"] == "injit_probe")["result"]
     assert probe["variants"] and "answer" in probe
+
+
+@pytest.mark.slow
+def test_the_quantized_step_dry_run(tmp_path):
+    """The int4 rows (not in the default check): resident and offloaded int4 agree."""
+    rc, record, md = check(tmp_path, "--steps", "quantized")
+    step = record["steps"][0]
+    assert step["name"] == "quantized" and step["status"] == "passed", md
+    rows = step["result"]["rows"]
+    assert {r["policy"] for r in rows} == {"resident", "lru"} and all("int4" in r["model"] for r in rows)
+    assert rc == 0 and "## int4 experts" in md

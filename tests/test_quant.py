@@ -20,7 +20,7 @@ from jaxmoe.checkpoint.quantize import quantize_checkpoint
 from jaxmoe.engine import ResidentEngine
 from jaxmoe.engine.offloaded import OffloadedEngine
 from jaxmoe.model import ExpertWeights, expert_rows, moe_ffn, moe_ffn_reference, num_unique_experts
-from jaxmoe.offload.cache import minimum_experts
+from jaxmoe.offload.cache import gather_experts, minimum_experts
 from jaxmoe.offload.host_store import HostExpertStore
 from jaxmoe.offload.prefetch import GateAhead
 from jaxmoe.quant import DENSE, ExpertFormat, packed_experts, packed_rows
@@ -133,7 +133,9 @@ def test_offloaded_quantized_equals_resident_quantized(family, fmt):
     cfg, model, resident, store = setup(family, fmt)
     want = ResidentEngine(cfg, model, resident).generate(PROMPTS, 12).token_ids
     unique = num_unique_experts(cfg.num_experts, 3, cfg.top_k)
-    for policy, experts in (("lru", minimum_experts(unique)), ("lfu", len(store.keys()) - 3)):
+    gather = gather_experts(unique, fmt, cfg)
+    # the minimum working set, and three experts short of caching every one
+    for policy, experts in (("lru", minimum_experts(unique, gather=gather)), ("lfu", len(store.keys()) + gather - 3)):
         engine = OffloadedEngine(cfg, model, store, experts * store.expert_bytes, policy, check_budget=True)
         result = engine.generate(PROMPTS, 12)
         assert result.token_ids == want, (family, fmt.name, policy)
@@ -146,7 +148,7 @@ def test_quantized_prefetch_and_streamed_prefill_keep_the_tokens(batch):
     cfg, model, resident, store = setup("olmoe", INT4)
     want = ResidentEngine(cfg, model, resident).generate(PROMPTS[:batch], 10).token_ids
     unique = num_unique_experts(cfg.num_experts, batch, cfg.top_k)
-    budget = (minimum_experts(unique, unique) + 2) * store.expert_bytes
+    budget = (minimum_experts(unique, unique, gather_experts(unique, INT4, cfg)) + 2) * store.expert_bytes
     engine = OffloadedEngine(cfg, model, store, budget, "predictor", predictor=GateAhead(model), prefill="stream")
     assert engine.generate(PROMPTS[:batch], 10).token_ids == want
 
@@ -166,7 +168,8 @@ def test_quantized_conversion_equals_quantizing_the_dense_conversion(hf_checkpoi
             np.testing.assert_array_equal(np.asarray(wa.parts[0]), np.asarray(wb.parts[0]))
     tokens = ResidentEngine(a.config, a.model, a.experts).generate(PROMPTS, 8).token_ids
     cfg = a.config
-    budget = minimum_experts(num_unique_experts(cfg.num_experts, 3, cfg.top_k)) * fmt.nbytes(cfg)
+    unique = num_unique_experts(cfg.num_experts, 3, cfg.top_k)
+    budget = minimum_experts(unique, gather=gather_experts(unique, fmt, cfg)) * fmt.nbytes(cfg)
     offloaded = OffloadedEngine.from_checkpoint(direct, budget, "lru")
     assert offloaded.generate(PROMPTS, 8).token_ids == tokens
 

@@ -82,8 +82,25 @@ def test_budget_geometry():
     assert plan_geometry(40 * 10, 10, total_experts=64, unique_max=8) == (40 - 17, 8)
     assert plan_geometry(25 * 10, 10, total_experts=64, unique_max=8) == (8, 8)  # the minimum
     assert minimum_experts(8) == 25 and minimum_experts(8, prefetch_max=8) == 33
-    with pytest.raises(BudgetError, match="minimum working set of 250 B.*gather of 8"):
+    with pytest.raises(BudgetError, match="minimum working set of 250 B.*gather \\(8 experts' bytes\\)"):
         plan_geometry(24 * 10, 10, total_experts=64, unique_max=8)
+    # A quantized gather also holds the unpacked weights: 8 rows of 10 B and 8 x 35 B dense.
+    assert plan_geometry(60 * 10, 10, total_experts=64, unique_max=8, gather=8 + 28) == (60 - 9 - 36, 8)
+    assert minimum_experts(8, gather=36) == 53
+
+
+def test_a_quantized_gather_counts_its_unpacked_weights():
+    from jaxmoe.checkpoint.random_model import TINY_OLMOE
+    from jaxmoe.config import from_hf_dict
+    from jaxmoe.offload.cache import gather_experts
+    from jaxmoe.quant import DENSE, ExpertFormat
+
+    cfg = from_hf_dict(dict(TINY_OLMOE, hidden_size=256, intermediate_size=128, dtype="bfloat16"))
+    int4 = ExpertFormat("int4", 64)
+    assert gather_experts(4, DENSE, cfg) == 4
+    # 4 packed rows, and 4 dense experts' bytes in whole int4 experts (rounded up)
+    assert gather_experts(4, int4, cfg) == 4 + -(-4 * DENSE.nbytes(cfg) // int4.nbytes(cfg))
+    assert 4 + 4 * 3 < gather_experts(4, int4, cfg) <= 4 + 4 * 4  # int4 is ~0.28x dense
 
 
 def test_demand_plan_protects_the_next_layers_predictions_while_it_can():

@@ -42,7 +42,8 @@ from jaxmoe.model import PackedExperts
 from jaxmoe.offload.host_store import HostExpertStore
 from jaxmoe.offload.policy import EvictionPolicy
 from jaxmoe.offload.schedule import PassPlan, Schedule
-from jaxmoe.quant import ExpertFormat, packed_experts
+from jaxmoe.config import MoEConfig
+from jaxmoe.quant import DENSE, ExpertFormat, packed_experts
 
 
 def pool_experts(pool: jax.Array, fmt: ExpertFormat, cfg) -> PackedExperts:
@@ -91,34 +92,44 @@ class CacheCounters:
         return self.expert_hits / total if total else None
 
 
-def minimum_experts(unique_max: int, prefetch_max: int = 0) -> int:
+def gather_experts(unique_max: int, fmt: ExpertFormat, cfg: MoEConfig) -> int:
+    """The expert program's gather, in stored experts: the `unique_max` rows it takes from
+    the pool and, for a quantized format, their unpacked weights in the compute dtype (as
+    many bytes as `unique_max` dense experts), which exist while the layer computes."""
+    if fmt.kind == "dense":
+        return unique_max
+    return unique_max + -(-unique_max * DENSE.nbytes(cfg) // fmt.nbytes(cfg))
+
+
+def minimum_experts(unique_max: int, prefetch_max: int = 0, gather: int | None = None) -> int:
     """The smallest budget, in experts: the `unique_max` experts one layer can need resident,
     their copies and `prefetch_max` prefetched ones in flight, the filler, and the
-    expert program's gather of the `unique_max` it computes."""
-    return unique_max + (unique_max + prefetch_max) + 1 + unique_max
+    expert program's gather (`gather_experts`; `unique_max` for dense experts)."""
+    return unique_max + (unique_max + prefetch_max) + 1 + (unique_max if gather is None else gather)
 
 
 def plan_geometry(
-    budget_bytes: int, expert_bytes: int, total_experts: int, unique_max: int, prefetch_max: int = 0
+    budget_bytes: int, expert_bytes: int, total_experts: int, unique_max: int, prefetch_max: int = 0,
+    gather: int | None = None,
 ) -> tuple[int, int]:
     """(pool slots S, copies in flight) for a budget, or BudgetError naming the minimum.
 
     A decode step of one layer needs up to `unique_max` experts resident at once, all
     possibly copied in that step, while up to `prefetch_max` prefetched copies are in
     flight: S >= unique_max, in flight = unique_max + prefetch_max, plus the filler and
-    the expert program's gather (unique_max experts).
+    the expert program's gather (`gather` experts: gather_experts; default unique_max).
     """
     capacity = budget_bytes // expert_bytes
-    gather = unique_max
+    gather = unique_max if gather is None else gather
     if capacity >= total_experts + gather:
         return total_experts, 0
     in_flight = unique_max + prefetch_max
-    minimum = minimum_experts(unique_max, prefetch_max)
+    minimum = minimum_experts(unique_max, prefetch_max, gather)
     if capacity < minimum:
         raise BudgetError(
             f"expert budget {fmt_bytes(budget_bytes)} is below the minimum working set of "
             f"{fmt_bytes(minimum * expert_bytes)}: {unique_max} experts one layer can need for this batch, "
-            f"{in_flight} copies in flight, one filler and the expert program's gather of {gather}, "
+            f"{in_flight} copies in flight, one filler and the expert program's gather ({gather} experts' bytes), "
             f"at {fmt_bytes(expert_bytes)} each"
         )
     return capacity - in_flight - 1 - gather, in_flight
@@ -144,7 +155,8 @@ class DeviceExpertCache:
         self.unique_max, self.prefetch_max = unique_max, prefetch_max
         self.device = jax.sharding.SingleDeviceSharding(device or jax.devices()[0], memory_kind="device")
         total = len(store.keys())
-        slots, in_flight = plan_geometry(budget_bytes, store.expert_bytes, total, unique_max, prefetch_max)
+        gather = gather_experts(unique_max, store.format, cfg)
+        slots, in_flight = plan_geometry(budget_bytes, store.expert_bytes, total, unique_max, prefetch_max, gather)
         if not in_flight:  # everything resident: nothing to prefetch
             prefetch_max = 0
         # The staged list a write takes: a layer's demand copies and the next one's prefetches.

@@ -5,8 +5,8 @@ engine to.
   streamed   a streamed prefill holds up to two whole layers of experts outside the cache
              (the layer computing and the next one's copies; prefill_plan.py)
   gathered   an expert program computing U of a pool's experts gathers them first: U experts
-             (a routed prefill or decode; a streamed prefill gathers nothing, so the larger
-             of the two counts)
+             and, for a quantized format, their unpacked weights (a routed prefill or decode;
+             a streamed prefill gathers nothing, so the larger of the two counts)
   activations the largest chunk's: hidden states of the whole prompt (x, its update, the
              residual), attention scores over the cache [B, H, C, S] in fp32, and every
              computed expert's intermediates [U, N, 2I + I + D] over the chunk's N tokens;
@@ -25,9 +25,10 @@ ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def workspace_bytes(cfg: MoEConfig, batch: int, prompt_tokens: int, max_new_tokens: int, expert_bytes: int,
-                    chunk: int = DEFAULT_PREFILL_CHUNK) -> dict[str, int]:  # fmt: skip
+                    chunk: int = DEFAULT_PREFILL_CHUNK, unpacked_bytes: int = 0) -> dict[str, int]:  # fmt: skip
     """{"streamed", "gathered", "activations", "slack", "total"} in bytes, for a generate of
-    `batch` prompts of up to `prompt_tokens` tokens."""
+    `batch` prompts of up to `prompt_tokens` tokens. `unpacked_bytes`: one expert's weights in
+    the compute dtype when `expert_bytes` is a quantized expert (0 for dense: nothing to unpack)."""
     size = ITEMSIZE[cfg.dtype]
     p_len = prompt_bucket(prompt_tokens)
     c, _ = chunk_starts(p_len, chunk)
@@ -36,8 +37,8 @@ def workspace_bytes(cfg: MoEConfig, batch: int, prompt_tokens: int, max_new_toke
     e, d, i = cfg.num_experts, cfg.hidden_size, cfg.expert_intermediate_size
     u = min(e, n * cfg.top_k)
     parts = {
-        "streamed": 2 * e * expert_bytes,
-        "gathered": u * expert_bytes,
+        "streamed": 2 * e * expert_bytes + unpacked_bytes,  # the stream unpacks one expert at a time
+        "gathered": u * (expert_bytes + unpacked_bytes),
         "activations": 3 * batch * p_len * d * size + batch * cfg.num_heads * c * s * 4
         + e * n * (3 * i + d) * size + 2 * batch * cfg.vocab_size * 4,
         "slack": SLACK_BYTES,

@@ -104,17 +104,20 @@ class ExpertFormat:
             buf[part.offset : part.offset + part.nbytes] = value.reshape(-1).view(np.uint8)
         return buf
 
-    def pack_stacks(self, cfg: MoEConfig, w_gate_up: jax.Array, w_down: jax.Array) -> jax.Array:
-        """Dense stacks [E, ...] as rows [E, bytes] with jax ops (where they already are, e.g.
-        on the device, so nothing goes through host numpy): the dense format only."""
-        if self.kind != "dense":
-            raise ValueError(f"pack_stacks packs dense experts; {self.name} quantizes on the host (pack)")
-        e, columns, offset = w_gate_up.shape[0], [], 0
-        for part, w in zip(self.parts(cfg), (w_gate_up, w_down)):
+    def pack_stacks(self, cfg: MoEConfig, parts: dict[tuple[str, str], jax.Array]) -> jax.Array:
+        """Stacks of E experts' parts {(matrix, role): [E, *shape]} as rows [E, bytes], with jax
+        ops where the stacks already are (e.g. on the device: nothing goes through host numpy).
+        The same bytes as `pack` of each expert."""
+        e = next(iter(parts.values())).shape[0]
+        columns, offset = [], 0
+        for part in self.parts(cfg):
+            value = parts[part.matrix, part.role]
+            if value.shape != (e, *part.shape) or value.dtype != part.dtype:
+                raise ValueError(f"{part.matrix}.{part.role}: expected {part.dtype} {(e, *part.shape)}, "
+                                 f"got {value.dtype} {value.shape}")  # fmt: skip
             if part.offset > offset:
                 columns.append(jnp.zeros((e, part.offset - offset), jnp.uint8))
-            bytes_ = jax.lax.bitcast_convert_type(w.reshape(e, -1), jnp.uint8).reshape(e, -1)
-            columns.append(bytes_)
+            columns.append(jax.lax.bitcast_convert_type(value.reshape(e, -1), jnp.uint8).reshape(e, -1))
             offset = part.offset + part.nbytes
         columns.append(jnp.zeros((e, self.nbytes(cfg) - offset), jnp.uint8))
         return jnp.concatenate(columns, axis=1)
