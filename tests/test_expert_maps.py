@@ -206,3 +206,24 @@ def test_the_token_boundary_copies_what_the_next_token_needs():
     assert on.demand_misses < 0.7 * off.demand_misses and on.resumes < 0.7 * off.resumes
     t_on, t_off = on.time(CostModel(), 4), off.time(CostModel(), 4)
     assert t_on["copy_call_ms"] > 0 and t_on["ms_per_token"] < t_off["ms_per_token"]
+
+
+def test_the_shipped_maps_belong_to_the_shipped_model():
+    """checkpoints/jaxmoe-tiny/expert_maps.npz (built by scripts/build_expert_maps.py) loads
+    against the model's own summary, stays small, and its token maps predict about K
+    experts per layer."""
+    from pathlib import Path
+
+    from jaxmoe.config import load_hf_config
+    from jaxmoe.offload.expert_maps import MAPS_FILE
+    from jaxmoe.predictor.fingerprint import model_summary
+
+    model = Path(__file__).resolve().parents[1] / "checkpoints" / "jaxmoe-tiny"
+    cfg = load_hf_config(model)
+    assert (model / MAPS_FILE).stat().st_size < 400_000  # it travels with every checkout
+    maps = ExpertMaps.load(model / MAPS_FILE, model_summary(cfg))
+    assert (maps.lm, maps.e, maps.k) == (len(cfg.moe_layer_ids), cfg.num_experts, cfg.top_k)
+    assert maps.tokens_seen > 10_000 and maps.requests and maps.requests[0][0].dtype == np.float32
+    token = max(maps.token_visits, key=maps.token_visits.get)
+    p = maps.predict(token, {}, list(range(maps.lm)))
+    assert np.allclose(p.sum(-1), cfg.top_k, atol=0.3) and p.max() > 0.5
