@@ -12,7 +12,9 @@ finish for --shutdown-grace-s seconds, cancels the rest and exits 0. See README 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -84,12 +86,37 @@ def main(argv=None) -> int:
                        max_queue=args.max_queue, api_key=args.api_key, slo_ttft_ms=args.slo_ttft_ms,
                        slo_tpot_ms=args.slo_tpot_ms, static=args.static_batching, model_id=args.model_id)  # fmt: skip
     app = app_with_lifespan(state, grace_s=1.0)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                            timeout_graceful_shutdown=args.shutdown_grace_s)  # fmt: skip
     print(f"serving {state.model_id} ({type(engine).__name__}) on http://{args.host}:{args.port}/v1", file=sys.stderr)
-    # uvicorn on SIGTERM: closes the listener, waits up to the grace for open requests,
-    # cancels the rest (their rows are freed), runs the lifespan's shutdown, returns.
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
-                timeout_graceful_shutdown=args.shutdown_grace_s)  # fmt: skip
+    GracefulServer(config).run()
     return 0
+
+
+class GracefulServer:
+    """uvicorn's Server, stopped by SIGTERM/SIGINT through our own handlers: uvicorn closes
+    the listener, waits up to the grace for open requests, cancels the rest (their rows are
+    freed), runs the lifespan's shutdown and returns, and the process exits 0. (uvicorn's
+    own handlers re-raise the signal after shutting down, so the process would die of it.)"""
+
+    def __new__(cls, config):
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self):
+                def stop(*_):
+                    self.force_exit = self.should_exit  # a second signal: stop waiting
+                    self.should_exit = True
+
+                previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+                try:
+                    yield
+                finally:
+                    for s, handler in previous.items():
+                        signal.signal(s, handler)
+
+        return Server(config)
 
 
 if __name__ == "__main__":
