@@ -24,9 +24,10 @@ except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from generate import build_engine, default_model  # noqa: E402  (the same engine choice as generate.py)
+# The same engine choice and flag checks as generate.py.
+from generate import build_engine, check_engine_flags, default_model  # noqa: E402
 
-from jaxmoe.engine.buckets import DEFAULT_PREFILL_CHUNK, check_chunk  # noqa: E402
+from jaxmoe.engine.buckets import DEFAULT_PREFILL_CHUNK  # noqa: E402
 from jaxmoe.engine.programs import enable_compilation_cache  # noqa: E402
 from jaxmoe.offload.policy import POLICIES  # noqa: E402
 
@@ -55,12 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shutdown-grace-s", type=float, default=10.0, help="on SIGTERM, how long running requests get")
     p.add_argument("--compilation-cache", metavar="DIR", help="keep compiled programs here ('off' disables)")
     args = p.parse_args(argv)
-    try:
-        check_chunk(args.prefill_chunk)
-    except ValueError as e:
-        p.error(f"--prefill-chunk: {e}")
-    if args.expert_budget_gb is not None and args.expert_budget_frac is not None:
-        p.error("give --expert-budget-gb or --expert-budget-frac, not both")
+    check_engine_flags(p, args)
     for flag in ("max_batch", "max_queue", "port"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
@@ -73,18 +69,23 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import uvicorn
 
+    from jaxmoe.offload.cache import BudgetError
+    from jaxmoe.offload.host_store import HostMemoryError
     from jaxmoe.serve.launch import app_with_lifespan, make_state
 
     enable_compilation_cache(args.compilation_cache)
     path = args.model or default_model()
     try:
         engine, _, generation_config, tokenizer_path = build_engine(path, args)
-    except (ValueError, FileNotFoundError) as e:
+        state = make_state(engine, generation_config, tokenizer_path, path, max_batch=args.max_batch,
+                           max_queue=args.max_queue, api_key=args.api_key, slo_ttft_ms=args.slo_ttft_ms,
+                           slo_tpot_ms=args.slo_tpot_ms, static=args.static_batching, model_id=args.model_id)  # fmt: skip
+    except BudgetError as e:  # the cache is sized for the largest batch: every row's experts at once
+        print(f"error: {e}; a smaller --max-batch needs fewer experts per layer at once", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, HostMemoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    state = make_state(engine, generation_config, tokenizer_path, path, max_batch=args.max_batch,
-                       max_queue=args.max_queue, api_key=args.api_key, slo_ttft_ms=args.slo_ttft_ms,
-                       slo_tpot_ms=args.slo_tpot_ms, static=args.static_batching, model_id=args.model_id)  # fmt: skip
     app = app_with_lifespan(state, grace_s=1.0)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                             timeout_graceful_shutdown=args.shutdown_grace_s)  # fmt: skip

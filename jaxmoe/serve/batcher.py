@@ -174,13 +174,14 @@ class Batcher:
             return
         self._prefilling.remove((request, job))
         token, row_kv = job.first_token(row_sampling([request.sampling], np.zeros(1)))
-        live = [h for h in self.batch.holders if h is not None] + [request]
-        self.batch.fit(len(live), max(h.cache_len for h in live), self.rows.new_kv)
-        row = self.batch.put(request, row_kv)
         request.joined_at = time.perf_counter()
         reason = request.add_token(token, request.joined_at)
-        if reason:
-            self._leave(row, reason)
+        if reason:  # done at its first token: it never needs a row (nor a longer batch cache)
+            self._done(request, reason)
+            return
+        live = [h for h in self.batch.holders if h is not None] + [request]
+        self.batch.fit(len(live), max(h.cache_len for h in live), self.rows.new_kv)
+        self.batch.put(request, row_kv)
 
     def _decode(self) -> None:
         holders = self.batch.holders
@@ -204,6 +205,9 @@ class Batcher:
         """Free the row; `reason` None: cancelled (nobody is listening)."""
         request = self.batch.holders[row]
         self.batch.free(row)
+        self._done(request, reason)
+
+    def _done(self, request: Request, reason: str | None) -> None:
         if reason is not None:
             request.finish(reason)
         if request.joined_at is not None:
