@@ -52,6 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", type=Path, default=ROOT / "checkpoints" / "jaxmoe-tiny")
     p.add_argument("--expert-budget-frac", type=float, help="offload experts at this fraction of their bytes")
     p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--batched-decode", action="store_true", help="serve.py --batched-decode (resident)")
     p.add_argument("--prefill-chunk", type=int, default=64)
     p.add_argument("--modes", default="continuous,static")
     p.add_argument("--concurrency", default="1,4,16", help="closed-loop client counts")
@@ -85,6 +86,8 @@ def start_server(args, static: bool) -> tuple[subprocess.Popen, str]:
         cmd += ["--expert-budget-frac", str(args.expert_budget_frac)]
     if static:
         cmd.append("--static-batching")
+    if args.batched_decode:
+        cmd.append("--batched-decode")
     proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)})
     url = f"http://127.0.0.1:{port}"
     end = time.monotonic() + 300

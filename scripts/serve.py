@@ -51,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="require 'Authorization: Bearer KEY' on every route but /health (or $JAXMOE_API_KEY)")
     p.add_argument("--slo-ttft-ms", type=float, default=2000.0, help="default time-to-first-token objective")
     p.add_argument("--slo-tpot-ms", type=float, default=200.0, help="default time-per-output-token objective")
+    p.add_argument("--batched-decode", action="store_true",
+                   help="resident: decode every row in one batched step (more parallel on a GPU) instead of each "
+                   "row as the one-row step (the default: tokens exactly those of the prompt alone)")
     p.add_argument("--static-batching", action="store_true",
                    help="admit a new batch only when the last one finished (the benchmark's baseline)")
     p.add_argument("--shutdown-grace-s", type=float, default=10.0, help="on SIGTERM, how long running requests get")
@@ -79,7 +82,8 @@ def main(argv=None) -> int:
         engine, _, generation_config, tokenizer_path = build_engine(path, args)
         state = make_state(engine, generation_config, tokenizer_path, path, max_batch=args.max_batch,
                            max_queue=args.max_queue, api_key=args.api_key, slo_ttft_ms=args.slo_ttft_ms,
-                           slo_tpot_ms=args.slo_tpot_ms, static=args.static_batching, model_id=args.model_id)  # fmt: skip
+                           slo_tpot_ms=args.slo_tpot_ms, static=args.static_batching, model_id=args.model_id,
+                           exact_rows=not args.batched_decode)  # fmt: skip
     except BudgetError as e:  # the cache is sized for the largest batch: every row's experts at once
         print(f"error: {e}; a smaller --max-batch needs fewer experts per layer at once", file=sys.stderr)
         return 2

@@ -63,8 +63,9 @@ def decode_step(
     moe_fn: Callable = moe_ffn,
     sampler: Callable | None = None,
 ) -> StepOut:
-    """`sampler`: logits [B, V] -> tokens [B] in place of `sample(..., sampling)`, for a caller
-    whose rows each sample with their own parameters and key (the server's continuous batch)."""
+    """`sampler`: (model, h [B, D], each row's final-norm hidden state) -> tokens [B], in place of
+    the head and `sample(..., sampling)`: for a caller whose rows each sample with their own
+    parameters and key, and compute their logits as a batch of one would (the server)."""
     cfg = model.cfg
     num_layers = cfg.num_layers
     b, t = tokens.shape
@@ -124,8 +125,9 @@ def decode_step(
 
     def head(x):
         h = model.norm(x)[:, -1]  # [B, D] the last position
-        logits = head_logits(model.embed_tokens, model.lm_head, h)
-        return sampler(logits) if sampler else sample(logits, jax.random.fold_in(root, step), sampling)
+        if sampler:
+            return sampler(model, h)
+        return sample(head_logits(model.embed_tokens, model.lm_head, h), jax.random.fold_in(root, step), sampling)
 
     token = jax.lax.cond(missed, lambda x: jnp.zeros((b,), jnp.int32), head, x)
     return StepOut(token, tuple(new_kv), first_miss, x_miss, jnp.stack(ids_all), jnp.stack(picks_all),

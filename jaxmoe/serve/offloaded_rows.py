@@ -27,7 +27,8 @@ from jaxmoe.model import init_kv_cache
 from jaxmoe.model.decoder import head_logits
 from jaxmoe.offload.cache import pool_experts, write_slots
 from jaxmoe.serve.resident_rows import padded_prompt
-from jaxmoe.serve.row_sampling import sample_rows
+from jaxmoe.serve.row_exact import per_token_moe
+from jaxmoe.serve.row_sampling import row_sampler, sample_rows
 
 
 def first_token_rows(ends, x, index, sampling):
@@ -38,13 +39,13 @@ def first_token_rows(ends, x, index, sampling):
 
 def rows_step(model, tok, positions, valid, kv, pool, staged, staged_slots, table, start, x_start, root, step,
               scorer_leaves, sampling, *, scorer, picks, fmt):  # fmt: skip
-    """offloaded_step (engine/offloaded_decode.py) with per-row sampling: the same pool
-    write, the same decode step, the same report."""
+    """offloaded_step (engine/offloaded_decode.py) with per-row sampling, and experts and head
+    computed per row (serve/row_exact.py): the same pool write, decode step and report."""
     pool = write_slots(pool, staged, staged_slots)
     experts = [pool_experts(pool, fmt, model.cfg) if moe else None for moe in model.cfg.moe_layers]
     out = decode_step(model, tok[:, None], positions[:, None], valid, kv, experts, table, start, x_start, root,
                       step, scorer_leaves, sampling=SamplingParams(), scorer=scorer, picks=picks,
-                      sampler=lambda logits: sample_rows(logits, sampling))  # fmt: skip
+                      moe_fn=per_token_moe, sampler=row_sampler(sampling))  # fmt: skip
     report = jnp.concatenate([out.first_miss[None], out.token, out.ids.reshape(-1), out.picks.reshape(-1)])
     return out, pool, report, out.probs, positions + 1, step + 1
 

@@ -64,3 +64,10 @@ def sample_rows(logits: jax.Array, rows: tuple) -> jax.Array:
 
     # An all-greedy batch (the common case) skips the sort over the vocabulary.
     return jax.lax.cond(jnp.all(temperature == 0), lambda _: greedy, draw, logits)
+
+
+def row_sampler(sampling: tuple):
+    """decode_step's `sampler`: each row's logits from a one-row head, then its own sampling."""
+    from jaxmoe.serve.row_exact import per_row_logits
+
+    return lambda model, h: sample_rows(per_row_logits(model, h), sampling)
