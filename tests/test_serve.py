@@ -196,9 +196,12 @@ def test_bounded_load_16_clients_64_requests(server, client, engine, tokenizer):
     prompts = [f"{p} {w}" for p in PROMPTS for w in ("and", "of the", "then", "he")]  # 16 distinct
     want = {p: offline(engine, tokenizer, p, 4) for p in prompts}
     jobs = [prompts[i % 16] for i in range(64)]
+    programs = len(engine.programs)
     with cf.ThreadPoolExecutor(16) as pool:
         got = list(pool.map(lambda p: complete(client, p, 4, stream=jobs.index(p) % 2 == 0)[1], jobs))
     assert got == [want[p] for p in jobs]
+    # Rows joined and left 64 times in buckets the earlier tests had seen: nothing compiled.
+    assert len(engine.programs) == programs
     assert server.state.batcher.running == 0 and server.state.batcher.queue_depth == 0
     metrics = httpx.get(server.url + "/metrics").text
     for name in ("jaxmoe_time_to_first_token_seconds_count", "jaxmoe_queue_depth", "jaxmoe_running_batch",
