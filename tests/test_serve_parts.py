@@ -3,6 +3,7 @@ batch cache's buckets; and scripts/serve.py as a process (SIGTERM)."""
 
 from __future__ import annotations
 
+import heapq
 import json
 import os
 import signal
@@ -185,3 +186,31 @@ def test_exact_rows_keep_a_near_tie_token_in_a_batch_of_8():
         out, batch.kv = rows.decode(batch.kv, tokens, positions, np.ones(8, bool), row_sampling([None] * 8, np.zeros(8)))
         got.append(int(out[0]))
     assert got == want
+
+
+def test_queue_admits_by_ttft_deadline_and_refuses_when_full():
+    from jaxmoe.serve.batcher import Batcher, QueueFull
+    from jaxmoe.serve.request import SLO, Request
+
+    class NoRows:  # admission needs no engine: prefills are only created
+        programs = None
+
+        def prefill(self, prompt, cache_len):
+            return ("prefill", prompt[0])
+
+    batcher = Batcher(NoRows(), max_batch=2, max_queue=3)
+
+    def request(tag: int, ttft_s: float) -> Request:
+        return Request([tag], 4, RequestSampling(), SLO(ttft_s, 1.0), TextTracker(None), lambda event: None)
+
+    for tag, ttft in ((1, 9.0), (2, 0.5), (3, 3.0)):
+        batcher.submit(request(tag, ttft))
+    with pytest.raises(QueueFull) as full:
+        batcher.submit(request(4, 0.1))
+    assert full.value.retry_after_s >= 1
+    for r in batcher._inbox:
+        heapq.heappush(batcher._queue, (r.deadline, r.number, r))
+    batcher._inbox = []
+    batcher._admit()  # two free rows: the two earliest deadlines, most urgent first
+    assert [job[1] for _, job in batcher._prefilling] == [2, 3]
+    assert batcher.queue_depth == 1
