@@ -6,7 +6,6 @@ bounded load finishes without errors."""
 from __future__ import annotations
 
 import concurrent.futures as cf
-import json
 import time
 
 import httpx

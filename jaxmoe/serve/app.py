@@ -184,7 +184,13 @@ def _make_request(state: ServerState, body, prompt: list[int], chat: bool, emit)
 
 async def _serve(state: ServerState, body, prompt: list[int], http: HTTPRequest, chat: bool):
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
-    emit = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)  # noqa: E731
+
+    def emit(event) -> None:  # from the batcher thread
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+        except RuntimeError:  # the loop is closed (the server stopped): nobody is listening
+            pass
+
     request = _make_request(state, body, prompt, chat, emit)
     try:
         state.batcher.submit(request)
