@@ -77,7 +77,7 @@ def test_concurrent_completions_equal_offline_streamed_or_not(client, server, en
         want = offline(engine, tokenizer, prompt, max_tokens)
         assert ids == want, prompt
         assert text == tokenizer.decode(want)
-    # The long prompt's chunks ran between the other rows' decode steps.
+    # Prompts were prefilled between the running rows' decode steps, not instead of them.
     assert server.state.batcher.interleaved_chunks > chunks_before
 
 
@@ -177,8 +177,8 @@ def test_a_disconnected_stream_frees_its_row(server):
     batcher = server.state.batcher
     body = {"model": "jaxmoe-tiny", "prompt": PROMPTS[2], "max_tokens": 40, "temperature": 0, "stream": True}
     with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
-        lines = r.iter_lines()
-        assert next(line for line in lines if line.startswith("data:"))
+        data = (line for line in r.iter_lines() if line.startswith("data:"))
+        next(data), next(data)  # the second token comes from a decode step: the request holds a row
         (request,) = [h for h in batcher.batch.holders if h is not None]
     steps = batcher.steps
     end = time.monotonic() + 30
@@ -186,7 +186,9 @@ def test_a_disconnected_stream_frees_its_row(server):
         time.sleep(0.01)
     assert batcher.running == 0
     assert len(request.tokens) < 40 and request.cancelled
-    assert batcher.steps - steps <= 3  # freed within a step or so of the disconnect, not at max_tokens
+    # Freed at a step boundary soon after the server sees the disconnect (the steps counted here
+    # include the network stack's noticing it), long before max_tokens.
+    assert batcher.steps - steps <= 5
     metrics = httpx.get(server.url + "/metrics").text
     assert 'jaxmoe_requests_total{status="cancelled"}' in metrics
 
