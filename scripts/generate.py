@@ -80,19 +80,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--plan", action="store_true", help="include the executed transfer plans in the JSON")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     args = p.parse_args(argv)
+    check_engine_flags(p, args)
+    if not args.prompts:
+        p.error("give at least one --prompt or --prompt-ids")
+    return args
+
+
+def check_engine_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The prefill chunk and expert budget flags (scripts/serve.py takes the same)."""
     try:
         check_chunk(args.prefill_chunk)
     except ValueError as e:
         p.error(f"--prefill-chunk: {e}")
-    if not args.prompts:
-        p.error("give at least one --prompt or --prompt-ids")
     if args.expert_budget_gb is not None and args.expert_budget_frac is not None:
         p.error("give --expert-budget-gb or --expert-budget-frac, not both")
     for flag in ("expert_budget_gb", "expert_budget_frac"):
         value = getattr(args, flag)
         if value is not None and value <= 0:
             p.error(f"--{flag.replace('_', '-')} must be positive, got {value}")
-    return args
 
 
 def default_model() -> Path:
