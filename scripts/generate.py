@@ -89,23 +89,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--plan", action="store_true", help="include the executed transfer plans in the JSON")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     args = p.parse_args(argv)
+    check_engine_flags(p, args)
+    if not args.prompts:
+        p.error("give at least one --prompt or --prompt-ids")
+    return args
+
+
+def check_engine_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The prefill chunk and expert budget flags (scripts/serve.py takes the same)."""
     try:
         check_chunk(args.prefill_chunk)
     except ValueError as e:
         p.error(f"--prefill-chunk: {e}")
-    if not args.prompts:
-        p.error("give at least one --prompt or --prompt-ids")
     if args.expert_budget_gb is not None and args.expert_budget_frac is not None:
         p.error("give --expert-budget-gb or --expert-budget-frac, not both")
     for flag in ("expert_budget_gb", "expert_budget_frac"):
         value = getattr(args, flag)
         if value is not None and value <= 0:
             p.error(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    # Amortised prediction and expert maps are generate.py's flags (serve.py has neither).
     try:
-        args.amortize = Amortize(args.predict_every, args.predict_below)
+        args.amortize = Amortize(getattr(args, "predict_every", 1), getattr(args, "predict_below", None))
     except ValueError as e:
         p.error(f"--predict-every/--predict-below: {e}")
-    return args
+    args.maps = getattr(args, "maps", None)
 
 
 def default_model() -> Path:

@@ -127,8 +127,14 @@ def setup(family, fmt):
     return _SETUPS[family, fmt]
 
 
-@pytest.mark.parametrize("family", ["olmoe", "mixtral", "qwen2_moe", "qwen3_moe"])
-@pytest.mark.parametrize("fmt", [INT8, INT4], ids=lambda f: f.name)
+# Each family once and each format twice by default; the other four pairs with --slow.
+FAST_PAIRS = {("int4", "olmoe"), ("int8", "mixtral"), ("int4", "qwen2_moe"), ("int8", "qwen3_moe")}
+PAIRS = [pytest.param(fmt, family, marks=() if (fmt.kind, family) in FAST_PAIRS else pytest.mark.slow,
+                      id=f"{fmt.name}-{family}")
+         for fmt in (INT8, INT4) for family in ("olmoe", "mixtral", "qwen2_moe", "qwen3_moe")]  # fmt: skip
+
+
+@pytest.mark.parametrize("fmt,family", PAIRS)
 def test_offloaded_quantized_equals_resident_quantized(family, fmt):
     cfg, model, resident, store = setup(family, fmt)
     want = ResidentEngine(cfg, model, resident).generate(PROMPTS, 12).token_ids

@@ -68,16 +68,17 @@ class OffloadedDecoder:
     def __init__(self, engine, sampling):
         self.engine, self.cfg, self.sampling = engine, engine.config, sampling
         self.counters = DecodeCounters()
+        self.predict = True  # whether the token being run predicts (amortised prediction: the driver says)
 
-    def static(self, predict: bool = True) -> dict:
-        """The step program's static arguments; `predict` False: the variant without the scorer."""
+    def static(self) -> dict:
+        """The step program's static arguments; without the scorer for a token that does not predict."""
         room = self.engine.cache.schedule.prefetch_staging > 0
-        predictor = self.engine.predictor if room and predict else None
+        predictor = self.engine.predictor if room and self.predict else None
         return {"sampling": self.sampling, "scorer": predictor, "picks": self.cfg.top_k if predictor else 0,
                 "fmt": self.engine.store.format}  # fmt: skip
 
-    def args(self, tok, positions, valid, kv, start, x_start, root, step, cache_inputs, predict=True) -> tuple:
-        static = self.static(predict)
+    def args(self, tok, positions, valid, kv, start, x_start, root, step, cache_inputs) -> tuple:
+        static = self.static()
         leaves = static["scorer"].leaves if static["scorer"] else ()
         return (tok, positions, valid, tuple(kv), *cache_inputs, start, x_start, root, step, leaves)
 
@@ -91,13 +92,13 @@ class OffloadedDecoder:
         plain = lambda tree: jax.tree.map(lambda a: spec(a.shape, a.dtype), tree)  # noqa: E731
         cache_inputs = plain((cache.pool, (cache.filler,) * cache.staging, jnp.zeros(cache.staging, jnp.int32),
                               jnp.zeros((cfg.num_layers, cfg.num_experts), jnp.int32)))  # fmt: skip
-        for predict in (True, False) if self.engine.amortize.active else (True,):
+        for self.predict in (True, False) if self.engine.amortize.active else (True,):
             args = self.args(rows, rows, spec((batch,), jnp.bool_), kv, spec((), jnp.int32),
                              spec((batch, 1, cfg.hidden_size), jnp.dtype(cfg.dtype)),
-                             jax.eval_shape(lambda: jax.random.key(0)), spec((), jnp.int32), cache_inputs,
-                             predict)  # fmt: skip
-            self.engine.executor.compile("step", offloaded_step, self.static(predict), DONATE,
-                                         self.engine.model_piece, *args)  # fmt: skip
+                             jax.eval_shape(lambda: jax.random.key(0)), spec((), jnp.int32), cache_inputs)  # fmt: skip
+            self.engine.executor.compile("step", offloaded_step, self.static(), DONATE, self.engine.model_piece,
+                                         *args)  # fmt: skip
+        self.predict = True
 
     def start(self, positions: np.ndarray, max_new_tokens: int, first_tokens: np.ndarray | None = None) -> None:
         """Before the first decode step: the rows' positions [B] (the prompt lengths) and the
@@ -113,23 +114,25 @@ class OffloadedDecoder:
         self.dispatch_ahead = not self.engine.cache.schedule.policy.keep_only_current
         self._programs = {}  # predict -> compiled step program
 
-    def _dispatch(self, tok, kv: list, start: int, x_start, root, step: int):
-        """Run the step program from `start`; returns (out, report, probs, positions, step, picks)."""
+    def _dispatch(self, tok, kv: list, start: int, x_start, root):
         engine, b = self.engine, tok.shape[0]
         x_start = engine.zeros((b, 1, self.cfg.hidden_size)) if x_start is None else x_start
-        predict = engine.driver.predicting(step)
         args = self.args(tok, self._positions, self._valid, kv, engine.scalar(start), x_start, root, self._step,
-                         engine.cache.step_inputs(), predict)  # fmt: skip
-        program = self._programs.get(predict)
+                         engine.cache.step_inputs())  # fmt: skip
+        program = self._programs.get(self.predict)
         if program is None:  # looked up once per generate: a lookup per call costs a signature
-            program = self._programs[predict] = engine.executor.compile(
-                "step", offloaded_step, self.static(predict), DONATE, engine.model_piece, *args)  # fmt: skip
+            program = self._programs[self.predict] = engine.executor.compile(
+                "step", offloaded_step, self.static(), DONATE, engine.model_piece, *args)  # fmt: skip
         with engine.executor.clock.phase("dispatch"):
             out, pool, *run = program(engine.model_piece.leaves, *args)
         engine.executor.clock.device("compute", out)
         kv[:] = out.kv
         engine.cache.step_outputs(pool)
-        return (out, *run, self.static(predict)["picks"])
+        return (out, *run)
+
+    def _begin(self, step: int, tokens) -> None:
+        """Before a token's first run: the driver says whether it predicts (its runs' program)."""
+        self.predict = self.engine.driver.begin_token(step, tokens)
 
     def token(self, step: int, tok: jax.Array, valid: np.ndarray, kv: list, root):
         """One decode step for tok [B] (on the device); `valid` [B] marks rows still
@@ -140,15 +143,16 @@ class OffloadedDecoder:
         if self._valid_host is None or not np.array_equal(valid, self._valid_host):  # rows finish rarely
             self._valid_host, self._valid = valid.copy(), jnp.asarray(valid)
         driver = self.engine.driver
+        self._begin(step, self._tokens_host)  # begun already where it was dispatched ahead
         if self._ahead is not None and self._ahead[0] == step:
             run, self._ahead = self._ahead[1], None
         else:
-            driver.begin_token(step, self._tokens_host)
-            run = self._dispatch(tok, kv, 0, None, root, step)
+            run = self._dispatch(tok, kv, 0, None, root)
         # A run after copies (the boundary's) waits for them: its read counts as a stall.
         start, loaded, planned, self._ahead_loaded = 0, self._ahead_loaded, None, False
+        picks_n = self.static()["picks"]
         while True:
-            out, report, probs, next_positions, next_step, picks_n = run
+            out, report, probs, next_positions, next_step = run
             read_start = time.perf_counter()
             with clock.phase("host_read"):  # the one host read of this run
                 report, probs = jax.device_get((report, probs)) if picks_n else (np.asarray(report), None)
@@ -163,18 +167,20 @@ class OffloadedDecoder:
                 self.counters.tokens += 1
                 self._positions, self._step = next_positions, next_step
                 self._tokens_host = tok_host  # the next step's input
-                more = step + 1 < self.max_new_tokens
-                if driver.boundary:  # record, then plan the next token's copies, before dispatching it
+                ahead = self.dispatch_ahead and step + 1 < self.max_new_tokens
+                # The boundary's copies ride with the next token's first program, so only where
+                # this decoder dispatches it (a server's next rows are not known here).
+                boundary = driver.boundary and self.dispatch_ahead
+                if boundary:  # record, then plan the next token's copies, before dispatching it
                     with clock.phase("schedule"):
                         self._plan(step, start, first_miss, ids, picks, probs, valid, planned)
-                        if more:
-                            driver.begin_token(step + 1, tok_host)
-                            plans = driver.end_token(step + 1, tok_host, valid)
-                    self._ahead_loaded = more and cache.load(plans)
-                if self.dispatch_ahead and more:
-                    driver.begin_token(step + 1, tok_host)  # no-op where the boundary began it
-                    self._ahead = (step + 1, self._dispatch(out.token, kv, 0, None, root, step + 1))
-                if not driver.boundary:
+                        if ahead:
+                            self._begin(step + 1, tok_host)
+                            self._ahead_loaded = cache.load(driver.end_token(step + 1, tok_host, valid))
+                if ahead:
+                    self._begin(step + 1, tok_host)  # a no-op where the boundary began it
+                    self._ahead = (step + 1, self._dispatch(out.token, kv, 0, None, root))
+                if not boundary:
                     with clock.phase("schedule"):
                         self._plan(step, start, first_miss, ids, picks, probs, valid, planned)
                 return out.token, tok_host
@@ -182,7 +188,7 @@ class OffloadedDecoder:
                 plans = self._plan(step, start, first_miss, ids, picks, probs, valid, planned)
             loaded = cache.load(plans)
             start, planned = first_miss, first_miss
-            run = self._dispatch(tok, kv, start, out.x_miss, root, step)
+            run = self._dispatch(tok, kv, start, out.x_miss, root)
 
     def _plan(self, step, start, first_miss, ids, picks, probs, valid, planned) -> list:
         """The decode driver's plans for this run: the completed layers' hits are counted

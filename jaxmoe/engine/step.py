@@ -61,7 +61,11 @@ def decode_step(
     scorer=None,
     picks: int = 0,
     moe_fn: Callable = moe_ffn,
+    sampler: Callable | None = None,
 ) -> StepOut:
+    """`sampler`: (model, h [B, D], each row's final-norm hidden state) -> tokens [B], in place of
+    the head and `sample(..., sampling)`: for a caller whose rows each sample with their own
+    parameters and key, and compute their logits as a batch of one would (the server)."""
     cfg = model.cfg
     num_layers = cfg.num_layers
     b, t = tokens.shape
@@ -121,6 +125,8 @@ def decode_step(
 
     def head(x):
         h = model.norm(x)[:, -1]  # [B, D] the last position
+        if sampler:
+            return sampler(model, h)
         return sample(head_logits(model.embed_tokens, model.lm_head, h), jax.random.fold_in(root, step), sampling)
 
     token = jax.lax.cond(missed, lambda x: jnp.zeros((b,), jnp.int32), head, x)

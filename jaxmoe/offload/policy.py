@@ -170,6 +170,7 @@ def _policies() -> dict[str, type]:
 
 
 POLICY_NAMES = ("ondemand", "lru", "lfu", "lfru", "predictor", "reuse", "maps")
+POLICIES = POLICY_NAMES  # the name scripts/serve.py takes its --policy choices from
 
 
 def policy_class(name: str) -> type:

@@ -251,10 +251,11 @@ def simulate_decode(
                 following = trace.tokens[:, t + 1] if more and trace.tokens is not None else None
                 # As the engine (engine/offloaded_decode.py): the next token begins before this
                 # one is recorded where it is dispatched ahead, after it where the boundary plans.
-                if more and not driver.boundary and not policy.keep_only_current:
+                ahead = not policy.keep_only_current  # the engine's dispatch_ahead
+                if more and ahead and not driver.boundary:
                     driver.begin_token(step + 1, following)
                 count(driver.plan(step, start, first_miss, run_ids, run_picks, run_probs, live, planned).record)
-                if more and driver.boundary:
+                if more and ahead and driver.boundary:
                     driver.begin_token(step + 1, following)
                     count(driver.end_token(step + 1, following, live))
                 break

@@ -1,0 +1,104 @@
+"""The continuous batch's KV cache: rows of requests at their own positions, resized
+between a few static (rows, length) buckets so arrivals and departures never compile
+a new program once each bucket has been seen.
+
+A row's cache entries beyond its own position are never visible to it (attention masks
+key s > position per row), so a row taken over by a new request needs no clearing, and
+rows can be gathered, padded or truncated freely as long as every live row's own length
+fits.
+
+Shapes: B rows, S cache length, Hk key/value heads, Dh head dim.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmoe.model.decoder import LayerKV
+
+
+def row_buckets(max_rows: int) -> list[int]:
+    """Powers of two up to max_rows, and max_rows itself."""
+    sizes, size = [], 1
+    while size < max_rows:
+        sizes.append(size)
+        size *= 2
+    return sizes + [max_rows]
+
+
+def rows_bucket(rows: int, max_rows: int) -> int:
+    return next(b for b in row_buckets(max_rows) if b >= rows)
+
+
+def resize(kv, index: jax.Array, *, length: int):
+    """Rows `index` [B'] of every layer's cache, cut or zero-padded to `length` keys."""
+
+    def fit(a):
+        a = a[index]
+        if a.shape[1] >= length:
+            return a[:, :length]
+        return jnp.pad(a, ((0, 0), (0, length - a.shape[1]), (0, 0), (0, 0)))
+
+    return tuple(LayerKV(fit(layer.k), fit(layer.v)) for layer in kv)
+
+
+def insert(kv, row_kv, row: jax.Array):
+    """One request's prefilled cache row_kv [1, S_row] into row `row` of kv [B, S >= S_row]."""
+    at = lambda a, r: jax.lax.dynamic_update_slice(a, r, (row, 0, 0, 0))  # noqa: E731
+    return tuple(LayerKV(at(layer.k, r.k), at(layer.v, r.v)) for layer, r in zip(kv, row_kv, strict=True))
+
+
+class BatchKV:
+    """The batch cache on the device and which request (slot id) each row holds."""
+
+    def __init__(self, programs, max_rows: int):
+        self.programs, self.max_rows = programs, max_rows
+        self.kv = None  # tuple of LayerKV [B, S]
+        self.holders: list = []  # per row: the request holding it, or None
+
+    @property
+    def rows(self) -> int:
+        return len(self.holders)
+
+    @property
+    def length(self) -> int:
+        return 0 if self.kv is None else self.kv[0].k.shape[1]
+
+    def live(self) -> list[int]:
+        return [r for r, h in enumerate(self.holders) if h is not None]
+
+    def _resize(self, order: list[int], rows: int, length: int) -> None:
+        index = np.zeros(rows, np.int32)
+        index[: len(order)] = order
+        index = jnp.asarray(index)
+        program = self.programs.get("kv_resize", resize, {"length": length}, (), self.kv, index)
+        self.kv = program(self.kv, index)
+        self.holders = [self.holders[r] for r in order] + [None] * (rows - len(order))
+
+    def fit(self, live_rows: int, length: int, new_kv) -> None:
+        """Make room for `live_rows` rows of `length` keys (a cache bucket: every row's own
+        length is one). Grows at once; shrinks, packing the live rows at the front, only
+        when a quarter of the rows or of the length would do, so a batch hovering at a
+        bucket's edge does not copy its cache back and forth every step."""
+        rows = rows_bucket(max(live_rows, 1), self.max_rows)
+        if self.kv is None:
+            self.kv, self.holders = new_kv(rows, length), [None] * rows
+            return
+        rows = rows if rows > self.rows or rows <= self.rows // 4 else self.rows
+        length = length if length > self.length or length <= self.length // 4 else self.length
+        if (rows, length) != (self.rows, self.length):
+            self._resize(self.live(), rows, length)
+
+    def put(self, holder, row_kv) -> int:
+        """The first free row takes `holder` and its prefilled cache; returns the row."""
+        row = self.holders.index(None)
+        r = jnp.int32(row)
+        program = self.programs.get("kv_insert", insert, {}, (0,), self.kv, row_kv, r)
+        self.kv = program(self.kv, row_kv, r)
+        self.holders[row] = holder
+        return row
+
+    def free(self, row: int) -> None:
+        self.holders[row] = None

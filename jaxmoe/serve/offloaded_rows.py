@@ -1,0 +1,140 @@
+"""The offloaded engine driven row by row for the continuous batch.
+
+Prefill: a request's prompt alone, chunk by chunk through the routed prefill
+(engine/routed.py: only the experts its tokens route to are loaded), so decode steps run
+between its chunks; the routed prefill computes the resident engine's numbers. Decode:
+the engine's OffloadedDecoder (one program per token while its experts are cached, a
+resume from the layer that missed otherwise) with a step program that also takes each
+row's position and sampling. The device expert cache is the engine's, shared by every
+row and kept across requests.
+
+Shapes: B rows, P prompt bucket, C chunk, S cache length, D hidden.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmoe.engine.buckets import chunk_starts
+from jaxmoe.engine.offloaded import OffloadedEngine
+from jaxmoe.engine.offloaded_decode import DONATE, OffloadedDecoder
+from jaxmoe.engine.routed import routed_chunk
+from jaxmoe.engine.sampling import SamplingParams
+from jaxmoe.engine.step import decode_step
+from jaxmoe.model import init_kv_cache
+from jaxmoe.model.decoder import head_logits
+from jaxmoe.offload.cache import pool_experts, write_slots
+from jaxmoe.serve.resident_rows import padded_prompt
+from jaxmoe.serve.row_exact import per_token_moe
+from jaxmoe.serve.row_sampling import row_sampler, sample_rows
+
+
+def first_token_rows(ends, x, index, sampling):
+    """The next token from x [1, C, D] (the chunk holding the prompt's last token) at `index`."""
+    h = ends.norm(x)[:, index]
+    return sample_rows(head_logits(ends.embed_tokens, ends.lm_head, h), sampling)
+
+
+def rows_step(model, tok, positions, valid, kv, pool, staged, staged_slots, table, start, x_start, root, step,
+              scorer_leaves, sampling, *, scorer, picks, fmt):  # fmt: skip
+    """offloaded_step (engine/offloaded_decode.py) with per-row sampling, and experts and head
+    computed per row (serve/row_exact.py): the same pool write, decode step and report."""
+    pool = write_slots(pool, staged, staged_slots)
+    experts = [pool_experts(pool, fmt, model.cfg) if moe else None for moe in model.cfg.moe_layers]
+    out = decode_step(model, tok[:, None], positions[:, None], valid, kv, experts, table, start, x_start, root,
+                      step, scorer_leaves, sampling=SamplingParams(), scorer=scorer, picks=picks,
+                      moe_fn=per_token_moe, sampler=row_sampler(sampling))  # fmt: skip
+    report = jnp.concatenate([out.first_miss[None], out.token, out.ids.reshape(-1), out.picks.reshape(-1)])
+    return out, pool, report, out.probs, positions + 1, step + 1
+
+
+class RowsDecoder(OffloadedDecoder):
+    """OffloadedDecoder whose step program is `rows_step`: everything else (the cache's
+    plans, loads, resumes, counters) is the engine's."""
+
+    sampling_rows: tuple = ()
+
+    def static(self) -> dict:
+        static = super().static()
+        del static["sampling"]
+        return static
+
+    def _dispatch(self, tok, kv: list, start: int, x_start, root):
+        engine, b = self.engine, tok.shape[0]
+        x_start = engine.zeros((b, 1, self.cfg.hidden_size)) if x_start is None else x_start
+        scorer = self.static()["scorer"]
+        args = (tok, self._positions, self._valid, tuple(kv), *engine.cache.step_inputs(), engine.scalar(start),
+                x_start, root, self._step, scorer.leaves if scorer else (), self.sampling_rows)  # fmt: skip
+        program = engine.executor.compile("serve_step", rows_step, self.static(), DONATE, engine.model_piece, *args)
+        out, pool, *run = program(engine.model_piece.leaves, *args)
+        kv[:] = out.kv
+        engine.cache.step_outputs(pool)
+        return (out, *run)
+
+
+class OffloadedPrefill:
+    """One prompt's routed prefill, a chunk per `step()`."""
+
+    def __init__(self, rows: "OffloadedRows", prompt: list[int], cache_len: int):
+        self.rows, self.prompt_len = rows, len(prompt)
+        self.tokens, _ = padded_prompt(prompt)
+        p_len = self.tokens.shape[1]
+        self.size, self.starts = chunk_starts(p_len, rows.engine.prefill_chunk)
+        self.positions = np.arange(p_len, dtype=np.int32)[None]
+        self.valid = self.positions < len(prompt)
+        self.kv = list(init_kv_cache(rows.config, 1, cache_len))
+        self.next_chunk, self.x_last = 0, None
+
+    @property
+    def done(self) -> bool:
+        return self.next_chunk == len(self.starts)
+
+    def step(self) -> None:
+        s, size = self.starts[self.next_chunk], self.size
+        x = routed_chunk(self.rows.engine, jnp.asarray(self.tokens[:, s : s + size]), self.positions[:, s : s + size],
+                         self.valid[:, s : s + size], self.kv)  # fmt: skip
+        if s <= self.prompt_len - 1 < s + size:
+            self.x_last, self.index = x, self.prompt_len - 1 - s
+        self.next_chunk += 1
+
+    def first_token(self, sampling: tuple) -> tuple[int, tuple]:
+        engine = self.rows.engine
+        tok = engine.executor.run("serve_first", first_token_rows, {}, (), engine.ends, self.x_last,
+                                  jnp.int32(self.index), sampling)  # fmt: skip
+        return int(np.asarray(tok)[0]), tuple(self.kv)
+
+
+class OffloadedRows:
+    kind = "offloaded"
+
+    def __init__(self, engine: OffloadedEngine, max_rows: int):
+        self.engine, self.config = engine, engine.config
+        self.programs = engine.programs
+        engine._ensure_cache(max_rows)  # sized for the largest batch, kept for every bucket
+        engine.cache.begin()
+        self.decoder = RowsDecoder(engine, SamplingParams())
+        self.root = jax.random.key(0)  # unused by rows_step's sampler; the program takes one
+        self.steps = 0  # the schedule's clock (a policy's recency)
+
+    def new_kv(self, rows: int, length: int):
+        return init_kv_cache(self.config, rows, length)
+
+    def prefill(self, prompt: list[int], cache_len: int) -> OffloadedPrefill:
+        return OffloadedPrefill(self, prompt, cache_len)
+
+    def decode(self, kv, tokens: np.ndarray, positions: np.ndarray, valid: np.ndarray, sampling: tuple):
+        decoder, kv = self.decoder, list(kv)
+        decoder.start(positions, 1 << 30)
+        decoder.dispatch_ahead = False  # the next step's rows are not known until this one's tokens are read
+        decoder.sampling_rows = sampling
+        self.steps += 1
+        _, tok_host = decoder.token(self.steps, jnp.asarray(tokens), valid, kv, self.root)
+        # The executed plans are a per-generate record; a server would keep them forever.
+        self.engine.cache.schedule.executed.clear()
+        return np.asarray(tok_host), tuple(kv)
+
+    def counters(self) -> dict:
+        c = self.engine.cache.counters
+        return {"expert_hits": c.expert_hits, "expert_misses": c.expert_misses, "h2d_bytes": c.h2d_bytes}
