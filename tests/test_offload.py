@@ -54,8 +54,17 @@ def offloaded(family, policy, experts_in_budget, batch, new):
 NEW = [pytest.param(p, marks=pytest.mark.slow) for p in ("lfru", "reuse", "maps")]
 
 
-@pytest.mark.parametrize("policy", ["ondemand", "lru", "lfu", *NEW])
-@pytest.mark.parametrize("budget", ["min", "min+4", "total-3", "all"])
+# lru at every budget by default; ondemand and lfu at the smallest and the near-full budget,
+# their other budgets with --slow.
+FAST_BUDGETS = {"min", "total-3"}
+CASES = [pytest.param(policy, budget, marks=() if policy == "lru" or budget in FAST_BUDGETS else pytest.mark.slow,
+                      id=f"{budget}-{policy}")
+         for policy in ("ondemand", "lru", "lfu") for budget in ("min", "min+4", "total-3", "all")]  # fmt: skip
+CASES += [pytest.param(p.values[0], budget, marks=pytest.mark.slow, id=f"{budget}-{p.values[0]}")
+          for p in NEW for budget in ("min", "min+4", "total-3", "all")]  # fmt: skip
+
+
+@pytest.mark.parametrize("policy,budget", CASES)
 def test_every_policy_and_budget_matches_resident(policy, budget):
     engine, result = offloaded("olmoe", policy, budgets("olmoe", 3, policy == "maps")[budget], 3, 16)
     assert result.token_ids == resident_tokens("olmoe", 3, 16)
@@ -68,8 +77,9 @@ def test_every_policy_and_budget_matches_resident(policy, budget):
         assert m["expert_misses"] > 0
 
 
+# Every family at the minimum working set (where every layer evicts); near-full with --slow.
+@pytest.mark.parametrize("budget", ["min", pytest.param("total-3", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe"])
-@pytest.mark.parametrize("budget", ["min", "total-3"])
 def test_every_family_matches_resident(family, budget):
     _, result = offloaded(family, "lru", budgets(family, 3)[budget], 3, 16)
     assert result.token_ids == resident_tokens(family, 3, 16)
