@@ -39,7 +39,7 @@ def text_prompts(tokenizer, path: Path, count: int, length: int) -> list[list[in
 
 def run_one(model: str, budget: int, policy: str, prompts: list[list[int]], new: int) -> dict:
     predictor = Path(model, "predictor") if policy == "predictor" else None
-    engine = OffloadedEngine.from_checkpoint(model, budget, "predictor" if predictor else policy, predictor=predictor)
+    engine = OffloadedEngine.from_checkpoint(model, budget, policy, predictor=predictor)
     engine.generate([prompts[0]], max_new_tokens=new)  # compile and warm
     h2d = hits = misses = tokens = 0
     seconds = 0.0

@@ -249,32 +249,42 @@ def first_budget(jobs: list[Job]) -> B.Budget:
     return next(j.budget for j in jobs if j.worker == "offload")
 
 
-def step_decode(c: Check) -> tuple[str, dict]:
-    jobs, arithmetic = decode_jobs(c)
+def run_jobs(c: Check, step: str, jobs: list[Job]) -> dict:
+    """Each job in its worker, in order, within the step's cap: a job that would start with
+    under 10 s left is recorded as not run."""
     results, end = {}, time.perf_counter() + c.cap
-    bw_job = getattr(c, "bandwidth_job", None)
     for job in jobs:
         left = end - time.perf_counter()
         if job.skipped:
             results[job] = {"skipped": job.skipped}
             continue
         if left < 10:
-            results[job] = {"not_run": "the decode step's time cap was reached"}
+            results[job] = {"not_run": f"the {step} step's time cap was reached"}
             continue
         s = matrix.spec(c.bench, job)
         if job.worker == "hf-accelerate":
             s["prefill_tokens"] = [PREFILL_LENGTHS[c.dry][-1]]
-        log(f"decode: {job.key} ({left:.0f} s left)")
+        log(f"{step}: {job.key} ({left:.0f} s left)")
         results[job] = c.spawn(job, s, left) | {"settings": s}
+    return results
+
+
+def rows_status(report: dict) -> str:
+    bad = any(r["error"] for r in report["rows"]) or any(p.startswith("MISMATCH") for p in report["problems"])
+    return "failed" if bad else "timeout" if any(r["not_run"] for r in report["rows"]) else "passed"
+
+
+def step_decode(c: Check) -> tuple[str, dict]:
+    jobs, arithmetic = decode_jobs(c)
+    results = run_jobs(c, "decode", jobs)
+    bw_job = getattr(c, "bandwidth_job", None)
     if bw_job and "bandwidth" in c.results:
         results[bw_job] = c.results["bandwidth"]
     order = ([bw_job] if bw_job in results else []) + jobs
     report = make_report(c.bench, order, results, arithmetic)
     report["jobs"] = [j.key for j in jobs]
     c.decode_budget = first_budget(jobs)
-    bad = any(r["error"] for r in report["rows"]) or any(p.startswith("MISMATCH") for p in report["problems"])
-    left = any(r["not_run"] for r in report["rows"])
-    return ("failed" if bad else "timeout" if left else "passed"), report
+    return rows_status(report), report
 
 
 def step_phases(c: Check) -> tuple[str, dict]:
@@ -331,20 +341,10 @@ def step_quantized(c: Check) -> tuple[str, dict]:
     """The quantized-experts targets: OLMoE-1B-7B int4 within 5 GiB >= 0.5x resident bf16
     tok/s (the decode step's resident row, when it ran), Mixtral-8x7B int4 at 24 GiB."""
     jobs, arithmetic = quant_jobs(c)
-    results, end = {}, time.perf_counter() + c.cap
-    for job in jobs:
-        left = end - time.perf_counter()
-        if left < 10:
-            results[job] = {"not_run": "the quantized step's time cap was reached"}
-            continue
-        log(f"quantized: {job.key} ({left:.0f} s left)")
-        s = matrix.spec(c.bench, job)
-        results[job] = c.spawn(job, s, left) | {"settings": s}
-    report = make_report(c.bench, jobs, results, arithmetic)
+    report = make_report(c.bench, jobs, run_jobs(c, "quantized", jobs), arithmetic)
     resident = next((r for r in (c.results.get("decode") or {}).get("rows", []) if r.get("policy") == "resident"), None)
     report["resident_bf16_tokens_per_s"] = resident and resident.get("decode_tokens_per_s")
-    bad = any(r["error"] for r in report["rows"]) or any(p.startswith("MISMATCH") for p in report["problems"])
-    return ("failed" if bad else "timeout" if any(r["not_run"] for r in report["rows"]) else "passed"), report
+    return rows_status(report), report
 
 
 def step_exact_diagnosis(c: Check) -> tuple[str, dict]:

@@ -177,7 +177,8 @@ def _make_request(state: ServerState, body, prompt: list[int], chat: bool, emit)
         slo = SLO(body.slo.ttft_ms / 1e3 if body.slo.ttft_ms else slo.ttft_s,
                   body.slo.tpot_ms / 1e3 if body.slo.tpot_ms else slo.tpot_s, body.slo.name)  # fmt: skip
     seed = body.seed if body.seed is not None else secrets.randbits(31)
-    sampling = RequestSampling(float(body.temperature), float(body.top_p), body.top_k, seed & 0xFFFFFFFF)
+    sampling = RequestSampling(temperature=float(body.temperature), top_p=float(body.top_p), top_k=body.top_k,
+                               seed=seed & 0xFFFFFFFF)  # fmt: skip
     return Request(prompt, max_tokens, sampling, slo, TextTracker(state.tokenizer, body.stop_list()), emit,
                    state.eos_ids)  # fmt: skip
 

@@ -16,14 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmoe.engine.sampling import SamplingParams
+
 
 @dataclasses.dataclass(frozen=True)
-class RequestSampling:
-    """One request's sampling: temperature 0 is greedy; top_k 0 and top_p 1.0 are off."""
+class RequestSampling(SamplingParams):
+    """One request's sampling: the engines' parameters (and their checks) and its own seed."""
 
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
     seed: int = 0
 
 
