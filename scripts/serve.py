@@ -29,7 +29,7 @@ from generate import build_engine, check_engine_flags, default_model  # noqa: E4
 
 from jaxmoe.engine.buckets import DEFAULT_PREFILL_CHUNK  # noqa: E402
 from jaxmoe.engine.programs import enable_compilation_cache  # noqa: E402
-from jaxmoe.offload.policy import POLICIES  # noqa: E402
+from jaxmoe.offload.policy import POLICY_NAMES  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -38,7 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model-id", help="the name clients send as 'model' (default: the directory's name)")
     p.add_argument("--expert-budget-gb", type=float, help="offload experts: device expert cache of this many 10^9 B")
     p.add_argument("--expert-budget-frac", type=float, help="the same as a fraction of all expert bytes, e.g. 0.5")
-    p.add_argument("--policy", choices=sorted(POLICIES), help="expert cache policy (with a budget), as generate.py")
+    p.add_argument("--policy", choices=sorted(POLICY_NAMES), help="expert cache policy (with a budget), as generate.py")
     p.add_argument("--predictor", help="predictor directory, or 'gate-ahead'")
     p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
                    help="tokens per prefill chunk (a power of two); a long prompt advances one chunk per decode "

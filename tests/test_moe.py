@@ -71,3 +71,19 @@ def test_router_weight_dtype_follows_family():
     logits = jnp.ones((3, 4), jnp.bfloat16)
     assert route(_cfg(4, 2, dtype="bfloat16"), logits).weights.dtype == jnp.bfloat16
     assert route(_cfg(4, 2, dtype="bfloat16", router_weights_fp32=True), logits).weights.dtype == jnp.float32
+
+
+def test_per_token_moe_equals_one_token_steps():
+    """The server's per-row experts (serve/row_exact.py) give each token exactly what a
+    one-token call gives it, whatever the batch's own unique bound."""
+    from jaxmoe.serve.row_exact import per_token_moe
+
+    n, e, k = 9, 16, 2
+    x = jax.random.normal(jax.random.key(3), (n, 16), jnp.bfloat16)
+    w = _weights(e, 16, 8, jnp.bfloat16)
+    routing = route(_cfg(e, k), x @ jax.random.normal(jax.random.key(4), (16, e), jnp.bfloat16))
+    rows = jax.jit(per_token_moe, static_argnums=4)(x, routing.ids, routing.weights, w, num_unique_experts(e, n, k))
+    one = jax.jit(moe_ffn, static_argnums=4)
+    for r in range(n):
+        alone = one(x[r : r + 1], routing.ids[r : r + 1], routing.weights[r : r + 1], w, num_unique_experts(e, 1, k))
+        np.testing.assert_array_equal(np.asarray(rows[r], np.float32), np.asarray(alone[0], np.float32))

@@ -32,15 +32,16 @@ DONATE = (3, 4)  # the KV cache and the pool: updated in place
 
 
 def offloaded_step(model, tok, positions, valid, kv, pool, staged, staged_slots, table, start, x_start, root, step,
-                   scorer_leaves, *, sampling, scorer, picks, fmt):  # fmt: skip
+                   scorer_leaves, *, sampling, scorer, picks, fmt, **step_options):  # fmt: skip
     """decode_step on tok [B] at positions [B] with the cache's pool standing for every MoE
     layer's experts, after writing into the pool (in place) the copies the cache staged;
     also returns the pool, and the next step's positions and step (used after a run that
-    completed the token), so the host feeds device arrays straight back in."""
+    completed the token), so the host feeds device arrays straight back in.
+    `step_options`: decode_step's own (the server's per-row `moe_fn` and `sampler`)."""
     pool = write_slots(pool, staged, staged_slots)
     experts = [pool_experts(pool, fmt, model.cfg) if moe else None for moe in model.cfg.moe_layers]
     out = decode_step(model, tok[:, None], positions[:, None], valid, kv, experts, table, start, x_start, root,
-                      step, scorer_leaves, sampling=sampling, scorer=scorer, picks=picks)  # fmt: skip
+                      step, scorer_leaves, sampling=sampling, scorer=scorer, picks=picks, **step_options)  # fmt: skip
     # What the host reads, as one int32 array (one transfer): first miss, tokens, routing ids,
     # picks; the picks' probabilities apart (fp32).
     report = jnp.concatenate([out.first_miss[None], out.token, out.ids.reshape(-1), out.picks.reshape(-1)])
@@ -64,6 +65,8 @@ class DecodeCounters:
 
 class OffloadedDecoder:
     """Drives one generate's decode steps through an engine's cache and step program."""
+
+    program_name, step_program = "step", staticmethod(offloaded_step)  # the server's rows swap these
 
     def __init__(self, engine, sampling):
         self.engine, self.cfg, self.sampling = engine, engine.config, sampling
@@ -96,8 +99,8 @@ class OffloadedDecoder:
             args = self.args(rows, rows, spec((batch,), jnp.bool_), kv, spec((), jnp.int32),
                              spec((batch, 1, cfg.hidden_size), jnp.dtype(cfg.dtype)),
                              jax.eval_shape(lambda: jax.random.key(0)), spec((), jnp.int32), cache_inputs)  # fmt: skip
-            self.engine.executor.compile("step", offloaded_step, self.static(), DONATE, self.engine.model_piece,
-                                         *args)  # fmt: skip
+            self.engine.executor.compile(self.program_name, self.step_program, self.static(), DONATE,
+                                         self.engine.model_piece, *args)  # fmt: skip
         self.predict = True
 
     def start(self, positions: np.ndarray, max_new_tokens: int, first_tokens: np.ndarray | None = None) -> None:
@@ -122,7 +125,7 @@ class OffloadedDecoder:
         program = self._programs.get(self.predict)
         if program is None:  # looked up once per generate: a lookup per call costs a signature
             program = self._programs[self.predict] = engine.executor.compile(
-                "step", offloaded_step, self.static(), DONATE, engine.model_piece, *args)  # fmt: skip
+                self.program_name, self.step_program, self.static(), DONATE, engine.model_piece, *args)  # fmt: skip
         with engine.executor.clock.phase("dispatch"):
             out, pool, *run = program(engine.model_piece.leaves, *args)
         engine.executor.clock.device("compute", out)

@@ -230,13 +230,7 @@ class DecodeDriver:
             self.policy.observe(m, q)
         self.map_calls += 1
         chosen = self._choose_prefetch(predicted)
-        protect, room, plans = [(m, e) for m, es in chosen for e in es], self.config.prefetch_max, []
-        for m, es in chosen:
-            if room <= 0:
-                break
-            plan = self.schedule.plan_prefetch(step, m, es, protect, limit=room, accept=self._accept)
-            room -= len(plan.loads)
-            plans.append(plan)
+        plans = self._prefetch(step, chosen, [(m, e) for m, es in chosen for e in es])
         self.boundary_copies += any(p.loads for p in plans)
         return plans
 
@@ -252,11 +246,16 @@ class DecodeDriver:
         prefetch = self._choose_prefetch(predicted)
         protect = [(m, e) for m, es in prefetch for e in es]
         plans = self.schedule.plan_layer(step, layer, needed, protect, resume=True)
-        this, room = [(layer, int(e)) for e in needed], self.config.prefetch_max
-        for m, es in prefetch:
+        return plans + self._prefetch(step, prefetch, [(layer, int(e)) for e in needed] + protect)
+
+    def _prefetch(self, step, chosen: list[tuple[int, list[int]]], protect: list) -> list[PassPlan]:
+        """Prefetch passes for `chosen` (layer, experts), in order, within prefetch_max copies;
+        `protect`: keys no copy may evict."""
+        room, plans = self.config.prefetch_max, []
+        for m, es in chosen:
             if room <= 0:
                 break
-            plan = self.schedule.plan_prefetch(step, m, es, this + protect, limit=room, accept=self._accept)
+            plan = self.schedule.plan_prefetch(step, m, es, protect, limit=room, accept=self._accept)
             room -= len(plan.loads)
             plans.append(plan)
         return plans
@@ -297,11 +296,9 @@ class DecodeDriver:
         if picks.shape[-1]:
             q = self.pick_probability(picks.shape[-1])
             self._pending = (step, nxt, {int(r): [int(e) for e in picks[r]] for r in rows})
+            if self.maps is None:  # the experts not picked share what the picks leave of K
+                per_row[:, 0] = max(0.0, k - q.sum()) / max(1, e_count - len(q))
             for i, r in enumerate(rows):
-                rest = per_row[i, 0] if self.maps is not None else None
-                if rest is None:
-                    rest = np.full(e_count, max(0.0, k - q.sum()) / max(1, e_count - len(q)))
-                per_row[i, 0] = rest
                 per_row[i, 0, picks[r]] = q
             used = True
         if not used:

@@ -36,6 +36,7 @@ class EvictionPolicy:
     scorer = "none"  # "none" | "required" | "optional": a next-layer scorer in the step program
     maps = False  # uses expert maps
     boundary = False  # prefetches at the token boundary from the next token's map (driver.end_token)
+    needs_shape = False  # its constructor takes the model's PolicyShape (make_policy)
 
     def on_use(self, key: Key, tick: int) -> None:
         """`key` was needed by the pass at `tick` (hit or load)."""
@@ -170,7 +171,6 @@ def _policies() -> dict[str, type]:
 
 
 POLICY_NAMES = ("ondemand", "lru", "lfu", "lfru", "predictor", "reuse", "maps")
-POLICIES = POLICY_NAMES  # the name scripts/serve.py takes its --policy choices from
 
 
 def policy_class(name: str) -> type:
@@ -185,6 +185,6 @@ def make_policy(name: str, shape: PolicyShape | None = None, **options) -> Evict
     cls = policy_class(name)
     if cls in (OnDemand, LRU, LFU):
         return cls()
-    if shape is None and getattr(cls, "needs_shape", False):
+    if shape is None and cls.needs_shape:
         raise ValueError(f"policy {name!r} needs the model's MoE layers, experts and top_k (a PolicyShape)")
     return cls(shape, **options)

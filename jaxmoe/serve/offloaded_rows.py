@@ -19,13 +19,11 @@ import numpy as np
 
 from jaxmoe.engine.buckets import chunk_starts
 from jaxmoe.engine.offloaded import OffloadedEngine
-from jaxmoe.engine.offloaded_decode import DONATE, OffloadedDecoder
+from jaxmoe.engine.offloaded_decode import OffloadedDecoder, offloaded_step
 from jaxmoe.engine.routed import routed_chunk
 from jaxmoe.engine.sampling import SamplingParams
-from jaxmoe.engine.step import decode_step
 from jaxmoe.model import init_kv_cache
 from jaxmoe.model.decoder import head_logits
-from jaxmoe.offload.cache import pool_experts, write_slots
 from jaxmoe.serve.resident_rows import padded_prompt
 from jaxmoe.serve.row_exact import per_token_moe
 from jaxmoe.serve.row_sampling import row_sampler, sample_rows
@@ -37,23 +35,20 @@ def first_token_rows(ends, x, index, sampling):
     return sample_rows(head_logits(ends.embed_tokens, ends.lm_head, h), sampling)
 
 
-def rows_step(model, tok, positions, valid, kv, pool, staged, staged_slots, table, start, x_start, root, step,
-              scorer_leaves, sampling, *, scorer, picks, fmt):  # fmt: skip
-    """offloaded_step (engine/offloaded_decode.py) with per-row sampling, and experts and head
-    computed per row (serve/row_exact.py): the same pool write, decode step and report."""
-    pool = write_slots(pool, staged, staged_slots)
-    experts = [pool_experts(pool, fmt, model.cfg) if moe else None for moe in model.cfg.moe_layers]
-    out = decode_step(model, tok[:, None], positions[:, None], valid, kv, experts, table, start, x_start, root,
-                      step, scorer_leaves, sampling=SamplingParams(), scorer=scorer, picks=picks,
-                      moe_fn=per_token_moe, sampler=row_sampler(sampling))  # fmt: skip
-    report = jnp.concatenate([out.first_miss[None], out.token, out.ids.reshape(-1), out.picks.reshape(-1)])
-    return out, pool, report, out.probs, positions + 1, step + 1
+def rows_step(model, *args, scorer, picks, fmt):
+    """offloaded_step (engine/offloaded_decode.py) whose last argument is the rows' sampling,
+    with experts and head computed per row (serve/row_exact.py): the same pool write,
+    decode step and report."""
+    *step_args, sampling = args
+    return offloaded_step(model, *step_args, sampling=SamplingParams(), scorer=scorer, picks=picks, fmt=fmt,
+                          moe_fn=per_token_moe, sampler=row_sampler(sampling))  # fmt: skip
 
 
 class RowsDecoder(OffloadedDecoder):
     """OffloadedDecoder whose step program is `rows_step`: everything else (the cache's
     plans, loads, resumes, counters) is the engine's."""
 
+    program_name, step_program = "serve_step", staticmethod(rows_step)
     sampling_rows: tuple = ()
 
     def static(self) -> dict:
@@ -61,17 +56,8 @@ class RowsDecoder(OffloadedDecoder):
         del static["sampling"]
         return static
 
-    def _dispatch(self, tok, kv: list, start: int, x_start, root):
-        engine, b = self.engine, tok.shape[0]
-        x_start = engine.zeros((b, 1, self.cfg.hidden_size)) if x_start is None else x_start
-        scorer = self.static()["scorer"]
-        args = (tok, self._positions, self._valid, tuple(kv), *engine.cache.step_inputs(), engine.scalar(start),
-                x_start, root, self._step, scorer.leaves if scorer else (), self.sampling_rows)  # fmt: skip
-        program = engine.executor.compile("serve_step", rows_step, self.static(), DONATE, engine.model_piece, *args)
-        out, pool, *run = program(engine.model_piece.leaves, *args)
-        kv[:] = out.kv
-        engine.cache.step_outputs(pool)
-        return (out, *run)
+    def args(self, *step_args) -> tuple:
+        return (*super().args(*step_args), self.sampling_rows)
 
 
 class OffloadedPrefill:

@@ -16,10 +16,9 @@ parallelism and the per-token experts read each expert once per row, not once pe
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from jaxmoe.model.decoder import head_logits
-from jaxmoe.model.experts import _take, combine, expert_outputs
+from jaxmoe.model.experts import combine, expert_rows
 
 
 def per_row_logits(model, h: jax.Array) -> jax.Array:
@@ -28,14 +27,8 @@ def per_row_logits(model, h: jax.Array) -> jax.Array:
 
 
 def per_token_moe(x: jax.Array, ids: jax.Array, weights: jax.Array, w, num_unique: int) -> jax.Array:
-    """moe_ffn's contract (x [N, D], ids [N, K], weights [N, K] -> [N, D]); `num_unique` unused."""
+    """moe_ffn's contract (x [N, D], ids [N, K], weights [N, K] -> [N, D]), each token's
+    experts computed as a one-token step computes them (`num_unique` = K, not the batch's)."""
     k = ids.shape[1]
-
-    def one(args):
-        x_row, ids_row = args  # [D], [K]: what expert_rows sees in a one-token step
-        unique = jnp.unique(ids_row, size=k, fill_value=jnp.max(ids_row))
-        chosen = _take(w, unique)
-        y_u = expert_outputs(x_row[None], chosen.w_gate_up, chosen.w_down)  # [K, 1, D]
-        return y_u[jnp.searchsorted(unique, ids_row), 0]  # [K, D]
-
+    one = lambda args: expert_rows(args[0][None], args[1][None], w, k)[0]  # noqa: E731  [K, D]
     return combine(jax.lax.map(one, (x, ids)), weights, x.dtype)
