@@ -129,19 +129,24 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt, m
     return {"prompt": prompt, "max_tokens": max_tokens, "start": start, "times": times, "ids": ids, "error": error}
 
 
+def ms_percentile(seconds: list[float], q: float) -> float | None:
+    return float(1e3 * np.percentile(seconds, q)) if seconds else None
+
+
 def summarize(results: list[dict], wall_s: float, slo_ttft_s: float, slo_tpot_s: float) -> dict:
     ok = [r for r in results if not r["error"] and r["times"]]
     ttft = [r["times"][0] - r["start"] for r in ok]
-    tpot = [(r["times"][-1] - r["times"][0]) / (len(r["times"]) - 1) for r in ok if len(r["times"]) > 1]
-    met = [r for r in ok if r["times"][0] - r["start"] <= slo_ttft_s
-           and (len(r["times"]) < 2 or (r["times"][-1] - r["times"][0]) / (len(r["times"]) - 1) <= slo_tpot_s)]  # fmt: skip
+    per_request = [(r["times"][-1] - r["times"][0]) / (len(r["times"]) - 1) if len(r["times"]) > 1 else None
+                   for r in ok]  # fmt: skip
+    met = sum(t <= slo_ttft_s and (p is None or p <= slo_tpot_s) for t, p in zip(ttft, per_request))
+    tpot = [p for p in per_request if p is not None]
     tokens = sum(len(r["ids"]) for r in ok)
-    pct = lambda xs, q: float(1e3 * np.percentile(xs, q)) if xs else None  # noqa: E731
+    pct = ms_percentile
     return {
         "requests": len(results), "errors": len(results) - len(ok), "tokens": tokens, "wall_s": wall_s,
         "tokens_per_s": tokens / wall_s, "requests_per_s": len(ok) / wall_s,
         "ttft_ms_p50": pct(ttft, 50), "ttft_ms_p99": pct(ttft, 99), "tpot_ms_p50": pct(tpot, 50),
-        "tpot_ms_p99": pct(tpot, 99), "slo_attainment": len(met) / len(results) if results else None,
+        "tpot_ms_p99": pct(tpot, 99), "slo_attainment": met / len(results) if results else None,
         "error_samples": [r["error"] for r in results if r["error"]][:3],
     }  # fmt: skip
 
@@ -187,8 +192,7 @@ async def long_prompt(url, model, long_ids: list[int], decode_tokens: int) -> di
     for r in rows:
         for t0, t1 in zip(r["times"], r["times"][1:]):
             (during if arrive <= t1 <= first + 1e-3 else outside).append(t1 - t0)
-    gaps = during + outside
-    pct = lambda xs, q: float(1e3 * np.percentile(xs, q)) if xs else None  # noqa: E731
+    gaps, pct = during + outside, ms_percentile
     return {
         "long_prompt_tokens": len(long_ids), "long_ttft_ms": 1e3 * (first - arrive) if long["times"] else None,
         "errors": sum(bool(r["error"]) for r in rows + [long]), "decode_rows": len(rows),
