@@ -95,8 +95,8 @@ class Programs:
         """The compiled `fn(*args, **static)`; `static` values must be hashable; `donate`
         names arguments by position or by name (their buffers are reused for outputs);
         `options`: compiler options on top of COMPILER_OPTIONS."""
-        shapes = jax.tree.map(lambda a: (a.shape, str(a.dtype)), args)
-        key = (name, tuple(sorted(static.items())), jax.tree.structure(args), tuple(jax.tree.leaves(shapes)))
+        leaves, structure = jax.tree.flatten(args)
+        key = (name, tuple(sorted(static.items())), structure, tuple((a.shape, a.dtype) for a in leaves))
         if key not in self._compiled:
             start, hits = time.perf_counter(), _disk_hits
             jitted = jax.jit(
