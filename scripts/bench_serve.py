@@ -229,10 +229,12 @@ def check_greedy(args, requests: list[dict]) -> dict:
 
 
 def run_mode(args, url: str, long_ids: list[int]) -> tuple[dict, list[dict]]:
+    from jaxmoe.serve.batch_kv import row_buckets
+
     model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
     every: list[dict] = []
     # Warm-up: every row bucket's programs compile on first use; not measured.
-    for c in [c for c in (1, 2, 4, 8, 16, 32, 64) if c <= args.max_batch] + [args.max_batch]:
+    for c in row_buckets(args.max_batch):
         asyncio.run(closed_loop(url, model, c, 1, args.max_tokens, args.seed))
     out = {"closed_loop": {}, "poisson": {}}
     for c in [int(x) for x in args.concurrency.split(",") if x]:

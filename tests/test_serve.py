@@ -143,11 +143,13 @@ def test_bad_requests_get_their_4xx_and_the_server_keeps_serving(server, client,
         assert r.status_code == status, body
         error = r.json()["error"]
         assert error["param"] == param and error["message"], body
+        assert error["type"] == ("not_found_error" if status == 404 else "invalid_request_error"), body
     r = httpx.post(server.url + "/v1/chat/completions", json={"model": "jaxmoe-tiny", "messages": []})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
     r = httpx.post(server.url + "/v1/completions", json={"model": "jaxmoe-tiny", "prompt": "a", "max_tokens": 1024})
     assert "context of 1024 tokens" in r.json()["error"]["message"]
-    assert httpx.get(server.url + "/v1/nothing").status_code == 404
+    r = httpx.get(server.url + "/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
     assert complete(client, PROMPTS[0], 6, False)[1] == offline(engine, tokenizer, PROMPTS[0], 6)
 
 
@@ -167,7 +169,9 @@ def test_api_key_guards_every_route_but_health(server):
     try:
         assert httpx.get(server.url + "/health").status_code == 200
         for path in ("/v1/models", "/metrics"):
-            assert httpx.get(server.url + path).status_code == 401
+            r = httpx.get(server.url + path)
+            assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+            assert r.headers["www-authenticate"] == "Bearer"
             assert httpx.get(server.url + path, headers={"Authorization": "Bearer wrong"}).status_code == 401
         good = openai.OpenAI(base_url=server.url + "/v1", api_key="sesame", max_retries=0)
         bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)

@@ -25,7 +25,7 @@ from jaxmoe.serve.chat import ChatTemplate
 from jaxmoe.serve.metrics import ServerMetrics
 from jaxmoe.serve.request import SLO, Chunk, Done, Failed, Request
 from jaxmoe.serve.row_sampling import RequestSampling
-from jaxmoe.serve.schemas import ChatRequest, CompletionRequest, ServeError, error_response
+from jaxmoe.serve.schemas import ChatRequest, CompletionRequest, ServeError, error_body, error_response
 from jaxmoe.serve.text import TextTracker
 
 CHAT_DEFAULT_MAX_TOKENS = 256  # chat requests without max_tokens: this, or what the context has left
@@ -77,8 +77,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def http_error(_, e: StarletteHTTPException):
         state.metrics.rejected(e.status_code)
         message = "no such route" if e.status_code == 404 else str(e.detail)
-        return error_response(e.status_code, message, None, "not_found_error" if e.status_code == 404 else
-                              "invalid_request_error")  # fmt: skip
+        return error_response(e.status_code, message)
 
     @app.middleware("http")
     async def auth(request: HTTPRequest, call_next):
@@ -87,8 +86,8 @@ def create_app(state: ServerState) -> FastAPI:
             given = header[7:] if header.lower().startswith("bearer ") else ""
             if not secrets.compare_digest(given.encode(), state.api_key.encode()):
                 state.metrics.rejected(401)
-                return error_response(401, "missing or wrong API key (Authorization: Bearer KEY)", None,
-                                      "authentication_error", {"WWW-Authenticate": "Bearer"})  # fmt: skip
+                return error_response(401, "missing or wrong API key (Authorization: Bearer KEY)",
+                                      headers={"WWW-Authenticate": "Bearer"})
         return await call_next(request)
 
     @app.get("/health")
@@ -134,8 +133,7 @@ def _model_card(state: ServerState) -> dict:
 
 def _check_model(state: ServerState, model: str) -> None:
     if model != state.model_id:
-        raise ServeError(404, f"model '{model}' does not exist; this server serves '{state.model_id}'", "model",
-                         "not_found_error")  # fmt: skip
+        raise ServeError(404, f"model '{model}' does not exist; this server serves '{state.model_id}'", "model")
 
 
 def _encode(state: ServerState, text: str, param: str) -> list[int]:
@@ -196,10 +194,10 @@ async def _serve(state: ServerState, body, prompt: list[int], http: HTTPRequest,
     try:
         state.batcher.submit(request)
     except QueueFull as e:
-        raise ServeError(429, f"{e} (the queue holds {state.batcher.max_queue} requests)", None, "rate_limit_error",
-                         {"Retry-After": str(e.retry_after_s)}) from None  # fmt: skip
+        raise ServeError(429, f"{e} (the queue holds {state.batcher.max_queue} requests)",
+                         headers={"Retry-After": str(e.retry_after_s)}) from None
     except Closed as e:
-        raise ServeError(503, str(e), None, "service_unavailable") from None
+        raise ServeError(503, str(e)) from None
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     shape = _Shape(rid, state.model_id, chat, int(time.time()))
     if body.stream:
@@ -240,7 +238,7 @@ async def _stream(state: ServerState, request: Request, events: asyncio.Queue, s
                 if event.text or not shape.chat:
                     yield _sse(shape.chunk(event.text, None, event.token_ids))
             elif isinstance(event, Failed):
-                yield _sse({"error": {"message": event.message, "type": "server_error", "param": None, "code": None}})
+                yield _sse(error_body(event.message, None, "server_error"))
                 break
             elif isinstance(event, Done):
                 yield _sse(shape.chunk(event.text, event.finish_reason))

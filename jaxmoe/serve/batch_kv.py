@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmoe.engine.buckets import bucket
 from jaxmoe.model.decoder import LayerKV
 
 
@@ -29,7 +30,7 @@ def row_buckets(max_rows: int) -> list[int]:
 
 
 def rows_bucket(rows: int, max_rows: int) -> int:
-    return next(b for b in row_buckets(max_rows) if b >= rows)
+    return min(bucket(rows, 1), max_rows)
 
 
 def resize(kv, index: jax.Array, *, length: int):
@@ -68,6 +69,10 @@ class BatchKV:
 
     def live(self) -> list[int]:
         return [r for r, h in enumerate(self.holders) if h is not None]
+
+    def requests(self) -> list:
+        """The live rows' holders, in row order."""
+        return [h for h in self.holders if h is not None]
 
     def _resize(self, order: list[int], rows: int, length: int) -> None:
         index = np.zeros(rows, np.int32)

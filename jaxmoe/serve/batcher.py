@@ -109,8 +109,7 @@ class Batcher:
             request.emit(Failed(503, "the server shut down before this request finished"))
 
     def _everyone(self) -> list[Request]:
-        rows = [h for h in self.batch.holders if h is not None]
-        return self._inbox + [r for _, _, r in self._queue] + [r for r, _ in self._prefilling] + rows
+        return self._inbox + [r for _, _, r in self._queue] + [r for r, _ in self._prefilling] + self.batch.requests()
 
     # -- the engine thread ------------------------------------------------------
     def _loop(self) -> None:
@@ -126,7 +125,7 @@ class Batcher:
             try:
                 self._step()
             except Exception as e:  # an engine failure fails the requests in flight, not the server
-                for request in [r for r, _ in self._prefilling] + [h for h in self.batch.holders if h]:
+                for request in [r for r, _ in self._prefilling] + self.batch.requests():
                     request.emit(Failed(500, f"generation failed: {type(e).__name__}: {e}"))
                 self._prefilling = []
                 self.batch = BatchKV(self.rows.programs, self.max_batch)
@@ -139,7 +138,11 @@ class Batcher:
             self._prefill_one_chunk()
         if self.batch.live():
             self._decode()
-        live = [h for h in self.batch.holders if h is not None]
+        self._fit()
+
+    def _fit(self, joining: Request | None = None) -> None:
+        """The batch cache's bucket for its live rows (and `joining`)."""
+        live = self.batch.requests() + ([joining] if joining else [])
         self.batch.fit(len(live), max((h.cache_len for h in live), default=64), self.rows.new_kv)
 
     def _drop_cancelled(self) -> None:
@@ -149,8 +152,7 @@ class Batcher:
             heapq.heapify(self._queue)
             self._prefilling = [(r, job) for r, job in self._prefilling if not r.cancelled]
             for request in gone:
-                if self.metrics:
-                    self.metrics.finished(request, None)
+                self._done(request, None)
         for row, holder in enumerate(self.batch.holders):
             if holder is not None and holder.cancelled:
                 self._leave(row, None)
@@ -179,8 +181,7 @@ class Batcher:
         if reason:  # done at its first token: it never needs a row (nor a longer batch cache)
             self._done(request, reason)
             return
-        live = [h for h in self.batch.holders if h is not None] + [request]
-        self.batch.fit(len(live), max(h.cache_len for h in live), self.rows.new_kv)
+        self._fit(request)
         self.batch.put(request, row_kv)
 
     def _decode(self) -> None:

@@ -43,12 +43,12 @@ class ServerMetrics:
         self.tokens.inc(len(request.tokens))
         if reason is None:
             return
-        name = request.slo.name
+        name, met_slo = request.slo.name, request.met_slo()
         met, total = self._slo_counts.setdefault(name, [0, 0])
-        met += request.met_slo()
+        met += met_slo
         self._slo_counts[name] = [met, total + 1]
         self.slo_requests.labels(slo_class=name).inc()
-        if request.met_slo():
+        if met_slo:
             self.slo_met.labels(slo_class=name).inc()
         self.slo_attainment.labels(slo_class=name).set(met / (total + 1))
 

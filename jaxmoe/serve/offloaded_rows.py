@@ -93,8 +93,6 @@ class OffloadedPrefill:
 
 
 class OffloadedRows:
-    kind = "offloaded"
-
     def __init__(self, engine: OffloadedEngine, max_rows: int):
         self.engine, self.config = engine, engine.config
         self.programs = engine.programs

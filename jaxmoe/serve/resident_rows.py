@@ -69,8 +69,6 @@ class ResidentPrefill:
 
 
 class ResidentRows:
-    kind = "resident"
-
     def __init__(self, engine: ResidentEngine, exact: bool = True):
         """`exact`: each row's decode step is the one-row step program, run row after row
         inside one program, so a row's numbers are those of the row alone whatever the batch

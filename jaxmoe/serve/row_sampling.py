@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmoe.engine.sampling import SamplingParams
+from jaxmoe.serve.row_exact import per_row_logits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +68,4 @@ def sample_rows(logits: jax.Array, rows: tuple) -> jax.Array:
 
 def row_sampler(sampling: tuple):
     """decode_step's `sampler`: each row's logits from a one-row head, then its own sampling."""
-    from jaxmoe.serve.row_exact import per_row_logits
-
     return lambda model, h: sample_rows(per_row_logits(model, h), sampling)

@@ -20,14 +20,23 @@ class ServeError(Exception):
                  headers: dict | None = None):  # fmt: skip
         super().__init__(message)
         self.status, self.message, self.param, self.headers = status, message, param, headers
-        self.kind = kind or {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error",
-                             503: "service_unavailable"}.get(status, "invalid_request_error")  # fmt: skip
+        self.kind = kind or error_type(status)
 
 
-def error_response(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+def error_type(status: int) -> str:
+    """The OpenAI error type of a status a request is refused with."""
+    return {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error",
+            503: "service_unavailable"}.get(status, "invalid_request_error")  # fmt: skip
+
+
+def error_body(message: str, param: str | None, kind: str) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+def error_response(status: int, message: str, param: str | None = None, kind: str | None = None,
                    headers: dict | None = None) -> JSONResponse:  # fmt: skip
-    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    """`kind` None: the status's own type (error_type)."""
+    return JSONResponse(error_body(message, param, kind or error_type(status)), status_code=status, headers=headers)
 
 
 Number = Union[StrictInt, StrictFloat]
