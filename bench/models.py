@@ -96,13 +96,14 @@ def random_resident(cfg, seed: int, fmt=None) -> list:
 def resident_experts(cfg, stacks: list, fmt=None) -> list:
     """Dense stacks as the resident engine holds them in `fmt`: as they are, or quantized into
     packed rows on the device (the same bytes an offloaded store of that format holds)."""
-    from jaxmoe.quant import packed_experts, packed_rows
+    from jaxmoe.checkpoint.quantize import packed_layer
+    from jaxmoe.quant import packed_experts
 
     if fmt is None or fmt.kind == "dense":
         return jax.device_put(stacks)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return [None if w is None else packed_experts(jax.device_put(np.stack(list(packed_rows(cfg, w, fmt))), device),
-                                                  fmt, cfg) for w in stacks]  # fmt: skip
+    return [None if w is None else packed_experts(jax.device_put(packed_layer(cfg, w, fmt), device), fmt, cfg)
+            for w in stacks]  # fmt: skip
 
 
 def from_torch(spec: ModelSpec, dtype: str, seed: int, gpu: bool):

@@ -78,7 +78,7 @@ def check(args, loaded, prompts, policy: str) -> dict:
     steps = args.new_tokens - 1
     ids, scores = recorder(engine, len(prompts), steps)
     result = engine.generate(prompts, args.new_tokens)
-    tokens = np.array([(list(p) + out)[len(p) - 1 + 1 : len(p) + steps] for p, out in zip(prompts, result.token_ids)])
+    tokens = np.array([out[:steps] for out in result.token_ids])  # decode step s is fed the s-th generated token
     # The routed prefill loads, per MoE layer, the experts the prompts use (the schedule's first plans).
     prefill = [set() for _ in cfg.moe_layer_ids]
     for plan in engine.plan:
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--policies", default="lru,lfru,predictor,reuse,maps")
     args = p.parse_args(argv)
-    loaded = load(args.model)
+    loaded = load(args.model, experts=False)  # its config and tokenizer; the engine reads the experts itself
     ids = text_tokens(load_tokenizer(loaded.tokenizer_path), args.text, args.batch * args.prompt_tokens)
     prompts = [ids[i * args.prompt_tokens : (i + 1) * args.prompt_tokens].tolist() for i in range(args.batch)]
     for policy in args.policies.split(","):

@@ -23,6 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jaxmoe.offload.driver import DecodeDriver  # noqa: E402
+from jaxmoe.offload.policy import policy_class  # noqa: E402
 from jaxmoe.predictor.simulate import DecodeTrace, capacity_for, simulate_decode  # noqa: E402
 
 
@@ -64,7 +65,7 @@ def measure(policy: str, ids, scores, tokens, budget_frac: float, layers: int, e
         setattr(DecodeDriver, name, timed(name))
     try:
         capacity = capacity_for(budget_frac, layers, experts)
-        scored = policy in ("predictor", "reuse", "maps")
+        scored = policy_class(policy).scorer != "none"
         room = k if scored else 0
         r = simulate_decode(DecodeTrace.single(ids, scores if scored else None, tokens), list(range(layers)), layers,
                             capacity - room, policy, prefetch_max=room, picks=k if scored else 0, num_experts=experts)  # fmt: skip

@@ -22,7 +22,7 @@ from jaxmoe.predictor.collect import collect_traces, text_tokens
 from jaxmoe.predictor.fingerprint import layer_pairs, model_summary
 from jaxmoe.predictor.metrics import recall_at
 from jaxmoe.predictor.mlp import ExpertPredictor
-from jaxmoe.predictor.pipeline import evaluate_on_traces
+from jaxmoe.predictor.evaluate import evaluate_on_traces
 from jaxmoe.predictor.store import build_module
 from jaxmoe.predictor.train import PairData, TrainConfig, fit
 from jaxmoe.tokenizer import load_tokenizer

@@ -101,7 +101,7 @@ class OffloadedEngine:
         self.maps = maps if maps is not None or not kind.maps else ExpertMaps(
             len(config.moe_layer_ids), config.num_experts, config.top_k)  # fmt: skip
         # Room for prefetched copies only where something predicts.
-        self.prefetches = kind.prefetch != "none" and (predictor is not None or kind.maps)
+        self.prefetches = kind.prefetches(predictor is not None)
         self.next_moe = next_moe_layers(config)
         # Refuse now a budget too small even for one sequence; larger batches are checked per call.
         one = num_unique_experts(config.num_experts, 1, config.top_k)

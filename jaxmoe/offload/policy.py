@@ -38,6 +38,12 @@ class EvictionPolicy:
     boundary = False  # prefetches at the token boundary from the next token's map (driver.end_token)
     needs_shape = False  # its constructor takes the model's PolicyShape (make_policy)
 
+    @classmethod
+    def prefetches(cls, scored: bool) -> bool:
+        """Whether it copies experts ahead of need (and a budget holds room for those copies
+        in flight): only where something predicts, a scorer (`scored`) or its expert maps."""
+        return cls.prefetch != "none" and (scored or cls.maps)
+
     def on_use(self, key: Key, tick: int) -> None:
         """`key` was needed by the pass at `tick` (hit or load)."""
 

@@ -72,11 +72,11 @@ def mlp_scores(module, inputs: np.ndarray, batch: int = 2048) -> np.ndarray:
     return np.concatenate(out)
 
 
-def maps_scores(maps, ids: np.ndarray, tokens: np.ndarray | None, ahead: int = 1, learn: bool = True) -> np.ndarray:
+def maps_scores(maps, ids: np.ndarray, tokens: np.ndarray | None, ahead: int = 1) -> np.ndarray:
     """Expert maps (jaxmoe/offload/expert_maps.py) as a predictor: [n, Lm - ahead, E], row j
     scoring MoE layer j+ahead from the token and its layers 0..j, as the decode driver asks
-    them where layer j missed. With `learn`, the maps learn each token after predicting it
-    (online, as in the engine; the caller's maps are changed)."""
+    them where layer j missed. The maps learn each token after predicting it (online, as in
+    the engine; the caller's maps are changed)."""
     n, lm, _ = ids.shape
     out = np.zeros((n, lm - ahead, maps.e), np.float32)
     for t in range(n):
@@ -85,12 +85,12 @@ def maps_scores(maps, ids: np.ndarray, tokens: np.ndarray | None, ahead: int = 1
         for j in range(lm - ahead):
             prefix[j] = [int(e) for e in ids[t, j]]
             out[t, j] = maps.predict(token, prefix, [j + ahead])[0]
-        if learn:
-            maps.add_token(token, [list(map(int, ids[t, j])) for j in range(lm)])
+        maps.add_token(token, [list(map(int, ids[t, j])) for j in range(lm)])
     return out
 
 
-def semantic_vectors(embedding: np.ndarray, tokens: np.ndarray, starts, prompt: int) -> np.ndarray:
+def semantic_vectors(embedding, tokens: np.ndarray, starts, prompt: int) -> np.ndarray:
     """[len(starts), D]: for each request starting at `starts`, the mean input embedding of
-    its first `prompt` tokens (its semantic vector for the expert maps)."""
+    its first `prompt` tokens (its semantic vector for the expert maps). `embedding` [V, D]
+    as the model holds it: only the rows used are gathered and converted to fp32."""
     return np.stack([np.asarray(embedding[tokens[s : s + prompt]], np.float32).mean(0) for s in starts])

@@ -91,6 +91,9 @@ def evaluate_on_traces(
     start from (a file from scripts/build_expert_maps.py; None: empty, learnt online).
     `policies`: a subset of POLICY_RUNS (default all); `progress(name)` before each.
     """
+    for name in policies or ():
+        if name not in POLICY_RUNS:
+            raise ValueError(f"unknown policy run {name!r}; choose from {sorted(POLICY_RUNS)}")
     ts = TraceSet(traces)
     pred = load_predictor(predictor, None)
     check_summary(pred.meta["model"], ts.model, str(predictor), what=f"the traces at {traces}")
@@ -140,8 +143,7 @@ def evaluate_on_traces(
     starts = tuple(range(0, len(ids), window))  # every window is one request
     vectors = None
     if model is not None:
-        embedding = np.asarray(model.model.embed_tokens.embedding[...], np.float32)
-        vectors = semantic_vectors(embedding, tokens, starts, PROMPT_TOKENS)
+        vectors = semantic_vectors(model.model.embed_tokens.embedding[...], tokens, starts, PROMPT_TOKENS)
     else:
         notes["request_maps"] = "no --model given: no semantic vectors, so no request maps"
 
@@ -149,10 +151,8 @@ def evaluate_on_traces(
     requests = decode_requests(ids, moe)
     eb = m["expert_bytes"]
     shape = PolicyShape(tuple(moe), e, k)
-    results, times = {}, {}
+    results, times, replays = {}, {}, {}
     for name in policies or tuple(POLICY_RUNS):
-        if name not in POLICY_RUNS:
-            raise ValueError(f"unknown policy run {name!r}; choose from {sorted(POLICY_RUNS)}")
         policy_name, source, amortize = POLICY_RUNS[name]
         if source is not None and scores[source] is None:
             continue
@@ -161,9 +161,11 @@ def evaluate_on_traces(
         options = {"maps": copy.deepcopy(maps), "boundary": name != "maps_no_boundary"} if policy_name == "maps" else {}
         policy = make_policy(policy_name, shape, **options)
         # As the engine: room for copies in flight only where something predicts.
-        room = count if policy.prefetch != "none" and (source is not None or policy.maps) else 0
-        trace = DecodeTrace.single(ids, None if source is None else scores[source], tokens,
-                                   requests=starts, vectors=vectors)  # fmt: skip
+        room = count if policy.prefetches(source is not None) else 0
+        if source not in replays:  # one per score source, shared by the policies that prefetch from it
+            replays[source] = DecodeTrace.single(ids, None if source is None else scores[source], tokens,
+                                                 requests=starts, vectors=vectors)  # fmt: skip
+        trace = replays[source]
         r = simulate_decode(trace, moe, m["num_layers"], capacity - room, policy, prefetch_max=room,
                             picks=k if source else 0, costs=costs, amortize=amortize or Amortize(),
                             expert_bytes=eb, num_experts=e)  # fmt: skip
@@ -172,9 +174,9 @@ def evaluate_on_traces(
         times[name] = r.time(costs, m["num_layers"])
     belady = simulate_belady(requests, capacity, eb)
     out = {n: r.to_dict() for n, r in results.items()}
-    out["belady"] = {**belady.to_dict(), "time": belady.time(costs, m["num_layers"]), "slots": capacity}
+    out["belady"] = belady.to_dict()
+    times["belady"] = belady.time(costs, m["num_layers"])
     lru = results.get("lru")
-    times["belady"] = out["belady"]["time"]
     for n, r in [*results.items(), ("belady", belady)]:
         out[n]["time"] = times[n]
         out[n]["slots"] = r.capacity

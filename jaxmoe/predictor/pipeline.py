@@ -1,6 +1,5 @@
-"""Trace set -> trained predictor, trace set -> expert maps (and, re-exported from
-evaluate.py, trace set + predictor -> recall and cache figures). The scripts are thin
-wrappers over these.
+"""Trace set -> trained predictor, trace set -> expert maps (trace set + predictor ->
+recall and cache figures: evaluate.py). The scripts are thin wrappers over these.
 """
 
 from __future__ import annotations
@@ -9,13 +8,12 @@ import dataclasses
 from pathlib import Path
 from typing import Callable
 
-
-from jaxmoe.config import MoEConfig
 import numpy as np
 
+from jaxmoe.config import MoEConfig
 from jaxmoe.offload.expert_maps import ExpertMaps, MapsConfig
 from jaxmoe.predictor.baselines import expert_frequency, semantic_vectors
-from jaxmoe.predictor.evaluate import PROMPT_TOKENS, evaluate_on_traces  # noqa: F401  (the scripts' entry point)
+from jaxmoe.predictor.evaluate import PROMPT_TOKENS
 from jaxmoe.predictor.fingerprint import layer_pairs, model_summary
 from jaxmoe.predictor.mlp import param_count
 from jaxmoe.predictor.store import build_module, save_predictor
@@ -101,7 +99,7 @@ def build_maps_on_traces(traces: str | Path, out: str | Path | None = None, mode
     m = ts.model
     maps = ExpertMaps(len(m["moe_layers"]), m["num_experts"], m["top_k"], config, model=m)
     window = ts.manifest["window"]
-    embedding = None if model is None else np.asarray(model.model.embed_tokens.embedding[...], np.float32)
+    embedding = None if model is None else model.model.embed_tokens.embedding[...]
     for w in range(0, len(ids), window):
         for t in range(w, min(w + window, len(ids))):
             maps.add_token(int(tokens[t]), [list(row) for row in ids[t]])
