@@ -139,31 +139,31 @@ def test_the_cost_model_is_labelled_and_adds_up():
 
 def _driver(policy, prefetch_max=2, costs=CostModel(), amortize=Amortize()):
     schedule = Schedule(10, 4, policy, prefetch_max)
-    return DecodeDriver(schedule, [0, 1, 2, 3], 4, DriverConfig(prefetch_max, costs, amortize=amortize)), schedule
+    return DecodeDriver(schedule, [0, 1, 2, 3], 4, DriverConfig(prefetch_max, costs, amortize=amortize))
 
 
 def test_the_gate_copies_only_what_pays():
     """A near-certain prediction for the next layer is copied; a coin flip is not worth it when
     copies are dear, and is when resumes are."""
-    driver, _ = _driver(ReuseAware(SHAPE))
+    driver = _driver(ReuseAware(SHAPE))
     sure = {1: np.array([0.99, 0.99] + [0.0] * 6)}
     assert driver._choose_prefetch(sure) == [(1, [0, 1])]
     vague = {1: np.full(8, 0.25)}
     dear_copies = CostModel(h2d_gbps=0.5)  # a copy costs 25 ms
-    driver, _ = _driver(ReuseAware(SHAPE), costs=dear_copies)
+    driver = _driver(ReuseAware(SHAPE), costs=dear_copies)
     assert driver._choose_prefetch(vague) == []
-    driver, _ = _driver(ReuseAware(SHAPE))
+    driver = _driver(ReuseAware(SHAPE))
     assert driver._choose_prefetch(sure | {2: np.full(8, 0.25)})[0] == (1, [0, 1])
-    driver, _ = _driver(ReuseAware(SHAPE))
+    driver = _driver(ReuseAware(SHAPE))
     driver.schedule.preload([(1, 0)])  # already cached: nothing to copy for it
     assert driver._choose_prefetch(sure) == [(1, [1])]
 
 
 def test_amortised_prediction_every_k_tokens_and_below_a_hit_rate():
-    driver, _ = _driver(ReuseAware(SHAPE), amortize=Amortize(every=3))
+    driver = _driver(ReuseAware(SHAPE), amortize=Amortize(every=3))
     assert [driver.begin_token(step) for step in range(1, 8)] == [True, False, False, True, False, False, True]
     assert driver.skipped == 4
-    driver, _ = _driver(ReuseAware(SHAPE), amortize=Amortize(below=0.5))
+    driver = _driver(ReuseAware(SHAPE), amortize=Amortize(below=0.5))
     assert not driver.begin_token(1)  # the hit rate starts at 1: nothing to fix
     driver.hit_rate = 0.2
     assert driver.begin_token(2)

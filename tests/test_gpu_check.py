@@ -43,7 +43,6 @@ def test_a_step_over_its_cap_is_recorded_and_the_next_runs(tmp_path):
     assert probe["variants"] and "answer" in probe
 
 
-
 def test_the_gpu_tests_collect_without_the_serve_extra(tmp_path):
     """The GPU image has no fastapi, uvicorn or openai: its `pytest -m gpu` (the check's
     pytest step) must still collect, with the server's tests skipped."""
@@ -51,10 +50,14 @@ def test_the_gpu_tests_collect_without_the_serve_extra(tmp_path):
         (tmp_path / module).mkdir()
         (tmp_path / module / "__init__.py").write_text(f"raise ModuleNotFoundError('no module named {module}')\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "--collect-only", "-q", "-p", "no:cacheprovider",
-                           str(ROOT / "tests")], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "--collect-only", "-q", "-rs", "-p",
+                           "no:cacheprovider", str(ROOT / "tests")], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=ROOT)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "error" not in proc.stdout.lower().split("collected")[-1]
+    skipped = [line for line in proc.stdout.splitlines() if line.startswith("SKIPPED") and "serve extra" in line]
+    assert {line.split()[2].split(":")[0] for line in skipped} == {"tests/test_serve.py", "tests/test_serve_parts.py"}
+
 
 @pytest.mark.slow
 def test_the_quantized_step_dry_run(tmp_path):

@@ -49,19 +49,17 @@ def offloaded(family, policy, experts_in_budget, batch, new):
     return engine, engine.generate(PROMPTS[:batch], new)
 
 
-# lfru, reuse and maps (issue 16) match resident in the default run through
-# test_simulate's engine == simulation cases (batch 3, every policy); here at every budget: --slow.
-NEW = [pytest.param(p, marks=pytest.mark.slow) for p in ("lfru", "reuse", "maps")]
-
-
+BUDGETS = ("min", "min+4", "total-3", "all")
 # lru at every budget by default; ondemand and lfu at the smallest and the near-full budget,
 # their other budgets with --slow.
 FAST_BUDGETS = {"min", "total-3"}
 CASES = [pytest.param(policy, budget, marks=() if policy == "lru" or budget in FAST_BUDGETS else pytest.mark.slow,
                       id=f"{budget}-{policy}")
-         for policy in ("ondemand", "lru", "lfu") for budget in ("min", "min+4", "total-3", "all")]  # fmt: skip
-CASES += [pytest.param(p.values[0], budget, marks=pytest.mark.slow, id=f"{budget}-{p.values[0]}")
-          for p in NEW for budget in ("min", "min+4", "total-3", "all")]  # fmt: skip
+         for policy in ("ondemand", "lru", "lfu") for budget in BUDGETS]  # fmt: skip
+# lfru, reuse and maps (issue 16) match resident in the default run through
+# test_simulate's engine == simulation cases (batch 3, every policy); here at every budget: --slow.
+CASES += [pytest.param(policy, budget, marks=pytest.mark.slow, id=f"{budget}-{policy}")
+          for policy in ("lfru", "reuse", "maps") for budget in BUDGETS]  # fmt: skip
 
 
 @pytest.mark.parametrize("policy,budget", CASES)

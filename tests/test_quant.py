@@ -19,7 +19,7 @@ from jaxmoe.checkpoint.expert_format import FILE as FORMAT_FILE
 from jaxmoe.checkpoint.quantize import quantize_checkpoint
 from jaxmoe.engine import ResidentEngine
 from jaxmoe.engine.offloaded import OffloadedEngine
-from jaxmoe.model import ExpertWeights, expert_rows, moe_ffn, moe_ffn_reference, num_unique_experts
+from jaxmoe.model import ExpertWeights, moe_ffn, moe_ffn_reference, num_unique_experts
 from jaxmoe.offload.cache import gather_experts, minimum_experts
 from jaxmoe.offload.host_store import HostExpertStore
 from jaxmoe.offload.prefetch import GateAhead

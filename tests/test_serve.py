@@ -55,7 +55,7 @@ def server(engine, loaded):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    return server.client()
 
 
 def offline(engine, tokenizer, text: str, max_tokens: int) -> list[int]:
@@ -173,8 +173,7 @@ def test_api_key_guards_every_route_but_health(server):
             assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
             assert r.headers["www-authenticate"] == "Bearer"
             assert httpx.get(server.url + path, headers={"Authorization": "Bearer wrong"}).status_code == 401
-        good = openai.OpenAI(base_url=server.url + "/v1", api_key="sesame", max_retries=0)
-        bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
+        good, bad = server.client("sesame"), server.client("wrong")
         assert [m.id for m in good.models.list()] == ["jaxmoe-tiny"]
         with pytest.raises(openai.AuthenticationError):
             bad.completions.create(model="jaxmoe-tiny", prompt="a", max_tokens=2)
@@ -239,7 +238,7 @@ def test_offloaded_at_half_the_expert_bytes_serves_the_resident_tokens(loaded, e
     offloaded = OffloadedEngine.from_checkpoint(TINY, budget, "lru", prefill_chunk=CHUNK)
     jobs = [(PROMPTS[0], 12, False), (LONG, 8, True), (PROMPTS[3], 10, True)]
     with ServerThread(offloaded, loaded.generation_config, loaded.tokenizer_path, max_batch=2) as server:
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        client = server.client()
         with cf.ThreadPoolExecutor(len(jobs)) as pool:
             got = list(pool.map(lambda job: complete(client, *job), jobs))
         metrics = httpx.get(server.url + "/metrics").text

@@ -18,7 +18,6 @@ import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import httpx  # noqa: E402
@@ -31,7 +30,7 @@ from jaxmoe.serve.batch_kv import BatchKV, row_buckets  # noqa: E402
 from jaxmoe.serve.chat import ChatTemplate  # noqa: E402
 from jaxmoe.serve.row_sampling import RequestSampling, row_sampling, sample_rows  # noqa: E402
 from jaxmoe.serve.text import TextTracker  # noqa: E402
-from serve_helpers import free_port  # noqa: E402
+from serve_helpers import TINY, free_port, wait_healthy  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -131,13 +130,7 @@ def test_sigterm_lets_the_running_stream_finish_and_exits_0():
                              "--max-batch", "1", "--shutdown-grace-s", "60"], env=env, stderr=subprocess.PIPE)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        end = time.monotonic() + 120
-        while time.monotonic() < end:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        wait_healthy(url, 120, "scripts/serve.py")
         lines, first = [], threading.Event()
         body = {"model": "jaxmoe-tiny", "prompt": "And the king", "max_tokens": 24, "temperature": 0, "stream": True}
 
@@ -172,7 +165,7 @@ def test_exact_rows_keep_a_near_tie_token_in_a_batch_of_8():
     from jaxmoe.serve.resident_rows import ResidentRows, row_cache_length
     from jaxmoe.tokenizer import load_tokenizer
 
-    loaded = load(ROOT / "checkpoints" / "jaxmoe-tiny")
+    loaded = load(TINY)
     engine = ResidentEngine(loaded.config, loaded.model, loaded.experts, prefill_chunk=16)
     prompt = load_tokenizer(loaded.tokenizer_path).encode("In the beginning").ids
     want = engine.generate([prompt], 28).token_ids[0]
