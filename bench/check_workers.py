@@ -63,18 +63,21 @@ def worker_environment(spec: dict) -> dict:
 # -- exactness ---------------------------------------------------------------------
 def _cast(tree, dtype):
     import jax
+    import jax.numpy as jnp
 
-    return jax.tree.map(lambda a: a.astype(dtype) if a.dtype.kind == "f" else a, tree)
+    # jnp.issubdtype, not dtype.kind == "f": numpy calls bfloat16 kind "V", which left a
+    # bf16 checkpoint's weights uncast while the store packed its experts in `dtype`.
+    return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
 
 
 def exact_model(name: str, dtype: str, seed: int):
     """(config, dense model, resident expert stacks, host store, predictor spec) of one model
     in `dtype`: a tiny random family shape, or the shipped checkpoint (cast when asked)."""
     import jax
-    from flax import nnx
 
     from bench import models
     from bench.shapes import resolve
+    from jaxmoe.model.params import build_model, dense_dict
     from jaxmoe.offload.host_store import HostExpertStore
 
     m = resolve(name)
@@ -87,9 +90,10 @@ def exact_model(name: str, dtype: str, seed: int):
     loaded = load(m.path)
     cfg, model, resident = loaded.config, loaded.model, list(loaded.experts)
     if dtype != cfg.dtype:
+        # Rebuilt from the new config, not merged into the old module: its layers keep their
+        # compute dtype as static attributes, so a cast state alone still computes in the old one.
         cfg = dataclasses.replace(cfg, dtype=dtype)
-        graphdef, state = nnx.split(model)
-        model = nnx.merge(graphdef, _cast(state, dtype))
+        model = build_model(cfg, _cast(dense_dict(model), dtype))
         resident = [None if s is None else _cast(s, dtype) for s in resident]
         jax.block_until_ready(resident)
     return cfg, model, resident, HostExpertStore.from_stacks(cfg, resident), m.predictor
@@ -162,9 +166,11 @@ def _agree(a: list[list[int]], b: list[list[int]]) -> int:
 
 def expert_parts(cfg, seed: int) -> dict:
     """Bitwise comparisons, at this model's real shapes, of the expert computations the two
-    engines run: the resident prefill (every expert in place) against the streamed prefill
-    (one expert at a time) and the routed one (U gathered from a pool); the resident decode
-    (K gathered from the layer's stack) against the offloaded one (K gathered from a pool)."""
+    engines run: at 128 tokens the resident prefill (every expert in place, one contraction
+    each) against the streamed prefill (the experts held apart) and the routed one (U
+    gathered from a pool), and how far the batched form (not used by a prefill) is from
+    them; at 1 token the resident decode (K gathered from the layer's stack, batched)
+    against the offloaded one (K gathered from a pool)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -189,12 +195,14 @@ def expert_parts(cfg, seed: int) -> dict:
         h = jax.random.normal(keys[2], (n, d), dt)
         ids = jax.lax.top_k(jax.random.normal(keys[3], (n, e)), k)[1].astype(jnp.int32)
         slot_ids = jnp.asarray(slot_of, jnp.int32)[ids]
-        u = min(e, n * k)
-        ref = run(lambda h, ids, w: expert_rows(h, ids, w, u), h, ids, stack)
-        variants = {"offloaded_pool": run(lambda h, ids, w: expert_rows(h, ids, w, u), h, slot_ids, pool)}
-        if n > 1:
+        u, prefill = min(e, n * k), n > 1
+        ref = run(lambda h, ids, w: expert_rows(h, ids, w, u, one_by_one=prefill), h, ids, stack)
+        variants = {"offloaded_pool": run(lambda h, ids, w: expert_rows(h, ids, w, u, one_by_one=prefill),
+                                          h, slot_ids, pool)}  # fmt: skip
+        if prefill:
             experts = tuple((stack.w_gate_up[j], stack.w_down[j]) for j in range(e))
             variants["streamed_one_by_one"] = run(lambda h, ids, ws: expert_rows_from(h, ids, ws), h, ids, experts)
+            variants["batched_not_used"] = run(lambda h, ids, w: expert_rows(h, ids, w, u), h, ids, stack)
         for name, got in variants.items():
             out[f"n{n}_{name}"] = {"bitwise_equal": bool(np.array_equal(got, ref)),
                                    "max_abs_diff": float(np.max(np.abs(got - ref)))}  # fmt: skip

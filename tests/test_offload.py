@@ -3,8 +3,11 @@ batch size and family; the budget holds after every copy; bad budgets are refuse
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -17,6 +20,7 @@ from jaxmoe.offload.cache import BudgetError, minimum_experts
 from jaxmoe.offload.host_store import HostExpertStore, HostMemoryError, ensure_host_memory
 from jaxmoe.offload.prefetch import GateAhead, NextLayerScorer
 
+TINY_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "jaxmoe-tiny"
 PROMPTS = [[5, 7, 9], list(range(3, 19)), [4, 0, 12, 31, 8] * 4, [30, 1], [2] * 9, [11, 3, 29, 17], [6] * 5, [21]]
 
 
@@ -199,3 +203,29 @@ def test_the_pool_is_updated_in_place():
     before = engine.cache.pool
     engine.generate(PROMPTS[:1], 2)
     assert before.is_deleted() and not engine.cache.pool.is_deleted()
+
+
+def test_a_bf16_checkpoint_run_in_fp32_matches_resident():
+    """The GPU check's fp32 cases of the shipped bf16 checkpoint: a module whose weights were
+    only cast still computes in bf16 (its layers hold the dtype), so the engines refuse it;
+    rebuilt from the fp32 config, offloaded tokens equal resident ones."""
+    from flax import nnx
+
+    from jaxmoe.checkpoint import load
+    from jaxmoe.model import build_model, dense_dict
+
+    loaded = load(TINY_CHECKPOINT)
+    cfg = dataclasses.replace(loaded.config, dtype="float32")
+    def to32(tree):
+        return jax.tree.map(lambda a: a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+    experts = [None if s is None else to32(s) for s in loaded.experts]
+    graphdef, state = nnx.split(loaded.model)
+    with pytest.raises(ValueError, match="dtype float32 but the model was built for bfloat16"):
+        ResidentEngine(cfg, nnx.merge(graphdef, to32(state)), experts)
+    model = build_model(cfg, to32(dense_dict(loaded.model)))
+    store = HostExpertStore.from_stacks(cfg, experts)
+    prompts = [[12, 290, 263, 199, 83], [7, 8, 9]]
+    want = ResidentEngine(cfg, model, experts).generate(prompts, 8).token_ids
+    engine = OffloadedEngine(cfg, model, store, len(store.keys()) // 2 * store.expert_bytes, "lru")
+    assert engine.generate(prompts, 8).token_ids == want

@@ -36,7 +36,7 @@ from jaxmoe.engine.resident import GenerationResult, pad_prompts
 from jaxmoe.engine.routed import compile_routed, embed, routed_chunk
 from jaxmoe.engine.sampling import SamplingParams, sample
 from jaxmoe.engine.stream_prefill import StreamStats, compile_stream, run_stream
-from jaxmoe.model import MoEDecoder, init_kv_cache, num_unique_experts
+from jaxmoe.model import MoEDecoder, check_model_dtype, init_kv_cache, num_unique_experts
 from jaxmoe.model.decoder import head_logits
 from jaxmoe.offload.cache import DeviceExpertCache, gather_experts, plan_geometry
 from jaxmoe.offload.costs import CostModel
@@ -88,6 +88,7 @@ class OffloadedEngine:
             raise ValueError("prefill 'injit' always overlaps: it cannot run with prefill_overlap=False")
         self.prefill_mode, self.prefill_overlap = prefill, bool(prefill_overlap)
         self.prefill_chunk = check_chunk(prefill_chunk)
+        check_model_dtype(config, model)
         self.config, self.store = config, store
         self.expert_budget_bytes, self.policy_name = int(expert_budget_bytes), policy
         kind = policy_class(policy)  # fails now on a bad name

@@ -9,11 +9,12 @@ from jaxmoe.model.experts import (
     expert_rows,
     expert_rows_from,
     moe_ffn,
+    moe_ffn_one_by_one,
     moe_ffn_reference,
     num_unique_experts,
     route,
 )
-from jaxmoe.model.params import abstract_model, build_model, dense_dict, dense_shapes
+from jaxmoe.model.params import abstract_model, build_model, check_model_dtype, dense_dict, dense_shapes
 
 __all__ = [
     "ExpertWeights",
@@ -26,11 +27,13 @@ __all__ = [
     "expert_rows",
     "expert_rows_from",
     "build_model",
+    "check_model_dtype",
     "dense_dict",
     "dense_shapes",
     "init_experts",
     "init_kv_cache",
     "moe_ffn",
+    "moe_ffn_one_by_one",
     "moe_ffn_reference",
     "num_unique_experts",
     "route",

@@ -27,5 +27,14 @@ def build_model(cfg: MoEConfig, dense: dict) -> MoEDecoder:
     return nnx.merge(graphdef, state)
 
 
+def check_model_dtype(cfg: MoEConfig, model: MoEDecoder) -> None:
+    """An engine's config and its module must agree on the dtype: the module's layers keep
+    their compute dtype as static attributes, so a module whose weights were only cast
+    still computes in its old one, and the engine's programs (built from `cfg`) would not."""
+    if jnp.dtype(model.cfg.dtype) != jnp.dtype(cfg.dtype):
+        raise ValueError(f"config dtype {cfg.dtype} but the model was built for {model.cfg.dtype}: "
+                         "build the module from the config (jaxmoe.model.build_model) with the weights cast")
+
+
 def dense_dict(model: MoEDecoder) -> dict:
     return nnx.state(model).to_pure_dict()
