@@ -166,11 +166,9 @@ def _agree(a: list[list[int]], b: list[list[int]]) -> int:
 
 def expert_parts(cfg, seed: int) -> dict:
     """Bitwise comparisons, at this model's real shapes, of the expert computations the two
-    engines run: at 128 tokens the resident prefill (every expert in place, one contraction
-    each) against the streamed prefill (the experts held apart) and the routed one (U
-    gathered from a pool), and how far the batched form (not used by a prefill) is from
-    them; at 1 token the resident decode (K gathered from the layer's stack, batched)
-    against the offloaded one (K gathered from a pool)."""
+    engines run: the resident prefill (every expert in place) against the streamed prefill
+    (one expert at a time) and the routed one (U gathered from a pool); the resident decode
+    (K gathered from the layer's stack) against the offloaded one (K gathered from a pool)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -195,14 +193,12 @@ def expert_parts(cfg, seed: int) -> dict:
         h = jax.random.normal(keys[2], (n, d), dt)
         ids = jax.lax.top_k(jax.random.normal(keys[3], (n, e)), k)[1].astype(jnp.int32)
         slot_ids = jnp.asarray(slot_of, jnp.int32)[ids]
-        u, prefill = min(e, n * k), n > 1
-        ref = run(lambda h, ids, w: expert_rows(h, ids, w, u, one_by_one=prefill), h, ids, stack)
-        variants = {"offloaded_pool": run(lambda h, ids, w: expert_rows(h, ids, w, u, one_by_one=prefill),
-                                          h, slot_ids, pool)}  # fmt: skip
-        if prefill:
+        u = min(e, n * k)
+        ref = run(lambda h, ids, w: expert_rows(h, ids, w, u), h, ids, stack)
+        variants = {"offloaded_pool": run(lambda h, ids, w: expert_rows(h, ids, w, u), h, slot_ids, pool)}
+        if n > 1:
             experts = tuple((stack.w_gate_up[j], stack.w_down[j]) for j in range(e))
             variants["streamed_one_by_one"] = run(lambda h, ids, ws: expert_rows_from(h, ids, ws), h, ids, experts)
-            variants["batched_not_used"] = run(lambda h, ids, w: expert_rows(h, ids, w, u), h, ids, stack)
         for name, got in variants.items():
             out[f"n{n}_{name}"] = {"bitwise_equal": bool(np.array_equal(got, ref)),
                                    "max_abs_diff": float(np.max(np.abs(got - ref)))}  # fmt: skip

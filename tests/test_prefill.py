@@ -262,32 +262,3 @@ def test_prepare_compiles_every_program_a_generate_runs(prefill, policy, batch):
     result = eng.generate(LONG[:batch], 6)
     assert len(eng.programs) == compiled  # nothing compiled on the way
     assert result.token_ids == resident_tokens("olmoe", batch, 6)
-
-
-@pytest.mark.parametrize("mode", ["resident", "stream", "routed"])
-def test_every_prefill_computes_each_expert_alone_and_decode_batches_them(mode, monkeypatch):
-    """A GPU's matrix library can round a member of a batched contraction differently from
-    a batch of one (an H200 did, at the OLMoE-1B-7B shape), so the contraction shapes must
-    match across engines: every prefill computes each expert as its own contraction (the
-    streamed experts are held apart), a decode step its U experts as one batch. Recorded
-    while the programs are traced: (tokens N, experts U) of every expert contraction."""
-    from jaxmoe.model import experts as experts_module
-
-    seen, original = [], experts_module.expert_outputs
-
-    def recording(x, w_gate_up, w_down, one_by_one=False):
-        if not one_by_one:
-            seen.append((x.shape[0], w_down.shape[0]))
-        return original(x, w_gate_up, w_down, one_by_one)
-
-    monkeypatch.setattr(experts_module, "expert_outputs", recording)
-    cfg, model, experts, store = setup("olmoe")
-    prompt = LONG[:1]  # batch 1: prefill chunks of N = 16 tokens, decode steps of N = 1
-    if mode == "resident":
-        ResidentEngine(cfg, model, experts, prefill_chunk=CHUNK).generate(prompt, 3)
-    else:
-        engine("olmoe", prefill=mode).generate(prompt, 3)
-    prefill = {u for n, u in seen if n == CHUNK}
-    decode = {u for n, u in seen if n == 1}
-    assert prefill == {1}, seen
-    assert decode == {num_unique_experts(cfg.num_experts, 1, cfg.top_k)}, seen

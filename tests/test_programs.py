@@ -74,25 +74,3 @@ def test_model_phases_are_named_scopes_in_the_lowered_program():
     assert {"attention", "mlp"} <= scopes(dense_layer, x, kv[0])
     assert {"attention", "router", "experts", "combine", "shared_expert"} <= scopes(moe_layer, x, kv[1], experts[1])
     assert "head" in scopes(model.logits, x[:, 0])
-
-
-def test_no_program_has_conditionals_or_loops():
-    """On a GPU, XLA runs a conditional or a while loop by reading its predicate on the host,
-    so a program holding one blocks its caller until the device gets there (the first H200
-    run of the one-program decode: a layer-skipping conditional per layer, and the default
-    searchsorted's loop, made each call wait for the whole step). No program of either
-    engine may have one: decode with a predictor, the routed and the streamed prefill."""
-    from jaxmoe.offload.prefetch import GateAhead
-
-    model, experts = tiny()
-    store = HostExpertStore.from_stacks(CFG, experts)
-    budget = (minimum_experts(CFG.top_k, CFG.top_k) + 1) * store.expert_bytes
-    engines = [OffloadedEngine(CFG, model, store, budget, "predictor", predictor=GateAhead(model)),
-               OffloadedEngine(CFG, model, store, budget, prefill="stream"), ResidentEngine(CFG, model, experts)]  # fmt: skip
-    texts = {}
-    for engine in engines:
-        engine.generate([list(range(1, 20))], 3)
-        texts.update({program_name(key[0]): c.as_text() for key, c in engine.programs._compiled.items()})
-    assert {"step", "decode", "experts", "moe_chunk", "prefill_chunk"} <= set(texts)
-    for name, text in texts.items():
-        assert not re.search(r"\b(conditional|while)\(", text), name

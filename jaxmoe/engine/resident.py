@@ -28,7 +28,7 @@ from jaxmoe.engine.outputs import TokenCollector, timing_metrics
 from jaxmoe.engine.programs import Programs
 from jaxmoe.engine.sampling import SamplingParams, sample
 from jaxmoe.engine.step import decode_step
-from jaxmoe.model import ExpertWeights, MoEDecoder, check_model_dtype, init_kv_cache, moe_ffn, moe_ffn_one_by_one
+from jaxmoe.model import ExpertWeights, MoEDecoder, check_model_dtype, init_kv_cache, moe_ffn
 from jaxmoe.quant import format_of
 
 
@@ -88,10 +88,7 @@ class ResidentEngine:
         experts: Sequence[ExpertWeights | None],
         moe_fn: Callable = moe_ffn,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-        prefill_moe_fn: Callable = moe_ffn_one_by_one,
     ):
-        """`moe_fn`: the decode step's routed experts; `prefill_moe_fn`: the prefill's (each
-        expert its own contraction, as the offloaded engine's prefills compute them)."""
         check_model_dtype(config, model)
         self.config = config
         self.prefill_chunk = check_chunk(prefill_chunk)
@@ -100,7 +97,7 @@ class ResidentEngine:
         self.piece = Piece(model)
         self.state = self.piece.leaves
         self.experts = tuple(experts)
-        self.moe_fn, self.prefill_moe_fn = moe_fn, prefill_moe_fn
+        self.moe_fn = moe_fn
         self.programs = Programs()
 
     # -- jitted math ------------------------------------------------------------
@@ -112,7 +109,7 @@ class ResidentEngine:
         model = self.piece.merge(state)
         b, c = tokens.shape
         positions = start + jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (b, c))
-        h, kv, _ = model(tokens, positions, kv, experts, self.prefill_moe_fn)
+        h, kv, _ = model(tokens, positions, kv, experts, self.moe_fn)
         return pick_last(h, start, lengths, last), kv
 
     def _first_token(self, state, last, lengths, root, sampling):

@@ -43,7 +43,7 @@ def experts_pass(layer, x, h, slot_ids, in_pass, weights, y_prev, pool, staged, 
     pool = write_slots(pool, staged, staged_slots)
     anchor = slot_ids.reshape(-1)[jnp.argmax(in_pass.reshape(-1))]  # any slot of this pass
     ids = jnp.where(in_pass, slot_ids, anchor)
-    y_pass = expert_rows(h, ids, pool_experts(pool, fmt, layer.mlp.cfg), num_unique, one_by_one=True)
+    y_pass = expert_rows(h, ids, pool_experts(pool, fmt, layer.mlp.cfg), num_unique)
     y = jnp.where(in_pass[..., None], y_pass, y_prev)
     x = layer.finish_moe(x, h, combine(y, weights, h.dtype))
     return x, y, pool
@@ -63,8 +63,8 @@ def routed_chunk(engine, tokens, positions: np.ndarray, valid: np.ndarray, kv: l
         with clock.phase("host_read"):  # the one host sync of this layer
             ids_host = np.asarray(ids)
         n, k = ids_host.shape
-        # A pass computes at most the cache's slots (each expert its own contraction, as
-        # every prefill computes them, so the count does not change the values).
+        # A pass computes at most the cache's slots (each expert one member of the batched
+        # contraction, so the count does not change the values).
         unique = min(num_unique_experts(engine.config.num_experts, n, k), cache.num_slots)
         y, x = jnp.zeros((n, k, x_in.shape[-1]), x_in.dtype), x_in
         with clock.phase("schedule"):

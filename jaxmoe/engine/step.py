@@ -9,18 +9,12 @@ computation is the same call with the same shapes in both (U experts gathered, o
 batched contraction), so both compute the same numbers.
 
 A layer that needs an expert outside the pool cannot be computed here: the program keeps
-the hidden state entering it, and says which layer it was (`first_miss`); its results and
-those of every layer after it are discarded. The host loads what that layer needs and
-runs the same program again from there (`start`), with that hidden state (`x_start`).
-Recomputing a layer's attention writes the same keys and values again, so resuming is
-exact, and every start runs the same compiled program (the same numbers whatever the start).
-
-No layer is skipped with `lax.cond`: on a GPU, XLA runs a conditional by copying its
-predicate to the host and waiting for it, which made each call of this program block
-until the device had computed every layer (a host round trip per layer). Instead every
-layer is computed and the ones outside [start, first_miss) are masked: their key/value
-writes are dropped (written at an out-of-range position) and their outputs not taken.
-A resume recomputes the layers before `start` on the device; the host does not wait.
+the hidden state entering it, skips it and every layer after it, and says which layer
+it was (`first_miss`). The host loads what that layer needs and runs the same program
+again from there (`start`), with that hidden state (`x_start`). Recomputing a layer's
+attention writes the same keys and values again, so resuming is exact. Layers are
+skipped with `lax.cond`, so a resume costs only the layers it runs, and every start
+runs the same compiled program (the same numbers whatever the start).
 
 Shapes: B batch, T tokens (1 when decoding), N = B x T, D hidden, L layers, E experts,
 K experts per token, P predicted experts per row, S rows of a pool.
@@ -78,46 +72,63 @@ def decode_step(
     n, k = b * t, cfg.top_k
     unique = num_unique_experts(cfg.num_experts, n, k)
     rows_valid = jnp.repeat(valid, t)  # [N]
-    x = model.embed_tokens(tokens)
+    x = jnp.where(start == 0, model.embed_tokens(tokens), x_start)
     missed = jnp.asarray(False)
     first_miss, x_miss = jnp.int32(num_layers), x
+    zeros_ids = jnp.zeros((n, k), jnp.int32)
+    zeros_picks, zeros_probs = jnp.zeros((n, picks), jnp.int32), jnp.zeros((n, picks), jnp.float32)
     ids_all, picks_all, probs_all, new_kv = [], [], [], []
     for layer, (module, layer_kv) in enumerate(zip(model.layers, kv, strict=True)):
-        if layer:
-            x = jnp.where(start == layer, x_start, x)
         active = (layer >= start) & ~missed
-        # An inactive layer writes its keys and values past the cache's end: dropped.
-        layer_positions = jnp.where(active, positions, layer_kv.k.shape[1])
-        x_in = x
+
+        def skip(x, layer_kv):
+            return x, layer_kv, jnp.asarray(False), zeros_ids, zeros_picks, zeros_probs
+
         if not module.is_moe:
-            x, layer_kv, _ = module(x, layer_positions, layer_kv, None, moe_fn)
-            ids, best, probs = jnp.zeros((n, k), jnp.int32), jnp.zeros((n, picks), jnp.int32), jnp.zeros((n, picks))
+
+            def run(x, layer_kv, module=module):
+                x, layer_kv, _ = module(x, positions, layer_kv, None, moe_fn)
+                return x, layer_kv, jnp.asarray(False), zeros_ids, zeros_picks, zeros_probs
+
         else:
-            x_att, layer_kv, h, routing = module.attend_and_route(x, layer_positions, layer_kv)
-            rows = routing.ids if table is None else table[layer][routing.ids]  # [N, K]
-            miss = active & jnp.any((rows < 0) & rows_valid[:, None])
-            y = moe_fn(h, jnp.maximum(rows, 0), routing.weights, experts[layer], unique)
-            x = module.finish_moe(x_att, h, y)
-            first_miss = jnp.where(miss, layer, first_miss)
-            x_miss = jnp.where(miss, x_in, x_miss)
-            missed = missed | miss
-            ids = jnp.where(active, routing.ids, 0)
-            if picks:  # the host acts on predictions only where a layer missed (it loads then)
-                logits = scorer.score(scorer_leaves, h, jnp.int32(layer)).astype(jnp.float32)
-                probs, best = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), picks)
-                best, probs = jnp.where(miss, best.astype(jnp.int32), 0), jnp.where(miss, probs, 0.0)
-            else:
-                best, probs = jnp.zeros((n, 0), jnp.int32), jnp.zeros((n, 0))
+
+            def run(x, layer_kv, module=module, layer=layer):
+                x_att, layer_kv, h, routing = module.attend_and_route(x, positions, layer_kv)
+                rows = routing.ids if table is None else table[layer][routing.ids]  # [N, K]
+                miss = jnp.any((rows < 0) & rows_valid[:, None])
+                y = moe_fn(h, jnp.maximum(rows, 0), routing.weights, experts[layer], unique)
+                # A missing expert leaves the layer undone: keep its input for the resume.
+                x_out = jnp.where(miss, x, module.finish_moe(x_att, h, y))
+                if not picks:
+                    return x_out, layer_kv, miss, routing.ids, zeros_picks, zeros_probs
+
+                def predict(h, layer=layer):
+                    logits = scorer.score(scorer_leaves, h, jnp.int32(layer)).astype(jnp.float32)
+                    probs, best = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), picks)
+                    return best.astype(jnp.int32), probs
+
+                # The host acts on predictions only where a layer missed (it loads then), so
+                # only that layer predicts.
+                best, probs = jax.lax.cond(miss, predict, lambda h: (zeros_picks, zeros_probs), h)
+                return x_out, layer_kv, miss, routing.ids, best, probs
+
+        x_in = x
+        x, layer_kv, miss, ids, best, probs = jax.lax.cond(active, run, skip, x, layer_kv)
+        new_miss = active & miss
+        first_miss = jnp.where(new_miss, layer, first_miss)
+        x_miss = jnp.where(new_miss, x_in, x_miss)
+        missed = missed | new_miss
         new_kv.append(layer_kv)
         ids_all.append(ids)
         picks_all.append(best)
         probs_all.append(probs)
 
-    h = model.norm(x)[:, -1]  # [B, D] the last position
-    if sampler:
-        token = sampler(model, h)
-    else:
-        token = sample(head_logits(model.embed_tokens, model.lm_head, h), jax.random.fold_in(root, step), sampling)
-    token = jnp.where(missed, 0, token)
+    def head(x):
+        h = model.norm(x)[:, -1]  # [B, D] the last position
+        if sampler:
+            return sampler(model, h)
+        return sample(head_logits(model.embed_tokens, model.lm_head, h), jax.random.fold_in(root, step), sampling)
+
+    token = jax.lax.cond(missed, lambda x: jnp.zeros((b,), jnp.int32), head, x)
     return StepOut(token, tuple(new_kv), first_miss, x_miss, jnp.stack(ids_all), jnp.stack(picks_all),
                    jnp.stack(probs_all))  # fmt: skip

@@ -4,8 +4,8 @@ while the layer before computes, layer by layer over all chunks of the prompt.
 Layer-major: layer l runs over every chunk before layer l+1 starts, so each layer's
 experts are sent once however long the prompt, and activation memory is bounded by
 the chunk. Each (layer, chunk) is one program computing exactly what the resident
-engine's chunk computes for that layer (same attention over the same cache, each
-expert its own contraction, as every prefill computes them), so the numbers are equal.
+engine's chunk computes for that layer (same attention over the same cache, every
+expert as one member of the same batched contraction), so the numbers are equal.
 
 The host walks a PrefillPlan (jaxmoe/offload/prefill_plan.py):
   copy     the cache issues the layer's copies (pinned host -> device, one batched call)

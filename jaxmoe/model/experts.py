@@ -95,14 +95,8 @@ def moe_ffn(x: jax.Array, ids: jax.Array, weights: jax.Array, w: ExpertWeights, 
     return combine(expert_rows(x, ids, w, num_unique), weights, x.dtype)
 
 
-def moe_ffn_one_by_one(x: jax.Array, ids: jax.Array, weights: jax.Array, w: ExpertWeights, num_unique: int) -> jax.Array:
-    """moe_ffn with each expert its own contraction: the prefill's form (expert_outputs)."""
-    return combine(expert_rows(x, ids, w, num_unique, one_by_one=True), weights, x.dtype)
-
-
 @jax.named_scope("experts")
-def expert_rows(x: jax.Array, ids: jax.Array, w: "ExpertWeights | PackedExperts", num_unique: int,
-                one_by_one: bool = False) -> jax.Array:  # fmt: skip
+def expert_rows(x: jax.Array, ids: jax.Array, w: "ExpertWeights | PackedExperts", num_unique: int) -> jax.Array:
     """Each chosen expert's output for its token, [N, K, D], uncombined.
 
     Each distinct chosen expert is computed once over all N tokens, then each
@@ -112,7 +106,6 @@ def expert_rows(x: jax.Array, ids: jax.Array, w: "ExpertWeights | PackedExperts"
     otherwise the distinct ids are gathered first (a copy of U experts). The value
     of a (token, k) row depends only on the token and the expert's weights, not
     on where the expert sits in `w`, which is what lets a cache reorder experts.
-    `one_by_one`: see expert_outputs.
     """
     if num_unique == _rows(w):
         unique, chosen = jnp.arange(num_unique, dtype=ids.dtype), _take(w, None)
@@ -120,35 +113,27 @@ def expert_rows(x: jax.Array, ids: jax.Array, w: "ExpertWeights | PackedExperts"
         # Padding repeats the largest id so `unique` stays sorted for searchsorted.
         unique = jnp.unique(ids, size=num_unique, fill_value=jnp.max(ids))
         chosen = _take(w, unique)  # [U, D, 2I], [U, I, D]
-    y_u = expert_outputs(x, chosen.w_gate_up, chosen.w_down, one_by_one)
-    # [N, K] position of each chosen expert in `unique`. compare_all, not the default
-    # method: that one is a while loop, which a GPU runs with a host round trip.
-    pos = ids if num_unique == _rows(w) else jnp.searchsorted(unique, ids, method="compare_all")
+    y_u = expert_outputs(x, chosen.w_gate_up, chosen.w_down)
+    pos = jnp.searchsorted(unique, ids)  # [N, K] position of each chosen expert in `unique`
     return y_u[pos, jnp.arange(ids.shape[0])[:, None]]  # [N, K, D]
 
 
 @jax.named_scope("experts")
 def expert_rows_from(x: jax.Array, ids: jax.Array, experts) -> jax.Array:
-    """`expert_rows(..., one_by_one=True)` over experts held as separate arrays: `experts[e]`
-    = (w_gate_up [D, 2I], w_down [I, D]) for every id e in ids (the streamed prefill: the
-    experts are never stacked, which would copy a whole layer)."""
+    """`expert_rows` over experts held as separate arrays: `experts[e]` = (w_gate_up
+    [D, 2I], w_down [I, D]) for every id e in ids. Each expert is the same batched
+    contraction with a batch of one, which XLA computes exactly as one member of the
+    batch in `expert_rows`, so the values equal it bit for bit (tested); the
+    experts are never stacked, which would copy a whole layer."""
     y_u = jnp.concatenate([expert_outputs(x, gu[None], down[None]) for gu, down in experts])  # [E, N, D]
     return y_u[ids, jnp.arange(ids.shape[0])[:, None]]  # [N, K, D]
 
 
-def expert_outputs(x: jax.Array, w_gate_up: jax.Array, w_down: jax.Array, one_by_one: bool = False) -> jax.Array:
+def expert_outputs(x: jax.Array, w_gate_up: jax.Array, w_down: jax.Array) -> jax.Array:
     """SwiGLU of U experts over all N tokens: x [N, D], w [U, D, 2I] and [U, I, D] -> [U, N, D].
 
-    Always a batched contraction: XLA rounds a plain [N, D] x [D, F] dot differently from a
-    batched one. `one_by_one` makes each expert its own batched contraction with a batch of
-    one. A GPU's matrix library picks its algorithm by shape, batch count included, so a
-    member of a batch of U can round differently from a batch of one (seen on an H200:
-    the streamed prefill, which holds each expert apart, against the resident one). So
-    every prefill (resident, routed, streamed) computes its experts one by one, and a
-    decode step computes its U experts batched (it is one program shared by both engines)."""
-    if one_by_one:
-        return jnp.concatenate([expert_outputs(x, w_gate_up[u : u + 1], w_down[u : u + 1])
-                                for u in range(w_down.shape[0])])  # fmt: skip
+    Always this batched form: XLA rounds a plain [N, D] x [D, F] dot differently from
+    one member of a batched dot, so every path computes experts this way."""
     width = w_down.shape[1]
     gate_up = jnp.einsum("nd,udf->unf", x, w_gate_up)  # [U, N, 2I]
     h = jax.nn.silu(gate_up[..., :width]) * gate_up[..., width:]

@@ -10,9 +10,8 @@ Memory, all counted against the byte budget:
            copy lands in its own buffer until a program writes it into its pool slot.
            At most the U experts one layer needs and P predicted for the next: U + P
   filler   one zeroed expert that pads a staged list to its static length U + P
-  gather   the expert program computes the U experts it uses out of the pool (one batched
-           contraction in decode, one contraction each in a prefill), so it gathers
-           them first: U experts of workspace in every step
+  gather   the expert program computes its U experts as one batched contraction, so it
+           gathers them out of the pool first: U experts of workspace in every step
 A budget of every expert plus that gather preloads them all: no copies.
 
 A decode step finds its experts through a table ([L, E] pool rows, -1 when absent) on
