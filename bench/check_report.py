@@ -119,6 +119,25 @@ def _phases(r: dict) -> list[str]:
     return lines + _table(["phase", "ms/step as run", "calls/step", "ms/step synced", "calls/step"], rows)
 
 
+def _dispatch_probe(r: dict) -> list[str]:
+    rows = []
+    for name, v in r.get("variants", {}).items():
+        nat, syn = v.get("natural") or {}, v.get("synced") or {}
+        dispatch, compute = nat.get("phases", {}).get("dispatch", {}), syn.get("phases", {}).get("compute", {})
+        per_call = dispatch.get("ms") / dispatch["calls"] if dispatch.get("calls") else None
+        per_run = compute.get("ms") / compute["calls"] if compute.get("calls") else None
+        rows.append([f"{name} ({r['xla_flags'][name] or 'no flag'})", _ms(nat.get("step_ms")), _ms(per_call),
+                     _ms(nat.get("phases", {}).get("host_read", {}).get("ms")), _ms(per_run),
+                     _ms(v.get("resident_step_ms")), v.get("error", "")])  # fmt: skip
+    head = ["XLA command buffers", "offloaded step ms as run", "dispatch ms per call", "host reads ms per step",
+            "device ms per run (synced)", "resident step ms", "error"]  # fmt: skip
+    cost = (r.get("call_cost") or {}).get("rows", [])
+    lines = ["A compiled program that adds one to its first argument, half its arguments donated: "
+             + "; ".join(f"{x['arguments']} arguments: call {_ms(x['call_ms'])} ms, with completion "
+                         f"{_ms(x['call_and_done_ms'])} ms" for x in cost) + ".", ""] if cost else []  # fmt: skip
+    return lines + _table(head, rows)
+
+
 def _prefill(r: dict, record: dict) -> list[str]:
     rows = r.get("rows", [])
     bw = next(iter(((_step(record, "bandwidth") or {}).get("bandwidth") or {}).values()), None)
@@ -174,7 +193,7 @@ def _diagnosis(r: dict) -> list[str]:
 
 
 SECTIONS = {"environment": _environment, "pytest": _pytest, "bandwidth": _bandwidth, "exactness": _exactness,
-            "decode": _decode, "phases": _phases, "injit_probe": _probe,
+            "decode": _decode, "phases": _phases, "injit_probe": _probe, "dispatch_probe": _dispatch_probe,
             "exact_diagnosis": _diagnosis, "quantized": _quantized}  # fmt: skip
 
 

@@ -290,8 +290,10 @@ def worker_prefill_modes(spec: dict) -> dict:
 # -- phases of one offloaded decode step --------------------------------------------
 def worker_phases(spec: dict) -> dict:
     """Decode `steps` tokens twice with the phase clock on: as the engine runs (host phases),
-    then with a block after every program and copy (each one's device time)."""
+    then with a block after every program and copy (each one's device time); with
+    `resident`, also the resident engine's decode step on the same weights."""
     from bench import models
+    from jaxmoe.engine import ResidentEngine
     from jaxmoe.engine.offloaded import OffloadedEngine
     from jaxmoe.engine.phases import PhaseClock
     from jaxmoe.offload.prefetch import load_scorer
@@ -324,6 +326,12 @@ def worker_phases(spec: dict) -> dict:
                      "resumes_per_token": m["resumes_per_token"]}  # fmt: skip
         log(f"phases {mode}: {out[mode]}")
     out["expert_bytes"] = store.expert_bytes
+    if spec.get("resident"):
+        del engine
+        resident = ResidentEngine(cfg, model, models.random_resident(cfg, spec["seed"]))
+        resident.generate(ps, 4)  # compiles
+        out["resident_step_ms"] = resident.generate(ps, steps + 1).metrics["tpot_ms"]
+        log(f"phases resident: {out['resident_step_ms']:.2f} ms per step")
     return out
 
 
@@ -448,6 +456,37 @@ def injit_answer(out: dict) -> dict:
     }  # fmt: skip
 
 
+# -- the host cost of calling a compiled program, by its number of arguments -------------
+def worker_call_cost(spec: dict) -> dict:
+    """A compiled program that adds one to its first argument, called with n small device
+    arrays (half of them donated, as the step program donates its cache and pool): the
+    median host time of the call (until it returns) and of the call plus its completion."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    check_jax_backend(spec["gpu"])
+    rows = []
+    for n in spec["arguments"]:
+        args = [jnp.ones((4,), jnp.float32) for _ in range(n)]
+        donate = tuple(range(n // 2, n))
+        program = jax.jit(lambda *a: (a[0] + 1, *a[n // 2 :]), donate_argnums=donate).lower(*args).compile()
+        calls, completed = [], []
+        for i in range(spec["repeats"] + 5):
+            start = time.perf_counter()
+            out = program(*args)
+            returned = time.perf_counter()
+            jax.block_until_ready(out)
+            if i >= 5:  # after a warm-up
+                calls.append(returned - start)
+                completed.append(time.perf_counter() - start)
+            args = [out[0], *args[1 : n // 2], *out[1:]]  # the donated ones come back as outputs
+        rows.append({"arguments": n, "call_ms": 1e3 * float(np.median(calls)),
+                     "call_and_done_ms": 1e3 * float(np.median(completed))})  # fmt: skip
+        log(f"call cost {rows[-1]}")
+    return {"rows": rows, "versions": jax_versions()}
+
+
 WORKERS = {"environment": worker_environment, "exactness": worker_exactness, "prefill_modes": worker_prefill_modes,
-           "phases": worker_phases, "injit_probe": worker_injit_probe,
+           "phases": worker_phases, "injit_probe": worker_injit_probe, "call_cost": worker_call_cost,
            "exact_diagnosis": worker_exact_diagnosis}  # fmt: skip

@@ -19,6 +19,8 @@ and, only when named in --steps:
                Mixtral-8x7B shape offloaded at 24 GiB (random codes; tok/s, hit rate, bytes/token)
   exact_diagnosis  where offloaded tokens leave the resident ones on the decode shape (resident
                run twice, each prefill mode, every expert preloaded, expert computations bitwise)
+  dispatch_probe   the phases measurement and the resident decode step with XLA's command
+               buffers as they are and off (where a decode call's host time goes)
 Every step runs in its own process(es) (bench.matrix.spawn); a step that fails or overruns
 its cap is recorded with its error, and the next one runs. OUT/gpu_check.json and
 OUT/gpu_check.md are rewritten before and after every step, so the last files are valid
@@ -28,6 +30,7 @@ whenever the command is stopped.
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import dataclasses
 import datetime
 import importlib.util
@@ -87,19 +90,22 @@ class Check:
     def left(self) -> float:
         return self.deadline - time.perf_counter()
 
-    def spawn(self, job: Job, spec: dict, cap: float) -> dict:
-        """One worker process, killed after `cap` seconds; what it saved so far survives."""
+    def spawn(self, job: Job, spec: dict, cap: float, env: dict | None = None) -> dict:
+        """One worker process, killed after `cap` seconds, with `env` over the original
+        environment; what it saved so far survives."""
         partial = self.work / f"{job.key}.partial.json"
         partial.unlink(missing_ok=True)
         self.bench.worker_timeout = max(1.0, cap)
-        result = matrix.spawn(self.bench, job, {**spec, "partial": str(partial)})
+        bench = copy.copy(self.bench)
+        bench.worker_base_env = {**self.bench.worker_base_env, **(env or {})}
+        result = matrix.spawn(bench, job, {**spec, "partial": str(partial)})
         if "error" in result and partial.exists():
             result = {**json.loads(partial.read_text()), "error": result["error"]}
         return result
 
-    def worker(self, name: str, cap: float, model: ModelSpec | None = None, **spec) -> dict:
+    def worker(self, name: str, cap: float, model: ModelSpec | None = None, env: dict | None = None, **spec) -> dict:
         job = Job(name, model or self.model, "bfloat16")
-        return self.spawn(job, {**matrix.spec(self.bench, job), **spec}, cap)
+        return self.spawn(job, {**matrix.spec(self.bench, job), **spec}, cap, env)
 
     # -- the record -----------------------------------------------------------------
     def write(self) -> None:
@@ -294,6 +300,31 @@ def step_phases(c: Check) -> tuple[str, dict]:
     return ("error" if "error" in r else "passed"), r
 
 
+# XLA's command buffers (CUDA graphs) as the image has them, and off: is a decode call's
+# host cost (3.5 ms on an H200, run 4) the graphs being updated for each call's buffers?
+COMMAND_BUFFERS = {"as_is": "", "off": "--xla_gpu_enable_command_buffer="}
+
+
+def step_dispatch_probe(c: Check) -> tuple[str, dict]:
+    """A trivial program's call cost by its number of arguments, then the phases measurement
+    and the resident decode step once per COMMAND_BUFFERS variant."""
+    budget = getattr(c, "decode_budget", None) or first_budget(decode_jobs(c)[0])
+    base = c.bench.worker_base_env.get("XLA_FLAGS", "")
+    r, start = {"variants": {}, "xla_flags": COMMAND_BUFFERS}, time.perf_counter()
+    r["call_cost"] = c.worker("call_cost", min(30.0, c.cap / 4), arguments=[10, 100, 300], repeats=50)
+    for i, (name, flags) in enumerate(COMMAND_BUFFERS.items()):
+        cap = (c.cap - (time.perf_counter() - start)) / (len(COMMAND_BUFFERS) - i)  # what is left, split evenly
+        env = {"XLA_FLAGS": f"{base} {flags}".strip()} if flags else None
+        r["variants"][name] = c.worker("phases", max(1.0, cap), env=env, budget_bytes=budget.bytes, policy="lru",
+                                       steps=16 if c.gpu else 4, budget_spec=budget.spec, resident=True)  # fmt: skip
+    errors = [f"{name}: {v['error']}" for name, v in {"call_cost": r["call_cost"], **r["variants"]}.items()
+              if "error" in v]  # fmt: skip
+    if errors:
+        r["error"] = "; ".join(errors)[:600]
+        return ("timeout" if any("killed" in e for e in errors) else "error"), r
+    return "passed", r
+
+
 PREFILL_LENGTHS = {False: (512, 2048), True: (64, 256)}  # by dry run
 PREFILL_MODES = ("stream", "stream-serial", "routed", "injit")
 
@@ -374,6 +405,8 @@ STEPS = (
     Step("phases", "Where an offloaded decode step's time goes", 50, step_phases),
     Step("prefill", "Prefill modes", 90, step_prefill),
     Step("injit_probe", "In-jit selective fetch probe", 45, step_injit_probe),
+    Step("dispatch_probe", "Decode call cost with XLA's command buffers as they are and off", 140,
+         step_dispatch_probe, default=False),
     Step("quantized", "int4 experts: OLMoE-1B-7B within 5 GiB, Mixtral-8x7B at 24 GiB", 150, step_quantized,
          default=False),
 )

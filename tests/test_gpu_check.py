@@ -68,3 +68,27 @@ def test_the_quantized_step_dry_run(tmp_path):
     rows = step["result"]["rows"]
     assert {r["policy"] for r in rows} == {"resident", "lru"} and all("int4" in r["model"] for r in rows)
     assert rc == 0 and "## int4 experts" in md
+
+
+def test_the_dispatch_probe_runs_its_second_worker_with_command_buffers_off(tmp_path, monkeypatch):
+    """dispatch_probe's variants differ only in the XLA_FLAGS their workers start with, and
+    the check's own settings keep none of them."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import gpu_check as cli
+
+    from bench import gpu_check, matrix
+
+    check = gpu_check.Check(cli.parse_args(["--dry-run", "--out", str(tmp_path)]))
+    check.cap, flags = 60.0, []
+
+    def fake_spawn(args, job, spec):
+        flags.append(matrix.worker_env(args, job).get("XLA_FLAGS", ""))
+        return {"natural": {}, "synced": {}, "resident_step_ms": 1.0}
+
+    monkeypatch.setattr(matrix, "spawn", fake_spawn)
+    status, result = gpu_check.step_dispatch_probe(check)
+    assert status == "passed" and list(result["variants"]) == ["as_is", "off"]
+    call_cost, as_is, off = flags  # the call-cost worker, then one per variant
+    assert "--xla_gpu_enable_command_buffer=" not in call_cost.split() + as_is.split()
+    assert "--xla_gpu_enable_command_buffer=" in off.split()
+    assert "--xla_gpu_enable_command_buffer=" not in check.bench.worker_base_env.get("XLA_FLAGS", "")
