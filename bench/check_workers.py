@@ -168,13 +168,16 @@ def expert_parts(cfg, seed: int) -> dict:
     """Bitwise comparisons, at this model's real shapes, of the expert computations the two
     engines run: the resident prefill (every expert in place) against the streamed prefill
     (one expert at a time) and the routed one (U gathered from a pool); the resident decode
-    (K gathered from the layer's stack) against the offloaded one (K gathered from a pool)."""
+    (K gathered from the layer's stack) against the offloaded one (K gathered from a pool);
+    both with the pool as the engine holds it too (uint8 rows unpacked in the program)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from jaxmoe.engine.programs import COMPILER_OPTIONS
     from jaxmoe.model import ExpertWeights, expert_rows, expert_rows_from
+    from jaxmoe.offload.cache import pool_experts
+    from jaxmoe.quant.format import DENSE
 
     e, d, i, k = cfg.num_experts, cfg.hidden_size, cfg.expert_intermediate_size, cfg.top_k
     dt = jnp.dtype(cfg.dtype)
@@ -184,6 +187,9 @@ def expert_parts(cfg, seed: int) -> dict:
     slots = e + 37  # a pool larger than the layer, experts at shuffled slots
     slot_of = np.random.default_rng(seed).permutation(slots)[:e]
     pool = ExpertWeights(*(jnp.zeros((slots,) + w.shape[1:], dt).at[slot_of].set(w) for w in stack))
+    # What the offloaded engine really holds: each expert as one uint8 row, unpacked in the program.
+    rows = DENSE.pack_stacks(cfg, {("w_gate_up", "w"): stack.w_gate_up, ("w_down", "w"): stack.w_down})
+    packed = jnp.zeros((slots, rows.shape[1]), jnp.uint8).at[slot_of].set(rows)
 
     def run(fn, *args):
         return np.asarray(jax.jit(fn).lower(*args).compile(compiler_options=COMPILER_OPTIONS)(*args).astype(jnp.float32))
@@ -195,7 +201,9 @@ def expert_parts(cfg, seed: int) -> dict:
         slot_ids = jnp.asarray(slot_of, jnp.int32)[ids]
         u = min(e, n * k)
         ref = run(lambda h, ids, w: expert_rows(h, ids, w, u), h, ids, stack)
-        variants = {"offloaded_pool": run(lambda h, ids, w: expert_rows(h, ids, w, u), h, slot_ids, pool)}
+        variants = {"offloaded_pool": run(lambda h, ids, w: expert_rows(h, ids, w, u), h, slot_ids, pool),
+                    "offloaded_packed_pool": run(lambda h, ids, p: expert_rows(h, ids, pool_experts(p, DENSE, cfg), u),
+                                                 h, slot_ids, packed)}  # fmt: skip
         if n > 1:
             experts = tuple((stack.w_gate_up[j], stack.w_down[j]) for j in range(e))
             variants["streamed_one_by_one"] = run(lambda h, ids, ws: expert_rows_from(h, ids, ws), h, ids, experts)
