@@ -61,15 +61,6 @@ def worker_environment(spec: dict) -> dict:
 
 
 # -- exactness ---------------------------------------------------------------------
-def _cast(tree, dtype):
-    import jax
-    import jax.numpy as jnp
-
-    # jnp.issubdtype, not dtype.kind == "f": numpy calls bfloat16 kind "V", which left a
-    # bf16 checkpoint's weights uncast while the store packed its experts in `dtype`.
-    return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
-
-
 def exact_model(name: str, dtype: str, seed: int):
     """(config, dense model, resident expert stacks, host store, predictor spec) of one model
     in `dtype`: a tiny random family shape, or the shipped checkpoint (cast when asked)."""
@@ -77,7 +68,7 @@ def exact_model(name: str, dtype: str, seed: int):
 
     from bench import models
     from bench.shapes import resolve
-    from jaxmoe.model.params import build_model, dense_dict
+    from jaxmoe.model import cast_floats, cast_model
     from jaxmoe.offload.host_store import HostExpertStore
 
     m = resolve(name)
@@ -90,11 +81,9 @@ def exact_model(name: str, dtype: str, seed: int):
     loaded = load(m.path)
     cfg, model, resident = loaded.config, loaded.model, list(loaded.experts)
     if dtype != cfg.dtype:
-        # Rebuilt from the new config, not merged into the old module: its layers keep their
-        # compute dtype as static attributes, so a cast state alone still computes in the old one.
         cfg = dataclasses.replace(cfg, dtype=dtype)
-        model = build_model(cfg, _cast(dense_dict(model), dtype))
-        resident = [None if s is None else _cast(s, dtype) for s in resident]
+        model = cast_model(cfg, model)
+        resident = [None if s is None else cast_floats(s, dtype) for s in resident]
         jax.block_until_ready(resident)
     return cfg, model, resident, HostExpertStore.from_stacks(cfg, resident), m.predictor
 

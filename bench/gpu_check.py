@@ -293,10 +293,20 @@ def step_decode(c: Check) -> tuple[str, dict]:
     return rows_status(report), report
 
 
+def decode_budget(c: Check) -> B.Budget:
+    """The decode step's first offload budget, or the matrix's where that step did not run."""
+    return getattr(c, "decode_budget", None) or first_budget(matrix.model_jobs(c.bench, c.model, "bfloat16")[0])
+
+
+def phases_worker(c: Check, cap: float, env: dict | None = None, **extra) -> dict:
+    """The phases worker: lru at the decode budget, 16 steps (4 on the CPU)."""
+    budget = decode_budget(c)
+    return c.worker("phases", cap, env=env, budget_bytes=budget.bytes, policy="lru", steps=16 if c.gpu else 4,
+                    budget_spec=budget.spec, **extra)  # fmt: skip
+
+
 def step_phases(c: Check) -> tuple[str, dict]:
-    budget = getattr(c, "decode_budget", None) or first_budget(decode_jobs(c)[0])
-    r = c.worker("phases", c.cap, budget_bytes=budget.bytes, policy="lru", steps=16 if c.gpu else 4,
-                 budget_spec=budget.spec)  # fmt: skip
+    r = phases_worker(c, c.cap)
     return ("error" if "error" in r else "passed"), r
 
 
@@ -308,15 +318,13 @@ COMMAND_BUFFERS = {"as_is": "", "off": "--xla_gpu_enable_command_buffer="}
 def step_dispatch_probe(c: Check) -> tuple[str, dict]:
     """A trivial program's call cost by its number of arguments, then the phases measurement
     and the resident decode step once per COMMAND_BUFFERS variant."""
-    budget = getattr(c, "decode_budget", None) or first_budget(decode_jobs(c)[0])
     base = c.bench.worker_base_env.get("XLA_FLAGS", "")
     r, start = {"variants": {}, "xla_flags": COMMAND_BUFFERS}, time.perf_counter()
     r["call_cost"] = c.worker("call_cost", min(30.0, c.cap / 4), arguments=[10, 100, 300], repeats=50)
     for i, (name, flags) in enumerate(COMMAND_BUFFERS.items()):
         cap = (c.cap - (time.perf_counter() - start)) / (len(COMMAND_BUFFERS) - i)  # what is left, split evenly
         env = {"XLA_FLAGS": f"{base} {flags}".strip()} if flags else None
-        r["variants"][name] = c.worker("phases", max(1.0, cap), env=env, budget_bytes=budget.bytes, policy="lru",
-                                       steps=16 if c.gpu else 4, budget_spec=budget.spec, resident=True)  # fmt: skip
+        r["variants"][name] = phases_worker(c, max(1.0, cap), env, resident=True)
     errors = [f"{name}: {v['error']}" for name, v in {"call_cost": r["call_cost"], **r["variants"]}.items()
               if "error" in v]  # fmt: skip
     if errors:
@@ -379,7 +387,7 @@ def step_quantized(c: Check) -> tuple[str, dict]:
 
 
 def step_exact_diagnosis(c: Check) -> tuple[str, dict]:
-    budget = getattr(c, "decode_budget", None) or first_budget(matrix.model_jobs(c.bench, c.model, "bfloat16")[0])
+    budget = decode_budget(c)
     r = c.worker("exact_diagnosis", c.cap, budget_bytes=budget.bytes, new_tokens=64 if c.gpu else 8)
     if "error" in r:
         return "error", r

@@ -212,18 +212,16 @@ def test_a_bf16_checkpoint_run_in_fp32_matches_resident():
     from flax import nnx
 
     from jaxmoe.checkpoint import load
-    from jaxmoe.model import build_model, dense_dict
+    from jaxmoe.model import cast_floats, cast_model
 
     loaded = load(TINY_CHECKPOINT)
     cfg = dataclasses.replace(loaded.config, dtype="float32")
-    def to32(tree):
-        return jax.tree.map(lambda a: a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
-
-    experts = [None if s is None else to32(s) for s in loaded.experts]
+    experts = [None if s is None else cast_floats(s, jnp.float32) for s in loaded.experts]
+    assert {leaf.dtype for leaf in jax.tree.leaves(experts)} == {jnp.dtype(jnp.float32)}  # bf16 counts as a float
     graphdef, state = nnx.split(loaded.model)
     with pytest.raises(ValueError, match="dtype float32 but the model was built for bfloat16"):
-        ResidentEngine(cfg, nnx.merge(graphdef, to32(state)), experts)
-    model = build_model(cfg, to32(dense_dict(loaded.model)))
+        ResidentEngine(cfg, nnx.merge(graphdef, cast_floats(state, jnp.float32)), experts)
+    model = cast_model(cfg, loaded.model)
     store = HostExpertStore.from_stacks(cfg, experts)
     prompts = [[12, 290, 263, 199, 83], [7, 8, 9]]
     want = ResidentEngine(cfg, model, experts).generate(prompts, 8).token_ids

@@ -13,7 +13,15 @@ from jaxmoe.model.experts import (
     num_unique_experts,
     route,
 )
-from jaxmoe.model.params import abstract_model, build_model, check_model_dtype, dense_dict, dense_shapes
+from jaxmoe.model.params import (
+    abstract_model,
+    build_model,
+    cast_floats,
+    cast_model,
+    check_model_dtype,
+    dense_dict,
+    dense_shapes,
+)
 
 __all__ = [
     "ExpertWeights",
@@ -26,6 +34,8 @@ __all__ = [
     "expert_rows",
     "expert_rows_from",
     "build_model",
+    "cast_floats",
+    "cast_model",
     "check_model_dtype",
     "dense_dict",
     "dense_shapes",

@@ -33,7 +33,19 @@ def check_model_dtype(cfg: MoEConfig, model: MoEDecoder) -> None:
     still computes in its old one, and the engine's programs (built from `cfg`) would not."""
     if jnp.dtype(model.cfg.dtype) != jnp.dtype(cfg.dtype):
         raise ValueError(f"config dtype {cfg.dtype} but the model was built for {model.cfg.dtype}: "
-                         "build the module from the config (jaxmoe.model.build_model) with the weights cast")
+                         "rebuild it with jaxmoe.model.cast_model(config, model)")
+
+
+def cast_floats(tree, dtype):
+    """Every floating-point leaf of `tree` in `dtype`. jnp.issubdtype, not dtype.kind == "f":
+    numpy does not call bfloat16 a float kind."""
+    return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+
+def cast_model(cfg: MoEConfig, model: MoEDecoder) -> MoEDecoder:
+    """`model` rebuilt for `cfg` (its dtype), its weights cast: merging cast weights into the
+    old module would keep its layers computing in the old dtype."""
+    return build_model(cfg, cast_floats(dense_dict(model), cfg.dtype))
 
 
 def dense_dict(model: MoEDecoder) -> dict:
