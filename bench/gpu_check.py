@@ -95,8 +95,8 @@ class Check:
         environment; what it saved so far survives."""
         partial = self.work / f"{job.key}.partial.json"
         partial.unlink(missing_ok=True)
-        self.bench.worker_timeout = max(1.0, cap)
-        bench = copy.copy(self.bench)
+        bench = copy.copy(self.bench)  # this worker's settings, the check's own untouched
+        bench.worker_timeout = max(1.0, cap)
         bench.worker_base_env = {**self.bench.worker_base_env, **(env or {})}
         result = matrix.spawn(bench, job, {**spec, "partial": str(partial)})
         if "error" in result and partial.exists():
