@@ -70,6 +70,7 @@ def exact_model(name: str, dtype: str, seed: int):
     from bench.shapes import resolve
     from jaxmoe.model import cast_floats, cast_model
     from jaxmoe.offload.host_store import HostExpertStore
+    from jaxmoe.offload.prefetch import load_scorer
 
     m = resolve(name)
     if m.source == "random":
@@ -80,12 +81,16 @@ def exact_model(name: str, dtype: str, seed: int):
 
     loaded = load(m.path)
     cfg, model, resident = loaded.config, loaded.model, list(loaded.experts)
+    predictor = m.predictor
     if dtype != cfg.dtype:
+        # The shipped predictor was trained for the checkpoint as stored (its config hash
+        # names the dtype): checked against that model, then used with the cast one.
+        predictor = load_scorer(predictor, model) if predictor else None
         cfg = dataclasses.replace(cfg, dtype=dtype)
         model = cast_model(cfg, model)
         resident = [None if s is None else cast_floats(s, dtype) for s in resident]
         jax.block_until_ready(resident)
-    return cfg, model, resident, HostExpertStore.from_stacks(cfg, resident), m.predictor
+    return cfg, model, resident, HostExpertStore.from_stacks(cfg, resident), predictor
 
 
 def min_experts(cfg, batch: int, predictor: bool) -> int:
@@ -108,6 +113,7 @@ def exact_prompts(vocab: int, batch: int, seed: int) -> list[list[int]]:
 def worker_exactness(spec: dict) -> dict:
     """For each case (model, dtype, policy, budget, batch): offloaded greedy tokens against the
     resident engine's on the same weights. A case that raises is recorded with its error."""
+    from bench.shapes import resolve
     from jaxmoe.engine import OffloadedEngine, ResidentEngine
     from jaxmoe.offload.prefetch import load_scorer
 
@@ -136,7 +142,7 @@ def worker_exactness(spec: dict) -> dict:
                 got = engine.generate(ps, new).token_ids
                 agree = min(next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x))
                             for x, y in zip(got, reference[batch]))  # fmt: skip
-                row |= {"experts": experts, "of": total, "predictor": predictor if use_predictor else None,
+                row |= {"experts": experts, "of": total, "predictor": resolve(name).predictor if use_predictor else None,
                         "equal": got == reference[batch], "agree": agree, "compared": new,
                         "hit_rate": engine.cache.counters.hit_rate}  # fmt: skip
             except Exception as e:  # noqa: BLE001  a failing case is a result; the others still run
