@@ -162,7 +162,7 @@ def _agree(a: list[list[int]], b: list[list[int]]) -> int:
 def expert_parts(cfg, seed: int) -> dict:
     """Bitwise comparisons, at this model's real shapes, of the expert computations the two
     engines run: the resident prefill (every expert in place) against the streamed prefill
-    (one expert at a time) and the routed one (U gathered from a pool); the resident decode
+    (the layer's uint8 rows stacked and unpacked) and the routed one (U gathered from a pool); the resident decode
     (K gathered from the layer's stack) against the offloaded one (K gathered from a pool);
     both with the pool as the engine holds it too (uint8 rows unpacked in the program)."""
     import jax
@@ -170,8 +170,8 @@ def expert_parts(cfg, seed: int) -> dict:
     import numpy as np
 
     from jaxmoe.engine.programs import COMPILER_OPTIONS
-    from jaxmoe.model import ExpertWeights, expert_rows, expert_rows_from
-    from jaxmoe.offload.cache import pool_experts
+    from jaxmoe.model import ExpertWeights, expert_rows
+    from jaxmoe.offload.cache import pool_experts, stack_experts
     from jaxmoe.quant.format import DENSE
 
     e, d, i, k = cfg.num_experts, cfg.hidden_size, cfg.expert_intermediate_size, cfg.top_k
@@ -199,9 +199,9 @@ def expert_parts(cfg, seed: int) -> dict:
         variants = {"offloaded_pool": run(lambda h, ids, w: expert_rows(h, ids, w, u), h, slot_ids, pool),
                     "offloaded_packed_pool": run(lambda h, ids, p: expert_rows(h, ids, pool_experts(p, DENSE, cfg), u),
                                                  h, slot_ids, packed)}  # fmt: skip
-        if n > 1:
-            experts = tuple((stack.w_gate_up[j], stack.w_down[j]) for j in range(e))
-            variants["streamed_one_by_one"] = run(lambda h, ids, ws: expert_rows_from(h, ids, ws), h, ids, experts)
+        if n > 1:  # the streamed prefill: the layer's rows, one buffer each, stacked by their own program
+            stacked = jax.jit(stack_experts, static_argnums=(1, 2))(tuple(rows), DENSE, cfg)
+            variants["streamed_stack"] = run(lambda h, ids, w: expert_rows(h, ids, w, u), h, ids, stacked)
         for name, got in variants.items():
             out[f"n{n}_{name}"] = {"bitwise_equal": bool(np.array_equal(got, ref)),
                                    "max_abs_diff": float(np.max(np.abs(got - ref)))}  # fmt: skip

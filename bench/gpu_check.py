@@ -339,13 +339,14 @@ PREFILL_MODES = ("stream", "stream-serial", "routed", "injit")
 
 
 def step_prefill(c: Check) -> tuple[str, dict]:
-    lengths = PREFILL_LENGTHS[c.dry]
+    lengths = c.opts.prefill_lengths or PREFILL_LENGTHS[c.dry]
+    modes = c.opts.prefill_modes or list(PREFILL_MODES)
     cfg = c.model.config("bfloat16")
     if c.gpu:  # the budget that keeps the longest prompt's whole run within the first device budget
         size, lines = B.fit_within(cfg, 1, lengths[-1], 2, int(5 * B.GIB), None)
     else:
         size, lines = int(0.25 * B.num_experts(cfg)) * B.expert_bytes(cfg), ["a quarter of the experts"]
-    r = c.worker("prefill_modes", c.cap, prompt_lengths=list(lengths), modes=list(PREFILL_MODES), budget_bytes=size)
+    r = c.worker("prefill_modes", c.cap, prompt_lengths=list(lengths), modes=modes, budget_bytes=size)
     r |= {"budget_bytes": size, "budget_arithmetic": lines}
     bad = any(row.get("error") or row.get("tokens_equal_resident") is False for row in r.get("rows", []))
     return ("error" if "error" in r else "failed" if bad else "passed"), r

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import gpu_check  # noqa: E402
+from bench.matrix import PREFILL_MODES  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -34,6 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--exact-policies", help="exactness step: only these policies (comma list)")
     p.add_argument("--decode-rows", help="decode step: only these rows (comma list of resident, hf, hf-accelerate, "
                    "lru@5GiB, predictor@5GiB, lru@8GiB)")
+    p.add_argument("--prefill-modes", help="prefill step: only these offloaded modes (comma list of "
+                   + ", ".join(PREFILL_MODES) + ")")
+    p.add_argument("--prefill-lengths", help="prefill step: only these prompt lengths (comma list of tokens)")
     p.add_argument("--deadline", type=float, default=gpu_check.DEFAULT_DEADLINE_S, dest="deadline_s",
                    help="seconds for the whole check (later steps get what is left)")
     args = p.parse_args(argv)
@@ -41,9 +45,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.steps = [s.strip() for s in args.steps.split(",") if s.strip()] if args.steps else None
     for bad in set(args.steps or ()) - names:
         p.error(f"--steps: unknown step {bad!r}; choose from {', '.join(sorted(names))}")
-    for name in ("exact_models", "exact_policies", "decode_rows"):
+    for name in ("exact_models", "exact_policies", "decode_rows", "prefill_modes", "prefill_lengths"):
         value = getattr(args, name)
         setattr(args, name, [x.strip() for x in value.split(",") if x.strip()] if value else None)
+    for bad in set(args.prefill_modes or ()) - set(PREFILL_MODES):
+        p.error(f"--prefill-modes: unknown mode {bad!r}; choose from {', '.join(PREFILL_MODES)}")
+    if args.prefill_lengths:
+        if not all(x.isdigit() and int(x) > 0 for x in args.prefill_lengths):
+            p.error(f"--prefill-lengths: expected positive token counts, got {','.join(args.prefill_lengths)}")
+        args.prefill_lengths = [int(x) for x in args.prefill_lengths]
     args.caps = {}
     for item in args.cap:
         name, _, seconds = item.partition("=")

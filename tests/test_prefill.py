@@ -160,6 +160,16 @@ def test_prefill_leaves_each_layers_most_used_experts_cached():
     assert [p.kind for p in eng.plan].count("retain") == sum(cfg.moe_layers)
 
 
+def _assert_stacked_alone(plan, moe_layers):
+    """Each layer is stacked once, after its copies and before it computes, while no other
+    layer's experts are on the device (copies and stack hold it twice then)."""
+    ops, live = [(s.op, s.layer) for s in plan.steps], plan.streamed_layers_over_time()
+    for layer in moe_layers:
+        at = ops.index(("stack", layer))
+        assert ops.count(("stack", layer)) == 1 and live[at] == 1
+        assert ops.index(("copy", layer)) < at < ops.index(("compute", layer))
+
+
 def test_stream_plan_double_buffer_and_order():
     moe = [True, False, True, True, True]
     cached = {2: {0, 5}}
@@ -173,14 +183,17 @@ def test_stream_plan_double_buffer_and_order():
             assert ops.index(("copy", moe_layers[i + 1])) < ops.index(("compute", layer))
     copy2 = next(s for s in plan.steps if s.op == "copy" and s.layer == 2)
     assert copy2.cached == (0, 5) and set(copy2.sent) == set(range(8)) - {0, 5}
+    _assert_stacked_alone(plan, moe_layers)
     assert plan.sent_experts == 4 * 8 - 2
     in_jit = plan_stream(range(5), moe, 8, cached, chunk=16, chunks=2, in_jit=True)
     ops = [(s.op, s.layer, s.in_jit) for s in in_jit.steps]
     assert in_jit.max_streamed_layers == 2 and ops[0] == ("copy", 0, False)
     for i, layer in enumerate(moe_layers[:-1]):  # the next layer's copy is in this layer's program
         assert ops[ops.index(("compute", layer, False)) - 1] == ("copy", moe_layers[i + 1], True)
+    _assert_stacked_alone(in_jit, moe_layers)
     serial = plan_stream(range(5), moe, 8, cached, chunk=16, chunks=2, lookahead=0)
     assert serial.max_streamed_layers == 1
+    _assert_stacked_alone(serial, moe_layers)
     with pytest.raises(ValueError, match="lookahead"):
         plan_stream(range(5), moe, 8, cached, 16, 2, lookahead=2)
     with pytest.raises(ValueError, match="lookahead"):

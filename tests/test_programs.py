@@ -48,9 +48,9 @@ def test_every_compiled_program_is_named_after_its_program():
     resident = ResidentEngine(CFG, model, experts)
     resident.generate([[1, 2, 3]], 2)
     names = {**module_names(offloaded.programs), **module_names(streamed.programs), **module_names(resident.programs)}
-    # (write_slots, the retain program, needs a cache smaller than every expert: not this model's 4.)
+    # (write_rows, the retain program, needs a cache smaller than every expert: not this model's 4.)
     expected = {"embed", "dense", "attend_route", "experts", "first_token", "step", "dense_chunk", "moe_chunk",
-                "take_from_pool", "prefill_chunk", "decode"}  # fmt: skip
+                "take_from_pool", "stack_experts", "prefill_chunk", "decode"}  # fmt: skip
     assert set(names) == expected
     for name, module in names.items():
         assert module == f"jit_{name}" and "lambda" not in module

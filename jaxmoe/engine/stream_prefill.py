@@ -3,14 +3,15 @@ while the layer before computes, layer by layer over all chunks of the prompt.
 
 Layer-major: layer l runs over every chunk before layer l+1 starts, so each layer's
 experts are sent once however long the prompt, and activation memory is bounded by
-the chunk. Each (layer, chunk) is one program computing exactly what the resident
-engine's chunk computes for that layer (same attention over the same cache, every
-expert as one member of the same batched contraction), so the numbers are equal.
+the chunk. Each (layer, chunk) is one program making the resident engine's own call
+for that layer's chunk (the same attention over the same cache, the layer's experts
+as one [E, ...] stack in one batched contraction), so the numbers are equal.
 
 The host walks a PrefillPlan (jaxmoe/offload/prefill_plan.py):
   copy     the cache issues the layer's copies (pinned host -> device, one batched call)
-  compute  wait for that layer's copies (timed: the device has nothing else to do, so
-           this is stall), then dispatch the layer's chunk programs
+  stack    wait for that layer's copies (timed: the device has nothing else to do, so
+           this is stall), and put them into one array (the copies are then freed)
+  compute  dispatch the layer's chunk programs
   release  read the layer's expert use counts (waits for the computation: the layer's
            streamed experts can be freed), keep its most used experts in the decode
            cache, drop the rest
@@ -26,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmoe.model import combine, expert_rows_from, init_kv_cache, moe_ffn
-from jaxmoe.offload.cache import fetch_in_jit
+from jaxmoe.model import init_kv_cache, moe_ffn
+from jaxmoe.offload.cache import fetch_in_jit, stack_experts
 from jaxmoe.offload.prefill_plan import PrefillPlan
 
 
@@ -46,26 +47,22 @@ def _dense_chunk(layer, x, positions, start, kv, chunk):
     return jax.lax.dynamic_update_slice_in_dim(x, xc, start, axis=1), kv
 
 
-def _moe_chunk(layer, x, positions, valid, start, kv, counts, experts, chunk, fmt):
-    """One chunk through one MoE layer with every expert of the layer at hand (one buffer
-    each, in `fmt`, unpacked here one at a time: never the layer at once);
+def _moe_chunk(layer, x, positions, valid, start, kv, counts, experts, chunk):
+    """One chunk through one MoE layer: the resident engine's layer call, with the layer's
+    experts stacked as it holds them (cache.stack_experts);
     `counts` [E] accumulates how many valid tokens chose each expert."""
     xc = jax.lax.dynamic_slice_in_dim(x, start, chunk, axis=1)
     pc = jax.lax.dynamic_slice_in_dim(positions, start, chunk, axis=1)
     vc = jax.lax.dynamic_slice_in_dim(valid, start, chunk, axis=1).reshape(-1)  # [B*C]
-    xc, kv, h, routing = layer.attend_and_route(xc, pc, kv)
-    cfg = layer.mlp.cfg
-    weights = [fmt.unpack(cfg, buffer[None]) for buffer in experts]
-    y = expert_rows_from(h, routing.ids, [(w.w_gate_up[0], w.w_down[0]) for w in weights])  # [B*C, K, D]
-    xc = layer.finish_moe(xc, h, combine(y, routing.weights, h.dtype))
-    chosen = jax.nn.one_hot(routing.ids, len(experts), dtype=jnp.int32) * vc[:, None, None]  # [B*C, K, E]
+    xc, kv, routing = layer(xc, pc, kv, experts, moe_ffn)
+    chosen = jax.nn.one_hot(routing.ids, counts.shape[0], dtype=jnp.int32) * vc[:, None, None]  # [B*C, K, E]
     counts = counts + jnp.sum(chosen, axis=(0, 1))
     return jax.lax.dynamic_update_slice_in_dim(x, xc, start, axis=1), kv, counts
 
 
-def _moe_chunk_fetch(layer, x, positions, valid, start, kv, counts, experts, host_next, chunk, fmt):
+def _moe_chunk_fetch(layer, x, positions, valid, start, kv, counts, experts, host_next, chunk):
     """_moe_chunk that also copies the next MoE layer's experts (the injit variant)."""
-    x, kv, counts = _moe_chunk(layer, x, positions, valid, start, kv, counts, experts, chunk, fmt)
+    x, kv, counts = _moe_chunk(layer, x, positions, valid, start, kv, counts, experts, chunk)
     return x, kv, counts, fetch_in_jit(host_next)
 
 
@@ -94,7 +91,8 @@ class _StreamRun:
         self.starts = [jnp.int32(s) for s in range(0, x.shape[1], plan.chunk)]
         self.quotas = self.cache.schedule.retain_quotas([m for m in range(cfg.num_layers) if cfg.moe_layers[m]])
         self.width = max(self.quotas.values(), default=0)
-        self.layer_experts: dict[int, dict] = {}  # layer -> expert id -> (gate_up, down) on the device
+        self.layer_experts: dict[int, dict] = {}  # layer -> expert id -> its buffer on the device, until stacked
+        self.stacks: dict[int, object] = {}  # layer -> its experts stacked (cache.stack_experts) on the device
         self.copies: dict[int, tuple[list, tuple]] = {}  # layer -> (host copies, clock at issue)
         self.counts: dict[int, jax.Array] = {}  # layer -> [E] tokens that chose each expert
         self.fetch = None  # injit: (layer, experts, pinned host arrays) for the next program to copy
@@ -122,10 +120,8 @@ class _StreamRun:
                     "dense_chunk", _dense_chunk, static, (0, 3), piece, self.x, self.positions, start, kv[layer]
                 )
             return
-        self._wait_for_copies(layer)
-        experts = tuple(self.layer_experts[layer][e] for e in range(self.cfg.num_experts))
+        experts = self.stacks[layer]
         total = jnp.zeros((self.cfg.num_experts,), jnp.int32)
-        static = {**static, "fmt": self.cache.format}
         for start in self.starts[:-1] if self.fetch else self.starts:
             self.x, kv[layer], total = self.engine.executor.run(
                 "moe_chunk", _moe_chunk, static, (0, 4, 5), piece,
@@ -141,6 +137,10 @@ class _StreamRun:
             self.layer_experts[next_layer].update(zip(sent, fetched))
             self.fetch = None
         self.counts[layer] = total
+
+    def stack(self, step) -> None:
+        self._wait_for_copies(step.layer)
+        self.stacks[step.layer] = self.cache.stack(self.layer_experts.pop(step.layer))
 
     def _wait_for_copies(self, layer: int) -> None:
         """Block until the layer's host-issued copies land: the device has nothing else
@@ -162,7 +162,7 @@ class _StreamRun:
         ranked = [e for e in sorted(range(e_count), key=lambda e: (-int(used[e]), e)) if used[e] > 0]
         plan = self.cache.schedule.plan_retain(0, layer, ranked, self.quotas[layer], self.retained | self.to_take)
         self.retained.update((layer, e) for e in plan.experts)
-        self.cache.retain(plan, self.layer_experts.pop(layer), self.width)
+        self.cache.retain(plan, self.stacks.pop(layer), self.width)
 
 
 def compile_stream(engine, batch: int, p_len: int, chunk: int, cache_len: int, in_jit: bool = False):
@@ -175,19 +175,19 @@ def compile_stream(engine, batch: int, p_len: int, chunk: int, cache_len: int, i
     positions, valid, start = tokens, spec((batch, p_len), jnp.bool_), spec((), jnp.int32)
     kv = jax.eval_shape(lambda: init_kv_cache(cfg, batch, cache_len)[0])
     nbytes = engine.store.expert_bytes
-    expert = spec((nbytes,), jnp.uint8)
+    buffers = (spec((nbytes,), jnp.uint8),) * cfg.num_experts
+    stack = jax.eval_shape(lambda b: stack_experts(b, engine.store.format, cfg), buffers)
     pinned = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
     host_expert = spec((nbytes,), jnp.uint8, sharding=pinned)
     counts = spec((cfg.num_experts,), jnp.int32)
     static = {"chunk": chunk}
-    moe_static = {**static, "fmt": engine.store.format}
     for layer, piece in enumerate(engine.layers):
         if cfg.moe_layers[layer]:
-            args = (x, positions, valid, start, kv, counts, (expert,) * cfg.num_experts)
-            engine.executor.compile("moe_chunk", _moe_chunk, moe_static, (0, 4, 5), piece, *args)
+            args = (x, positions, valid, start, kv, counts, stack)
+            engine.executor.compile("moe_chunk", _moe_chunk, static, (0, 4, 5), piece, *args)
             if in_jit:
                 host = (host_expert,) * cfg.num_experts
-                engine.executor.compile("moe_chunk_fetch", _moe_chunk_fetch, moe_static, (0, 4, 5), piece, *args, host)
+                engine.executor.compile("moe_chunk_fetch", _moe_chunk_fetch, static, (0, 4, 5), piece, *args, host)
         else:
             engine.executor.compile("dense_chunk", _dense_chunk, static, (0, 3), piece, x, positions, start, kv)
     return x

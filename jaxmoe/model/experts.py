@@ -118,22 +118,13 @@ def expert_rows(x: jax.Array, ids: jax.Array, w: "ExpertWeights | PackedExperts"
     return y_u[pos, jnp.arange(ids.shape[0])[:, None]]  # [N, K, D]
 
 
-@jax.named_scope("experts")
-def expert_rows_from(x: jax.Array, ids: jax.Array, experts) -> jax.Array:
-    """`expert_rows` over experts held as separate arrays: `experts[e]` = (w_gate_up
-    [D, 2I], w_down [I, D]) for every id e in ids. Each expert is the same batched
-    contraction with a batch of one, which XLA computes exactly as one member of the
-    batch in `expert_rows`, so the values equal it bit for bit (tested); the
-    experts are never stacked, which would copy a whole layer."""
-    y_u = jnp.concatenate([expert_outputs(x, gu[None], down[None]) for gu, down in experts])  # [E, N, D]
-    return y_u[ids, jnp.arange(ids.shape[0])[:, None]]  # [N, K, D]
-
-
 def expert_outputs(x: jax.Array, w_gate_up: jax.Array, w_down: jax.Array) -> jax.Array:
     """SwiGLU of U experts over all N tokens: x [N, D], w [U, D, 2I] and [U, I, D] -> [U, N, D].
 
-    Always this batched form: XLA rounds a plain [N, D] x [D, F] dot differently from
-    one member of a batched dot, so every path computes experts this way."""
+    Always this batched form, over the same U experts in every path: XLA rounds a plain
+    [N, D] x [D, F] dot differently from one member of a batched dot, and on a GPU a batch
+    of one expert differently from the same expert in a batch of U (measured on an H200),
+    so a streamed layer is stacked before it computes."""
     width = w_down.shape[1]
     gate_up = jnp.einsum("nd,udf->unf", x, w_gate_up)  # [U, N, 2I]
     h = jax.nn.silu(gate_up[..., :width]) * gate_up[..., width:]

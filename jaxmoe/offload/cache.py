@@ -21,8 +21,9 @@ as it starts (`step_inputs`, then `step_outputs` with the pool it returns), so a
 costs one transfer call and no program of its own. A routed prefill pass takes its
 copies as a staged list too (`issue`). A streamed prefill moves whole
 layers outside this budget (at most two at once, see prefill_plan.py): `stream` sends
-a layer's experts and takes device copies of those already cached, `retain` keeps the
-prompt's most-used ones in the pool.
+a layer's experts and takes device copies of those already cached, `stack` puts them
+into one [E, bytes] array for the layer's programs, `retain` keeps the prompt's
+most-used ones in the pool.
 """
 
 from __future__ import annotations
@@ -55,6 +56,26 @@ def pool_experts(pool: jax.Array, fmt: ExpertFormat, cfg) -> PackedExperts:
 
 def take_from_pool(pool, slot):  # the function's name is the program's name in a profile
     return pool[slot]
+
+
+def stack_experts(buffers, fmt: ExpertFormat, cfg: MoEConfig):  # the program's name in a profile
+    """A layer's expert buffers (every id, in order) held as the resident engine holds a
+    layer: dense weights [E, ...] (unpacked once here, not in each program that computes
+    with them), or the format's rows [E, bytes]."""
+    rows = jnp.stack(buffers)
+    return fmt.unpack(cfg, rows) if fmt.kind == "dense" else packed_experts(rows, fmt, cfg)
+
+
+@jax.named_scope("pool_write")
+def write_rows(pool: jax.Array, layer, index: jax.Array, slots: jax.Array, fmt: ExpertFormat, cfg: MoEConfig):
+    """Inside a jitted program: experts `index` [W] of a stacked layer (stack_experts) into
+    pool slots [W] as rows (in place when the pool is donated); a slot past the end
+    (padding) is dropped."""
+    if isinstance(layer, PackedExperts):
+        rows = layer.parts[0][index]
+    else:
+        rows = fmt.pack_stacks(cfg, {("w_gate_up", "w"): layer.w_gate_up[index], ("w_down", "w"): layer.w_down[index]})
+    return pool.at[slots].set(rows, mode="drop")
 
 
 @jax.named_scope("pool_write")
@@ -302,29 +323,47 @@ class DeviceExpertCache:
         self.counters.expert_misses += len(sent)
         return tuple(self._host(layer, sent))
 
-    def retain(self, plan: PassPlan, layer_experts: dict[int, tuple], width: int) -> None:
-        """Write a retain plan's experts from a streamed layer into their pool slots; the
-        staged list is padded to the static `width` (so one program serves every layer)."""
+    def stack(self, layer_experts: dict[int, jax.Array]):
+        """A streamed layer's experts (every id) as one stack in the resident engine's form
+        (stack_experts), once they have landed; the host waits for it, so the separate copies
+        are freed before the caller issues another layer's."""
+        buffers = tuple(layer_experts[e] for e in range(self.store.config.num_experts))
+        stack = self._stack_program()(buffers)
+        jax.block_until_ready(stack)
+        return stack
+
+    def retain(self, plan: PassPlan, stack, width: int) -> None:
+        """Write a retain plan's experts from a streamed layer's stack into their pool slots;
+        the experts are padded to the static `width` (so one program serves every layer)."""
         if not plan.loads:
             return
         self._table_stale = True
-        staged = [layer_experts[e] for e, _ in plan.loads]
-        slots = [s for _, s in plan.loads]
-        pad = width - len(staged)
-        staged, slots = tuple(staged) + (self.filler,) * pad, jnp.asarray(slots + [self.num_slots] * pad, jnp.int32)
-        self.pool = self._write_program(width)(self.pool, staged, slots)
+        pad = width - len(plan.loads)
+        index = jnp.asarray([e for e, _ in plan.loads] + [0] * pad, jnp.int32)
+        slots = jnp.asarray([s for _, s in plan.loads] + [self.num_slots] * pad, jnp.int32)
+        self.pool = self._write_program(width)(self.pool, stack, index, slots)
         jax.block_until_ready(self.pool)  # the streamed layer may be freed only after this
 
+    def _layer_form(self) -> dict:
+        return {"fmt": self.format, "cfg": self.store.config}
+
+    def _stack_program(self):
+        buffer = jax.ShapeDtypeStruct((self.store.expert_bytes,), jnp.uint8)
+        buffers = (buffer,) * self.store.config.num_experts
+        return self.programs.get("stack_experts", stack_experts, self._layer_form(), (), buffers)
+
     def _write_program(self, width: int):
-        spec = jax.ShapeDtypeStruct
-        staged = (spec(self.filler.shape, self.filler.dtype),) * width
-        return self.programs.get("write_slots", write_slots, {}, (0,), self.pool, staged, spec((width,), jnp.int32))
+        buffer = jax.ShapeDtypeStruct((self.store.expert_bytes,), jnp.uint8)
+        stack = jax.eval_shape(lambda b: stack_experts(b, **self._layer_form()), (buffer,) * self.store.config.num_experts)
+        index = jax.ShapeDtypeStruct((width,), jnp.int32)
+        return self.programs.get("write_rows", write_rows, self._layer_form(), (0,), self.pool, stack, index, index)
 
     def prepare_stream(self, width: int) -> None:
         """Compile what a streamed prefill asks of the cache: taking a cached expert out of
-        the pool, and writing `width` retained experts into it."""
+        the pool, stacking a layer, and writing `width` retained experts into the pool."""
         slot = jax.ShapeDtypeStruct((), jnp.int32)
         self.programs.get("take_from_pool", take_from_pool, {}, (), self.pool, slot)
+        self._stack_program()
         if self.filler is not None and width:
             self._write_program(width)
 

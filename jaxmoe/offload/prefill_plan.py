@@ -22,6 +22,13 @@ are issued before layer l's computation is dispatched. A `release` of layer l wa
 for layer l's computation and drops its streamed experts, so with lookahead 1 at
 most two layers' streamed experts are ever on the device (the double buffer); with
 lookahead 0 (overlap off) a layer is loaded, then computed, one at a time.
+
+A `stack` waits for a layer's copies and puts its experts into one [E, bytes] array,
+dropping the copies: the layer then computes with the resident engine's own call (one
+batched contraction over the layer's experts), because on a GPU a contraction of one
+expert rounds differently from the same expert within a batch. It comes after the
+previous layer's release and before any further copy is issued, so a layer is held
+twice (copies and stack) only while no other layer's copies are on the device.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ MODES = ("auto", STREAM, ROUTED, INJIT)
 
 @dataclasses.dataclass(frozen=True)
 class StreamStep:
-    op: str  # "copy" (issue host -> device copies), "compute" (dispatch every chunk), "release"
+    op: str  # "copy" (issue host -> device copies), "stack", "compute" (dispatch every chunk), "release"
     layer: int
     sent: tuple[int, ...] = ()  # copy: experts sent from pinned host memory
     cached: tuple[int, ...] = ()  # copy: experts the decode cache already holds (device copies)
@@ -109,29 +116,36 @@ def plan_stream(
         sent = tuple(e for e in range(num_experts) if e not in held)
         return StreamStep("copy", layer, sent, tuple(sorted(held)), by_program)
 
+    def stack(i: int) -> list[StreamStep]:
+        return [StreamStep("stack", order[i])] if i < len(order) else []
+
     if in_jit:  # the first layer's copies from the host; each later layer's inside the previous one's program
-        steps = [copy(order[0])] if order else []
+        steps = [copy(order[0]), *stack(0)] if order else []
         for layer in layers:
             later = [m for m in order if m > layer]
             if moe[layer] and later:
                 steps.append(copy(later[0], by_program=True))
             steps.append(StreamStep("compute", layer))
             if moe[layer]:
-                steps.append(StreamStep("release", layer))
+                steps += [StreamStep("release", layer), *stack(order.index(layer) + 1)]
         return PrefillPlan(INJIT, chunk, chunks, lookahead, tuple(steps))
 
-    steps = [copy(layer) for layer in order[: lookahead + 1]]
-    issued = len(steps)
-    for layer in layers:
-        steps.append(StreamStep("compute", layer))
-        if not moe[layer]:
-            continue
-        steps.append(StreamStep("release", layer))
-        if issued < len(order):  # the next copies go out before the next computation is dispatched
-            steps.append(copy(order[issued]))
-            issued += 1
+    def after_release(i: int) -> list[StreamStep]:
+        """What follows the release of order[i] (i = -1: the start): the next layer's stack,
+        and the copies of the layer after it (lookahead 1), or the next layer's copies then
+        its stack (lookahead 0)."""
+        if lookahead == 0:
+            return ([copy(order[i + 1])] if i + 1 < len(order) else []) + stack(i + 1)
+        return stack(i + 1) + ([copy(order[i + 2])] if i + 2 < len(order) else [])
+
     # Copies of layer order[i] follow the release of order[i - 1 - lookahead], which
     # precedes order[i]'s computation: every copy is issued before its layer computes.
+    steps = [copy(order[0])] if lookahead and order else []
+    steps += after_release(-1)
+    for layer in layers:
+        steps.append(StreamStep("compute", layer))
+        if moe[layer]:
+            steps += [StreamStep("release", layer), *after_release(order.index(layer))]
     return PrefillPlan(STREAM, chunk, chunks, lookahead, tuple(steps))
 
 

@@ -3,7 +3,8 @@ the expert cache's budget: what a user must leave free, and what the GPU tests h
 engine to.
 
   streamed   a streamed prefill holds up to two whole layers of experts outside the cache
-             (the layer computing and the next one's copies; prefill_plan.py)
+             (the layer computing and the next one's copies, or one layer's copies and
+             its stack; prefill_plan.py), and a quantized layer's unpacked weights
   gathered   an expert program computing U of a pool's experts gathers them first: U experts
              and, for a quantized format, their unpacked weights (a routed prefill or decode;
              a streamed prefill gathers nothing, so the larger of the two counts)
@@ -37,7 +38,8 @@ def workspace_bytes(cfg: MoEConfig, batch: int, prompt_tokens: int, max_new_toke
     e, d, i = cfg.num_experts, cfg.hidden_size, cfg.expert_intermediate_size
     u = min(e, n * cfg.top_k)
     parts = {
-        "streamed": 2 * e * expert_bytes + unpacked_bytes,  # the stream unpacks one expert at a time
+        # Two layers; a quantized layer is unpacked whole while it computes, as the resident one is.
+        "streamed": 2 * e * expert_bytes + e * unpacked_bytes,
         "gathered": u * (expert_bytes + unpacked_bytes),
         "activations": 3 * batch * p_len * d * size + batch * cfg.num_heads * c * s * 4
         + e * n * (3 * i + d) * size + 2 * batch * cfg.vocab_size * 4,
