@@ -252,8 +252,8 @@ def row_name(job: Job) -> str:
     return {"jaxmoe": "resident"}.get(job.worker, job.worker)
 
 
-def first_budget(jobs: list[Job]) -> B.Budget:
-    return next(j.budget for j in jobs if j.worker == "offload")
+def first_budget(jobs: list[Job]) -> B.Budget | None:
+    return next((j.budget for j in jobs if j.worker == "offload"), None)
 
 
 def run_jobs(c: Check, step: str, jobs: list[Job]) -> dict:
