@@ -325,11 +325,12 @@ class DeviceExpertCache:
 
     def stack(self, layer_experts: dict[int, jax.Array]):
         """A streamed layer's experts (every id) as one stack in the resident engine's form
-        (stack_experts). Dispatched, not waited for: copies the caller issues next are
-        ordered after it on the device (the device_put ordering rule, prefill_plan.py), and
-        the separate buffers are freed once it has run."""
+        (stack_experts), once they have landed; the host waits for it, so the separate copies
+        are freed before the caller issues another layer's."""
         buffers = tuple(layer_experts[e] for e in range(self.store.config.num_experts))
-        return self._stack_program()(buffers)
+        stack = self._stack_program()(buffers)
+        jax.block_until_ready(stack)
+        return stack
 
     def retain(self, plan: PassPlan, stack, width: int) -> None:
         """Write a retain plan's experts from a streamed layer's stack into their pool slots;

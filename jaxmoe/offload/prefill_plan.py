@@ -27,9 +27,8 @@ A `stack` waits for a layer's copies and puts its experts into one [E, bytes] ar
 dropping the copies: the layer then computes with the resident engine's own call (one
 batched contraction over the layer's experts), because on a GPU a contraction of one
 expert rounds differently from the same expert within a batch. It comes after the
-previous layer's release and before any further copy is issued (so, by the ordering
-rule, those copies start once it has run), so a layer is held twice (copies and stack)
-only while no other layer's copies are on the device.
+previous layer's release and before any further copy is issued, so a layer is held
+twice (copies and stack) only while no other layer's copies are on the device.
 """
 
 from __future__ import annotations
