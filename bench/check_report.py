@@ -192,9 +192,27 @@ def _diagnosis(r: dict) -> list[str]:
     return lines + _table(["expert computation vs the resident one", "bitwise equal", "max |diff|"], rows)
 
 
+def _decode_profile(r: dict) -> list[str]:
+    """Per trace and process: span and busy time per token, then the largest modules or events."""
+    lines = []
+    for name, t in (r.get("traces") or {}).items():
+        n = t.get("tokens") or 1
+        lines += [f"**{name}**: {n} decode tokens under the profiler, {_ms(t.get('tpot_ms_under_profiler'))} ms per "
+                  f"token; host reads per token {_fmt(t.get('host_syncs_per_token'), '.2f')}, resumes per token "
+                  f"{_fmt(t.get('resumes_per_token'), '.2f')}; trace `profile/{t.get('file')}`.", ""]  # fmt: skip
+        rows = []
+        for p in t.get("processes", []):
+            biggest = p["by_module"] or p["top"]
+            rows.append([p["name"], str(p["events"] // n), _ms(p["span_ms"] / n), _ms(p["busy_ms"] / n),
+                         "; ".join(f"{row[0]} {_ms(row[2] / n)} ms ({row[1] // n})" for row in biggest[:5])])  # fmt: skip
+        lines += _table(["process", "events per token", "span ms per token", "busy ms per token",
+                         "largest (ms per token, events per token)"], rows) + [""]  # fmt: skip
+    return lines
+
+
 SECTIONS = {"environment": _environment, "pytest": _pytest, "bandwidth": _bandwidth, "exactness": _exactness,
             "decode": _decode, "phases": _phases, "injit_probe": _probe, "dispatch_probe": _dispatch_probe,
-            "exact_diagnosis": _diagnosis, "quantized": _quantized}  # fmt: skip
+            "exact_diagnosis": _diagnosis, "quantized": _quantized, "decode_profile": _decode_profile}  # fmt: skip
 
 
 def _step(record: dict, name: str) -> dict | None:

@@ -490,6 +490,61 @@ def worker_call_cost(spec: dict) -> dict:
     return {"rows": rows, "versions": jax_versions()}
 
 
+# -- a profile of the decode ---------------------------------------------------------
+def worker_decode_profile(spec: dict) -> dict:
+    """A profiler trace of `steps` decode tokens (the prefill left out) of the offloaded
+    engine (lru at the budget), then of the resident engine on the same weights, each
+    summarised (bench/trace_summary.py); the perfetto traces are kept in `trace_out`."""
+    import shutil
+    import tempfile
+
+    import jax
+
+    from bench import models
+    from bench.trace_summary import summarize
+    from jaxmoe.engine import OffloadedEngine, ResidentEngine
+
+    check_jax_backend(spec["gpu"])
+    cfg, model, store = models.build(model_spec(spec), spec["dtype"], spec["seed"], spec["gpu"], offload=True)
+    ps, steps, keep_dir = prompts(spec, cfg.vocab_size), spec["steps"], Path(spec["trace_out"])
+    keep_dir.mkdir(parents=True, exist_ok=True)
+    result = {"steps": steps, "budget_bytes": spec["budget_bytes"], "budget_spec": spec.get("budget_spec"),
+              "versions": jax_versions(), "traces": {}}  # fmt: skip
+
+    def traced(name: str, engine) -> dict:
+        engine.generate(ps, 4)  # compiles every program
+        raw, started = Path(tempfile.mkdtemp(prefix=f"jaxmoe-trace-{name}-")), []
+
+        def on_token(_):  # the first call follows the prefill: trace the decode steps only
+            if not started:
+                jax.profiler.start_trace(str(raw), create_perfetto_trace=True)
+                started.append(True)
+
+        try:
+            metrics = engine.generate(ps, steps + 1, on_token=on_token).metrics
+        finally:
+            if started:
+                jax.profiler.stop_trace()
+        found = sorted(raw.rglob("perfetto_trace.json.gz"))
+        if not found:
+            raise RuntimeError(f"the profiler wrote no perfetto trace under {raw}")
+        kept = keep_dir / f"{name}.perfetto.json.gz"
+        shutil.copyfile(found[0], kept)
+        shutil.rmtree(raw, ignore_errors=True)
+        counts = {k: metrics[k] for k in ("host_syncs_per_token", "resumes_per_token") if k in metrics}
+        summary = {"file": kept.name, "tokens": steps, "tpot_ms_under_profiler": metrics["tpot_ms"], **counts,
+                   **summarize(kept)}  # fmt: skip
+        log(f"decode profile {name}: " + ", ".join(f"{p['name']} span {p['span_ms']} ms busy {p['busy_ms']} ms"
+                                                   for p in summary["processes"]))  # fmt: skip
+        return summary
+
+    result["traces"]["offloaded"] = traced("offloaded", OffloadedEngine(cfg, model, store, spec["budget_bytes"], "lru"))
+    _save_partial(spec, result)
+    resident = ResidentEngine(cfg, model, models.random_resident(cfg, spec["seed"]))
+    result["traces"]["resident"] = traced("resident", resident)
+    return result
+
+
 WORKERS = {"environment": worker_environment, "exactness": worker_exactness, "prefill_modes": worker_prefill_modes,
            "phases": worker_phases, "injit_probe": worker_injit_probe, "call_cost": worker_call_cost,
-           "exact_diagnosis": worker_exact_diagnosis}  # fmt: skip
+           "exact_diagnosis": worker_exact_diagnosis, "decode_profile": worker_decode_profile}  # fmt: skip

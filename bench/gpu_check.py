@@ -19,8 +19,12 @@ and, only when named in --steps:
                Mixtral-8x7B shape offloaded at 24 GiB (random codes; tok/s, hit rate, bytes/token)
   exact_diagnosis  where offloaded tokens leave the resident ones on the decode shape (resident
                run twice, each prefill mode, every expert preloaded, expert computations bitwise)
-  dispatch_probe   the phases measurement and the resident decode step with XLA's command
-               buffers as they are and off (where a decode call's host time goes)
+  dispatch_probe   a trivial program's call cost by number of arguments; the phases measurement
+               and the resident decode step with XLA's command buffers as they are, off, and
+               with on-device control flow (where a decode call's host time goes)
+  decode_profile   a jax.profiler trace of 8 offloaded (lru) and 8 resident decode tokens, kept
+               in OUT/profile and summarised per process (device busy against span; the
+               largest XLA modules and events)
 Every step runs in its own process(es) (bench.matrix.spawn); a step that fails or overruns
 its cap is recorded with its error, and the next one runs. OUT/gpu_check.json and
 OUT/gpu_check.md are rewritten before and after every step, so the last files are valid
@@ -311,9 +315,13 @@ def step_phases(c: Check) -> tuple[str, dict]:
     return ("error" if "error" in r else "passed"), r
 
 
-# XLA's command buffers (CUDA graphs) as the image has them, and off: is a decode call's
-# host cost (3.5 ms on an H200, run 4) the graphs being updated for each call's buffers?
-COMMAND_BUFFERS = {"as_is": "", "off": "--xla_gpu_enable_command_buffer="}
+# XLA's command buffers (CUDA graphs) as the image has them, off, and with on-device control
+# flow (CONDITIONAL, WHILE: CUDA 12.3+): does a decode call still wait for the device when
+# its per-layer conditionals can be captured in the graph (run 5: 0.09 ms of device work
+# left after a call returned)?
+COMMAND_BUFFERS = {"as_is": "", "off": "--xla_gpu_enable_command_buffer=",
+                   "control_flow": "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,"
+                                   "CONDITIONAL,WHILE"}  # fmt: skip
 
 
 def step_dispatch_probe(c: Check) -> tuple[str, dict]:
@@ -332,6 +340,15 @@ def step_dispatch_probe(c: Check) -> tuple[str, dict]:
         r["error"] = "; ".join(errors)[:600]
         return ("timeout" if any("killed" in e for e in errors) else "error"), r
     return "passed", r
+
+
+def step_decode_profile(c: Check) -> tuple[str, dict]:
+    """A profiler trace of the offloaded (lru at the decode budget) and the resident decode,
+    summarised; the traces are kept in OUT/profile for a closer look."""
+    budget = decode_budget(c)
+    r = c.worker("decode_profile", c.cap, budget_bytes=budget.bytes, budget_spec=budget.spec,
+                 steps=8 if c.gpu else 2, trace_out=str(c.out / "profile"))  # fmt: skip
+    return ("error" if "error" in r else "passed"), r
 
 
 PREFILL_LENGTHS = {False: (512, 2048), True: (64, 256)}  # by dry run
@@ -417,6 +434,8 @@ STEPS = (
     Step("injit_probe", "In-jit selective fetch probe", 45, step_injit_probe),
     Step("dispatch_probe", "Decode call cost with XLA's command buffers as they are and off", 140,
          step_dispatch_probe, default=False),
+    Step("decode_profile", "A profile of the decode: where device and host time go", 120, step_decode_profile,
+         default=False),
     Step("quantized", "int4 experts: OLMoE-1B-7B within 5 GiB, Mixtral-8x7B at 24 GiB", 150, step_quantized,
          default=False),
 )

@@ -87,8 +87,49 @@ def test_the_dispatch_probe_runs_its_second_worker_with_command_buffers_off(tmp_
 
     monkeypatch.setattr(matrix, "spawn", fake_spawn)
     status, result = gpu_check.step_dispatch_probe(check)
-    assert status == "passed" and list(result["variants"]) == ["as_is", "off"]
-    call_cost, as_is, off = flags  # the call-cost worker, then one per variant
-    assert "--xla_gpu_enable_command_buffer=" not in call_cost.split() + as_is.split()
+    assert status == "passed" and list(result["variants"]) == ["as_is", "off", "control_flow"]
+    call_cost, as_is, off, control_flow = flags  # the call-cost worker, then one per variant
+    assert not [f for f in call_cost.split() + as_is.split() if f.startswith("--xla_gpu_enable_command_buffer")]
     assert "--xla_gpu_enable_command_buffer=" in off.split()
-    assert "--xla_gpu_enable_command_buffer=" not in check.bench.worker_base_env.get("XLA_FLAGS", "")
+    (enabled,) = [f for f in control_flow.split() if f.startswith("--xla_gpu_enable_command_buffer=")]
+    assert {"CONDITIONAL", "WHILE", "FUSION"} <= set(enabled.partition("=")[2].split(","))
+    assert "--xla_gpu_enable_command_buffer" not in check.bench.worker_base_env.get("XLA_FLAGS", "")
+
+
+def test_a_profile_trace_is_summarised_per_process_and_module(tmp_path):
+    """bench/trace_summary over a real jax.profiler trace of three calls of one program."""
+    import jax
+    import jax.numpy as jnp
+
+    from bench.trace_summary import covered_us, summarize
+
+    assert covered_us([(0, 10), (5, 12), (20, 25), (21, 22)]) == 17
+    def probe(x):
+        return jnp.sin(x) @ x + 1
+
+    program = jax.jit(probe)  # its module: jit_probe
+    x = jnp.ones((64, 64))
+    program(x).block_until_ready()
+    jax.profiler.start_trace(str(tmp_path), create_perfetto_trace=True)
+    for _ in range(3):
+        program(x).block_until_ready()
+    jax.profiler.stop_trace()
+    (trace,) = tmp_path.rglob("perfetto_trace.json.gz")
+    (host,) = [p for p in summarize(trace)["processes"] if p["name"].startswith("/host")]
+    assert 0 < host["busy_ms"] <= host["span_ms"]
+    modules = {name: count for name, count, _ in host["by_module"]}
+    assert modules.get("jit_probe", 0) >= 3, host["by_module"]  # at least one event per call
+    assert sum(count for _, count, _ in host["top"]) <= host["events"]
+
+
+@pytest.mark.slow
+def test_the_decode_profile_dry_run(tmp_path):
+    """The profile step (not in the default check) keeps both traces and summarises them."""
+    rc, record, md = check(tmp_path, "--steps", "decode_profile")
+    step = record["steps"][0]
+    assert step["status"] == "passed", md
+    traces = step["result"]["traces"]
+    assert set(traces) == {"offloaded", "resident"}
+    for name, t in traces.items():
+        assert (tmp_path / "profile" / t["file"]).is_file() and t["processes"]
+    assert traces["offloaded"]["resumes_per_token"] >= 0 and "## A profile of the decode" in md
