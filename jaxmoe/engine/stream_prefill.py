@@ -10,7 +10,7 @@ as one [E, ...] stack in one batched contraction), so the numbers are equal.
 The host walks a PrefillPlan (jaxmoe/offload/prefill_plan.py):
   copy     the cache issues the layer's copies (pinned host -> device, one batched call)
   stack    wait for that layer's copies (timed: the device has nothing else to do, so
-           this is stall), and put them into one array (the copies are then freed)
+           this is stall), and put them into one stack (the copies are then freed)
   compute  dispatch the layer's chunk programs
   release  read the layer's expert use counts (waits for the computation: the layer's
            streamed experts can be freed), keep its most used experts in the decode

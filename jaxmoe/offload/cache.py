@@ -22,7 +22,7 @@ costs one transfer call and no program of its own. A routed prefill pass takes i
 copies as a staged list too (`issue`). A streamed prefill moves whole
 layers outside this budget (at most two at once, see prefill_plan.py): `stream` sends
 a layer's experts and takes device copies of those already cached, `stack` puts them
-into one [E, bytes] array for the layer's programs, `retain` keeps the prompt's
+into one stack as the resident engine holds a layer, `retain` keeps the prompt's
 most-used ones in the pool.
 """
 
