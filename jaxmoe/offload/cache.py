@@ -347,14 +347,14 @@ class DeviceExpertCache:
     def _layer_form(self) -> dict:
         return {"fmt": self.format, "cfg": self.store.config}
 
+    def _layer_buffers(self) -> tuple:
+        return (jax.ShapeDtypeStruct((self.store.expert_bytes,), jnp.uint8),) * self.store.config.num_experts
+
     def _stack_program(self):
-        buffer = jax.ShapeDtypeStruct((self.store.expert_bytes,), jnp.uint8)
-        buffers = (buffer,) * self.store.config.num_experts
-        return self.programs.get("stack_experts", stack_experts, self._layer_form(), (), buffers)
+        return self.programs.get("stack_experts", stack_experts, self._layer_form(), (), self._layer_buffers())
 
     def _write_program(self, width: int):
-        buffer = jax.ShapeDtypeStruct((self.store.expert_bytes,), jnp.uint8)
-        stack = jax.eval_shape(lambda b: stack_experts(b, **self._layer_form()), (buffer,) * self.store.config.num_experts)
+        stack = jax.eval_shape(lambda b: stack_experts(b, **self._layer_form()), self._layer_buffers())
         index = jax.ShapeDtypeStruct((width,), jnp.int32)
         return self.programs.get("write_rows", write_rows, self._layer_form(), (0,), self.pool, stack, index, index)
 
