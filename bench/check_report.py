@@ -132,9 +132,10 @@ def _dispatch_probe(r: dict) -> list[str]:
     head = ["XLA command buffers", "offloaded step ms as run", "dispatch ms per call", "host reads ms per step",
             "device ms per run (synced)", "resident step ms", "error"]  # fmt: skip
     cost = (r.get("call_cost") or {}).get("rows", [])
-    lines = ["A compiled program that adds one to its first argument, half its arguments donated: "
-             + "; ".join(f"{x['arguments']} arguments: call {_ms(x['call_ms'])} ms, with completion "
-                         f"{_ms(x['call_and_done_ms'])} ms" for x in cost) + ".", ""] if cost else []  # fmt: skip
+    lines = ["A compiled program that adds one to its first argument: "
+             + "; ".join(f"{x['arguments']} arguments ({x.get('donated', x['arguments'] // 2)} donated): call "
+                         f"{_ms(x['call_ms'])} ms, with completion {_ms(x['call_and_done_ms'])} ms"
+                         for x in cost) + ".", ""] if cost else []  # fmt: skip
     return lines + _table(head, rows)
 
 

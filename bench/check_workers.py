@@ -462,17 +462,18 @@ def injit_answer(out: dict) -> dict:
 # -- the host cost of calling a compiled program, by its number of arguments -------------
 def worker_call_cost(spec: dict) -> dict:
     """A compiled program that adds one to its first argument, called with n small device
-    arrays (half of them donated, as the step program donates its cache and pool): the
-    median host time of the call (until it returns) and of the call plus its completion."""
+    arrays, half of them donated (as the step program donates its cache and pool) and then
+    none: the median host time of the call (until it returns) and of the call plus its
+    completion."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     check_jax_backend(spec["gpu"])
     rows = []
-    for n in spec["arguments"]:
+    for n, donating in ((n, donating) for donating in (True, False) for n in spec["arguments"]):
         args = [jnp.ones((4,), jnp.float32) for _ in range(n)]
-        donate = tuple(range(n // 2, n))
+        donate = tuple(range(n // 2, n)) if donating else ()
         program = jax.jit(lambda *a: (a[0] + 1, *a[n // 2 :]), donate_argnums=donate).lower(*args).compile()
         calls, completed = [], []
         for i in range(spec["repeats"] + 5):
@@ -484,7 +485,7 @@ def worker_call_cost(spec: dict) -> dict:
                 calls.append(returned - start)
                 completed.append(time.perf_counter() - start)
             args = [out[0], *args[1 : n // 2], *out[1:]]  # the donated ones come back as outputs
-        rows.append({"arguments": n, "call_ms": 1e3 * float(np.median(calls)),
+        rows.append({"arguments": n, "donated": len(donate), "call_ms": 1e3 * float(np.median(calls)),
                      "call_and_done_ms": 1e3 * float(np.median(completed))})  # fmt: skip
         log(f"call cost {rows[-1]}")
     return {"rows": rows, "versions": jax_versions()}

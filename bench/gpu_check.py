@@ -19,9 +19,10 @@ and, only when named in --steps:
                Mixtral-8x7B shape offloaded at 24 GiB (random codes; tok/s, hit rate, bytes/token)
   exact_diagnosis  where offloaded tokens leave the resident ones on the decode shape (resident
                run twice, each prefill mode, every expert preloaded, expert computations bitwise)
-  dispatch_probe   a trivial program's call cost by number of arguments; the phases measurement
-               and the resident decode step with XLA's command buffers as they are, off, and
-               with on-device control flow (where a decode call's host time goes)
+  dispatch_probe   a trivial program's call cost by number of arguments, half donated and none;
+               the phases measurement and the resident decode step with XLA's command buffers
+               as they are, off, and with on-device control flow (where a decode call's host
+               time goes)
   decode_profile   a jax.profiler trace of 8 offloaded (lru) and 8 resident decode tokens, kept
                in OUT/profile and summarised per process (device busy against span; the
                largest XLA modules and events)
@@ -432,7 +433,7 @@ STEPS = (
     Step("phases", "Where an offloaded decode step's time goes", 50, step_phases),
     Step("prefill", "Prefill modes", 90, step_prefill),
     Step("injit_probe", "In-jit selective fetch probe", 45, step_injit_probe),
-    Step("dispatch_probe", "Decode call cost with XLA's command buffers as they are and off", 140,
+    Step("dispatch_probe", "Decode call cost with XLA's command buffers as they are, off, and with control flow", 170,
          step_dispatch_probe, default=False),
     Step("decode_profile", "A profile of the decode: where device and host time go", 120, step_decode_profile,
          default=False),
