@@ -133,3 +133,15 @@ def test_the_decode_profile_dry_run(tmp_path):
     for name, t in traces.items():
         assert (tmp_path / "profile" / t["file"]).is_file() and t["processes"]
     assert traces["offloaded"]["resumes_per_token"] >= 0 and "## A profile of the decode" in md
+
+
+@pytest.mark.parametrize("flag, value", [("--prefill-modes", "stream,fast"), ("--prefill-lengths", "2048,lots")])
+def test_a_bad_prefill_option_is_refused_by_name(flag, value, capsys, monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import gpu_check as cli
+
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--out", str(tmp_path), flag, value])
+    assert flag in capsys.readouterr().err
+    args = cli.parse_args(["--out", str(tmp_path), "--prefill-modes", "stream", "--prefill-lengths", "512,2048"])
+    assert args.prefill_modes == ["stream"] and args.prefill_lengths == [512, 2048]
