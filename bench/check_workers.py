@@ -162,8 +162,8 @@ def _agree(a: list[list[int]], b: list[list[int]]) -> int:
 def expert_parts(cfg, seed: int) -> dict:
     """Bitwise comparisons, at this model's real shapes, of the expert computations the two
     engines run: the resident prefill (every expert in place) against the streamed prefill
-    (the layer's uint8 rows stacked and unpacked) and the routed one (U gathered from a pool); the resident decode
-    (K gathered from the layer's stack) against the offloaded one (K gathered from a pool);
+    (the layer's uint8 rows stacked and unpacked) and the routed one (U gathered from a
+    pool); the resident decode (K gathered from the layer's stack) against the offloaded one (K gathered from a pool);
     both with the pool as the engine holds it too (uint8 rows unpacked in the program)."""
     import jax
     import jax.numpy as jnp

@@ -353,7 +353,7 @@ def step_decode_profile(c: Check) -> tuple[str, dict]:
 
 
 PREFILL_LENGTHS = {False: (512, 2048), True: (64, 256)}  # by dry run
-PREFILL_MODES = ("stream", "stream-serial", "routed", "injit")
+PREFILL_MODES = tuple(matrix.PREFILL_MODES)
 
 
 def step_prefill(c: Check) -> tuple[str, dict]:

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmoe.model import init_kv_cache, moe_ffn
-from jaxmoe.offload.cache import fetch_in_jit, stack_experts
+from jaxmoe.offload.cache import fetch_in_jit
 from jaxmoe.offload.prefill_plan import PrefillPlan
 
 
@@ -175,15 +175,13 @@ def compile_stream(engine, batch: int, p_len: int, chunk: int, cache_len: int, i
     positions, valid, start = tokens, spec((batch, p_len), jnp.bool_), spec((), jnp.int32)
     kv = jax.eval_shape(lambda: init_kv_cache(cfg, batch, cache_len)[0])
     nbytes = engine.store.expert_bytes
-    buffers = (spec((nbytes,), jnp.uint8),) * cfg.num_experts
-    stack = jax.eval_shape(lambda b: stack_experts(b, engine.store.format, cfg), buffers)
     pinned = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
     host_expert = spec((nbytes,), jnp.uint8, sharding=pinned)
     counts = spec((cfg.num_experts,), jnp.int32)
     static = {"chunk": chunk}
     for layer, piece in enumerate(engine.layers):
         if cfg.moe_layers[layer]:
-            args = (x, positions, valid, start, kv, counts, stack)
+            args = (x, positions, valid, start, kv, counts, engine.cache.stack_spec)
             engine.executor.compile("moe_chunk", _moe_chunk, static, (0, 4, 5), piece, *args)
             if in_jit:
                 host = (host_expert,) * cfg.num_experts

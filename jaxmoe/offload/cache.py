@@ -355,14 +355,14 @@ class DeviceExpertCache:
         return self.programs.get("stack_experts", stack_experts, self._layer_form(), (), self._layer_buffers())
 
     @functools.cached_property
-    def _stack_spec(self):
-        """A stacked layer's shapes, traced once (a trace in every retain took about 9 ms each
+    def stack_spec(self):
+        """A stacked layer's shapes (stack_experts' output), traced once (a trace in every retain took about 9 ms each
         under cProfile on this project's CPU machine: 16 per streamed prefill of OLMoE's depth)."""
         return jax.eval_shape(lambda b: stack_experts(b, **self._layer_form()), self._layer_buffers())
 
     def _write_program(self, width: int):
         index = jax.ShapeDtypeStruct((width,), jnp.int32)
-        return self.programs.get("write_rows", write_rows, self._layer_form(), (0,), self.pool, self._stack_spec,
+        return self.programs.get("write_rows", write_rows, self._layer_form(), (0,), self.pool, self.stack_spec,
                                  index, index)  # fmt: skip
 
     def prepare_stream(self, width: int) -> None:

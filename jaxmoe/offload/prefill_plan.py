@@ -24,8 +24,8 @@ most two layers' streamed experts are ever on the device (the double buffer); wi
 lookahead 0 (overlap off) a layer is loaded, then computed, one at a time.
 
 A `stack` waits for a layer's copies and puts its experts into one stack as the resident
-engine holds a layer, dropping the copies: the layer then computes with the resident engine's own call (one
-batched contraction over the layer's experts), because on a GPU a contraction of one
+engine holds a layer, dropping the copies: the layer then computes with the resident
+engine's own call (one batched contraction over the layer's experts), because on a GPU a contraction of one
 expert rounds differently from the same expert within a batch. It comes after the
 previous layer's release and before any further copy is issued, so a layer is held
 twice (copies and stack) only while no other layer's copies are on the device.
