@@ -85,7 +85,7 @@ def exact_model(name: str, dtype: str, seed: int):
     if dtype != cfg.dtype:
         # The shipped predictor was trained for the checkpoint as stored (its config hash
         # names the dtype): checked against that model, then used with the cast one.
-        predictor = load_scorer(predictor, model) if predictor else None
+        predictor = load_scorer(predictor, model)
         cfg = dataclasses.replace(cfg, dtype=dtype)
         model = cast_model(cfg, model)
         resident = [None if s is None else cast_floats(s, dtype) for s in resident]

@@ -371,7 +371,7 @@ class DeviceExpertCache:
         slot = jax.ShapeDtypeStruct((), jnp.int32)
         self.programs.get("take_from_pool", take_from_pool, {}, (), self.pool, slot)
         self._stack_program()
-        if self.filler is not None and width:
+        if self.staging and width:  # a cache that holds every expert retains nothing
             self._write_program(width)
 
     def wait(self, copies: list) -> None:
