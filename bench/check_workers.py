@@ -140,10 +140,8 @@ def worker_exactness(spec: dict) -> dict:
                 scorer = load_scorer(predictor, model) if use_predictor else None
                 engine = OffloadedEngine(cfg, model, store, experts * store.expert_bytes, c["policy"], predictor=scorer)
                 got = engine.generate(ps, new).token_ids
-                agree = min(next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x))
-                            for x, y in zip(got, reference[batch]))  # fmt: skip
                 row |= {"experts": experts, "of": total, "predictor": resolve(name).predictor if use_predictor else None,
-                        "equal": got == reference[batch], "agree": agree, "compared": new,
+                        "equal": got == reference[batch], "agree": _agree(got, reference[batch]), "compared": new,
                         "hit_rate": engine.cache.counters.hit_rate}  # fmt: skip
             except Exception as e:  # noqa: BLE001  a failing case is a result; the others still run
                 row |= {"equal": False, "error": f"{type(e).__name__}: {e}"[:400]}
