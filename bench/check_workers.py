@@ -326,6 +326,7 @@ def worker_phases(spec: dict) -> dict:
                      "host_syncs_per_token": m["host_syncs_per_token"],
                      "resumes_per_token": m["resumes_per_token"]}  # fmt: skip
         log(f"phases {mode}: {out[mode]}")
+        _save_partial(spec, out)  # a worker killed later (its cap, teardown) keeps this pass
     out["expert_bytes"] = store.expert_bytes
     if spec.get("resident"):
         del engine
@@ -333,6 +334,7 @@ def worker_phases(spec: dict) -> dict:
         resident.generate(ps, 4)  # compiles
         out["resident_step_ms"] = resident.generate(ps, steps + 1).metrics["tpot_ms"]
         log(f"phases resident: {out['resident_step_ms']:.2f} ms per step")
+        _save_partial(spec, out)
     return out
 
 

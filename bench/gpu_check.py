@@ -433,7 +433,7 @@ STEPS = (
     Step("phases", "Where an offloaded decode step's time goes", 50, step_phases),
     Step("prefill", "Prefill modes", 90, step_prefill),
     Step("injit_probe", "In-jit selective fetch probe", 45, step_injit_probe),
-    Step("dispatch_probe", "Decode call cost with XLA's command buffers as they are, off, and with control flow", 170,
+    Step("dispatch_probe", "Decode call cost with XLA's command buffers as they are, off, and with control flow", 280,
          step_dispatch_probe, default=False),
     Step("decode_profile", "A profile of the decode: where device and host time go", 120, step_decode_profile,
          default=False),

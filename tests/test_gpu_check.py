@@ -96,6 +96,28 @@ def test_the_dispatch_probe_runs_its_second_worker_with_command_buffers_off(tmp_
     assert "--xla_gpu_enable_command_buffer" not in check.bench.worker_base_env.get("XLA_FLAGS", "")
 
 
+@pytest.mark.slow
+def test_a_phases_worker_killed_after_measuring_keeps_its_figures(tmp_path, monkeypatch):
+    """The GPU's phases workers were once killed after measuring (at their cap, in teardown)
+    and the report lost every figure: each pass is saved as it finishes."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import gpu_check as cli
+
+    from bench import check_workers, gpu_check, matrix
+
+    check = gpu_check.Check(cli.parse_args(["--dry-run", "--out", str(tmp_path)]))
+
+    def killed_before_its_result(args, job, spec):
+        check_workers.WORKERS[job.worker](spec)  # measures everything, writes no result
+        return {"error": "worker killed after 1 s (--worker-timeout)"}
+
+    monkeypatch.setattr(matrix, "spawn", killed_before_its_result)
+    r = gpu_check.phases_worker(check, 1.0, resident=True)
+    assert r["error"].startswith("worker killed")
+    assert r["natural"]["step_ms"] > 0 and r["synced"]["phases"]["compute"]["calls"] > 0
+    assert r["resident_step_ms"] > 0
+
+
 def test_a_profile_trace_is_summarised_per_process_and_module(tmp_path):
     """bench/trace_summary over a real jax.profiler trace of three calls of one program."""
     import jax
