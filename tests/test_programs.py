@@ -8,12 +8,15 @@ import re
 
 import jax
 import jax.numpy as jnp
+import pytest
 from flax import nnx
 
 from jaxmoe.config import MoEConfig
 from jaxmoe.engine import ResidentEngine
 from jaxmoe.engine.offloaded import OffloadedEngine
 from jaxmoe.engine.programs import program_name
+from jaxmoe.engine.sampling import SamplingParams
+from jaxmoe.engine.step import decode_step
 from jaxmoe.model import MoEDecoder, init_experts, init_kv_cache, moe_ffn
 from jaxmoe.offload.cache import minimum_experts
 from jaxmoe.offload.host_store import HostExpertStore
@@ -74,3 +77,24 @@ def test_model_phases_are_named_scopes_in_the_lowered_program():
     assert {"attention", "mlp"} <= scopes(dense_layer, x, kv[0])
     assert {"attention", "router", "experts", "combine", "shared_expert"} <= scopes(moe_layer, x, kv[1], experts[1])
     assert "head" in scopes(model.logits, x[:, 0])
+
+
+# Batch 1 routes 2 rows to 4 experts, so the step gathers the distinct ones; batch 3 routes
+# 6, so every expert is used in place. Both paths place the rows with a search.
+@pytest.mark.parametrize("b", [1, 3])
+def test_the_decode_step_has_no_loop(b):
+    """XLA on a GPU reads a while loop's predicate back to the host at every iteration, so a
+    loop in the decode step stalls the host on the device (the H100 profile of the step
+    found four per MoE layer, from a binary search). The lowered program, not the compiled
+    one, since XLA on a CPU unrolls short loops."""
+    model, experts = tiny()
+    kv = init_kv_cache(CFG, b, 8)
+
+    def step(tokens, positions, kv):
+        return decode_step(model, tokens, positions, jnp.ones((b,), bool), kv, experts, None, jnp.int32(0),
+                           jnp.zeros((b, 1, CFG.hidden_size)), jax.random.key(0), jnp.int32(0),
+                           sampling=SamplingParams())  # fmt: skip
+
+    tokens = jnp.ones((b, 1), jnp.int32)
+    text = jax.jit(step).lower(tokens, tokens, kv).as_text()
+    assert "stablehlo.while" not in text

@@ -114,7 +114,10 @@ def expert_rows(x: jax.Array, ids: jax.Array, w: "ExpertWeights | PackedExperts"
         unique = jnp.unique(ids, size=num_unique, fill_value=jnp.max(ids))
         chosen = _take(w, unique)  # [U, D, 2I], [U, I, D]
     y_u = expert_outputs(x, chosen.w_gate_up, chosen.w_down)
-    pos = jnp.searchsorted(unique, ids)  # [N, K] position of each chosen expert in `unique`
+    # [N, K] position of each chosen expert in `unique`. By comparisons, not the default
+    # binary search: that is a while loop, and XLA on a GPU reads a loop's predicate back
+    # to the host at every iteration (4 round trips per layer per decode step).
+    pos = jnp.searchsorted(unique, ids, method="compare_all")
     return y_u[pos, jnp.arange(ids.shape[0])[:, None]]  # [N, K, D]
 
 
