@@ -125,7 +125,7 @@ def worker_exactness(spec: dict) -> dict:
         by_model.setdefault((c["model"], c["dtype"]), []).append(c)
     for (name, dtype), wanted in by_model.items():
         cfg, model, resident, store, predictor = exact_model(name, dtype, spec["seed"])
-        reference = {}
+        reference, scorer = {}, None
         for c in wanted:
             start, row = time.perf_counter(), dict(c)
             try:
@@ -137,8 +137,10 @@ def worker_exactness(spec: dict) -> dict:
                 low = min_experts(cfg, batch, use_predictor)
                 total = len(store.keys())
                 experts = low if c["budget"] == "minimum" else max(low, total // 2)
-                scorer = load_scorer(predictor, model) if use_predictor else None
-                engine = OffloadedEngine(cfg, model, store, experts * store.expert_bytes, c["policy"], predictor=scorer)
+                if use_predictor and scorer is None:  # once per model; a refusal is each case's result
+                    scorer = load_scorer(predictor, model)
+                engine = OffloadedEngine(cfg, model, store, experts * store.expert_bytes, c["policy"],
+                                         predictor=scorer if use_predictor else None)  # fmt: skip
                 got = engine.generate(ps, new).token_ids
                 row |= {"experts": experts, "of": total, "predictor": resolve(name).predictor if use_predictor else None,
                         "equal": got == reference[batch], "agree": _agree(got, reference[batch]), "compared": new,
