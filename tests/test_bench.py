@@ -140,7 +140,7 @@ def test_random_store_holds_the_resident_weights():
     cfg = resolve("qwen3-tiny").config("bfloat16")
     store = models.random_host_store(cfg, seed=3)
     stacks = models.random_resident(cfg, seed=3)
-    assert store.get(1, 5).sharding.memory_kind == "pinned_host"
+    assert store.layer(1).sharding.memory_kind == "pinned_host"
     for layer in cfg.moe_layer_ids:
         for e in (0, cfg.num_experts - 1):
             np.testing.assert_array_equal(store.weights(layer, e).w_down, np.asarray(stacks[layer].w_down[e]))

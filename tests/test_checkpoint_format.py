@@ -56,7 +56,7 @@ def test_params_file_round_trips(tiny):
 def test_pinned_store_matches_the_stacks(tiny):
     _, experts, path = tiny
     store = HostExpertStore.from_checkpoint(path, load_hf_config(path))
-    assert store.get(2, 5).sharding.memory_kind == "pinned_host"
+    assert store.layer(2).sharding.memory_kind == "pinned_host"
     np.testing.assert_array_equal(store.weights(2, 5).w_gate_up, np.asarray(experts[2].w_gate_up[5]))
     np.testing.assert_array_equal(store.weights(3, 15).w_down, np.asarray(experts[3].w_down[15]))
 

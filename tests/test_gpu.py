@@ -32,7 +32,7 @@ dev = jax.devices()[0]
 before = dev.memory_stats()["bytes_in_use"]
 engine = OffloadedEngine.from_checkpoint(sys.argv[1], int(sys.argv[2]), "lru")
 after_load = dev.memory_stats()
-kinds = sorted({engine.store.get(*key).sharding.memory_kind for key in engine.store.keys()})
+kinds = sorted({engine.store.layer(layer).sharding.memory_kind for layer, _ in engine.store.keys()})
 prompt, new = [[5, 6, 7, 8] * 24], 32
 result = engine.generate(prompt, new)
 from jaxmoe.engine.buckets import cache_bucket, prompt_bucket

@@ -96,8 +96,10 @@ def test_batch_sizes_match_resident(batch):
 def test_minimum_budget_evicts_constantly_over_64_tokens():
     engine, result = offloaded("olmoe", "lru", budgets("olmoe", 1)["min"], 1, 64)
     assert result.token_ids == resident_tokens("olmoe", 1, 64)
-    assert sum(len(p.evicted) for p in engine.plan) > 100
+    # Once the pool is full every miss evicts: the device's eviction, which the host never plans.
+    assert result.metrics["expert_misses"] - engine.cache.num_slots > 100
     assert result.metrics["hit_rate"] < 0.5
+    assert result.metrics["host_syncs_per_token"] == 1.0 and result.metrics["resumes_per_token"] == 0.0
 
 
 def test_the_executed_plan_accounts_for_every_copy():
@@ -140,7 +142,7 @@ def test_from_checkpoint_restores_experts_into_pinned_host_memory(hf_checkpoint,
     path = convert_hf(src, tmp_path / "ckpt", progress=False)
     cfg, *_, store = setup("olmoe")
     engine = OffloadedEngine.from_checkpoint(path, budgets("olmoe", 3)["min+4"] * store.expert_bytes, "lfu")
-    assert engine.store.get(0, 3).sharding.memory_kind == "pinned_host"
+    assert engine.store.layer(0).sharding.memory_kind == "pinned_host"
     assert engine.generate(PROMPTS[:3], 16).token_ids == resident_tokens("olmoe", 3, 16)
 
 

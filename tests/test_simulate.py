@@ -4,6 +4,7 @@ counts for every policy at batch 3 (batch 1 and the unscored reuse/maps: --slow)
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -14,9 +15,14 @@ from flax import nnx
 
 from hf_models import tiny_hf_model
 from jax_from_hf import jaxmoe_from_hf
+from jaxmoe.engine.device_decode import device_policy
 from jaxmoe.engine.offloaded import OffloadedEngine
 from jaxmoe.model import init_kv_cache
+from jaxmoe.offload.device_cache import DEVICE_POLICIES
+from jaxmoe.offload.device_sim import simulate_device
 from jaxmoe.offload.driver import Amortize
+from jaxmoe.offload.policy import PolicyShape, make_policy
+from jaxmoe.offload.schedule import Schedule
 from jaxmoe.offload.host_store import HostExpertStore
 from jaxmoe.offload.prefetch import ModuleScorer
 from jaxmoe.predictor import layer_pairs, load_predictor, model_summary, save_predictor
@@ -196,6 +202,14 @@ def _engine_and_replay(policy, batch, budget, predictor=None, amortize=Amortize(
     trace = DecodeTrace(np.stack(ids), np.stack(scores) if scores else None, np.stack(tokens),
                         prefill=tuple(tuple(sorted(p)) for p in prefill))  # fmt: skip
     schedule = engine.cache.schedule
+    if policy in DEVICE_POLICIES:  # the decode step's own cache code, replayed from what the prefill left
+        prefill = Schedule(schedule.num_slots, schedule.staging, make_policy(policy, _shape(cfg)))
+        for j, layer in enumerate(moe):
+            prefill.plan_layer(0, layer, trace.prefill[j])
+        probs = None if trace.scores is None else trace.scores
+        counts = simulate_device(trace.ids, moe, cfg.num_layers, cfg.num_experts, schedule.num_slots,
+                                 device_policy(engine), probs=probs, slot_of=prefill.slot_of)  # fmt: skip
+        return engine, result, counts, trace
     sim = simulate_decode(trace, moe, cfg.num_layers, schedule.num_slots, policy, staging=schedule.staging,
                           prefetch_max=schedule.prefetch_staging, picks=cfg.top_k if predictor else 0,
                           amortize=amortize, cost_expert_bytes=store.expert_bytes, num_experts=cfg.num_experts)  # fmt: skip
@@ -221,6 +235,16 @@ def test_the_engine_equals_the_simulation(policy, scored, batch, tmp_path_factor
     m = result.metrics
     assert result.token_ids == _reference_tokens(batch)
     assert m["expert_misses"] > 0 and m["prefill_mode"] == "routed"
+    if policy in DEVICE_POLICIES:  # misses fetched inside the step: one program and one read per token
+        prefill_loads = m["expert_misses"] - sim["expert_misses"]
+        assert prefill_loads == m["prefill_h2d_bytes"] // engine.store.expert_bytes
+        decode = {k: m[k] - (prefill_loads if k == "expert_misses" else 0) for k in sim}
+        decode["expert_hits"] = m["expert_hits"] - _prefill_hits(engine)
+        assert sim == decode, (sim, decode)
+        assert m["resumes_per_token"] == 0 and m["host_syncs_per_token"] == 1
+        if scored and policy != "ondemand":
+            assert m["prefetch_issued"] > 0
+        return
     got = (sim.demand_misses, sim.hits, sim.prefetch_loads, sim.prefetch_used)
     assert got == (m["expert_misses"], m["expert_hits"], m["prefetch_issued"], m["prefetch_used"]), got
     assert sim.resumes == round(m["resumes_per_token"] * sim.tokens)
@@ -240,16 +264,24 @@ def test_amortised_prediction_runs_the_scorer_less_and_the_engine_equals_the_sim
     engine, result, sim, trace = _engine_and_replay("predictor", 3, 48, predictor, every)
     m = result.metrics
     assert result.token_ids == _reference_tokens(3)
-    got = (sim.demand_misses, sim.hits, sim.prefetch_loads, sim.prefetch_used)
-    assert got == (m["expert_misses"], m["expert_hits"], m["prefetch_issued"], m["prefetch_used"]), got
-    assert m["predictor_skipped_tokens"] == sim.skipped_predictions == 5  # steps 2, 4, .., 10 of 1..11
-    assert m["predictor_calls"] == sim.scorer_calls
-    # The same routing predicted on every token (the replay is the engine's, checked above).
-    schedule, cfg = engine.cache.schedule, engine.config
-    always = simulate_decode(trace, cfg.moe_layer_ids, cfg.num_layers, schedule.num_slots, "predictor",
-                             staging=schedule.staging, prefetch_max=schedule.prefetch_staging, picks=cfg.top_k,
-                             num_experts=cfg.num_experts)  # fmt: skip
-    assert sim.scorer_calls < always.scorer_calls and always.skipped_predictions == 0
+    assert (sim["prefetch_issued"], sim["prefetch_used"]) == (m["prefetch_issued"], m["prefetch_used"])
+    assert m["predictor_skipped_tokens"] == sim["predictor_skipped_tokens"] == 5  # steps 2, 4, .., 10 of 1..11
+    moe_layers_predicting = len(engine.config.moe_layer_ids) - 1
+    assert m["predictor_calls"] == sim["predictor_calls"] == 6 * moe_layers_predicting  # steps 1, 3, .., 11
+    # The same routing predicted on every token.
+    cfg, schedule = engine.config, engine.cache.schedule
+    always = simulate_device(trace.ids, cfg.moe_layer_ids, cfg.num_layers, cfg.num_experts, schedule.num_slots,
+                             dataclasses.replace(device_policy(engine), every=1), probs=trace.scores)  # fmt: skip
+    assert sim["predictor_calls"] < always["predictor_calls"] and always["predictor_skipped_tokens"] == 0
+
+
+def _shape(cfg):
+    return PolicyShape(tuple(cfg.moe_layer_ids), cfg.num_experts, cfg.top_k)
+
+
+def _prefill_hits(engine) -> int:
+    """Hits the routed prefill counted (its plans are the step-0 plans the engine executed)."""
+    return sum(len(p.hits) for p in engine.plan if p.step == 0 and p.kind == "demand")
 
 
 @functools.cache

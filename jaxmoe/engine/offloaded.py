@@ -29,6 +29,7 @@ from jaxmoe.config import MoEConfig
 from jaxmoe.engine.buckets import DEFAULT_PREFILL_CHUNK, cache_bucket, check_chunk, chunk_starts, prompt_bucket
 from jaxmoe.engine.executor import Ends, Executor, Piece
 from jaxmoe.engine.metrics import device_peak_bytes, tree_bytes
+from jaxmoe.engine.device_decode import DeviceDecoder
 from jaxmoe.engine.offloaded_decode import OffloadedDecoder
 from jaxmoe.engine.outputs import TokenCollector, timing_metrics
 from jaxmoe.engine.phases import PhaseClock
@@ -40,6 +41,7 @@ from jaxmoe.model import MoEDecoder, check_model_dtype, init_kv_cache, num_uniqu
 from jaxmoe.model.decoder import head_logits
 from jaxmoe.offload.cache import DeviceExpertCache, gather_experts, plan_geometry
 from jaxmoe.offload.costs import CostModel
+from jaxmoe.offload.device_cache import DEVICE_POLICIES
 from jaxmoe.offload.driver import Amortize, DecodeDriver, DriverConfig
 from jaxmoe.offload.expert_maps import MAPS_FILE, ExpertMaps, normalise
 from jaxmoe.offload.host_store import HostExpertStore
@@ -186,14 +188,20 @@ class OffloadedEngine:
             self.executor.compile("embed", embed, {}, (), self.ends, spec((batch, p_len), jnp.int32))
             x = compile_stream(self, batch, p_len, size, cache_len, in_jit=mode == INJIT)
             moe = [m for m in range(cfg.num_layers) if cfg.moe_layers[m]]
-            self.cache.prepare_stream(max(self.cache.schedule.retain_quotas(moe).values(), default=0))
             plan = self._stream_plan(size, len(starts), in_jit=mode == INJIT)
+            sent = [len(s.sent) for s in plan.steps if s.op == "copy" and not s.in_jit]
+            self.cache.prepare_stream(max(self.cache.schedule.retain_quotas(moe).values(), default=0), sent)
         root = jax.eval_shape(lambda: jax.random.key(0))
         index, step = spec((batch,), jnp.int32), spec((), jnp.int32)
         self.executor.compile("first_token", first_token, {"sampling": sampling}, (), self.ends, x, index, root, step)
         if max_new_tokens > 1:
-            OffloadedDecoder(self, sampling).compile(batch, cache_len)
+            self._decoder(sampling).compile(batch, cache_len)
         return plan
+
+    def _decoder(self, sampling):
+        """The device's decode (misses fetched in the program) where the policy runs there;
+        the host-planned one (a resume per missed layer) for the policies that plan on the host."""
+        return (DeviceDecoder if self.policy_name in DEVICE_POLICIES else OffloadedDecoder)(self, sampling)
 
     def reset_cache(self) -> None:
         """Drop every cached expert: the next generate starts cold."""
@@ -295,7 +303,7 @@ class OffloadedEngine:
         ttft = time.perf_counter() - start - (self.programs.compile_seconds - compiled)
         prefill_h2d, prefill_stall = cache.counters.h2d_bytes, cache.counters.stall_s
 
-        decoder = OffloadedDecoder(self, sampling)
+        decoder = self._decoder(sampling)
         decoder.start(lengths, max_new_tokens, first_host)
         compiled = self.programs.compile_seconds
         decode_start, steps = time.perf_counter(), 0
@@ -306,6 +314,7 @@ class OffloadedEngine:
             out.add(tok_host)
             steps += 1
         decode_seconds = time.perf_counter() - decode_start - (self.programs.compile_seconds - compiled)
+        predicted = decoder.finish()
         self.driver.end_request()
 
         self.plan = list(cache.schedule.executed)
@@ -336,7 +345,8 @@ class OffloadedEngine:
             "expert_format": self.store.format.name,
             "expert_bytes": self.store.expert_bytes,
             # Amortised prediction (eMoE): runs that ran the scorer, tokens that skipped it.
-            **{k: v - predicted_before[k] for k, v in self.driver.counts().items()},
+            **(predicted if predicted is not None else
+               {k: v - predicted_before[k] for k, v in self.driver.counts().items()}),
             **self._prefill_metrics(prefill_h2d, prefill_stall, stream),
         }
         return GenerationResult(out.token_ids, metrics)

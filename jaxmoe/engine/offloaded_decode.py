@@ -193,6 +193,10 @@ class OffloadedDecoder:
             start, planned = first_miss, first_miss
             run = self._dispatch(tok, kv, start, out.x_miss, root)
 
+    def finish(self) -> None:
+        """After the last step: nothing to hand back (the driver keeps the counts)."""
+        return None
+
     def _plan(self, step, start, first_miss, ids, picks, probs, valid, planned) -> list:
         """The decode driver's plans for this run: the completed layers' hits are counted
         here, the missed layer's loads (and prefetches) are returned for the cache to copy."""

@@ -60,10 +60,11 @@ def _moe_chunk(layer, x, positions, valid, start, kv, counts, experts, chunk):
     return jax.lax.dynamic_update_slice_in_dim(x, xc, start, axis=1), kv, counts
 
 
-def _moe_chunk_fetch(layer, x, positions, valid, start, kv, counts, experts, host_next, chunk):
-    """_moe_chunk that also copies the next MoE layer's experts (the injit variant)."""
+def _moe_chunk_fetch(layer, x, positions, valid, start, kv, counts, experts, host_next, sent, chunk):
+    """_moe_chunk that also copies the next MoE layer's experts `sent` [W] from its pinned host
+    layer (the injit variant)."""
     x, kv, counts = _moe_chunk(layer, x, positions, valid, start, kv, counts, experts, chunk)
-    return x, kv, counts, fetch_in_jit(host_next)
+    return x, kv, counts, fetch_in_jit(host_next, sent)
 
 
 @dataclasses.dataclass
@@ -95,7 +96,7 @@ class _StreamRun:
         self.stacks: dict[int, object] = {}  # layer -> its experts stacked (cache.stack_experts) on the device
         self.copies: dict[int, tuple[list, tuple]] = {}  # layer -> (host copies, clock at issue)
         self.counts: dict[int, jax.Array] = {}  # layer -> [E] tokens that chose each expert
-        self.fetch = None  # injit: (layer, experts, pinned host arrays) for the next program to copy
+        self.fetch = None  # injit: (layer, experts, (pinned host layer, ids)) for the next program to copy
         # Retained experts stay; so do cached ones the plan takes from the cache for a later layer.
         self.retained: set = set()
         self.to_take = {(s.layer, e) for s in plan.steps if s.op == "copy" for e in s.cached}
@@ -131,7 +132,7 @@ class _StreamRun:
             next_layer, sent, host = self.fetch
             self.x, kv[layer], total, fetched = self.engine.executor.run(
                 "moe_chunk_fetch", _moe_chunk_fetch, static, (0, 4, 5), piece,
-                self.x, self.positions, self.valid, self.starts[-1], kv[layer], total, experts, host,
+                self.x, self.positions, self.valid, self.starts[-1], kv[layer], total, experts, *host,
                 options=fetch_options(),
             )  # fmt: skip
             self.layer_experts[next_layer].update(zip(sent, fetched))
@@ -176,7 +177,7 @@ def compile_stream(engine, batch: int, p_len: int, chunk: int, cache_len: int, i
     kv = jax.eval_shape(lambda: init_kv_cache(cfg, batch, cache_len)[0])
     nbytes = engine.store.expert_bytes
     pinned = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
-    host_expert = spec((nbytes,), jnp.uint8, sharding=pinned)
+    host_layer = spec((cfg.num_experts, nbytes), jnp.uint8, sharding=pinned)
     counts = spec((cfg.num_experts,), jnp.int32)
     static = {"chunk": chunk}
     for layer, piece in enumerate(engine.layers):
@@ -184,8 +185,9 @@ def compile_stream(engine, batch: int, p_len: int, chunk: int, cache_len: int, i
             args = (x, positions, valid, start, kv, counts, engine.cache.stack_spec)
             engine.executor.compile("moe_chunk", _moe_chunk, static, (0, 4, 5), piece, *args)
             if in_jit:
-                host = (host_expert,) * cfg.num_experts
-                engine.executor.compile("moe_chunk_fetch", _moe_chunk_fetch, static, (0, 4, 5), piece, *args, host)
+                sent = spec((cfg.num_experts,), jnp.int32)  # a cold cache: every expert
+                engine.executor.compile("moe_chunk_fetch", _moe_chunk_fetch, static, (0, 4, 5), piece, *args,
+                                        host_layer, sent)  # fmt: skip
         else:
             engine.executor.compile("dense_chunk", _dense_chunk, static, (0, 3), piece, x, positions, start, kv)
     return x

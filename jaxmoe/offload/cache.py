@@ -41,6 +41,7 @@ from jaxmoe.engine.metrics import fmt_bytes, tree_bytes
 from jaxmoe.engine.phases import PhaseClock
 from jaxmoe.engine.programs import Programs
 from jaxmoe.model import PackedExperts
+from jaxmoe.offload import device_cache as dc
 from jaxmoe.offload.host_store import HostExpertStore
 from jaxmoe.offload.policy import EvictionPolicy
 from jaxmoe.offload.schedule import PassPlan, Schedule
@@ -88,10 +89,16 @@ def write_slots(pool: jax.Array, staged, slots):
     return pool
 
 
-def fetch_in_jit(host_experts):
-    """Inside a jitted program: pinned host expert buffers to device memory. With the latency
-    hiding scheduler (GPU) the copies can run while the rest of the program computes."""
-    return tuple(jax.device_put(buffer, jax.memory.Space.Device) for buffer in host_experts)
+def fetch_in_jit(host_layer: jax.Array, index: jax.Array) -> tuple:
+    """Inside a jitted program: rows `index` [W] of a pinned host layer [E, bytes], each copied
+    into its own device buffer (only those rows move). With the latency hiding scheduler
+    (GPU) the copies can run while the rest of the program computes."""
+    return tuple(jax.device_put(jax.lax.dynamic_index_in_dim(host_layer, index[i], keepdims=False),
+                                jax.memory.Space.Device) for i in range(index.shape[0]))  # fmt: skip
+
+
+def fetch_rows(host_layer, index):  # the function's name is the program's name in a profile
+    return fetch_in_jit(host_layer, index)
 
 
 class BudgetError(ValueError):
@@ -187,6 +194,7 @@ class DeviceExpertCache:
         self._table, self._table_stale = None, True
         self._staged = None  # (copies, slots) of the last load, until a step program takes them
         self._no_writes = None  # (fillers, slots past the end): what a step writes when nothing was loaded
+        self._policy_arrays = None  # what the device policy learned (device_cache.policy_arrays)
         nbytes, self.format = store.expert_bytes, store.format
         with jax.default_device(self.device.device_set.pop()):
             self.filler = jnp.zeros((nbytes,), jnp.uint8) if self.staging else None
@@ -194,7 +202,12 @@ class DeviceExpertCache:
                 self.pool = jnp.zeros((slots, nbytes), jnp.uint8)
             else:  # everything fits: stack on the host and copy once, so the device never holds two copies
                 placed = self.schedule.preload(sorted(store.keys()))
-                rows = np.stack([np.asarray(store.get(*key)) for key, _ in placed])
+                rows = np.empty((len(placed), nbytes), np.uint8)
+                for layer in sorted({layer for (layer, _), _ in placed}):
+                    layer_rows = store.rows(layer)
+                    for (key_layer, e), slot in placed:
+                        if key_layer == layer:
+                            rows[slot] = layer_rows[e]
                 self.pool = jax.device_put(rows, self.device)
         self.counters = CacheCounters()
         self.clock = PhaseClock()  # the engine shares its own
@@ -216,22 +229,26 @@ class DeviceExpertCache:
         if self.check_budget and used > self.budget_bytes:
             raise AssertionError(f"expert cache holds {used} bytes, over its budget of {self.budget_bytes}")
 
-    def _host(self, layer: int, experts: Sequence[int]) -> list:
-        """The pinned host arrays of `experts`, counted as moved to the device."""
-        return self._host_pairs([(layer, e, None) for e in experts])
-
-    def _host_pairs(self, loads: Sequence[tuple]) -> list:
+    def _fetch(self, loads: Sequence[tuple[int, int]]) -> list:
+        """Copies of experts (layer, e) from pinned host memory, each into its own device
+        buffer, in order: one fetch program per layer (async: returns before the bytes
+        land); counted as moved."""
         self.counters.h2d_bytes += len(loads) * self.store.expert_bytes
-        return [self.store.get(layer, e) for layer, e, _ in loads]
-
-    def _copy(self, layer: int, experts: Sequence[int]) -> list:
-        if not experts:
-            return []
-        host = self._host(layer, experts)
+        copies: list = [None] * len(loads)
+        by_layer: dict[int, list[int]] = {}
+        for i, (layer, _) in enumerate(loads):
+            by_layer.setdefault(layer, []).append(i)
         with self.clock.phase("copy_issue"):
-            copies = list(jax.device_put(host, self.device))  # async: returns before the bytes land
+            for layer, at in by_layer.items():
+                host, index = self.store.layer(layer), np.array([loads[i][1] for i in at], np.int32)
+                program = self.programs.get("fetch_rows", fetch_rows, {}, (), host, index)
+                for i, copy in zip(at, program(host, index)):
+                    copies[i] = copy
         self.clock.device("copy", copies)
         return copies
+
+    def _copy(self, layer: int, experts: Sequence[int]) -> list:
+        return self._fetch([(layer, e) for e in experts]) if experts else []
 
     def record(self, plan: PassPlan) -> None:
         """Count a plan's hits and loads (a prefetch plan's loads as prefetches); a plan
@@ -266,11 +283,10 @@ class DeviceExpertCache:
         loads = [(plan.layer, e, slot) for plan in plans for e, slot in plan.loads]
         if not loads:
             return False
-        host = self._host_pairs(loads)
+        copies = self._fetch([(layer, e) for layer, e, _ in loads])
         slots = np.array([slot for _, _, slot in loads] + [self.num_slots] * (self.staging - len(loads)), np.int32)
         with self.clock.phase("copy_issue"):
-            *copies, slots, self._table = jax.device_put([*host, slots, self._table_array()], self.device)
-        self.clock.device("copy", copies)
+            slots, self._table = jax.device_put([slots, self._table_array()], self.device)
         self._account(len(copies))
         self._staged, self._table_stale = (tuple(copies) + (self.filler,) * (self.staging - len(copies)), slots), False
         return True
@@ -301,6 +317,28 @@ class DeviceExpertCache:
             (staged, slots), self._staged = self._staged, None
         return self.pool, staged, slots, self.table()
 
+    def device_state(self) -> "dc.CacheState":
+        """The cache as one device pytree for a decode whose misses are fetched in the program
+        (device_cache.py): the pool, the table and slots of what the schedule placed, and what
+        the device policy learned in earlier generates."""
+        cfg = self.store.config
+        return dc.new_state(self.pool, self.schedule.slot_of, self.num_slots, cfg.num_layers, cfg.num_experts,
+                            self._policy_arrays)  # fmt: skip
+
+    def take_device_state(self, state: "dc.CacheState", counts: dict) -> None:
+        """After such a decode: its pool, its slots (read back to the schedule, which the next
+        prefill plans with), its counters, and its policy's arrays for the next generate."""
+        self.pool = state.pool
+        self.schedule.reassign(dc.slots_of(np.asarray(state.table)))
+        self._table_stale, self._staged = True, None
+        self._policy_arrays = dc.policy_arrays(state)
+        c = self.counters
+        c.expert_hits += counts["expert_hits"]
+        c.expert_misses += counts["expert_misses"]
+        c.prefetch_issued += counts["prefetch_issued"]
+        c.prefetch_used += counts["prefetch_used"]
+        c.h2d_bytes += (counts["expert_misses"] + counts["prefetch_issued"]) * self.store.expert_bytes
+
     def step_outputs(self, pool) -> None:
         """The pool a step program returned (it wrote the staged copies in place)."""
         self.pool = pool
@@ -318,11 +356,12 @@ class DeviceExpertCache:
             out[e] = self.programs.get("take_from_pool", take_from_pool, {}, (), self.pool, slot)(self.pool, slot)
         return out, copies
 
-    def host_experts(self, layer: int, sent: Sequence[int]) -> tuple:
-        """The pinned host buffers of experts a program will copy itself (fetch_in_jit),
-        counted as moved."""
+    def host_experts(self, layer: int, sent: Sequence[int]) -> tuple[jax.Array, np.ndarray]:
+        """(the pinned host layer, the ids [W] of `sent`) for a program that copies them itself
+        (fetch_in_jit), counted as moved."""
         self.counters.expert_misses += len(sent)
-        return tuple(self._host(layer, sent))
+        self.counters.h2d_bytes += len(sent) * self.store.expert_bytes
+        return self.store.layer(layer), np.asarray(sent, np.int32)
 
     def stack(self, layer_experts: dict[int, jax.Array]):
         """A streamed layer's experts (every id) as one stack in the resident engine's form
@@ -365,9 +404,13 @@ class DeviceExpertCache:
         return self.programs.get("write_rows", write_rows, self._layer_form(), (0,), self.pool, self.stack_spec,
                                  index, index)  # fmt: skip
 
-    def prepare_stream(self, width: int) -> None:
-        """Compile what a streamed prefill asks of the cache: taking a cached expert out of
-        the pool, stacking a layer, and writing `width` retained experts into the pool."""
+    def prepare_stream(self, width: int, sent: Sequence[int] = ()) -> None:
+        """Compile what a streamed prefill asks of the cache: fetching `sent` experts of a layer
+        (each count in it), taking a cached expert out of the pool, stacking a layer, and
+        writing `width` retained experts into the pool."""
+        host = self.store.layer(self.store.config.moe_layer_ids[0])
+        for count in sorted(set(sent) - {0}):
+            self.programs.get("fetch_rows", fetch_rows, {}, (), host, jax.ShapeDtypeStruct((count,), jnp.int32))
         slot = jax.ShapeDtypeStruct((), jnp.int32)
         self.programs.get("take_from_pool", take_from_pool, {}, (), self.pool, slot)
         self._stack_program()

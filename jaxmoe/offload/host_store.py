@@ -1,9 +1,13 @@
-"""Routed experts in pinned host memory, one contiguous byte buffer per expert.
+"""Routed experts in pinned host memory: per MoE layer one [E, bytes] array, one
+contiguous row per expert.
 
-Pinned (page-locked) memory is what makes `jax.device_put` fast (47.7 GB/s against
-8.4 GB/s from numpy on an H100, as measured for this project), and one buffer per expert
+Pinned (page-locked) memory is what makes host-to-device copies fast (47.7 GB/s against
+8.4 GB/s from numpy on an H100, as measured for this project), and one row per expert
 (its format's parts, jaxmoe/quant/format.py: dense weights, or quantized values with
-their scales) lets one copy move exactly one expert, whatever the format.
+their scales) lets one copy move exactly one expert, whatever the format. A layer is one
+array so that a program can take it as one argument and copy the row of any expert it
+chooses on the device (`jax.lax.dynamic_index_in_dim` then `jax.device_put`): the cache's
+fetch programs and the decode step's in-program misses (jaxmoe/offload/device_cache.py).
 """
 
 from __future__ import annotations
@@ -76,11 +80,11 @@ def _available_ram_bytes() -> int | None:
 
 
 class HostExpertStore:
-    """`get(layer, expert)` -> that expert's uint8 buffer [bytes] in pinned host memory, in `format`."""
+    """`layer(l)` -> MoE layer l's experts as uint8 rows [E, bytes] in pinned host memory, in `format`."""
 
-    def __init__(self, cfg: MoEConfig, experts: dict[tuple[int, int], jax.Array], fmt: ExpertFormat = DENSE):
+    def __init__(self, cfg: MoEConfig, layers: dict[int, jax.Array], fmt: ExpertFormat = DENSE):
         self.config, self.format = cfg, fmt
-        self._experts = experts
+        self._layers = layers
         self.expert_bytes = fmt.nbytes(cfg)
 
     @classmethod
@@ -95,17 +99,18 @@ class HostExpertStore:
         ensure_host_memory(total_expert_bytes(cfg, fmt))
         device = device or jax.devices()[0]
         pinned = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
-        experts, layer = {}, -1
+        layers, layer = {}, -1
         for stack in stacks:  # not enumerate(): it keeps the last item until the next one is made
             layer += 1
             if stack is None:
                 continue
-            # A few experts packed and copied at a time: the layer plus those in flight.
+            rows = np.empty((cfg.num_experts, fmt.nbytes(cfg)), np.uint8)  # the layer, packed on the host
             for e, buffer in enumerate(packed_rows(cfg, stack, fmt, refine)):
-                experts[layer, e] = place(buffer, pinned) if (e + 1) % 8 == 0 else jax.device_put(buffer, pinned)
+                rows[e] = buffer
             del stack  # before the next layer is made
-            jax.block_until_ready(experts[layer, cfg.num_experts - 1])
-        return cls(cfg, experts, fmt)
+            layers[layer] = place(rows, pinned)
+            del rows
+        return cls(cfg, layers, fmt)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, cfg: MoEConfig, device=None) -> "HostExpertStore":
@@ -116,19 +121,28 @@ class HostExpertStore:
 
         return cls.from_stacks(cfg, expert_layers(path, cfg), device, read_format(path, cfg))
 
-    def get(self, layer: int, expert: int) -> jax.Array:
-        return self._experts[layer, expert]
+    def layer(self, layer: int) -> jax.Array:
+        """MoE layer `layer`'s experts, [E, bytes] uint8 in pinned host memory."""
+        return self._layers[layer]
+
+    def layers(self) -> tuple[jax.Array | None, ...]:
+        """Every layer's [E, bytes] pinned host array (None for dense layers): what a program takes."""
+        return tuple(self._layers.get(layer) for layer in range(self.config.num_layers))
+
+    def rows(self, layer: int) -> np.ndarray:
+        """Layer `layer`'s experts copied into host numpy, [E, bytes]."""
+        return np.asarray(self._layers[layer])
 
     def weights(self, layer: int, expert: int) -> ExpertWeights:
         """One expert's weights unpacked (and dequantized) on the host, in the model dtype."""
         import jax.numpy as jnp
 
-        w = self.format.unpack(self.config, jnp.asarray(np.asarray(self.get(layer, expert)))[None])
+        w = self.format.unpack(self.config, jnp.asarray(self.rows(layer)[expert])[None])
         return ExpertWeights(*(np.asarray(a[0]) for a in w))
 
     def keys(self) -> list[tuple[int, int]]:
-        return list(self._experts)
+        return [(layer, e) for layer in self._layers for e in range(self.config.num_experts)]
 
     @property
     def total_bytes(self) -> int:
-        return self.expert_bytes * len(self._experts)
+        return self.expert_bytes * len(self._layers) * self.config.num_experts

@@ -75,6 +75,13 @@ class Schedule:
         self.slot_of.update(placed)
         return placed
 
+    def reassign(self, slot_of: dict[Key, int]) -> None:
+        """Take the slots a decode on the device left ({key: slot}); nothing is prefetched-unused."""
+        self.slot_of = dict(slot_of)
+        used = set(self.slot_of.values())
+        self._free = [s for s in range(self.num_slots) if s not in used]  # ascending: a heap
+        self.prefetched = set()
+
     def _evict(self, key: Key) -> int:
         self.prefetched.discard(key)
         slot = self.slot_of.pop(key)

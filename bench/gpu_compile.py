@@ -1,0 +1,136 @@
+"""The engine's decode programs compiled for an H100/H200 without a GPU, and what they would run.
+
+`report(shape_or_dir, target, batch, budget_frac, policy)` builds the programs from shapes alone
+(nothing is allocated: weights are abstract) and compiles each with bench/gpu_aot.py:
+  resident_decode    the resident engine's step (every expert in its layer stack)
+  offloaded_decode   the offloaded engine's step with the cache on the device (misses fetched
+                     in the program; engine/device_step.py), as `policy` runs it
+  offloaded_resume   the host-planned step (engine/step.py through engine/offloaded_decode.py:
+                     a missed layer returns to the host), which the reuse and maps policies run
+Must run under the CUDA plugin's Python (3.12, jax 0.11.2); see scripts/gpu_compile.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bench import gpu_aot
+from jaxmoe.engine.device_step import device_step
+from jaxmoe.engine.offloaded_decode import offloaded_step
+from jaxmoe.engine.programs import COMPILER_OPTIONS
+from jaxmoe.engine.executor import Piece
+from jaxmoe.engine.sampling import SamplingParams
+from jaxmoe.engine.step import decode_step
+from jaxmoe.model import MoEDecoder, init_kv_cache, num_unique_experts
+from jaxmoe.model.decoder import init_experts
+from jaxmoe.offload import device_cache as dc
+from jaxmoe.offload.cache import gather_experts, plan_geometry
+from jaxmoe.offload.host_store import total_expert_bytes
+from jaxmoe.quant import DENSE
+
+
+def _config(model: str, dtype: str):
+    from pathlib import Path
+
+    if Path(model).is_dir():
+        from jaxmoe.config import load_hf_config
+
+        return load_hf_config(model)
+    from bench.shapes import resolve
+
+    return resolve(model).config(dtype)
+
+
+def _on_cpu(tree, memory_kind: str = "device"):
+    """Shapes placed on the CPU device with a memory kind (which a compile-only device lacks)."""
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0], memory_kind=memory_kind)
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
+
+
+def _resident(model, experts, tokens, positions, step, kv, root, sampling):
+    b = tokens.shape[0]
+    x_start = jnp.zeros((b, 1, model.cfg.hidden_size), model.cfg.dtype)
+    out = decode_step(model, tokens[:, None], positions[:, None], jnp.ones((b,), bool), kv, experts, None,
+                      jnp.int32(0), x_start, root, step, sampling=sampling)  # fmt: skip
+    return out.token, positions + 1, step + 1, out.kv
+
+
+def report(model: str = "olmoe-1b-7b", target: str = "h100", batch: int = 1, budget_frac: float = 0.25,
+           policy: str = "lru", cache_len: int = 256, dtype: str = "bfloat16", keep: str | None = None) -> dict:  # fmt: skip
+    cfg = _config(model, dtype)
+    graphdef_model = nnx.eval_shape(lambda: MoEDecoder(cfg, nnx.Rngs(0)))
+    piece = Piece(graphdef_model)
+    merged = lambda leaves: piece.merge(leaves)  # noqa: E731
+    leaves = _on_cpu(piece.leaves)
+    spec = jax.ShapeDtypeStruct
+    rows = _on_cpu(spec((batch,), jnp.int32))
+    scalar = _on_cpu(spec((), jnp.int32))
+    kv = _on_cpu(jax.eval_shape(lambda: init_kv_cache(cfg, batch, cache_len)))
+    root = _on_cpu(jax.eval_shape(lambda: jax.random.key(0)))
+    sampling = SamplingParams()
+    options = dict(COMPILER_OPTIONS)
+    programs = {}
+
+    experts = _on_cpu(jax.eval_shape(lambda: init_experts(cfg, jax.random.key(1))))
+    programs["resident_decode"] = gpu_aot.compile_counts(
+        "resident_decode", lambda leaves, *a, sampling: _resident(merged(leaves), *a, sampling=sampling),
+        (leaves, experts, rows, rows, scalar, kv, root), target=target, static={"sampling": sampling},
+        donate=(5,), options=options, keep=keep)  # fmt: skip
+
+    # The offloaded cache at this budget (the engine's geometry).
+    fmt, nbytes = DENSE, DENSE.nbytes(cfg)
+    unique = num_unique_experts(cfg.num_experts, batch, cfg.top_k)
+    prefetch = unique if policy == "predictor" else 0
+    budget = int(budget_frac * total_expert_bytes(cfg, fmt))
+    slots, _ = plan_geometry(budget, nbytes, cfg.num_experts * len(cfg.moe_layer_ids), unique, prefetch,
+                             gather_experts(unique, fmt, cfg))  # fmt: skip
+    pool = spec((slots, nbytes), jnp.uint8)
+    hosts = tuple(_on_cpu(spec((cfg.num_experts, nbytes), jnp.uint8), "pinned_host") if moe else None
+                  for moe in cfg.moe_layers)  # fmt: skip
+    state = _on_cpu(jax.eval_shape(lambda: dc.new_state(jnp.zeros(pool.shape, pool.dtype), {}, slots, cfg.num_layers,
+                                                        cfg.num_experts)))  # fmt: skip
+    scorer = None
+    if policy == "predictor":
+        from jaxmoe.offload.prefetch import GateAhead
+
+        scorer = GateAhead.__new__(GateAhead)  # the scorer's shapes only: a [L, D, E] table of routers
+        scorer.leaves = (spec((cfg.num_layers, cfg.hidden_size, cfg.num_experts), jnp.dtype(cfg.dtype)),)
+        scorer = _Abstract(scorer)
+    device_policy = dc.DevicePolicy(policy, prefetch=prefetch, picks=cfg.top_k if prefetch else 0)
+    static = {"sampling": sampling, "policy": device_policy, "fmt": fmt, "scorer": scorer}
+    scorer_leaves = _on_cpu(scorer.leaves) if scorer else ()
+    programs["offloaded_decode"] = gpu_aot.compile_counts(
+        "offloaded_decode", lambda leaves, *a, **s: device_step(merged(leaves), *a, **s),
+        (leaves, rows, rows, _on_cpu(spec((batch,), jnp.bool_)), kv, state, hosts, root, scalar, scorer_leaves),
+        target=target, static=static, donate=(4, 5), options={**options, **dc.FETCH_OPTIONS}, keep=keep)  # fmt: skip
+
+    staging = unique
+    filler = spec((nbytes,), jnp.uint8)
+    x = spec((batch, 1, cfg.hidden_size), jnp.dtype(cfg.dtype))
+    resume_args = (leaves, rows, rows, _on_cpu(spec((batch,), jnp.bool_)), kv, _on_cpu(pool),
+                   _on_cpu((filler,) * staging), _on_cpu(spec((staging,), jnp.int32)),
+                   _on_cpu(spec((cfg.num_layers, cfg.num_experts), jnp.int32)), scalar, _on_cpu(x), root, scalar, ())
+    programs["offloaded_resume"] = gpu_aot.compile_counts(
+        "offloaded_resume", lambda leaves, *a, **s: offloaded_step(merged(leaves), *a, **s), resume_args, target=target,
+        static={"sampling": sampling, "scorer": None, "picks": 0, "fmt": fmt}, donate=(4, 5), options=options,
+        keep=keep)  # fmt: skip
+    return {"target": target, "jax": jax.__version__, "model": model, "batch": batch, "budget_frac": budget_frac,
+            "policy": policy, "pool_slots": slots, "programs": programs}  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Abstract:
+    """A scorer made from shapes (hashable by identity, as a static argument must be)."""
+
+    inner: object
+
+    @property
+    def leaves(self):
+        return self.inner.leaves
+
+    def score(self, leaves, h, layer):
+        return self.inner.score(leaves, h, layer)

@@ -1,0 +1,95 @@
+"""One decode step as one program that never waits on the host: misses are fetched inside it.
+
+Embedding, every layer, the final norm, the head and sampling run in one compiled program,
+as in engine/step.py, with the expert cache's state (jaxmoe/offload/device_cache.py)
+threaded through it. Each MoE layer attends and routes, predicts the next MoE layer's
+experts (with a scorer), brings its own missing experts from pinned host memory into
+the pool (`ensure`), computes with the pool's rows through the table, and then copies
+the predicted experts of the next layer that are absent (`prefetch`), so those copies
+can run while the next layer attends. The expert contraction is the resident engine's
+call with the same shapes (U experts gathered, one batched contraction), so the tokens
+are the resident ones whatever was cached.
+
+Shapes: B batch, D hidden, L layers, E experts, K experts per token, S pool slots.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jaxmoe.engine.sampling import SamplingParams, sample
+from jaxmoe.model import MoEDecoder, moe_ffn, num_unique_experts
+from jaxmoe.model.decoder import LayerKV, head_logits
+from jaxmoe.offload import device_cache as dc
+from jaxmoe.offload.prefetch import next_moe_layers
+from jaxmoe.quant import ExpertFormat, packed_experts
+
+
+class DeviceStepOut(NamedTuple):
+    token: jax.Array  # [B] int32 sampled from the last position
+    kv: tuple[LayerKV, ...]
+    state: dc.CacheState
+    positions: jax.Array  # [B] the next step's positions
+    step: jax.Array  # [] the next step
+
+
+def device_step(
+    model: MoEDecoder,
+    tok: jax.Array,  # [B] int32
+    positions: jax.Array,  # [B] int32
+    valid: jax.Array,  # [B] bool: rows whose experts count (padding and finished rows load nothing)
+    kv: Sequence[LayerKV],
+    state: dc.CacheState,
+    hosts: Sequence[jax.Array | None],  # per layer: its experts [E, bytes] in pinned host memory
+    root: jax.Array,  # PRNG key
+    step: jax.Array,  # [] int32: the token step (sampling key)
+    scorer_leaves: tuple = (),
+    *,
+    sampling: SamplingParams,
+    policy: dc.DevicePolicy,
+    fmt: ExpertFormat,
+    scorer=None,
+    moe_fn: Callable = moe_ffn,
+    sampler: Callable | None = None,
+) -> DeviceStepOut:
+    """`sampler`: (model, h [B, D]) -> tokens [B] in place of the head and `sample` (the server)."""
+    cfg = model.cfg
+    b = tok.shape[0]
+    unique = num_unique_experts(cfg.num_experts, b, cfg.top_k)
+    following = next_moe_layers(cfg)
+    x = model.embed_tokens(tok[:, None])  # [B, 1, D]
+    pos = positions[:, None]
+    predict_now = dc.predicting(state, policy, step) if scorer is not None else jnp.asarray(False)
+    if scorer is not None:
+        state = dc._count(state, "predictor_skipped_tokens", ~predict_now)
+    new_kv = []
+    for layer, (module, layer_kv) in enumerate(zip(model.layers, kv, strict=True)):
+        if not module.is_moe:
+            x, layer_kv, _ = module(x, pos, layer_kv, None, moe_fn)
+            new_kv.append(layer_kv)
+            continue
+        x_att, layer_kv, h, routing = module.attend_and_route(x, pos, layer_kv)
+        nxt = following[layer] if scorer is not None else None
+
+        def scores(h=h, layer=layer):  # the next layer's probabilities [B, E]
+            return jax.nn.softmax(scorer.score(scorer_leaves, h, jnp.int32(layer)).astype(jnp.float32), axis=-1)
+
+        with jax.named_scope("fetch"):
+            state, rows = dc.visit(state, hosts[layer], policy, layer, nxt, routing.ids, valid, unique, predict_now,
+                                   scores if nxt is not None else None)  # fmt: skip
+        experts = packed_experts(state.pool, fmt, cfg)
+        y = moe_fn(h, jnp.maximum(rows, 0), routing.weights, experts, unique)
+        x = module.finish_moe(x_att, h, y)
+        if nxt is not None:  # masked, not under a cond: a conditional holding another stays off a CUDA graph
+            with jax.named_scope("prefetch"):
+                state = dc.prefetch(state, hosts[nxt], policy, layer, nxt, routing.ids, valid, predict_now)
+        new_kv.append(layer_kv)
+    h = model.norm(x)[:, -1]  # [B, D]
+    if sampler:
+        token = sampler(model, h)
+    else:
+        token = sample(head_logits(model.embed_tokens, model.lm_head, h), jax.random.fold_in(root, step), sampling)
+    return DeviceStepOut(token, tuple(new_kv), state, positions + 1, step + 1)

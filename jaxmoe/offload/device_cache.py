@@ -1,0 +1,269 @@
+"""The expert cache as device state, and what the decode step does with it: each MoE layer
+brings the experts it lacks from pinned host memory into the pool inside the program.
+
+A decode step never returns to the host for a miss. After a layer routes, `ensure`
+finds which of its experts are absent from the pool, picks the slots they replace by
+the eviction policy (whose state is device arrays here), copies each missing expert's
+row from its pinned host layer into its slot (`jax.device_put` of a dynamic slice, under
+a `lax.cond` per lane so a hit moves nothing), updates the table, and returns the pool
+rows the layer computes with. With a next-layer scorer, `predict` scores the next MoE
+layer's experts from this layer's router input, and `prefetch` copies the likeliest
+absent ones after this layer's experts computed.
+
+The same functions run with `host=None` (no bytes move; the pool is absent): that is the
+cache simulator (jaxmoe/offload/device_sim.py), so simulated counts are the engine's.
+
+On a GPU, XLA turns an in-program host fetch into an async copy that a command buffer
+cannot hold, which pushes each conditional out of the CUDA graph and makes the host read
+its predicate (a blocking round trip per lane); the step is compiled with that pass
+(`host-memory-transfer-asyncifier`) off, so each fetch is a kernel that reads pinned host
+memory in place and every conditional stays on the device (FETCH_OPTIONS; the evidence,
+from the deviceless compile of scripts/gpu_compile.py, is in docs/DECODE.md).
+
+Shapes: N rows (batch), K experts per token, L layers, E experts, S pool slots,
+U distinct experts one layer computes (static), P prefetch lanes (static), B bytes per expert.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Counters kept on the device, in this order.
+COUNTERS = ("expert_hits", "expert_misses", "prefetch_issued", "prefetch_used", "predictor_calls",
+            "predictor_skipped_tokens")  # fmt: skip
+FETCH_OPTIONS = {"xla_disable_hlo_passes": "host-memory-transfer-asyncifier"}
+DEVICE_POLICIES = ("ondemand", "lru", "lfu", "lfru", "predictor")
+
+
+@dataclasses.dataclass(frozen=True)
+class DevicePolicy:
+    """How the device picks victims (lowest first), and what it prefetches.
+
+    ondemand  keeps only the current layer's experts (every other layer's are dropped as a
+              layer starts): the no-cache baseline
+    lru       least recently used
+    lfu       fewest uses so far (counts outlive eviction), ties least recent
+    lfru      uses decayed by `decay` per layer visit, ties least recent
+    predictor lowest predicted probability x (uses + 1) (FineMoE's rule), ties least recent;
+              prefetches up to `prefetch` of the next MoE layer's predicted experts
+    Every rule breaks its last ties by slot."""
+
+    name: str
+    decay: float = 1.0  # lfru: a use's weight after one layer visit
+    prefetch: int = 0  # predictor: next-layer experts copied per layer, at most
+    picks: int = 0  # predictor: the scorer's picks per row
+    every: int = 1  # amortised prediction: predict on every k-th decode token
+    below: float | None = None  # ... and only while the recent hit rate is below this
+    window: int = 32  # layer visits the recent hit rate averages over
+
+    def __post_init__(self):
+        if self.name not in DEVICE_POLICIES:
+            raise ValueError(f"no device policy {self.name!r}; choose one of {', '.join(DEVICE_POLICIES)}")
+
+
+class CacheState(NamedTuple):
+    pool: jax.Array | None  # [S, B] uint8 (None in the simulator)
+    table: jax.Array  # [L, E] int32: the slot of (layer, expert), -1 when absent
+    slot_key: jax.Array  # [S] int32: layer * E + expert held by the slot, -1 when empty
+    last_use: jax.Array  # [L, E] int32: tick of the last use, -1 never
+    uses: jax.Array  # [L, E] fp32: uses (lfru: decayed to `last_use`)
+    predicted: jax.Array  # [L, E] fp32: the latest prediction for each layer's experts
+    prefetched: jax.Array  # [L, E] bool: brought in by a prefetch and not used yet
+    tick: jax.Array  # [] int32: layer visits so far
+    hit_rate: jax.Array  # [] fp32: recent hit rate (amortised prediction)
+    counts: jax.Array  # [len(COUNTERS)] int32
+
+
+def new_state(pool, slot_of: dict, num_slots: int, num_layers: int, num_experts: int, policy_arrays=None) -> CacheState:
+    """A state whose pool holds `slot_of` ({(layer, expert): slot}); the policy's arrays
+    (last_use, uses, predicted) carry over from `policy_arrays` (an earlier state) if given."""
+    table = np.full((num_layers, num_experts), -1, np.int32)
+    slot_key = np.full((num_slots,), -1, np.int32)
+    for (layer, e), slot in slot_of.items():
+        table[layer, e], slot_key[slot] = slot, layer * num_experts + e
+    if policy_arrays is None:
+        shape = (num_layers, num_experts)
+        policy_arrays = (np.full(shape, -1, np.int32), np.zeros(shape, np.float32), np.zeros(shape, np.float32),
+                         np.int32(0), np.float32(1.0))  # fmt: skip
+    last_use, uses, predicted, tick, hit_rate = policy_arrays
+    return CacheState(pool, jnp.asarray(table), jnp.asarray(slot_key), jnp.asarray(last_use), jnp.asarray(uses),
+                      jnp.asarray(predicted), jnp.zeros((num_layers, num_experts), bool), jnp.asarray(tick),
+                      jnp.asarray(hit_rate), jnp.zeros((len(COUNTERS),), jnp.int32))  # fmt: skip
+
+
+def policy_arrays(state: CacheState) -> tuple:
+    """What a policy has learned, to carry into the next state (new_state)."""
+    return state.last_use, state.uses, state.predicted, state.tick, state.hit_rate
+
+
+def slots_of(table: np.ndarray) -> dict:
+    """{(layer, expert): slot} from a table read back to the host."""
+    layers, experts = np.nonzero(table >= 0)
+    return {(int(layer), int(e)): int(table[layer, e]) for layer, e in zip(layers, experts)}
+
+
+def _count(state: CacheState, name: str, amount) -> CacheState:
+    return state._replace(counts=state.counts.at[COUNTERS.index(name)].add(jnp.asarray(amount, jnp.int32)))
+
+
+def _victims(state: CacheState, policy: DevicePolicy, protect: jax.Array, count: int) -> jax.Array:
+    """[count] slots in eviction order (empty slots first, `protect` [S] never)."""
+    e_count = state.table.shape[1]
+    key = state.slot_key
+    occupied = key >= 0
+    layer, e = jnp.where(occupied, key // e_count, 0), jnp.where(occupied, key % e_count, 0)
+    last, uses = state.last_use[layer, e], state.uses[layer, e]
+    if policy.name in ("lru", "ondemand"):
+        primary = jnp.zeros_like(uses)
+    elif policy.name == "lfu":
+        primary = uses
+    elif policy.name == "lfru":
+        primary = uses * jnp.float32(policy.decay) ** (state.tick - last).astype(jnp.float32)
+    else:  # predictor
+        primary = state.predicted[layer, e] * (uses + 1.0)
+    primary = jnp.where(occupied, primary, -jnp.inf)
+    primary = jnp.where(protect, jnp.inf, primary)
+    last = jnp.where(occupied, last, -2)
+    order = jnp.lexsort((jnp.arange(key.shape[0]), last, primary))  # the last key sorts first
+    return order[: min(count, key.shape[0])]
+
+
+def _install(state: CacheState, host, layer: int, experts: jax.Array, do: jax.Array, dest: jax.Array) -> CacheState:
+    """Experts `experts` [W] of `layer` into slots `dest` [W] where `do` [W]: their rows copied from
+    the pinned host layer `host` [E, B] (skipped in the simulator), the evicted keys dropped."""
+    num_layers, e_count = state.table.shape
+    old = state.slot_key[dest]
+    gone = do & (old >= 0)
+    gone_layer = jnp.where(gone, old // e_count, num_layers)  # out of range: dropped
+    table = state.table.at[gone_layer, old % e_count].set(-1, mode="drop")
+    prefetched = state.prefetched.at[gone_layer, old % e_count].set(False, mode="drop")
+    table = table.at[jnp.where(do, layer, num_layers), experts].set(dest, mode="drop")
+    slot_key = state.slot_key.at[jnp.where(do, dest, state.slot_key.shape[0])].set(layer * e_count + experts,
+                                                                                  mode="drop")  # fmt: skip
+    pool = state.pool
+    if host is not None:
+        for i in range(experts.shape[0]):
+
+            def fetch(pool, i=i):
+                row = jax.device_put(jax.lax.dynamic_index_in_dim(host, experts[i], keepdims=False),
+                                     jax.memory.Space.Device)  # fmt: skip
+                return jax.lax.dynamic_update_index_in_dim(pool, row, dest[i], 0)
+
+            pool = jax.lax.cond(do[i], fetch, lambda pool: pool, pool)
+    return state._replace(pool=pool, table=table, slot_key=slot_key, prefetched=prefetched)
+
+
+def _use(state: CacheState, policy: DevicePolicy, layer: int, experts: jax.Array, need: jax.Array) -> CacheState:
+    """Experts [U] of `layer` (where `need`) used at the current tick."""
+    rows = jnp.where(need, layer, state.table.shape[0])  # out of range: dropped
+    uses = state.uses[layer, experts]
+    if policy.name == "lfru":
+        uses = uses * jnp.float32(policy.decay) ** (state.tick - state.last_use[layer, experts]).astype(jnp.float32)
+    return state._replace(uses=state.uses.at[rows, experts].set(uses + 1.0, mode="drop"),
+                          last_use=state.last_use.at[rows, experts].set(state.tick, mode="drop"))  # fmt: skip
+
+
+def ensure(state: CacheState, host, policy: DevicePolicy, layer: int, ids: jax.Array, valid: jax.Array,
+           unique: int, next_layer: int | None = None) -> tuple[CacheState, jax.Array]:  # fmt: skip
+    """Layer `layer`'s experts for routing ids [N, K] (rows `valid` [N]) in the pool, missing ones
+    copied from `host` [E, B]; returns the state and each (row, k)'s pool slot [N, K] (-1 only
+    for invalid rows' absent experts). `next_layer`: the next MoE layer, whose predicted experts
+    (state.predicted) are protected while there is room."""
+    num_layers, e_count = state.table.shape
+    num_slots = state.slot_key.shape[0]
+    state = state._replace(tick=state.tick + 1)
+    if policy.name == "ondemand":  # nothing outlives its layer
+        state = _drop_other_layers(state, layer)
+    wanted = jnp.unique(jnp.where(valid[:, None], ids, e_count), size=unique, fill_value=e_count)  # [U] sorted
+    need = wanted < e_count
+    experts = jnp.minimum(wanted, e_count - 1)
+    slot = state.table[layer, experts]
+    hit, miss = need & (slot >= 0), need & (slot < 0)
+    protect = jnp.zeros((num_slots,), bool).at[jnp.where(hit, slot, num_slots)].set(True, mode="drop")
+    if next_layer is not None:  # the next layer's predicted experts, if the misses still fit without them
+        held = state.table[next_layer]
+        predicted = (state.predicted[next_layer] > 0) & (held >= 0)
+        wider = protect.at[jnp.where(predicted, held, num_slots)].set(True, mode="drop")
+        protect = jnp.where(num_slots - jnp.sum(wider) >= jnp.sum(miss), wider, protect)
+    victims = _victims(state, policy, protect, unique)
+    dest = jnp.where(miss, victims[jnp.clip(jnp.cumsum(miss) - 1, 0, victims.shape[0] - 1)], slot)
+    state = _install(state, host, layer, experts, miss, dest)
+    used_prefetch = need & state.prefetched[layer, experts]
+    state = state._replace(prefetched=state.prefetched.at[jnp.where(need, layer, num_layers), experts].set(
+        False, mode="drop"))  # fmt: skip
+    state = _use(state, policy, layer, experts, need)
+    hits, needed = jnp.sum(hit), jnp.sum(need)
+    rate = hits.astype(jnp.float32) / jnp.maximum(needed, 1).astype(jnp.float32)
+    state = state._replace(hit_rate=state.hit_rate + (rate - state.hit_rate) / policy.window)
+    state = _count(_count(_count(state, "expert_hits", hits), "expert_misses", jnp.sum(miss)), "prefetch_used",
+                   jnp.sum(used_prefetch))  # fmt: skip
+    return state, state.table[layer][ids]
+
+
+def _drop_other_layers(state: CacheState, layer: int) -> CacheState:
+    e_count = state.table.shape[1]
+    keep = (state.slot_key >= 0) & (state.slot_key // e_count == layer)
+    table = jnp.full_like(state.table, -1).at[layer].set(state.table[layer])
+    return state._replace(table=table, slot_key=jnp.where(keep, state.slot_key, -1),
+                          prefetched=jnp.zeros_like(state.prefetched))  # fmt: skip
+
+
+def predicting(state: CacheState, policy: DevicePolicy, step: jax.Array) -> jax.Array:
+    """[] bool: whether this token predicts (every k-th token, and while the hit rate is below
+    the threshold)."""
+    now = (step - 1) % policy.every == 0
+    return now if policy.below is None else now & (state.hit_rate < policy.below)
+
+
+def visit(state: CacheState, host, policy: DevicePolicy, layer: int, next_layer: int | None, ids: jax.Array,
+          valid: jax.Array, unique: int, now: jax.Array, scores=None) -> tuple[CacheState, jax.Array]:  # fmt: skip
+    """What the cache does at a MoE layer before its experts compute: where `now` and a scorer
+    (`scores`: a thunk giving the next layer's probabilities [N, E]), predict the next layer;
+    then `ensure` this layer's experts. The decode step and the simulator both call this."""
+    if next_layer is not None and scores is not None:
+        state = jax.lax.cond(now, lambda state: predict(state, policy, next_layer, scores(), valid),
+                             lambda state: state, state)  # fmt: skip
+    return ensure(state, host, policy, layer, ids, valid, unique, next_layer if scores is not None else None)
+
+
+def predict(state: CacheState, policy: DevicePolicy, next_layer: int, probs: jax.Array, valid: jax.Array) -> CacheState:
+    """The scorer's probabilities [N, E] for `next_layer` -> its `prefetch` likeliest experts (by
+    the best probability any valid row gives one among its top `picks`), which replace that
+    layer's prediction."""
+    probs, best = jax.lax.top_k(probs.astype(jnp.float32), policy.picks)  # [N, P]
+    probs = jnp.where(valid[:, None], probs, 0.0)
+    per_expert = jnp.zeros((state.table.shape[1],), jnp.float32).at[best].max(probs)  # [E]
+    top, chosen = jax.lax.top_k(per_expert, policy.prefetch)
+    predicted = jnp.zeros_like(per_expert).at[chosen].set(top)
+    return _count(state._replace(predicted=state.predicted.at[next_layer].set(predicted)), "predictor_calls", 1)
+
+
+def prefetch(state: CacheState, host, policy: DevicePolicy, layer: int, next_layer: int, protect_ids: jax.Array,
+             valid: jax.Array, now: jax.Array) -> CacheState:  # fmt: skip
+    """Where `now` (this token predicted), copy the next layer's predicted experts that are absent
+    (best first, at most `prefetch`), never evicting the current layer's experts (routing ids
+    [N, K] of rows `valid`) or a predicted one; fewer when nothing else may go."""
+    num_layers, e_count = state.table.shape
+    num_slots = state.slot_key.shape[0]
+    scores = state.predicted[next_layer]
+    top, experts = jax.lax.top_k(scores, policy.prefetch)  # [P] best first
+    held = state.table[next_layer]
+    wanted = now & (top > 0) & (held[experts] < 0)
+    current = state.table[layer][jnp.where(valid[:, None], protect_ids, 0)]
+    current = jnp.where(valid[:, None], current, num_slots)
+    protect = jnp.zeros((num_slots,), bool).at[current.reshape(-1)].set(True, mode="drop")
+    protect = protect.at[jnp.where((scores > 0) & (held >= 0), held, num_slots)].set(True, mode="drop")
+    room = num_slots - jnp.sum(protect)
+    rank = jnp.cumsum(wanted) - 1
+    do = wanted & (rank < room)
+    victims = _victims(state, policy, protect, policy.prefetch)
+    dest = jnp.where(do, victims[jnp.clip(rank, 0, victims.shape[0] - 1)], 0)
+    state = _install(state, host, next_layer, experts, do, dest)
+    state = state._replace(prefetched=state.prefetched.at[jnp.where(do, next_layer, num_layers), experts].set(
+        True, mode="drop"))  # fmt: skip
+    return _count(state, "prefetch_issued", jnp.sum(do))

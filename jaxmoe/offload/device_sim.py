@@ -1,0 +1,57 @@
+"""The cache simulator for the policies the device runs: the decode step's own cache code
+(device_cache.visit and prefetch) replayed over routing traces, with no bytes moved.
+
+A decode step visits each MoE layer in order: predict the next layer (with a scorer),
+bring this layer's experts into the pool, compute, prefetch the next layer's predicted
+experts. Replaying that sequence over a trace's routing and scorer probabilities with
+the very functions the step program runs gives the engine's counts (hits, misses,
+prefetches), not an imitation of them.
+
+Shapes: B rows, T decode steps, Lm MoE layers, K experts per token, E experts.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmoe.offload import device_cache as dc
+
+
+@functools.partial(jax.jit, static_argnames=("policy", "moe_layers", "next_layers", "unique", "scored"))
+def _token(state, ids, valid, probs, step, *, policy, moe_layers, next_layers, unique, scored):
+    """One decode step's cache work: ids [B, Lm, K], valid [B], probs [B, Lm, E]."""
+    now = dc.predicting(state, policy, step) if scored else jnp.asarray(False)
+    if scored:
+        state = dc._count(state, "predictor_skipped_tokens", ~now)
+    for j, (layer, nxt) in enumerate(zip(moe_layers, next_layers)):
+        scores = (lambda j=j: probs[:, j]) if scored and nxt is not None else None
+        state, _ = dc.visit(state, None, policy, layer, nxt if scored else None, ids[:, j], valid, unique, now, scores)
+        if scored and nxt is not None:
+            state = dc.prefetch(state, None, policy, layer, nxt, ids[:, j], valid, now)
+    return state
+
+
+def simulate_device(ids: np.ndarray, moe_layers: Sequence[int], num_layers: int, num_experts: int, slots: int,
+                    policy: dc.DevicePolicy, *, probs: np.ndarray | None = None, valid: np.ndarray | None = None,
+                    slot_of: dict | None = None, first_step: int = 1) -> dict:  # fmt: skip
+    """Replay routing ids [B, T, Lm, K] (rows `valid` [B, T]; scorer probabilities [B, T, Lm, E]
+    for the predictor) through a cache of `slots` that starts holding `slot_of` ({(layer,
+    expert): slot}, e.g. what a prefill left). Returns the device counters (device_cache.COUNTERS)."""
+    ids = np.asarray(ids, np.int32)
+    b, t_count, lm, k = ids.shape
+    valid = np.ones((b, t_count), bool) if valid is None else np.asarray(valid, bool)
+    scored = probs is not None and policy.prefetch > 0
+    probs = np.zeros((b, t_count, lm, num_experts), np.float32) if probs is None else np.asarray(probs, np.float32)
+    layers = tuple(moe_layers)
+    following = tuple(layers[j + 1] if j + 1 < len(layers) else None for j in range(len(layers)))
+    unique = min(num_experts, b * k)
+    state = dc.new_state(None, slot_of or {}, slots, num_layers, num_experts)
+    for t in range(t_count):
+        state = _token(state, ids[:, t], valid[:, t], probs[:, t], jnp.int32(first_step + t), policy=policy,
+                       moe_layers=layers, next_layers=following, unique=unique, scored=scored)  # fmt: skip
+    return dict(zip(dc.COUNTERS, (int(c) for c in np.asarray(state.counts))))
