@@ -72,14 +72,12 @@ def random_host_store(cfg, seed: int, fmt=None):
 
     fmt = fmt or DENSE
     pinned = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
-    experts = {}
+    layers = {}
     for layer in cfg.moe_layer_ids:
         rows = random_layer_rows(cfg, seed + 1, layer, fmt)
-        for e, buffer in enumerate(jax.device_put([rows[e] for e in range(cfg.num_experts)], pinned)):
-            experts[layer, e] = buffer
-        jax.block_until_ready(experts[layer, cfg.num_experts - 1])
+        layers[layer] = jax.block_until_ready(jax.device_put(rows, pinned))
         del rows  # one layer on the device at a time
-    return HostExpertStore(cfg, experts, fmt)
+    return HostExpertStore(cfg, layers, fmt)
 
 
 def random_resident(cfg, seed: int, fmt=None) -> list:

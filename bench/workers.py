@@ -178,15 +178,15 @@ def worker_jaxmoe(spec: dict) -> dict:
     return {**out, **built, "expert_bytes": tree_bytes(experts), "versions": jax_versions()}
 
 
-def plan_counts(plan) -> dict:
-    """Loads and hits of the executed plan, prefill (step 0) apart from decode (steps >= 1);
-    prefetch plans count as loads of the step that issued them."""
-    decode = [p for p in plan if p.step >= 1]
+def plan_counts(plan, metrics: dict) -> dict:
+    """Loads and hits of the decode (the engine's decode counters: a decode on the device plans
+    nothing on the host; prefetches count as loads) and of the prefill's executed plan (step 0);
+    evictions are the host-planned passes' (a decode on the device does not count them)."""
     prefill = [p for p in plan if p.step == 0]
     return {
-        "decode_steps": max((p.step for p in plan), default=0),
-        "decode_loads": sum(len(p.loads) for p in decode),
-        "decode_hits": sum(len(p.hits) for p in decode),
+        "decode_steps": metrics["decode_steps"],
+        "decode_loads": metrics["decode_expert_loads"],
+        "decode_hits": metrics["decode_expert_hits"],
         "prefill_loads": sum(len(p.loads) for p in prefill),
         "prefill_passes": len([p for p in prefill if p.kind == "demand"]),
         "evictions": sum(len(p.evicted) for p in plan),
@@ -211,7 +211,7 @@ def worker_offload(spec: dict) -> dict:
 
     out = timed_runs(run, spec["repeats"])
     kv = B.kv_bytes(cfg, spec["batch"], spec["prompt_tokens"], spec["new_tokens"])
-    return {**out, **plan_counts(engine.plan), **built, "expert_bytes": store.expert_bytes,
+    return {**out, **plan_counts(engine.plan, out), **built, "expert_bytes": store.expert_bytes,
             "dense_bytes": engine.dense_bytes, "kv_bytes": kv, "versions": jax_versions()}  # fmt: skip
 
 

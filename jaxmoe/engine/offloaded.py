@@ -302,6 +302,7 @@ class OffloadedEngine:
         out.add(first_host)
         ttft = time.perf_counter() - start - (self.programs.compile_seconds - compiled)
         prefill_h2d, prefill_stall = cache.counters.h2d_bytes, cache.counters.stall_s
+        prefill_counts = (cache.counters.expert_hits, cache.counters.expert_misses + cache.counters.prefetch_issued)
 
         decoder = self._decoder(sampling)
         decoder.start(lengths, max_new_tokens, first_host)
@@ -337,6 +338,9 @@ class OffloadedEngine:
             "h2d_bytes": c.h2d_bytes,
             "prefetch_issued": c.prefetch_issued,
             "prefetch_used": c.prefetch_used,
+            "decode_steps": steps,
+            "decode_expert_hits": c.expert_hits - prefill_counts[0],
+            "decode_expert_loads": c.expert_misses + c.prefetch_issued - prefill_counts[1],  # demand and prefetch
             "stall_ms": 1e3 * (c.stall_s + d.stall_s),
             "decode_stall_ms": 1e3 * d.stall_s,
             # The prefill's token is read once; each decode token once per program run.
