@@ -106,12 +106,15 @@ def test_the_executed_plan_accounts_for_every_copy():
     engine, result = offloaded("qwen2_moe", "lfu", budgets("qwen2_moe", 3)["min+4"], 3, 8)
     plan = engine.plan
     assert {p.layer for p in plan} == set(engine.config.moe_layer_ids)  # the dense layer plans nothing
-    assert {p.step for p in plan} == set(range(8))
+    assert {p.step for p in plan} == {0}  # the decode's loads happen in the step program: its counters say them
+    m = result.metrics
     # A streamed prefill's copies are in its own plan; retain plans copy on the device only.
     streamed = [s for s in engine.prefill_plan.steps if s.op == "copy"]
     moved = [p for p in plan if p.kind != "retain"]
-    assert sum(len(p.loads) for p in moved) + sum(len(s.sent) for s in streamed) == result.metrics["expert_misses"]
-    assert sum(len(p.hits) for p in moved) + sum(len(s.cached) for s in streamed) == result.metrics["expert_hits"]
+    assert sum(len(p.loads) for p in moved) + sum(len(s.sent) for s in streamed) + m["decode_expert_loads"] == m[
+        "expert_misses"]  # fmt: skip
+    assert sum(len(p.hits) for p in moved) + sum(len(s.cached) for s in streamed) + m["decode_expert_hits"] == m[
+        "expert_hits"]  # fmt: skip
     assert all(set(p.to_dict()) >= {"step", "layer", "loads", "hits", "evicted"} for p in plan)
 
 
@@ -169,13 +172,10 @@ def test_prefetch_never_changes_tokens(family, batch, scorer):
     result = engine.generate(PROMPTS[:batch], 16)
     assert result.token_ids == resident_tokens(family, batch, 16)
     m = result.metrics
-    prefetches = [p for p in engine.plan if p.kind == "prefetch"]
-    assert prefetches and all(p.step > 0 and p.layer in cfg.moe_layer_ids[1:] for p in prefetches)
-    assert m["prefetch_issued"] == sum(len(p.loads) for p in prefetches)
+    assert m["host_syncs_per_token"] == 1.0  # prefetches happen in the step program
     # A fixed guess can stay resident after one load (or from the prefill) and is then never copied again.
     assert m["prefetch_issued"] > 0 or scorer == "wrong"
     assert 0 <= m["prefetch_used"] <= m["prefetch_issued"]
-    assert m["prefetch_used"] == sum(len(p.prefetched_hits) for p in engine.plan)
     assert m["h2d_bytes"] == (m["expert_misses"] + m["prefetch_issued"]) * store.expert_bytes
 
 
