@@ -12,8 +12,6 @@ Must run under the CUDA plugin's Python (3.12, jax 0.11.2); see scripts/gpu_comp
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -30,6 +28,7 @@ from jaxmoe.model.decoder import init_experts
 from jaxmoe.offload import device_cache as dc
 from jaxmoe.offload.cache import gather_experts, plan_geometry
 from jaxmoe.offload.host_store import total_expert_bytes
+from jaxmoe.offload.prefetch import GateAhead
 from jaxmoe.quant import DENSE
 
 
@@ -93,13 +92,7 @@ def report(model: str = "olmoe-1b-7b", target: str = "h100", batch: int = 1, bud
                   for moe in cfg.moe_layers)  # fmt: skip
     state = _on_cpu(jax.eval_shape(lambda: dc.new_state(jnp.zeros(pool.shape, pool.dtype), {}, slots, cfg.num_layers,
                                                         cfg.num_experts)))  # fmt: skip
-    scorer = None
-    if policy == "predictor":
-        from jaxmoe.offload.prefetch import GateAhead
-
-        scorer = GateAhead.__new__(GateAhead)  # the scorer's shapes only: a [L, D, E] table of routers
-        scorer.leaves = (spec((cfg.num_layers, cfg.hidden_size, cfg.num_experts), jnp.dtype(cfg.dtype)),)
-        scorer = _Abstract(scorer)
+    scorer = _RouterTable(cfg) if policy == "predictor" else None
     device_policy = dc.DevicePolicy(policy, prefetch=prefetch, picks=cfg.top_k if prefetch else 0)
     static = {"sampling": sampling, "policy": device_policy, "fmt": fmt, "scorer": scorer}
     scorer_leaves = _on_cpu(scorer.leaves) if scorer else ()
@@ -108,11 +101,8 @@ def report(model: str = "olmoe-1b-7b", target: str = "h100", batch: int = 1, bud
         (leaves, rows, rows, _on_cpu(spec((batch,), jnp.bool_)), kv, state, hosts, root, scalar, scorer_leaves),
         target=target, static=static, donate=(4, 5), options={**options, **dc.FETCH_OPTIONS}, keep=keep)  # fmt: skip
 
-    staging = unique
-    filler = spec((nbytes,), jnp.uint8)
     x = spec((batch, 1, cfg.hidden_size), jnp.dtype(cfg.dtype))
     resume_args = (leaves, rows, rows, _on_cpu(spec((batch,), jnp.bool_)), kv, _on_cpu(pool),
-                   _on_cpu((filler,) * staging), _on_cpu(spec((staging,), jnp.int32)),
                    _on_cpu(spec((cfg.num_layers, cfg.num_experts), jnp.int32)), scalar, _on_cpu(x), root, scalar, ())
     programs["offloaded_resume"] = gpu_aot.compile_counts(
         "offloaded_resume", lambda leaves, *a, **s: offloaded_step(merged(leaves), *a, **s), resume_args, target=target,
@@ -122,15 +112,8 @@ def report(model: str = "olmoe-1b-7b", target: str = "h100", batch: int = 1, bud
             "policy": policy, "pool_slots": slots, "programs": programs}  # fmt: skip
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class _Abstract:
-    """A scorer made from shapes (hashable by identity, as a static argument must be)."""
+class _RouterTable(GateAhead):
+    """Gate-ahead from shapes alone: a [L, D, E] table of routers (the scorer's cost)."""
 
-    inner: object
-
-    @property
-    def leaves(self):
-        return self.inner.leaves
-
-    def score(self, leaves, h, layer):
-        return self.inner.score(leaves, h, layer)
+    def __init__(self, cfg):
+        self.leaves = (jax.ShapeDtypeStruct((cfg.num_layers, cfg.hidden_size, cfg.num_experts), jnp.dtype(cfg.dtype)),)

@@ -45,14 +45,17 @@ def test_every_compiled_program_is_named_after_its_program():
     store = HostExpertStore.from_stacks(CFG, experts)
     budget = minimum_experts(CFG.top_k) * store.expert_bytes  # batch 1
     offloaded = OffloadedEngine(CFG, model, store, budget)
-    offloaded.generate([[1, 2, 3]], 2)  # the routed prefill and a decode step
+    offloaded.generate([[1, 2, 3]], 2)  # the routed prefill and a decode step (misses in the program)
+    planned = OffloadedEngine(CFG, model, store, budget, "reuse")
+    planned.generate([[1, 2, 3]], 2)  # a host-planned decode step
     streamed = OffloadedEngine(CFG, model, store, budget, prefill="stream")
     streamed.prepare(1, 3, 2)  # the streamed prefill's chunk programs and the cache's own
     resident = ResidentEngine(CFG, model, experts)
     resident.generate([[1, 2, 3]], 2)
-    names = {**module_names(offloaded.programs), **module_names(streamed.programs), **module_names(resident.programs)}
+    names = {**module_names(offloaded.programs), **module_names(planned.programs), **module_names(streamed.programs),
+             **module_names(resident.programs)}  # fmt: skip
     # (write_rows, the retain program, needs a cache smaller than every expert: not this model's 4.)
-    expected = {"embed", "dense", "attend_route", "experts", "first_token", "step", "dense_chunk", "moe_chunk",
+    expected = {"embed", "dense", "attend_route", "experts", "first_token", "device_step", "step", "dense_chunk", "moe_chunk",
                 "take_from_pool", "stack_experts", "prefill_chunk", "decode"}  # fmt: skip
     assert set(names) == expected
     for name, module in names.items():

@@ -178,6 +178,7 @@ class OffloadedEngine:
         cache_len = cache_bucket(p_len, max_new_tokens)
         size, starts = chunk_starts(p_len, self.prefill_chunk)
         self._ensure_cache(batch)
+        self.cache.prepare_fetch()
         mode = choose_mode(self.prefill_mode, cfg.num_experts, batch * prompt_tokens * cfg.top_k, len(starts),
                            self.cache.staging == 0)  # fmt: skip
         if mode == ROUTED:

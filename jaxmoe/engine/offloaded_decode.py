@@ -1,13 +1,14 @@
-"""Offloaded decode: one program per token while its experts are cached, a host round
-trip only where one is missing.
+"""Offloaded decode planned on the host (the reuse and maps policies, and the server's rows):
+one program per token while its experts are cached, a host round trip only where one is
+missing. The other policies run engine/device_decode.py, which never returns for a miss.
 
 Per token the host dispatches the step program (engine/step.py) from layer 0 and reads
 its small outputs once: the first layer that missed an expert, every layer's routing
 ids, the predictor's picks. The decode driver (jaxmoe/offload/driver.py, the code the
 cache simulator runs too) records each completed layer's experts as hits and, if a
 layer missed, plans its loads and the prefetches its policy asks for; the cache copies
-them and writes them into the pool (the copies are issued before that write program, so
-the host never waits on a copy), and the same program runs again from that layer with
+them into the pool (a fetch program dispatched before the step program, so the host never
+waits on a copy), and the same program runs again from that layer with
 the hidden state it kept. A token costs 1 + (layers that missed) programs and host reads.
 With amortised prediction the driver decides per token whether its runs carry the
 scorer; a token that does not predict runs the program compiled without it.
@@ -26,19 +27,18 @@ import numpy as np
 
 from jaxmoe.engine.step import decode_step
 from jaxmoe.model import init_kv_cache
-from jaxmoe.offload.cache import pool_experts, write_slots
+from jaxmoe.offload.cache import pool_experts
 
 DONATE = (3, 4)  # the KV cache and the pool: updated in place
 
 
-def offloaded_step(model, tok, positions, valid, kv, pool, staged, staged_slots, table, start, x_start, root, step,
+def offloaded_step(model, tok, positions, valid, kv, pool, table, start, x_start, root, step,
                    scorer_leaves, *, sampling, scorer, picks, fmt, **step_options):  # fmt: skip
     """decode_step on tok [B] at positions [B] with the cache's pool standing for every MoE
-    layer's experts, after writing into the pool (in place) the copies the cache staged;
-    also returns the pool, and the next step's positions and step (used after a run that
-    completed the token), so the host feeds device arrays straight back in.
-    `step_options`: decode_step's own (the server's per-row `moe_fn` and `sampler`)."""
-    pool = write_slots(pool, staged, staged_slots)
+    layer's experts; also returns the pool (passed through, donated), and the next step's
+    positions and step (used after a run that completed the token), so the host feeds device
+    arrays straight back in. `step_options`: decode_step's own (the server's per-row `moe_fn`
+    and `sampler`)."""
     experts = [pool_experts(pool, fmt, model.cfg) if moe else None for moe in model.cfg.moe_layers]
     out = decode_step(model, tok[:, None], positions[:, None], valid, kv, experts, table, start, x_start, root,
                       step, scorer_leaves, sampling=sampling, scorer=scorer, picks=picks, **step_options)  # fmt: skip
@@ -93,8 +93,7 @@ class OffloadedDecoder:
         kv = jax.eval_shape(lambda: init_kv_cache(cfg, batch, cache_len))
         cache = self.engine.cache
         plain = lambda tree: jax.tree.map(lambda a: spec(a.shape, a.dtype), tree)  # noqa: E731
-        cache_inputs = plain((cache.pool, (cache.filler,) * cache.staging, jnp.zeros(cache.staging, jnp.int32),
-                              jnp.zeros((cfg.num_layers, cfg.num_experts), jnp.int32)))  # fmt: skip
+        cache_inputs = plain((cache.pool, jnp.zeros((cfg.num_layers, cfg.num_experts), jnp.int32)))
         for self.predict in (True, False) if self.engine.amortize.active else (True,):
             args = self.args(rows, rows, spec((batch,), jnp.bool_), kv, spec((), jnp.int32),
                              spec((batch, 1, cfg.hidden_size), jnp.dtype(cfg.dtype)),

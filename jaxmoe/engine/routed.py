@@ -3,7 +3,8 @@ only the experts its tokens route to (short prompts, where streaming every exper
 move more bytes than it saves).
 
 Per MoE layer: attention and routing (one program), one host read of the routing ids,
-the schedule plans the pass(es), the cache copies the misses, then the expert program.
+the schedule plans the pass(es), the cache copies the misses into the pool, then the
+expert program.
 A chunk can route to more experts than the cache holds: the layer then takes several
 passes, each computing the rows whose experts are resident (`in_pass`), every row
 exactly as the resident kernel computes it.
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmoe.model import combine, expert_rows, moe_ffn, num_unique_experts
-from jaxmoe.offload.cache import pool_experts, write_slots
+from jaxmoe.offload.cache import pool_experts
 
 
 def embed(ends, tokens):
@@ -35,18 +36,16 @@ def attend_route(layer, x, positions, kv):
     return x, kv, h, routing.ids, routing.weights
 
 
-def experts_pass(layer, x, h, slot_ids, in_pass, weights, y_prev, pool, staged, staged_slots, num_unique, fmt):
-    """Scatter the staged copies into their slots, compute this pass's rows, finish the layer.
-
-    Rows outside the pass keep y_prev, so after a layer's last pass y holds every row.
+def experts_pass(layer, x, h, slot_ids, in_pass, weights, y_prev, pool, num_unique, fmt):
+    """Compute this pass's rows from the pool (the cache copied the pass's loads into it), finish
+    the layer. Rows outside the pass keep y_prev, so after a layer's last pass y holds every row.
     """
-    pool = write_slots(pool, staged, staged_slots)
     anchor = slot_ids.reshape(-1)[jnp.argmax(in_pass.reshape(-1))]  # any slot of this pass
     ids = jnp.where(in_pass, slot_ids, anchor)
     y_pass = expert_rows(h, ids, pool_experts(pool, fmt, layer.mlp.cfg), num_unique)
     y = jnp.where(in_pass[..., None], y_pass, y_prev)
     x = layer.finish_moe(x, h, combine(y, weights, h.dtype))
-    return x, y, pool
+    return x, y
 
 
 def routed_chunk(engine, tokens, positions: np.ndarray, valid: np.ndarray, kv: list) -> jax.Array:
@@ -70,17 +69,15 @@ def routed_chunk(engine, tokens, positions: np.ndarray, valid: np.ndarray, kv: l
         with clock.phase("schedule"):
             plans = cache.schedule.plan_layer(0, layer, np.unique(ids_host[valid_rows]))
         for plan in plans:
-            staged, staged_slots, copies = cache.issue(plan)
-            cache.wait(copies)
+            cache.wait(cache.issue(plan))
             with clock.phase("schedule"):
                 table = np.full(engine.config.num_experts, -1, np.int32)
                 table[list(plan.experts)] = plan.slots
                 slot_ids = table[ids_host]
                 in_pass = (slot_ids >= 0) & valid_rows[:, None]
-            x, y, cache.pool = run(
-                "experts", experts_pass, {"num_unique": unique, "fmt": cache.format}, (6,), piece, x_in, h,
-                jnp.asarray(np.maximum(slot_ids, 0)), jnp.asarray(in_pass), weights, y,
-                cache.pool, staged, jnp.asarray(staged_slots),
+            x, y = run(
+                "experts", experts_pass, {"num_unique": unique, "fmt": cache.format}, (), piece, x_in, h,
+                jnp.asarray(np.maximum(slot_ids, 0)), jnp.asarray(in_pass), weights, y, cache.pool,
             )  # fmt: skip
     return x
 
@@ -95,7 +92,7 @@ def compile_routed(engine, batch: int, tokens: int, cache_len: int):
     positions = spec((batch, tokens), jnp.int32)
     kv = jax.eval_shape(lambda: init_kv_cache(cfg, batch, cache_len)[0])
     cache = engine.cache
-    pool, staged = plain(cache.pool), plain((cache.filler,) * cache.staging)
+    pool = plain(cache.pool)
     for layer, piece in enumerate(engine.layers):
         if not cfg.moe_layers[layer]:
             compile_("dense", dense_layer, {}, (2,), piece, x, positions, kv)
@@ -104,7 +101,7 @@ def compile_routed(engine, batch: int, tokens: int, cache_len: int):
         n, k = ids.shape
         unique = min(num_unique_experts(cfg.num_experts, n, k), cache.num_slots)
         args = (x_in, h, spec((n, k), jnp.int32), spec((n, k), jnp.bool_), weights,
-                spec((n, k, cfg.hidden_size), x.dtype), pool, staged, spec((cache.staging,), jnp.int32))  # fmt: skip
+                spec((n, k, cfg.hidden_size), x.dtype), pool)  # fmt: skip
         static = {"num_unique": unique, "fmt": cache.format}
-        x = plain(compile_("experts", experts_pass, static, (6,), piece, *args).out_info[0])
+        x = plain(compile_("experts", experts_pass, static, (), piece, *args).out_info[0])
     return x

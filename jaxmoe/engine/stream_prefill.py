@@ -8,7 +8,7 @@ for that layer's chunk (the same attention over the same cache, the layer's expe
 as one [E, ...] stack in one batched contraction), so the numbers are equal.
 
 The host walks a PrefillPlan (jaxmoe/offload/prefill_plan.py):
-  copy     the cache issues the layer's copies (pinned host -> device, one batched call)
+  copy     the cache issues the layer's copies (pinned host -> device, one fetch program)
   stack    wait for that layer's copies (timed: the device has nothing else to do, so
            this is stall), and put them into one stack (the copies are then freed)
   compute  dispatch the layer's chunk programs

@@ -6,20 +6,20 @@ Memory, all counted against the byte budget:
            only the rows it gathers (`pool_experts`). Bytes are also what XLA CPU
            writes in place: it writes a bf16 array by converting all of it to fp32 and
            back (6 ms for 91 slots of the shipped model, 37 ms for 300; 0.1 ms as integers)
-  staging  copies in flight: `device_put` cannot write into an existing buffer, so a
-           copy lands in its own buffer until a program writes it into its pool slot.
-           At most the U experts one layer needs and P predicted for the next: U + P
-  filler   one zeroed expert that pads a staged list to its static length U + P
+  staging  copies in flight: at most the U experts one layer needs and P predicted for
+           the next, U + P, and one filler expert. Every copy the cache makes now lands
+           in its pool slot in place (a fetch program, or the decode step itself), so
+           this room is reserved but unused; the budget's minimum still includes it
   gather   the expert program computes its U experts as one batched contraction, so it
            gathers them out of the pool first: U experts of workspace in every step
 A budget of every expert plus that gather preloads them all: no copies.
 
-A decode step finds its experts through a table ([L, E] pool rows, -1 when absent) on
-the device. `load` copies a set of plans' experts, the slots they go to and the new
-table with one batched `device_put`; the next step program writes them into the pool
-as it starts (`step_inputs`, then `step_outputs` with the pool it returns), so a miss
-costs one transfer call and no program of its own. A routed prefill pass takes its
-copies as a staged list too (`issue`). A streamed prefill moves whole
+Copies go straight into their pool slots: a fetch program (`fetch_into_pool`, a fixed U + P
+lanes, so one compiled program serves every pass) copies each planned expert's row from
+its pinned host layer into its slot, in place. A routed prefill pass (`issue`) and a
+host-planned decode's missed layer (`load`) both use it; the decode on the device fetches
+its misses in its own step program (device_cache.py). A decode step finds its experts
+through a table ([L, E] pool rows, -1 when absent) on the device. A streamed prefill moves whole
 layers outside this budget (at most two at once, see prefill_plan.py): `stream` sends
 a layer's experts and takes device copies of those already cached, `stack` puts them
 into one stack as the resident engine holds a layer, `retain` keeps the prompt's
@@ -80,15 +80,6 @@ def write_rows(pool: jax.Array, layer, index: jax.Array, slots: jax.Array, fmt: 
     return pool.at[slots].set(rows, mode="drop")
 
 
-@jax.named_scope("pool_write")
-def write_slots(pool: jax.Array, staged, slots):
-    """Inside a jitted program: each staged expert buffer into its pool row (in place when
-    the pool is donated); a slot past the end (padding) is dropped."""
-    for buffer, slot in zip(staged, slots):
-        pool = pool.at[slot].set(buffer, mode="drop")
-    return pool
-
-
 def fetch_in_jit(host_layer: jax.Array, index: jax.Array) -> tuple:
     """Inside a jitted program: rows `index` [W] of a pinned host layer [E, bytes], each copied
     into its own device buffer (only those rows move). With the latency hiding scheduler
@@ -99,6 +90,12 @@ def fetch_in_jit(host_layer: jax.Array, index: jax.Array) -> tuple:
 
 def fetch_rows(host_layer, index):  # the function's name is the program's name in a profile
     return fetch_in_jit(host_layer, index)
+
+
+def fetch_into_pool(pool, host_layer, index, slots):  # the program's name in a profile
+    """Rows `index` [W] of a pinned host layer into pool `slots` [W] in place; a slot past the
+    end (padding) copies nothing."""
+    return dc.fetch_into(pool, host_layer, index, slots, slots < pool.shape[0])
 
 
 class BudgetError(ValueError):
@@ -188,16 +185,13 @@ class DeviceExpertCache:
         slots, in_flight = plan_geometry(budget_bytes, store.expert_bytes, total, unique_max, prefetch_max, gather)
         if not in_flight:  # everything resident: nothing to prefetch
             prefetch_max = 0
-        # The staged list a write takes: a layer's demand copies and the next one's prefetches.
+        # The lanes of a fetch: a layer's demand copies and the next one's prefetches (0: everything resident).
         self.staging = unique_max + prefetch_max if in_flight else 0
         self.schedule = Schedule(slots, unique_max if in_flight else 0, policy, prefetch_max)
         self._table, self._table_stale = None, True
-        self._staged = None  # (copies, slots) of the last load, until a step program takes them
-        self._no_writes = None  # (fillers, slots past the end): what a step writes when nothing was loaded
         self._policy_arrays = None  # what the device policy learned (device_cache.policy_arrays)
         nbytes, self.format = store.expert_bytes, store.format
         with jax.default_device(self.device.device_set.pop()):
-            self.filler = jnp.zeros((nbytes,), jnp.uint8) if self.staging else None
             if self.staging:
                 self.pool = jnp.zeros((slots, nbytes), jnp.uint8)
             else:  # everything fits: stack on the host and copy once, so the device never holds two copies
@@ -224,31 +218,22 @@ class DeviceExpertCache:
 
     def _account(self, in_flight: int) -> None:
         gather = self.unique_max * self.store.expert_bytes  # inside every expert program
-        used = tree_bytes((self.pool, self.filler)) + in_flight * self.store.expert_bytes + gather
+        used = tree_bytes(self.pool) + in_flight * self.store.expert_bytes + gather
         self.counters.peak_bytes = max(self.counters.peak_bytes, used)
         if self.check_budget and used > self.budget_bytes:
             raise AssertionError(f"expert cache holds {used} bytes, over its budget of {self.budget_bytes}")
 
-    def _fetch(self, loads: Sequence[tuple[int, int]]) -> list:
-        """Copies of experts (layer, e) from pinned host memory, each into its own device
-        buffer, in order: one fetch program per layer (async: returns before the bytes
-        land); counted as moved."""
-        self.counters.h2d_bytes += len(loads) * self.store.expert_bytes
-        copies: list = [None] * len(loads)
-        by_layer: dict[int, list[int]] = {}
-        for i, (layer, _) in enumerate(loads):
-            by_layer.setdefault(layer, []).append(i)
+    def _copy(self, layer: int, experts: Sequence[int]) -> list:
+        """Copies of `experts` of `layer` from pinned host memory, each into its own device buffer
+        (one fetch program; async: returns before the bytes land); counted as moved."""
+        if not experts:
+            return []
+        self.counters.h2d_bytes += len(experts) * self.store.expert_bytes
+        host, index = self.store.layer(layer), np.asarray(experts, np.int32)
         with self.clock.phase("copy_issue"):
-            for layer, at in by_layer.items():
-                host, index = self.store.layer(layer), np.array([loads[i][1] for i in at], np.int32)
-                program = self.programs.get("fetch_rows", fetch_rows, {}, (), host, index)
-                for i, copy in zip(at, program(host, index)):
-                    copies[i] = copy
+            copies = list(self.programs.get("fetch_rows", fetch_rows, {}, (), host, index)(host, index))
         self.clock.device("copy", copies)
         return copies
-
-    def _copy(self, layer: int, experts: Sequence[int]) -> list:
-        return self._fetch([(layer, e) for e in experts]) if experts else []
 
     def record(self, plan: PassPlan) -> None:
         """Count a plan's hits and loads (a prefetch plan's loads as prefetches); a plan
@@ -262,34 +247,55 @@ class DeviceExpertCache:
         if plan.loads or plan.evicted:
             self._table_stale = True
 
-    def issue(self, plan: PassPlan) -> tuple[tuple, np.ndarray, list]:
-        """Start a routed prefill pass's copies (one batched `device_put`); returns the
-        staged arrays for the layer's expert program, padded to their static length with
-        the filler, their target slots (S for padding: dropped by the scatter) and the
-        copies (to wait on)."""
+    def issue(self, plan: PassPlan) -> list:
+        """Copy a routed prefill pass's loads into their pool slots; returns what to wait on
+        (the pool, or nothing when nothing moved)."""
         self.record(plan)
-        copies = self._copy(plan.layer, [e for e, _ in plan.loads])
-        self._account(len(copies))
-        pad = self.staging - len(copies)
-        slots = [s for _, s in plan.loads] + [self.num_slots] * pad
-        return tuple(copies) + (self.filler,) * pad, np.array(slots, np.int32), copies
+        self._fetch_into_pool([(plan.layer, e, slot) for e, slot in plan.loads])
+        return [self.pool] if plan.loads else []
 
     def load(self, plans: Sequence[PassPlan]) -> bool:
-        """Copy every plan's loads, their slots and the new table in one batched `device_put`
-        (issued before the program that writes them, so nothing waits on the host); the
-        next step program writes them into the pool. Returns whether anything was copied."""
+        """Copy every plan's loads into their pool slots (a fetch program per layer, dispatched
+        before the step program that reads them, so the host never waits on a copy) and the
+        new table. Returns whether anything was copied."""
         for plan in plans:
             self.record(plan)
         loads = [(plan.layer, e, slot) for plan in plans for e, slot in plan.loads]
         if not loads:
             return False
-        copies = self._fetch([(layer, e) for layer, e, _ in loads])
-        slots = np.array([slot for _, _, slot in loads] + [self.num_slots] * (self.staging - len(loads)), np.int32)
+        self._fetch_into_pool(loads)
         with self.clock.phase("copy_issue"):
-            slots, self._table = jax.device_put([slots, self._table_array()], self.device)
-        self._account(len(copies))
-        self._staged, self._table_stale = (tuple(copies) + (self.filler,) * (self.staging - len(copies)), slots), False
+            self._table, self._table_stale = jax.device_put(self._table_array(), self.device), False
         return True
+
+    def _fetch_into_pool(self, loads: Sequence[tuple[int, int, int]]) -> None:
+        """(layer, expert, slot) rows from pinned host memory into the pool, in place: one fetch
+        program per layer, of `staging` lanes (the padding lanes copy nothing); counted as moved."""
+        self.counters.h2d_bytes += len(loads) * self.store.expert_bytes
+        by_layer: dict[int, list[tuple[int, int]]] = {}
+        for layer, e, slot in loads:
+            by_layer.setdefault(layer, []).append((e, slot))
+        with self.clock.phase("copy_issue"):
+            for layer, pairs in by_layer.items():
+                for start in range(0, len(pairs), self.staging):
+                    lanes = pairs[start : start + self.staging]
+                    pad = self.staging - len(lanes)
+                    index = np.array([e for e, _ in lanes] + [0] * pad, np.int32)
+                    slots = np.array([s for _, s in lanes] + [self.num_slots] * pad, np.int32)
+                    self.pool = self._fetch_program()(self.pool, self.store.layer(layer), index, slots)
+        self.clock.device("copy", self.pool)
+        self._account(0)
+
+    def prepare_fetch(self) -> None:
+        """Compile the fetch program (issue, load) ahead of a generate."""
+        if self.staging:
+            self._fetch_program()
+
+    def _fetch_program(self):
+        lanes = jax.ShapeDtypeStruct((self.staging,), jnp.int32)
+        host = self.store.layer(self.store.config.moe_layer_ids[0])
+        return self.programs.get("fetch_into_pool", fetch_into_pool, {}, (0,), self.pool, host, lanes, lanes,
+                                 options=dc.FETCH_OPTIONS)  # fmt: skip
 
     def _table_array(self) -> np.ndarray:
         cfg = self.store.config
@@ -306,16 +312,8 @@ class DeviceExpertCache:
         return self._table
 
     def step_inputs(self) -> tuple:
-        """(pool, staged copies, their slots, table) for a step program: what the last
-        `load` copied, or nothing (the filler, to slots past the end: dropped)."""
-        if self._staged is None:
-            if self._no_writes is None:
-                self._no_writes = ((self.filler,) * self.staging,
-                                   jax.device_put(np.full(self.staging, self.num_slots, np.int32), self.device))  # fmt: skip
-            staged, slots = self._no_writes
-        else:
-            (staged, slots), self._staged = self._staged, None
-        return self.pool, staged, slots, self.table()
+        """(pool, table) for a host-planned step program."""
+        return self.pool, self.table()
 
     def device_state(self) -> "dc.CacheState":
         """The cache as one device pytree for a decode whose misses are fetched in the program
@@ -330,7 +328,7 @@ class DeviceExpertCache:
         prefill plans with), its counters, and its policy's arrays for the next generate."""
         self.pool = state.pool
         self.schedule.reassign(dc.slots_of(np.asarray(state.table)))
-        self._table_stale, self._staged = True, None
+        self._table_stale = True
         self._policy_arrays = dc.policy_arrays(state)
         c = self.counters
         c.expert_hits += counts["expert_hits"]
@@ -340,12 +338,12 @@ class DeviceExpertCache:
         c.h2d_bytes += (counts["expert_misses"] + counts["prefetch_issued"]) * self.store.expert_bytes
 
     def step_outputs(self, pool) -> None:
-        """The pool a step program returned (it wrote the staged copies in place)."""
+        """The pool a step program returned (donated: the same buffer's successor)."""
         self.pool = pool
 
     def stream(self, layer: int, sent: Sequence[int], cached: Sequence[int]) -> tuple[dict[int, jax.Array], list]:
-        """A whole layer for a streamed prefill: `sent` copied from the host (one batched
-        `device_put`), `cached` copied out of the pool on the device. Returns every
+        """A whole layer for a streamed prefill: `sent` copied from the host (one fetch
+        program), `cached` copied out of the pool on the device. Returns every
         expert's buffer by id, and the host copies (to wait on)."""
         self.counters.expert_misses += len(sent)
         self.counters.expert_hits += len(cached)

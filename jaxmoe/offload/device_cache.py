@@ -107,12 +107,12 @@ def slots_of(table: np.ndarray) -> dict:
     return {(int(layer), int(e)): int(table[layer, e]) for layer, e in zip(layers, experts)}
 
 
-def _count(state: CacheState, name: str, amount) -> CacheState:
+def count(state: CacheState, name: str, amount) -> CacheState:
     return state._replace(counts=state.counts.at[COUNTERS.index(name)].add(jnp.asarray(amount, jnp.int32)))
 
 
-def _victims(state: CacheState, policy: DevicePolicy, protect: jax.Array, count: int) -> jax.Array:
-    """[count] slots in eviction order (empty slots first, `protect` [S] never)."""
+def _victims(state: CacheState, policy: DevicePolicy, protect: jax.Array, n: int) -> jax.Array:
+    """[n] slots in eviction order (empty slots first, `protect` [S] never)."""
     e_count = state.table.shape[1]
     key = state.slot_key
     occupied = key >= 0
@@ -130,7 +130,7 @@ def _victims(state: CacheState, policy: DevicePolicy, protect: jax.Array, count:
     primary = jnp.where(protect, jnp.inf, primary)
     last = jnp.where(occupied, last, -2)
     order = jnp.lexsort((jnp.arange(key.shape[0]), last, primary))  # the last key sorts first
-    return order[: min(count, key.shape[0])]
+    return order[: min(n, key.shape[0])]
 
 
 def _install(state: CacheState, host, layer: int, experts: jax.Array, do: jax.Array, dest: jax.Array) -> CacheState:
@@ -145,17 +145,22 @@ def _install(state: CacheState, host, layer: int, experts: jax.Array, do: jax.Ar
     table = table.at[jnp.where(do, layer, num_layers), experts].set(dest, mode="drop")
     slot_key = state.slot_key.at[jnp.where(do, dest, state.slot_key.shape[0])].set(layer * e_count + experts,
                                                                                   mode="drop")  # fmt: skip
-    pool = state.pool
-    if host is not None:
-        for i in range(experts.shape[0]):
-
-            def fetch(pool, i=i):
-                row = jax.device_put(jax.lax.dynamic_index_in_dim(host, experts[i], keepdims=False),
-                                     jax.memory.Space.Device)  # fmt: skip
-                return jax.lax.dynamic_update_index_in_dim(pool, row, dest[i], 0)
-
-            pool = jax.lax.cond(do[i], fetch, lambda pool: pool, pool)
+    pool = state.pool if host is None else fetch_into(state.pool, host, experts, dest, do)
     return state._replace(pool=pool, table=table, slot_key=slot_key, prefetched=prefetched)
+
+
+def fetch_into(pool: jax.Array, host: jax.Array, experts: jax.Array, slots: jax.Array, do: jax.Array) -> jax.Array:
+    """Inside a program: rows `experts` [W] of the pinned host layer `host` [E, B] into pool slots
+    `slots` [W] where `do` [W], in place (one kernel reading host memory per lane, under a
+    conditional: a lane that is not taken moves nothing). Compile with FETCH_OPTIONS."""
+    for i in range(experts.shape[0]):
+
+        def fetch(pool, i=i):
+            row = jax.device_put(jax.lax.dynamic_index_in_dim(host, experts[i], keepdims=False), jax.memory.Space.Device)
+            return jax.lax.dynamic_update_index_in_dim(pool, row, slots[i], 0)
+
+        pool = jax.lax.cond(do[i], fetch, lambda pool: pool, pool)
+    return pool
 
 
 def _use(state: CacheState, policy: DevicePolicy, layer: int, experts: jax.Array, need: jax.Array) -> CacheState:
@@ -200,7 +205,7 @@ def ensure(state: CacheState, host, policy: DevicePolicy, layer: int, ids: jax.A
     hits, needed = jnp.sum(hit), jnp.sum(need)
     rate = hits.astype(jnp.float32) / jnp.maximum(needed, 1).astype(jnp.float32)
     state = state._replace(hit_rate=state.hit_rate + (rate - state.hit_rate) / policy.window)
-    state = _count(_count(_count(state, "expert_hits", hits), "expert_misses", jnp.sum(miss)), "prefetch_used",
+    state = count(count(count(state, "expert_hits", hits), "expert_misses", jnp.sum(miss)), "prefetch_used",
                    jnp.sum(used_prefetch))  # fmt: skip
     return state, state.table[layer][ids]
 
@@ -213,11 +218,15 @@ def _drop_other_layers(state: CacheState, layer: int) -> CacheState:
                           prefetched=jnp.zeros_like(state.prefetched))  # fmt: skip
 
 
-def predicting(state: CacheState, policy: DevicePolicy, step: jax.Array) -> jax.Array:
-    """[] bool: whether this token predicts (every k-th token, and while the hit rate is below
-    the threshold)."""
+def begin_token(state: CacheState, policy: DevicePolicy, step: jax.Array, scored: bool) -> tuple[CacheState, jax.Array]:
+    """A decode token starts: ([] bool) whether it predicts, with a scorer (`scored`): on every
+    k-th token, and while the recent hit rate is below the threshold; a token that does not is
+    counted as skipped."""
+    if not scored:
+        return state, jnp.asarray(False)
     now = (step - 1) % policy.every == 0
-    return now if policy.below is None else now & (state.hit_rate < policy.below)
+    now = now if policy.below is None else now & (state.hit_rate < policy.below)
+    return count(state, "predictor_skipped_tokens", ~now), now
 
 
 def visit(state: CacheState, host, policy: DevicePolicy, layer: int, next_layer: int | None, ids: jax.Array,
@@ -240,7 +249,7 @@ def predict(state: CacheState, policy: DevicePolicy, next_layer: int, probs: jax
     per_expert = jnp.zeros((state.table.shape[1],), jnp.float32).at[best].max(probs)  # [E]
     top, chosen = jax.lax.top_k(per_expert, policy.prefetch)
     predicted = jnp.zeros_like(per_expert).at[chosen].set(top)
-    return _count(state._replace(predicted=state.predicted.at[next_layer].set(predicted)), "predictor_calls", 1)
+    return count(state._replace(predicted=state.predicted.at[next_layer].set(predicted)), "predictor_calls", 1)
 
 
 def prefetch(state: CacheState, host, policy: DevicePolicy, layer: int, next_layer: int, protect_ids: jax.Array,
@@ -266,4 +275,4 @@ def prefetch(state: CacheState, host, policy: DevicePolicy, layer: int, next_lay
     state = _install(state, host, next_layer, experts, do, dest)
     state = state._replace(prefetched=state.prefetched.at[jnp.where(do, next_layer, num_layers), experts].set(
         True, mode="drop"))  # fmt: skip
-    return _count(state, "prefetch_issued", jnp.sum(do))
+    return count(state, "prefetch_issued", jnp.sum(do))

@@ -37,8 +37,7 @@ def first_token_rows(ends, x, index, sampling):
 
 def rows_step(model, *args, scorer, picks, fmt):
     """offloaded_step (engine/offloaded_decode.py) whose last argument is the rows' sampling,
-    with experts and head computed per row (serve/row_exact.py): the same pool write,
-    decode step and report."""
+    with experts and head computed per row (serve/row_exact.py): the same decode step and report."""
     *step_args, sampling = args
     return offloaded_step(model, *step_args, sampling=SamplingParams(), scorer=scorer, picks=picks, fmt=fmt,
                           moe_fn=per_token_moe, sampler=row_sampler(sampling))  # fmt: skip
