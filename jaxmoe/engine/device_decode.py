@@ -14,25 +14,16 @@ whose planning lives on the host (reuse, maps) run engine/offloaded_decode.py.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxmoe.engine.device_step import device_step
+from jaxmoe.engine.offloaded_decode import DecodeCounters  # resumes and stall stay 0: a miss never leaves the program
 from jaxmoe.model import init_kv_cache
 from jaxmoe.offload import device_cache as dc
 
 DONATE = (3, 4)  # the KV cache and the cache state (its pool): updated in place
-
-
-@dataclasses.dataclass
-class DecodeCounters:
-    tokens: int = 0
-    runs: int = 0  # step programs dispatched (one host read each)
-    resumes: int = 0  # always 0 here: a miss never leaves the program
-    stall_s: float = 0.0  # not measurable from the host: copies happen inside the program
 
 
 def device_policy(engine) -> dc.DevicePolicy:

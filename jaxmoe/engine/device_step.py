@@ -62,9 +62,7 @@ def device_step(
     following = next_moe_layers(cfg)
     x = model.embed_tokens(tok[:, None])  # [B, 1, D]
     pos = positions[:, None]
-    predict_now = dc.predicting(state, policy, step) if scorer is not None else jnp.asarray(False)
-    if scorer is not None:
-        state = dc._count(state, "predictor_skipped_tokens", ~predict_now)
+    state, predict_now = dc.begin_token(state, policy, step, scorer is not None)
     new_kv = []
     for layer, (module, layer_kv) in enumerate(zip(model.layers, kv, strict=True)):
         if not module.is_moe:

@@ -22,18 +22,22 @@ import numpy as np
 from jaxmoe.offload import device_cache as dc
 
 
-@functools.partial(jax.jit, static_argnames=("policy", "moe_layers", "next_layers", "unique", "scored"))
 def _token(state, ids, valid, probs, step, *, policy, moe_layers, next_layers, unique, scored):
     """One decode step's cache work: ids [B, Lm, K], valid [B], probs [B, Lm, E]."""
-    now = dc.predicting(state, policy, step) if scored else jnp.asarray(False)
-    if scored:
-        state = dc._count(state, "predictor_skipped_tokens", ~now)
+    state, now = dc.begin_token(state, policy, step, scored)
     for j, (layer, nxt) in enumerate(zip(moe_layers, next_layers)):
         scores = (lambda j=j: probs[:, j]) if scored and nxt is not None else None
         state, _ = dc.visit(state, None, policy, layer, nxt if scored else None, ids[:, j], valid, unique, now, scores)
         if scored and nxt is not None:
             state = dc.prefetch(state, None, policy, layer, nxt, ids[:, j], valid, now)
     return state
+
+
+@functools.partial(jax.jit, static_argnames=("policy", "moe_layers", "next_layers", "unique", "scored"))
+def _replay(state, ids, valid, probs, steps, **static):
+    """Every step in order (a scan over T): ids [T, B, Lm, K], valid [T, B], probs [T, B, Lm, E], steps [T]."""
+    body = lambda state, xs: (_token(state, *xs, **static), None)  # noqa: E731
+    return jax.lax.scan(body, state, (ids, valid, probs, steps))[0]
 
 
 def simulate_device(ids: np.ndarray, moe_layers: Sequence[int], num_layers: int, num_experts: int, slots: int,
@@ -46,12 +50,11 @@ def simulate_device(ids: np.ndarray, moe_layers: Sequence[int], num_layers: int,
     b, t_count, lm, k = ids.shape
     valid = np.ones((b, t_count), bool) if valid is None else np.asarray(valid, bool)
     scored = probs is not None and policy.prefetch > 0
-    probs = np.zeros((b, t_count, lm, num_experts), np.float32) if probs is None else np.asarray(probs, np.float32)
+    probs = np.zeros((b, t_count, lm, 0), np.float32) if not scored else np.asarray(probs, np.float32)
     layers = tuple(moe_layers)
     following = tuple(layers[j + 1] if j + 1 < len(layers) else None for j in range(len(layers)))
-    unique = min(num_experts, b * k)
     state = dc.new_state(None, slot_of or {}, slots, num_layers, num_experts)
-    for t in range(t_count):
-        state = _token(state, ids[:, t], valid[:, t], probs[:, t], jnp.int32(first_step + t), policy=policy,
-                       moe_layers=layers, next_layers=following, unique=unique, scored=scored)  # fmt: skip
+    steps = np.arange(first_step, first_step + t_count, dtype=np.int32)
+    state = _replay(state, ids.swapaxes(0, 1), valid.T, probs.swapaxes(0, 1), steps, policy=policy,
+                    moe_layers=layers, next_layers=following, unique=min(num_experts, b * k), scored=scored)  # fmt: skip
     return dict(zip(dc.COUNTERS, (int(c) for c in np.asarray(state.counts))))

@@ -3,8 +3,9 @@
 Predictors (next MoE layer's experts, from what is known at the current one): the
 trained MLP, gate_ahead, prev_token, frequency, and the expert maps (from the token and
 the layers so far, learning online as the replay goes, as the engine does). Policies:
-every runtime policy replayed through the runtime's decode driver (simulate_decode),
-amortised variants (eMoE), and Belady's MIN. At one byte budget a prefetching policy
+every runtime policy replayed through the code the engine runs it with (the decode step's
+own cache code for the policies the device runs, offload/device_sim.py; the host's decode
+driver for reuse and maps, simulate_decode), amortised variants (eMoE), and Belady's MIN. At one byte budget a prefetching policy
 has `prefetch` fewer cache slots than a demand-only one: the engine's budget pays for
 its copies in flight (jaxmoe/offload/cache.py). Each policy's counts come with a
 modelled decode time per token (jaxmoe/offload/costs.py: a model, not a measurement).
@@ -18,6 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from jaxmoe.offload.costs import CostModel
+from jaxmoe.offload.device_cache import DEVICE_POLICIES, DevicePolicy
+from jaxmoe.offload.device_sim import simulate_device
 from jaxmoe.offload.driver import Amortize
 from jaxmoe.offload.expert_maps import ExpertMaps
 from jaxmoe.offload.policy import PolicyShape, make_policy
@@ -34,6 +37,7 @@ from jaxmoe.predictor.fingerprint import router_hash
 from jaxmoe.predictor.metrics import per_row_recall, precision_at, recall_at
 from jaxmoe.predictor.simulate import (
     DecodeTrace,
+    SimResult,
     capacity_for,
     decode_requests,
     simulate_belady,
@@ -64,6 +68,20 @@ POLICY_RUNS = {
     "maps@every4": ("maps", "mlp", Amortize(every=4)),
     "maps@below0.5": ("maps", "mlp", Amortize(below=0.5)),
 }
+
+
+def _simulate_on_device(trace: DecodeTrace, requests, moe, num_layers: int, e: int, slots: int, policy, room: int,
+                        picks: int, amortize: Amortize, expert_bytes: int) -> SimResult:  # fmt: skip
+    """A policy the device runs, replayed through the decode step's own cache code (device_sim)."""
+    device = DevicePolicy(policy.name, decay=getattr(policy, "rate", 1.0), prefetch=room, picks=picks,
+                          every=amortize.every, below=amortize.below, window=amortize.window)  # fmt: skip
+    c = simulate_device(trace.ids, moe, num_layers, e, slots, device, probs=trace.scores if picks else None)
+    tokens = trace.ids.shape[1]
+    return SimResult(policy.name, slots, requests=len(requests), needed=sum(len(r[2]) for r in requests),
+                     demand_misses=c["expert_misses"], prefetch_loads=c["prefetch_issued"],
+                     prefetch_used=c["prefetch_used"], expert_bytes=expert_bytes, hits=c["expert_hits"],
+                     tokens=tokens, runs=tokens, scorer_calls=c["predictor_calls"],
+                     skipped_predictions=c["predictor_skipped_tokens"])  # fmt: skip
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -166,9 +184,13 @@ def evaluate_on_traces(
             replays[source] = DecodeTrace.single(ids, None if source is None else scores[source], tokens,
                                                  requests=starts, vectors=vectors)  # fmt: skip
         trace = replays[source]
-        r = simulate_decode(trace, moe, m["num_layers"], capacity - room, policy, prefetch_max=room,
-                            picks=k if source else 0, costs=costs, amortize=amortize or Amortize(),
-                            expert_bytes=eb, num_experts=e)  # fmt: skip
+        if policy_name in DEVICE_POLICIES:
+            r = _simulate_on_device(trace, requests, moe, m["num_layers"], e, capacity - room, policy, room,
+                                    k if source else 0, amortize or Amortize(), eb)  # fmt: skip
+        else:
+            r = simulate_decode(trace, moe, m["num_layers"], capacity - room, policy, prefetch_max=room,
+                                picks=k if source else 0, costs=costs, amortize=amortize or Amortize(),
+                                expert_bytes=eb, num_experts=e)  # fmt: skip
         r.policy = name
         results[name] = r
         times[name] = r.time(costs, m["num_layers"])
