@@ -2,9 +2,9 @@
 
 Per token the host dispatches the step program (engine/device_step.py) and reads the
 sampled tokens; every miss, eviction and prefetch happens inside the program, so the
-host never waits on a report to continue a token. The cache's state (pool, table,
-policy arrays, counters) is one pytree that each step takes and returns (donated, so the
-pool is written in place); the host reads the counters and the table once, when the
+host never waits on a report to continue a token. The cache's state (pool, slot
+owners, policy arrays, counters) is one pytree that each step takes and returns (donated, so the
+pool is written in place); the host reads the counters and the slot owners once, when the
 generate ends, and hands the slots back to the cache's schedule (the next prefill plans
 with them).
 

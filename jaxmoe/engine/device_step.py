@@ -4,7 +4,7 @@ Embedding, every layer, the final norm, the head and sampling run in one compile
 as in engine/step.py, with the expert cache's state (jaxmoe/offload/device_cache.py)
 threaded through it. Each MoE layer attends and routes, predicts the next MoE layer's
 experts (with a scorer), brings its own missing experts from pinned host memory into
-the pool (`ensure`), computes with the pool's rows through the table, and then copies
+the pool (`ensure`), computes with the pool's rows, and then copies
 the predicted experts of the next layer that are absent (`prefetch`), so those copies
 can run while the next layer attends. The expert contraction is the resident engine's
 call with the same shapes (U experts gathered, one batched contraction), so the tokens

@@ -317,17 +317,17 @@ class DeviceExpertCache:
 
     def device_state(self) -> "dc.CacheState":
         """The cache as one device pytree for a decode whose misses are fetched in the program
-        (device_cache.py): the pool, the table and slots of what the schedule placed, and what
+        (device_cache.py): the pool, the slots of what the schedule placed, and what
         the device policy learned in earlier generates."""
         cfg = self.store.config
         return dc.new_state(self.pool, self.schedule.slot_of, self.num_slots, cfg.num_layers, cfg.num_experts,
                             self._policy_arrays)  # fmt: skip
 
     def take_device_state(self, state: "dc.CacheState", counts: dict) -> None:
-        """After such a decode: its pool, its slots (read back to the schedule, which the next
+        """After such a decode: its pool, its slot owners (read back to the schedule, which the next
         prefill plans with), its counters, and its policy's arrays for the next generate."""
         self.pool = state.pool
-        self.schedule.reassign(dc.slots_of(np.asarray(state.table)))
+        self.schedule.reassign(dc.slots_of(np.asarray(state.slot_key), self.store.config.num_experts))
         self._table_stale = True
         self._policy_arrays = dc.policy_arrays(state)
         c = self.counters

@@ -5,7 +5,7 @@ A decode step never returns to the host for a miss. After a layer routes, `ensur
 finds which of its experts are absent from the pool, picks the slots they replace by
 the eviction policy (whose state is device arrays here), copies each missing expert's
 row from its pinned host layer into its slot (`jax.device_put` of a dynamic slice, under
-a `lax.cond` per lane so a hit moves nothing), updates the table, and returns the pool
+a `lax.cond` per lane so a hit moves nothing), records the slots' new owners, and returns the pool
 rows the layer computes with. With a next-layer scorer, `predict` scores the next MoE
 layer's experts from this layer's router input, and `prefetch` copies the likeliest
 absent ones after this layer's experts computed.
@@ -68,12 +68,12 @@ class DevicePolicy:
 
 class CacheState(NamedTuple):
     pool: jax.Array | None  # [S, B] uint8 (None in the simulator)
-    table: jax.Array  # [L, E] int32: the slot of (layer, expert), -1 when absent
-    slot_key: jax.Array  # [S] int32: layer * E + expert held by the slot, -1 when empty
+    slot_key: jax.Array  # [S] int32: layer * E + expert held by the slot, -1 when empty (the only
+    # record of what is where: a lookup compares against it, so no [L, E] table is scattered into)
     last_use: jax.Array  # [L, E] int32: tick of the last use, -1 never
     uses: jax.Array  # [L, E] fp32: uses (lfru: decayed to `last_use`)
     predicted: jax.Array  # [L, E] fp32: the latest prediction for each layer's experts
-    prefetched: jax.Array  # [L, E] bool: brought in by a prefetch and not used yet
+    prefetched: jax.Array  # [S] bool: the slot's expert came by a prefetch and is not used yet
     tick: jax.Array  # [] int32: layer visits so far
     hit_rate: jax.Array  # [] fp32: recent hit rate (amortised prediction)
     counts: jax.Array  # [len(COUNTERS)] int32
@@ -82,18 +82,17 @@ class CacheState(NamedTuple):
 def new_state(pool, slot_of: dict, num_slots: int, num_layers: int, num_experts: int, policy_arrays=None) -> CacheState:
     """A state whose pool holds `slot_of` ({(layer, expert): slot}); the policy's arrays
     (last_use, uses, predicted) carry over from `policy_arrays` (an earlier state) if given."""
-    table = np.full((num_layers, num_experts), -1, np.int32)
     slot_key = np.full((num_slots,), -1, np.int32)
     for (layer, e), slot in slot_of.items():
-        table[layer, e], slot_key[slot] = slot, layer * num_experts + e
+        slot_key[slot] = layer * num_experts + e
     if policy_arrays is None:
         shape = (num_layers, num_experts)
         policy_arrays = (np.full(shape, -1, np.int32), np.zeros(shape, np.float32), np.zeros(shape, np.float32),
                          np.int32(0), np.float32(1.0))  # fmt: skip
     last_use, uses, predicted, tick, hit_rate = policy_arrays
-    return CacheState(pool, jnp.asarray(table), jnp.asarray(slot_key), jnp.asarray(last_use), jnp.asarray(uses),
-                      jnp.asarray(predicted), jnp.zeros((num_layers, num_experts), bool), jnp.asarray(tick),
-                      jnp.asarray(hit_rate), jnp.zeros((len(COUNTERS),), jnp.int32))  # fmt: skip
+    return CacheState(pool, jnp.asarray(slot_key), jnp.asarray(last_use), jnp.asarray(uses), jnp.asarray(predicted),
+                      jnp.zeros((num_slots,), bool), jnp.asarray(tick), jnp.asarray(hit_rate),
+                      jnp.zeros((len(COUNTERS),), jnp.int32))  # fmt: skip
 
 
 def policy_arrays(state: CacheState) -> tuple:
@@ -101,10 +100,30 @@ def policy_arrays(state: CacheState) -> tuple:
     return state.last_use, state.uses, state.predicted, state.tick, state.hit_rate
 
 
-def slots_of(table: np.ndarray) -> dict:
-    """{(layer, expert): slot} from a table read back to the host."""
-    layers, experts = np.nonzero(table >= 0)
-    return {(int(layer), int(e)): int(table[layer, e]) for layer, e in zip(layers, experts)}
+def slots_of(slot_key: np.ndarray, num_experts: int) -> dict:
+    """{(layer, expert): slot} from slot owners [S] read back to the host."""
+    return {(int(k) // num_experts, int(k) % num_experts): s for s, k in enumerate(slot_key) if k >= 0}
+
+
+def lookup(state: CacheState, layer: int, experts: jax.Array) -> jax.Array:
+    """The pool slot of each of `layer`'s `experts` [...], -1 where absent ([..., S] comparisons)."""
+    e_count = state.last_use.shape[1]
+    eq = state.slot_key == layer * e_count + experts[..., None]
+    return jnp.where(eq.any(-1), jnp.argmax(eq, -1), -1).astype(jnp.int32)
+
+
+def _slots_mask(slots: jax.Array, where: jax.Array, num_slots: int) -> jax.Array:
+    """[S] bool: the slots named by `slots` [...] where `where` [...]."""
+    hits = where[..., None] & (slots[..., None] == jnp.arange(num_slots))
+    return hits.reshape(-1, num_slots).any(0)
+
+
+def _predicted_held(state: CacheState, layer: int) -> jax.Array:
+    """[S] bool: slots holding an expert of `layer` that its latest prediction names."""
+    e_count = state.last_use.shape[1]
+    key = state.slot_key
+    mine = (key >= 0) & (key // e_count == layer)
+    return mine & (state.predicted[layer][jnp.where(mine, key % e_count, 0)] > 0)
 
 
 def count(state: CacheState, name: str, amount) -> CacheState:
@@ -113,7 +132,7 @@ def count(state: CacheState, name: str, amount) -> CacheState:
 
 def _victims(state: CacheState, policy: DevicePolicy, protect: jax.Array, n: int) -> jax.Array:
     """[n] slots in eviction order (empty slots first, `protect` [S] never)."""
-    e_count = state.table.shape[1]
+    e_count = state.last_use.shape[1]
     key = state.slot_key
     occupied = key >= 0
     layer, e = jnp.where(occupied, key // e_count, 0), jnp.where(occupied, key % e_count, 0)
@@ -133,20 +152,18 @@ def _victims(state: CacheState, policy: DevicePolicy, protect: jax.Array, n: int
     return order[: min(n, key.shape[0])]
 
 
-def _install(state: CacheState, host, layer: int, experts: jax.Array, do: jax.Array, dest: jax.Array) -> CacheState:
+def _install(state: CacheState, host, layer: int, experts: jax.Array, do: jax.Array, dest: jax.Array,
+             prefetched: bool = False) -> CacheState:  # fmt: skip
     """Experts `experts` [W] of `layer` into slots `dest` [W] where `do` [W]: their rows copied from
-    the pinned host layer `host` [E, B] (skipped in the simulator), the evicted keys dropped."""
-    num_layers, e_count = state.table.shape
-    old = state.slot_key[dest]
-    gone = do & (old >= 0)
-    gone_layer = jnp.where(gone, old // e_count, num_layers)  # out of range: dropped
-    table = state.table.at[gone_layer, old % e_count].set(-1, mode="drop")
-    prefetched = state.prefetched.at[gone_layer, old % e_count].set(False, mode="drop")
-    table = table.at[jnp.where(do, layer, num_layers), experts].set(dest, mode="drop")
-    slot_key = state.slot_key.at[jnp.where(do, dest, state.slot_key.shape[0])].set(layer * e_count + experts,
-                                                                                  mode="drop")  # fmt: skip
+    the pinned host layer `host` [E, B] (skipped in the simulator); what the slots held is gone.
+    `prefetched`: whether they come by a prefetch."""
+    e_count = state.last_use.shape[1]
+    writes = do[:, None] & (dest[:, None] == jnp.arange(state.slot_key.shape[0]))  # [W, S]
+    written = writes.any(0)
+    new_key = jnp.max(jnp.where(writes, (layer * e_count + experts)[:, None], -1), axis=0)
     pool = state.pool if host is None else fetch_into(state.pool, host, experts, dest, do)
-    return state._replace(pool=pool, table=table, slot_key=slot_key, prefetched=prefetched)
+    return state._replace(pool=pool, slot_key=jnp.where(written, new_key, state.slot_key),
+                          prefetched=jnp.where(written, prefetched, state.prefetched))  # fmt: skip
 
 
 def fetch_into(pool: jax.Array, host: jax.Array, experts: jax.Array, slots: jax.Array, do: jax.Array) -> jax.Array:
@@ -165,12 +182,13 @@ def fetch_into(pool: jax.Array, host: jax.Array, experts: jax.Array, slots: jax.
 
 def _use(state: CacheState, policy: DevicePolicy, layer: int, experts: jax.Array, need: jax.Array) -> CacheState:
     """Experts [U] of `layer` (where `need`) used at the current tick."""
-    rows = jnp.where(need, layer, state.table.shape[0])  # out of range: dropped
-    uses = state.uses[layer, experts]
+    e_count = state.last_use.shape[1]
+    used = (jax.nn.one_hot(experts, e_count, dtype=jnp.bool_) & need[:, None]).any(0)  # [E]
+    uses, last = state.uses[layer], state.last_use[layer]
     if policy.name == "lfru":
-        uses = uses * jnp.float32(policy.decay) ** (state.tick - state.last_use[layer, experts]).astype(jnp.float32)
-    return state._replace(uses=state.uses.at[rows, experts].set(uses + 1.0, mode="drop"),
-                          last_use=state.last_use.at[rows, experts].set(state.tick, mode="drop"))  # fmt: skip
+        uses = uses * jnp.float32(policy.decay) ** (state.tick - last).astype(jnp.float32)
+    return state._replace(uses=state.uses.at[layer].set(jnp.where(used, uses + 1.0, state.uses[layer])),
+                          last_use=state.last_use.at[layer].set(jnp.where(used, state.tick, last)))  # fmt: skip
 
 
 def ensure(state: CacheState, host, policy: DevicePolicy, layer: int, ids: jax.Array, valid: jax.Array,
@@ -179,7 +197,7 @@ def ensure(state: CacheState, host, policy: DevicePolicy, layer: int, ids: jax.A
     copied from `host` [E, B]; returns the state and each (row, k)'s pool slot [N, K] (-1 only
     for invalid rows' absent experts). `next_layer`: the next MoE layer, whose predicted experts
     (state.predicted) are protected while there is room."""
-    num_layers, e_count = state.table.shape
+    e_count = state.last_use.shape[1]
     num_slots = state.slot_key.shape[0]
     state = state._replace(tick=state.tick + 1)
     if policy.name == "ondemand":  # nothing outlives its layer
@@ -187,35 +205,30 @@ def ensure(state: CacheState, host, policy: DevicePolicy, layer: int, ids: jax.A
     wanted = jnp.unique(jnp.where(valid[:, None], ids, e_count), size=unique, fill_value=e_count)  # [U] sorted
     need = wanted < e_count
     experts = jnp.minimum(wanted, e_count - 1)
-    slot = state.table[layer, experts]
+    slot = lookup(state, layer, experts)
     hit, miss = need & (slot >= 0), need & (slot < 0)
-    protect = jnp.zeros((num_slots,), bool).at[jnp.where(hit, slot, num_slots)].set(True, mode="drop")
+    protect = _slots_mask(slot, hit, num_slots)
     if next_layer is not None:  # the next layer's predicted experts, if the misses still fit without them
-        held = state.table[next_layer]
-        predicted = (state.predicted[next_layer] > 0) & (held >= 0)
-        wider = protect.at[jnp.where(predicted, held, num_slots)].set(True, mode="drop")
+        wider = protect | _predicted_held(state, next_layer)
         protect = jnp.where(num_slots - jnp.sum(wider) >= jnp.sum(miss), wider, protect)
     victims = _victims(state, policy, protect, unique)
     dest = jnp.where(miss, victims[jnp.clip(jnp.cumsum(miss) - 1, 0, victims.shape[0] - 1)], slot)
     state = _install(state, host, layer, experts, miss, dest)
-    used_prefetch = need & state.prefetched[layer, experts]
-    state = state._replace(prefetched=state.prefetched.at[jnp.where(need, layer, num_layers), experts].set(
-        False, mode="drop"))  # fmt: skip
+    used_prefetch = need & state.prefetched[dest]  # installed lanes were just cleared: a miss is not one
+    state = state._replace(prefetched=state.prefetched & ~_slots_mask(dest, need, num_slots))
     state = _use(state, policy, layer, experts, need)
     hits, needed = jnp.sum(hit), jnp.sum(need)
     rate = hits.astype(jnp.float32) / jnp.maximum(needed, 1).astype(jnp.float32)
     state = state._replace(hit_rate=state.hit_rate + (rate - state.hit_rate) / policy.window)
     state = count(count(count(state, "expert_hits", hits), "expert_misses", jnp.sum(miss)), "prefetch_used",
                    jnp.sum(used_prefetch))  # fmt: skip
-    return state, state.table[layer][ids]
+    return state, lookup(state, layer, ids)
 
 
 def _drop_other_layers(state: CacheState, layer: int) -> CacheState:
-    e_count = state.table.shape[1]
+    e_count = state.last_use.shape[1]
     keep = (state.slot_key >= 0) & (state.slot_key // e_count == layer)
-    table = jnp.full_like(state.table, -1).at[layer].set(state.table[layer])
-    return state._replace(table=table, slot_key=jnp.where(keep, state.slot_key, -1),
-                          prefetched=jnp.zeros_like(state.prefetched))  # fmt: skip
+    return state._replace(slot_key=jnp.where(keep, state.slot_key, -1), prefetched=jnp.zeros_like(state.prefetched))
 
 
 def begin_token(state: CacheState, policy: DevicePolicy, step: jax.Array, scored: bool) -> tuple[CacheState, jax.Array]:
@@ -246,7 +259,7 @@ def predict(state: CacheState, policy: DevicePolicy, next_layer: int, probs: jax
     layer's prediction."""
     probs, best = jax.lax.top_k(probs.astype(jnp.float32), policy.picks)  # [N, P]
     probs = jnp.where(valid[:, None], probs, 0.0)
-    per_expert = jnp.zeros((state.table.shape[1],), jnp.float32).at[best].max(probs)  # [E]
+    per_expert = jnp.zeros((state.last_use.shape[1],), jnp.float32).at[best].max(probs)  # [E]
     top, chosen = jax.lax.top_k(per_expert, policy.prefetch)
     predicted = jnp.zeros_like(per_expert).at[chosen].set(top)
     return count(state._replace(predicted=state.predicted.at[next_layer].set(predicted)), "predictor_calls", 1)
@@ -257,22 +270,15 @@ def prefetch(state: CacheState, host, policy: DevicePolicy, layer: int, next_lay
     """Where `now` (this token predicted), copy the next layer's predicted experts that are absent
     (best first, at most `prefetch`), never evicting the current layer's experts (routing ids
     [N, K] of rows `valid`) or a predicted one; fewer when nothing else may go."""
-    num_layers, e_count = state.table.shape
     num_slots = state.slot_key.shape[0]
-    scores = state.predicted[next_layer]
-    top, experts = jax.lax.top_k(scores, policy.prefetch)  # [P] best first
-    held = state.table[next_layer]
-    wanted = now & (top > 0) & (held[experts] < 0)
-    current = state.table[layer][jnp.where(valid[:, None], protect_ids, 0)]
-    current = jnp.where(valid[:, None], current, num_slots)
-    protect = jnp.zeros((num_slots,), bool).at[current.reshape(-1)].set(True, mode="drop")
-    protect = protect.at[jnp.where((scores > 0) & (held >= 0), held, num_slots)].set(True, mode="drop")
+    top, experts = jax.lax.top_k(state.predicted[next_layer], policy.prefetch)  # [P] best first
+    wanted = now & (top > 0) & (lookup(state, next_layer, experts) < 0)
+    current = lookup(state, layer, protect_ids)  # [N, K]
+    protect = _slots_mask(current, valid[:, None] & (current >= 0), num_slots) | _predicted_held(state, next_layer)
     room = num_slots - jnp.sum(protect)
     rank = jnp.cumsum(wanted) - 1
     do = wanted & (rank < room)
     victims = _victims(state, policy, protect, policy.prefetch)
     dest = jnp.where(do, victims[jnp.clip(rank, 0, victims.shape[0] - 1)], 0)
-    state = _install(state, host, next_layer, experts, do, dest)
-    state = state._replace(prefetched=state.prefetched.at[jnp.where(do, next_layer, num_layers), experts].set(
-        True, mode="drop"))  # fmt: skip
+    state = _install(state, host, next_layer, experts, do, dest, prefetched=True)
     return count(state, "prefetch_issued", jnp.sum(do))
