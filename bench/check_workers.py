@@ -93,13 +93,13 @@ def exact_model(name: str, dtype: str, seed: int):
     return cfg, model, resident, HostExpertStore.from_stacks(cfg, resident), predictor
 
 
-def min_experts(cfg, batch: int, predictor: bool) -> int:
+def min_experts(cfg, batch: int) -> int:
     """The smallest cache (in experts) the offloaded engine accepts for this batch."""
     from jaxmoe.model import num_unique_experts
     from jaxmoe.offload.cache import minimum_experts
 
     unique = num_unique_experts(cfg.num_experts, batch, cfg.top_k)
-    return minimum_experts(unique, unique if predictor else 0)
+    return minimum_experts(unique)
 
 
 def exact_prompts(vocab: int, batch: int, seed: int) -> list[list[int]]:
@@ -134,7 +134,7 @@ def worker_exactness(spec: dict) -> dict:
                 if batch not in reference:
                     reference[batch] = ResidentEngine(cfg, model, resident).generate(ps, new).token_ids
                 use_predictor = c["policy"] == "predictor"
-                low = min_experts(cfg, batch, use_predictor)
+                low = min_experts(cfg, batch)
                 total = len(store.keys())
                 experts = low if c["budget"] == "minimum" else max(low, total // 2)
                 if use_predictor and scorer is None:  # once per model; a refusal is each case's result

@@ -8,8 +8,8 @@ on other traces, all of them. --model enables the gate_ahead baseline (the next
 layer's router applied to the current router input) and the expert maps' request
 maps. --maps: expert maps to start from (scripts/build_expert_maps.py; without it they
 start empty and learn as the replay goes). Capacity is budget-frac x all experts, in
-whole experts; a prefetching policy gets that minus its copies in flight (as the
-engine's byte budget does). Every runtime policy is replayed through the engine's own
+whole experts, the same for every policy (a prefetch lands in a cache slot, as in
+the engine). Every runtime policy is replayed through the engine's own
 decode driver; "time" is a modelled decode time per token from the counts
 (jaxmoe/offload/costs.py, --cost-model): a model, not a measurement. --json prints one
 JSON object on stdout (progress on stderr):

@@ -268,7 +268,7 @@ def test_prepare_compiles_every_program_a_generate_runs(prefill, policy, batch):
     cfg, model, _, store = setup("olmoe")
     unique = num_unique_experts(cfg.num_experts, batch, cfg.top_k)
     kw = {"predictor": GateAhead(model)} if policy == "predictor" else {}
-    experts = minimum_experts(unique, unique if kw else 0) + 3
+    experts = minimum_experts(unique) + 3
     eng = engine("olmoe", experts, policy=policy, prefill=prefill, **kw)
     eng.prepare(batch=batch, prompt_tokens=64, max_new_tokens=6)
     compiled = len(eng.programs)

@@ -39,7 +39,7 @@ from jaxmoe.engine.sampling import SamplingParams, sample
 from jaxmoe.engine.stream_prefill import StreamStats, compile_stream, run_stream
 from jaxmoe.model import MoEDecoder, check_model_dtype, init_kv_cache, num_unique_experts
 from jaxmoe.model.decoder import head_logits
-from jaxmoe.offload.cache import DeviceExpertCache, gather_experts, plan_geometry
+from jaxmoe.offload.cache import DeviceExpertCache, plan_geometry, workspace_experts
 from jaxmoe.offload.costs import CostModel
 from jaxmoe.offload.device_cache import DEVICE_POLICIES
 from jaxmoe.offload.driver import Amortize, DecodeDriver, DriverConfig
@@ -108,8 +108,8 @@ class OffloadedEngine:
         self.next_moe = next_moe_layers(config)
         # Refuse now a budget too small even for one sequence; larger batches are checked per call.
         one = num_unique_experts(config.num_experts, 1, config.top_k)
-        plan_geometry(self.expert_budget_bytes, store.expert_bytes, len(store.keys()), one, one if self.prefetches else 0,
-                      gather_experts(one, store.format, config))  # fmt: skip
+        plan_geometry(self.expert_budget_bytes, store.expert_bytes, len(store.keys()), one,
+                      workspace_experts(one, store.format, config))  # fmt: skip
         self.check_budget = check_budget
         self.ends = Piece(Ends(model))
         self.layers = [Piece(layer) for layer in model.layers]
