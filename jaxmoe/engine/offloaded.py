@@ -177,7 +177,7 @@ class OffloadedEngine:
         p_len = prompt_bucket(prompt_tokens)
         cache_len = cache_bucket(p_len, max_new_tokens)
         size, starts = chunk_starts(p_len, self.prefill_chunk)
-        self._ensure_cache(batch)
+        self.ensure_cache(batch)
         self.cache.prepare_fetch()
         mode = choose_mode(self.prefill_mode, cfg.num_experts, batch * prompt_tokens * cfg.top_k, len(starts),
                            self.cache.staging == 0)  # fmt: skip
@@ -220,7 +220,9 @@ class OffloadedEngine:
             self._zeros[value] = jnp.int32(value)
         return self._zeros[value]
 
-    def _ensure_cache(self, batch: int) -> None:
+    def ensure_cache(self, batch: int) -> None:
+        """A device expert cache (and its decode driver) for batches of `batch` rows; the
+        one there is kept while a batch needs as many experts per layer at once."""
         unique_max = num_unique_experts(self.config.num_experts, batch, self.config.top_k)
         if self.cache is None or self.cache.unique_max != unique_max:
             cfg = self.config
@@ -282,7 +284,7 @@ class OffloadedEngine:
         """Same contract and tokens as ResidentEngine.generate; metrics add the cache counters."""
         lengths, tokens, cache_len = pad_prompts(self.config, prompts, max_new_tokens)
         b, p_len = tokens.shape
-        self._ensure_cache(b)
+        self.ensure_cache(b)
         cache = self.cache
         cache.begin()
         self.driver.begin_request(self._semantic_vector(tokens, lengths) if self.maps is not None else None)
