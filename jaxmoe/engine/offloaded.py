@@ -45,7 +45,7 @@ from jaxmoe.offload.device_cache import DEVICE_POLICIES
 from jaxmoe.offload.driver import Amortize, DecodeDriver, DriverConfig
 from jaxmoe.offload.expert_maps import MAPS_FILE, ExpertMaps, normalise
 from jaxmoe.offload.host_store import HostExpertStore
-from jaxmoe.offload.prefetch import NextLayerScorer, load_scorer, next_moe_layers
+from jaxmoe.offload.prefetch import NextLayerScorer, load_scorer
 from jaxmoe.offload.policy import PolicyShape, make_policy, policy_class
 from jaxmoe.offload.prefill_plan import INJIT, MODES, ROUTED, PrefillPlan, choose_mode, plan_stream
 from jaxmoe.offload.schedule import PassPlan
@@ -105,7 +105,6 @@ class OffloadedEngine:
             len(config.moe_layer_ids), config.num_experts, config.top_k)  # fmt: skip
         # Room for prefetched copies only where something predicts.
         self.prefetches = kind.prefetches(predictor is not None)
-        self.next_moe = next_moe_layers(config)
         # Refuse now a budget too small even for one sequence; larger batches are checked per call.
         one = num_unique_experts(config.num_experts, 1, config.top_k)
         plan_geometry(self.expert_budget_bytes, store.expert_bytes, len(store.keys()), one, one if self.prefetches else 0,

@@ -178,7 +178,7 @@ class DeviceExpertCache:
         cfg = store.config
         self.programs = programs if programs is not None else Programs()
         self.store, self.budget_bytes, self.check_budget = store, budget_bytes, check_budget
-        self.unique_max, self.prefetch_max = unique_max, prefetch_max
+        self.unique_max = unique_max
         self.device = jax.sharding.SingleDeviceSharding(device or jax.devices()[0], memory_kind="device")
         total = len(store.keys())
         gather = gather_experts(unique_max, store.format, cfg)

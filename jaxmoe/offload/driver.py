@@ -42,6 +42,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from jaxmoe.offload.costs import CostModel
+from jaxmoe.offload.policy import next_moe_layers
 from jaxmoe.offload.schedule import PassPlan, Schedule
 
 
@@ -81,7 +82,7 @@ class DecodeDriver:
         self.schedule, self.policy, self.config = schedule, schedule.policy, config
         self.moe_layers, self.num_layers = list(moe_layers), num_layers
         self.order = {layer: j for j, layer in enumerate(self.moe_layers)}
-        self.next_moe = {a: b for a, b in zip(self.moe_layers, self.moe_layers[1:])}
+        self.next_moe = next_moe_layers(self.moe_layers)
         self.maps = getattr(self.policy, "expert_maps", None) if self.policy.maps else None
         self.hit_rate = 1.0  # recent, exponentially weighted over layer visits
         self.scorer_calls = 0  # runs whose program ran the scorer (at the layer that missed)

@@ -28,6 +28,11 @@ class PolicyShape:
     top_k: int
 
 
+def next_moe_layers(moe_layers: Sequence[int]) -> dict[int, int | None]:
+    """For each MoE layer (ascending), the next MoE layer (None for the last)."""
+    return dict(zip(moe_layers, [*moe_layers[1:], None]))
+
+
 class EvictionPolicy:
     name = "base"
     # ondemand keeps nothing beyond the layer being computed.
