@@ -23,13 +23,8 @@ import time
 from pathlib import Path
 
 from bench import budgets as B
+from bench.common import PREFILL_MODES, log
 from bench.shapes import GPU_DEVICE_BUDGETS_GIB, ModelSpec
-from bench.workers import log
-
-# OffloadedEngine(prefill=..., prefill_overlap=...): "stream-serial" loads a layer, then computes it.
-PREFILL_MODES = {"stream": {"prefill": "stream"}, "stream-serial": {"prefill": "stream", "prefill_overlap": False},
-                 "routed": {"prefill": "routed"}, "injit": {"prefill": "injit"}}  # fmt: skip
-
 
 # Workers that put a model's experts in pinned host memory.
 PINNED_WORKERS = ("offload", "prefill_modes", "phases")

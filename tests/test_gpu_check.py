@@ -115,12 +115,12 @@ def test_a_phases_worker_killed_after_measuring_keeps_its_figures(tmp_path, monk
     monkeypatch.syspath_prepend(str(ROOT / "scripts"))
     import gpu_check as cli
 
-    from bench import check_workers, gpu_check, matrix
+    from bench import gpu_check, matrix, workers
 
     check = gpu_check.Check(cli.parse_args(["--dry-run", "--out", str(tmp_path)]))
 
     def killed_before_its_result(args, job, spec):
-        check_workers.WORKERS[job.worker](spec)  # measures everything, writes no result
+        workers.WORKERS[job.worker](spec)  # measures everything, writes no result
         return {"error": "worker killed after 1 s (--worker-timeout)"}
 
     monkeypatch.setattr(matrix, "spawn", killed_before_its_result)

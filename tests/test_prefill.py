@@ -66,7 +66,7 @@ def whole_prompt_logits(family: str, prompts) -> np.ndarray:
 def prefill_logits(eng: OffloadedEngine, family: str, prompts) -> np.ndarray:
     cfg = eng.config
     lengths, tokens, cache_len = pad_prompts(cfg, prompts, 1)
-    eng._ensure_cache(len(prompts))
+    eng.ensure_cache(len(prompts))
     x, _ = eng._prefill(tokens, lengths, list(init_kv_cache(cfg, len(prompts), cache_len)))
     _, model, _, _ = setup(family)
     return np.asarray(model.logits(model.norm(x)[np.arange(len(prompts)), lengths - 1]))
@@ -225,7 +225,7 @@ def test_chunk_programs_memory_does_not_grow_with_the_prompt():
         eng = engine("olmoe", prefill="stream")
         lengths, tokens, cache_len = pad_prompts(cfg, [rng.integers(0, 32, n).tolist()], 100)
         assert cache_len == 256
-        eng._ensure_cache(1)
+        eng.ensure_cache(1)
         eng._prefill(tokens, lengths, list(init_kv_cache(cfg, 1, cache_len)))
         programs = list({id(p): p for key, p in eng.executor._by_signature.items() if key[0] == "moe_chunk"}.values())
         assert len(programs) == 1  # one program for every chunk of every layer

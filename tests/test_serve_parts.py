@@ -11,7 +11,6 @@ import pytest
 for _module in ("fastapi", "uvicorn", "openai"):
     pytest.importorskip(_module, reason="needs the serve extra: pip install -e .[serve]")
 
-import heapq  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
@@ -28,7 +27,7 @@ import numpy as np  # noqa: E402
 from jaxmoe.engine.sampling import SamplingParams, sample  # noqa: E402
 from jaxmoe.serve.batch_kv import BatchKV, row_buckets  # noqa: E402
 from jaxmoe.serve.chat import ChatTemplate  # noqa: E402
-from jaxmoe.serve.row_sampling import RequestSampling, row_sampling, sample_rows  # noqa: E402
+from jaxmoe.serve.rows.sampling import RequestSampling, row_sampling, sample_rows  # noqa: E402
 from jaxmoe.serve.text import TextTracker  # noqa: E402
 from serve_helpers import TINY, free_port, wait_healthy  # noqa: E402
 
@@ -130,7 +129,7 @@ def test_sigterm_lets_the_running_stream_finish_and_exits_0():
                              "--max-batch", "1", "--shutdown-grace-s", "60"], env=env, stderr=subprocess.PIPE)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url, 120, "scripts/serve.py")
+        wait_healthy(url, 120, "scripts/serve.py", proc)
         lines, first = [], threading.Event()
         body = {"model": "jaxmoe-tiny", "prompt": "And the king", "max_tokens": 24, "temperature": 0, "stream": True}
 
@@ -162,7 +161,7 @@ def test_exact_rows_keep_a_near_tie_token_in_a_batch_of_8():
     batched kernels round it the other way (measured); the exact rows do not."""
     from jaxmoe.checkpoint import load
     from jaxmoe.engine import ResidentEngine
-    from jaxmoe.serve.resident_rows import ResidentRows, row_cache_length
+    from jaxmoe.serve.rows import ResidentRows
     from jaxmoe.tokenizer import load_tokenizer
 
     loaded = load(TINY)
@@ -170,7 +169,7 @@ def test_exact_rows_keep_a_near_tie_token_in_a_batch_of_8():
     prompt = load_tokenizer(loaded.tokenizer_path).encode("In the beginning").ids
     want = engine.generate([prompt], 28).token_ids[0]
     rows, batch = ResidentRows(engine, exact=True), BatchKV(engine.programs, 8)
-    prefill = rows.prefill(prompt, row_cache_length(len(prompt), 28))
+    prefill = rows.prefill(prompt, rows.cache_length(len(prompt), 28))
     while not prefill.done:
         prefill.step()
     token, row_kv = prefill.first_token(row_sampling([None], np.zeros(1)))
@@ -191,12 +190,30 @@ def test_exact_rows_keep_a_near_tie_token_in_a_batch_of_8():
 def test_queue_admits_by_ttft_deadline_and_refuses_when_full():
     from jaxmoe.serve.batcher import Batcher, QueueFull
     from jaxmoe.serve.request import SLO, Request
+    from jaxmoe.serve.rows import RowPrefill, Rows
 
-    class NoRows:  # admission needs no engine: prefills are only created
+    admitted = []
+
+    class Pending(RowPrefill):  # a prompt whose prefill never ends: admission needs no engine
+        done = False
+
+        def __init__(self, prompt):
+            admitted.append(prompt[0])
+
+        def step(self):
+            pass
+
+    class NoRows(Rows):
         programs = None
 
+        def __init__(self):
+            pass
+
         def prefill(self, prompt, cache_len):
-            return ("prefill", prompt[0])
+            return Pending(prompt)
+
+        def new_kv(self, rows, length):
+            return None
 
     batcher = Batcher(NoRows(), max_batch=2, max_queue=3)
 
@@ -208,9 +225,6 @@ def test_queue_admits_by_ttft_deadline_and_refuses_when_full():
     with pytest.raises(QueueFull) as full:
         batcher.submit(request(4, 0.1))
     assert full.value.retry_after_s >= 1
-    for r in batcher._inbox:
-        heapq.heappush(batcher._queue, (r.deadline, r.number, r))
-    batcher._inbox = []
-    batcher._admit()  # two free rows: the two earliest deadlines, most urgent first
-    assert [job[1] for _, job in batcher._prefilling] == [2, 3]
+    batcher.step()  # two free rows: the two earliest deadlines, most urgent first
+    assert admitted == [2, 3]
     assert batcher.queue_depth == 1

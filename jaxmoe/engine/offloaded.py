@@ -45,7 +45,7 @@ from jaxmoe.offload.device_cache import DEVICE_POLICIES
 from jaxmoe.offload.driver import Amortize, DecodeDriver, DriverConfig
 from jaxmoe.offload.expert_maps import MAPS_FILE, ExpertMaps, normalise
 from jaxmoe.offload.host_store import HostExpertStore
-from jaxmoe.offload.prefetch import NextLayerScorer, load_scorer, next_moe_layers
+from jaxmoe.offload.prefetch import NextLayerScorer, load_scorer
 from jaxmoe.offload.policy import PolicyShape, make_policy, policy_class
 from jaxmoe.offload.prefill_plan import INJIT, MODES, ROUTED, PrefillPlan, choose_mode, plan_stream
 from jaxmoe.offload.schedule import PassPlan
@@ -105,7 +105,6 @@ class OffloadedEngine:
             len(config.moe_layer_ids), config.num_experts, config.top_k)  # fmt: skip
         # Room for prefetched copies only where something predicts.
         self.prefetches = kind.prefetches(predictor is not None)
-        self.next_moe = next_moe_layers(config)
         # Refuse now a budget too small even for one sequence; larger batches are checked per call.
         one = num_unique_experts(config.num_experts, 1, config.top_k)
         plan_geometry(self.expert_budget_bytes, store.expert_bytes, len(store.keys()), one,
@@ -177,7 +176,7 @@ class OffloadedEngine:
         p_len = prompt_bucket(prompt_tokens)
         cache_len = cache_bucket(p_len, max_new_tokens)
         size, starts = chunk_starts(p_len, self.prefill_chunk)
-        self._ensure_cache(batch)
+        self.ensure_cache(batch)
         self.cache.prepare_fetch()
         mode = choose_mode(self.prefill_mode, cfg.num_experts, batch * prompt_tokens * cfg.top_k, len(starts),
                            self.cache.staging == 0)  # fmt: skip
@@ -220,7 +219,9 @@ class OffloadedEngine:
             self._zeros[value] = jnp.int32(value)
         return self._zeros[value]
 
-    def _ensure_cache(self, batch: int) -> None:
+    def ensure_cache(self, batch: int) -> None:
+        """A device expert cache (and its decode driver) for batches of `batch` rows; the
+        one there is kept while a batch needs as many experts per layer at once."""
         unique_max = num_unique_experts(self.config.num_experts, batch, self.config.top_k)
         if self.cache is None or self.cache.unique_max != unique_max:
             cfg = self.config
@@ -282,7 +283,7 @@ class OffloadedEngine:
         """Same contract and tokens as ResidentEngine.generate; metrics add the cache counters."""
         lengths, tokens, cache_len = pad_prompts(self.config, prompts, max_new_tokens)
         b, p_len = tokens.shape
-        self._ensure_cache(b)
+        self.ensure_cache(b)
         cache = self.cache
         cache.begin()
         self.driver.begin_request(self._semantic_vector(tokens, lengths) if self.maps is not None else None)

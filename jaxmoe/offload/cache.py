@@ -3,9 +3,8 @@
 Memory, all counted against the byte budget:
   pool     [S, bytes] uint8: S cached experts, each one row holding its format's buffer
            (jaxmoe/quant/format.py), preallocated; a program unpacks (and dequantizes)
-           only the rows it gathers (`pool_experts`). Bytes are also what XLA CPU
-           writes in place: it writes a bf16 array by converting all of it to fp32 and
-           back (6 ms for 91 slots of the shipped model, 37 ms for 300; 0.1 ms as integers)
+           only the rows it gathers (`pool_experts`). Bytes, not bf16, because XLA CPU
+           writes a bf16 array in place through fp32 (docs/DECODE.md)
   workspace  the gather: the expert program computes its U experts as one batched
            contraction, so it gathers them out of the pool first (U experts, or for a
            quantized format U stored rows plus their unpacked weights); `workspace_experts`
@@ -17,8 +16,9 @@ Copies go straight into their pool slots: a fetch program (`fetch_into_pool`, a 
 lanes, so one compiled program serves every pass) copies each planned expert's row from
 its pinned host layer into its slot, in place. A routed prefill pass (`issue`) and a
 host-planned decode's missed layer (`load`) both use it; the decode on the device fetches
-its misses in its own step program (device_cache.py). A decode step finds its experts
-through a table ([L, E] pool rows, -1 when absent) on the device. A streamed prefill moves whole
+its misses in its own step program (device_cache.py). A host-planned decode step finds its
+experts through a table ([L, E] pool rows, -1 when absent) on the device; the device decode
+compares against the slot owners (device_cache.py). A streamed prefill moves whole
 layers outside this budget (at most two at once, see prefill_plan.py): `stream` sends
 a layer's experts and takes device copies of those already cached, `stack` puts them
 into one stack as the resident engine holds a layer, `retain` keeps the prompt's
@@ -179,7 +179,7 @@ class DeviceExpertCache:
         cfg = store.config
         self.programs = programs if programs is not None else Programs()
         self.store, self.budget_bytes, self.check_budget = store, budget_bytes, check_budget
-        self.unique_max, self.prefetch_max = unique_max, prefetch_max
+        self.unique_max = unique_max
         self.device = jax.sharding.SingleDeviceSharding(device or jax.devices()[0], memory_kind="device")
         total = len(store.keys())
         workspace = workspace_experts(unique_max, store.format, cfg)
@@ -395,8 +395,8 @@ class DeviceExpertCache:
 
     @functools.cached_property
     def stack_spec(self):
-        """A stacked layer's shapes (stack_experts' output), traced once (a trace in every retain took about 9 ms each
-        under cProfile on this project's CPU machine: 16 per streamed prefill of OLMoE's depth)."""
+        """A stacked layer's shapes (stack_experts' output), traced once: a trace in every retain
+        costs host time at every streamed layer (docs/DECODE.md)."""
         return jax.eval_shape(lambda b: stack_experts(b, **self._layer_form()), self._layer_buffers())
 
     def _write_program(self, width: int):
