@@ -233,6 +233,7 @@ def test_chunk_programs_memory_does_not_grow_with_the_prompt():
     assert scratch[120] == scratch[60]
 
 
+@pytest.mark.e2e
 def test_compiled_programs_are_reused_by_a_second_process(hf_checkpoint, tmp_path):
     _, src = hf_checkpoint("olmoe", "wide")
     ckpt = tmp_path / "ckpt"

@@ -241,6 +241,7 @@ def test_a_failed_quantization_leaves_nothing_and_existing_output_is_refused(hf_
         quantize_checkpoint(dst, tmp_path / "again", INT4, progress=False)
 
 
+@pytest.mark.e2e
 def test_scripts_quantize_generate_and_refuse_export(tmp_path):
     q4 = tmp_path / "q4"
     run = [sys.executable, str(REPO / "scripts" / "quantize.py"), str(REPO / "checkpoints" / "jaxmoe-tiny"), str(q4),

@@ -122,6 +122,7 @@ def test_batch_cache_grows_at_once_and_shrinks_only_to_a_quarter():
     assert float(batch.kv[0].k[0, 0, 0, 0]) == 1.0  # row "c" moved to the front with its cache
 
 
+@pytest.mark.e2e
 def test_sigterm_lets_the_running_stream_finish_and_exits_0():
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "JAXMOE_COMPILATION_CACHE": "off"}
