@@ -88,6 +88,7 @@ _VARIANT_KWARGS |= {
 
 # DeepSeek-V2/V3 (tests/test_deepseek.py): multi-head latent attention with and without a
 # low-rank query, YaRN or plain RoPE, dense first layers, shared experts, and each router.
+# V2 keeps one group: scored by its best expert, groups as many as top_k could not bind.
 _MLA = dict(num_key_value_heads=4, intermediate_size=40, moe_intermediate_size=24, n_routed_experts=8,
             kv_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=12, v_head_dim=16, n_shared_experts=1)
 _YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
@@ -99,7 +100,7 @@ DEEPSEEK_VARIANTS = {
 _VARIANT_KWARGS |= {
     ("deepseek_v2", "base"): dict(_MLA, q_lora_rank=None, topk_method="greedy", first_k_dense_replace=1),
     ("deepseek_v2", "group_limited"): dict(
-        _MLA, q_lora_rank=16, topk_method="group_limited_greedy", n_group=4, topk_group=2,
+        _MLA, q_lora_rank=16, topk_method="group_limited_greedy", n_group=2, topk_group=1,
         routed_scaling_factor=1.5, n_shared_experts=2, rope_parameters=_YARN,
     ),
     ("deepseek_v3", "base"): dict(
@@ -111,11 +112,11 @@ _VARIANT_KWARGS |= {
         first_k_dense_replace=0,
     ),
     # 16 experts over 3 layers for the offloading tests.
-    ("deepseek_v2", "wide"): dict(_MLA, q_lora_rank=16, topk_method="group_limited_greedy", n_group=4, topk_group=2,
+    ("deepseek_v2", "wide"): dict(_MLA, q_lora_rank=16, topk_method="group_limited_greedy", n_group=4, topk_group=1,
                                   num_hidden_layers=3, n_routed_experts=16, moe_intermediate_size=16),
     ("deepseek_v3", "wide"): dict(_MLA, q_lora_rank=16, n_group=4, topk_group=2, norm_topk_prob=True,
                                   routed_scaling_factor=2.5, first_k_dense_replace=1, num_hidden_layers=3,
-                                  n_routed_experts=16, moe_intermediate_size=16, num_experts_per_tok=3),
+                                  n_routed_experts=32, moe_intermediate_size=16, num_experts_per_tok=3),
 }  # fmt: skip
 
 _CLASSES = {
