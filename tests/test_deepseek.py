@@ -21,7 +21,7 @@ from jaxmoe.engine import ResidentEngine
 from jaxmoe.engine.offloaded import OffloadedEngine
 from jaxmoe.model import LatentKV, init_kv_cache, num_unique_experts, route
 from jaxmoe.offload.cache import minimum_experts
-from jaxmoe.offload.host_store import HostExpertStore
+from jaxmoe.offload.host_store import HostExpertStore, total_expert_bytes
 from test_cli import hf_greedy, script
 
 CASES = [(f, v) for f, vs in DEEPSEEK_VARIANTS.items() for v in vs]
@@ -169,3 +169,43 @@ def test_server_rows_equal_offline(offload):
 
         with cf.ThreadPoolExecutor(len(PROMPTS)) as pool:
             assert list(pool.map(complete, PROMPTS)) == want
+
+
+def test_export_loads_in_transformers_with_the_same_weights(hf_checkpoint, tmp_path):
+    """convert -> export_hf: save_pretrained's tensor names, and transformers computes the
+    original model's logits from the exported directory."""
+    import transformers
+    from safetensors import safe_open
+
+    from jaxmoe.checkpoint import convert_hf
+    from jaxmoe.checkpoint.export import export_hf
+
+    model, src = hf_checkpoint("deepseek_v3", "base")
+    export_hf(convert_hf(src, tmp_path / "ckpt", progress=False), tmp_path / "hf")
+    keys = [set(safe_open(d / "model.safetensors", "np").keys()) for d in (src, tmp_path / "hf")]
+    assert keys[0] == keys[1]
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    with torch.no_grad():  # from_pretrained picks sdpa attention where the reference runs eager
+        got, want = (m(torch.tensor(TOKENS)).logits.numpy() for m in (again, model))
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prefill", ["stream", "routed", "injit"])
+@pytest.mark.parametrize("fmt", ["dense", "int4"])
+def test_prefill_modes_and_quantized_experts_match_resident(hf_checkpoint, tmp_path, prefill, fmt):
+    """Every prefill mode, chunked (a 24-token prompt in chunks of 16), on dense and int4
+    experts: offloaded tokens equal the same checkpoint's resident ones."""
+    from jaxmoe.checkpoint import convert_hf, load
+    from jaxmoe.quant import DENSE, ExpertFormat
+
+    _, src = hf_checkpoint("deepseek_v2", "wide")
+    quant = DENSE if fmt == "dense" else ExpertFormat("int4", 16)
+    path = convert_hf(src, tmp_path / "ckpt", progress=False, fmt=quant)
+    prompts = [list(range(1, 25)), [5, 7, 9]]
+    loaded = load(path)
+    want = ResidentEngine(loaded.config, loaded.model, loaded.experts, prefill_chunk=16).generate(prompts, 12).token_ids
+    # Three quarters of the experts (the int4 gather is widened, so half is below its minimum).
+    budget = 3 * total_expert_bytes(loaded.config, quant) // 4
+    engine = OffloadedEngine.from_checkpoint(path, budget, "lru", prefill=prefill, prefill_chunk=16)
+    assert engine.generate(prompts, 12).token_ids == want
