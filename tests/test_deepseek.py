@@ -209,3 +209,20 @@ def test_prefill_modes_and_quantized_experts_match_resident(hf_checkpoint, tmp_p
     budget = 3 * total_expert_bytes(loaded.config, quant) // 4
     engine = OffloadedEngine.from_checkpoint(path, budget, "lru", prefill=prefill, prefill_chunk=16)
     assert engine.generate(prompts, 12).token_ids == want
+
+
+def test_multi_token_prediction_layers_are_not_read(hf_checkpoint, tmp_path):
+    """A V3 checkpoint's layer past num_hidden_layers (its MTP module) converts to the same model."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from jaxmoe.checkpoint import convert_hf, load
+
+    _, src = hf_checkpoint("deepseek_v3", "base")
+    hf = shutil.copytree(src, tmp_path / "hf")
+    tensors = load_file(hf / "model.safetensors")
+    tensors["model.layers.2.enorm.weight"] = np.ones(64, np.float32)
+    save_file(tensors, hf / "model.safetensors", metadata={"format": "pt"})
+    loaded = load(convert_hf(hf, tmp_path / "ckpt", progress=False))
+    assert len(loaded.model.layers) == 2

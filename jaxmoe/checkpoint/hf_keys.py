@@ -19,6 +19,14 @@ from jaxmoe.config import MoEConfig
 
 # Buffers some checkpoints carry that are recomputed, never loaded.
 IGNORED = re.compile(r".*\.rotary_emb\.inv_freq$")
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def beyond_the_layers(cfg: MoEConfig, name: str) -> bool:
+    """DeepSeek-V3 checkpoints carry their multi-token-prediction layers after the last decoder
+    layer (`model.layers.{num_hidden_layers + i}`): transformers does not run them, nor jaxmoe."""
+    m = _LAYER.match(name)
+    return cfg.family == "deepseek_v3" and m is not None and int(m[1]) >= cfg.num_layers
 
 
 @dataclasses.dataclass(frozen=True)
