@@ -17,8 +17,11 @@ ARCHITECTURES = {
     "Qwen2MoeForCausalLM": "qwen2_moe",
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "OlmoeForCausalLM": "olmoe",
+    "DeepseekV2ForCausalLM": "deepseek_v2",
+    "DeepseekV3ForCausalLM": "deepseek_v3",
 }
 DTYPES = ("float32", "bfloat16", "float16")
+DEEPSEEK = ("deepseek_v2", "deepseek_v3")
 
 
 class ConfigError(ValueError):
@@ -26,8 +29,22 @@ class ConfigError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class YarnRope:
+    """YaRN RoPE scaling, resolved as transformers resolves `rope_parameters` (rope_type "yarn")."""
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    attention_factor: float = 1.0  # multiplies cos and sin
+    # DeepSeek's attention multiplies its softmax scale by this twice (mscale(factor, mscale_all_dim)).
+    softmax_mscale: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
 class MoEConfig:
-    family: Literal["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
+    family: Literal["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"]
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -54,6 +71,25 @@ class MoEConfig:
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     dtype: str = "bfloat16"
+    # Multi-head latent attention (DeepSeek-V2/V3, `attention="mla"`, jaxmoe/model/mla.py): the
+    # KV cache holds each token's normalised latent [kv_lora_rank] and rotated key [qk_rope_head_dim].
+    attention: Literal["gqa", "mla"] = "gqa"
+    q_lora_rank: int = 0  # 0: queries projected at full rank (q_proj)
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleaved: bool = False  # rotate adjacent pairs (x0, x1), (x2, x3) rather than halves
+    rope_yarn: YarnRope | None = None
+    # Routing beyond a softmax top-k (DeepSeek; jaxmoe/model/experts.py `route`).
+    router_scoring: Literal["softmax", "sigmoid"] = "softmax"
+    router_logits_fp32: bool = False  # the router's input and weight cast to fp32 before the matmul
+    router_correction_bias: bool = False  # a per-expert bias added to the scores for choosing only
+    router_groups: int = 1  # experts split in groups; the top router_topk_groups groups are kept
+    router_topk_groups: int = 1
+    router_group_score: Literal["max", "top2_sum"] = "max"  # how a group is scored from its experts
+    routed_scaling_factor: float = 1.0
+    shared_expert_gated: bool = True  # Qwen2-MoE gates its shared expert; DeepSeek's are ungated
 
     def __post_init__(self):
         if len(self.moe_layers) != self.num_layers:
@@ -66,6 +102,16 @@ class MoEConfig:
             raise ConfigError(f"num_experts_per_tok={self.top_k} must be in 1..num_experts={self.num_experts}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype={self.dtype!r} is not one of {DTYPES}")
+        if self.num_experts % self.router_groups:
+            raise ConfigError(f"n_group={self.router_groups} does not divide the {self.num_experts} experts")
+        per_group = self.num_experts // self.router_groups
+        if not 0 < self.router_topk_groups <= self.router_groups:
+            raise ConfigError(f"topk_group={self.router_topk_groups} must be in 1..n_group={self.router_groups}")
+        if self.router_groups > 1 and self.top_k > self.router_topk_groups * per_group:
+            raise ConfigError(f"num_experts_per_tok={self.top_k} exceeds the experts in topk_group="
+                              f"{self.router_topk_groups} groups of {per_group}")  # fmt: skip
+        if self.router_group_score == "top2_sum" and self.router_groups > 1 and per_group < 2:
+            raise ConfigError(f"n_group={self.router_groups} leaves fewer than 2 experts per group to score it")
 
     @property
     def moe_layer_ids(self) -> tuple[int, ...]:
@@ -83,10 +129,13 @@ class MoEConfig:
         return dataclasses.asdict(self)
 
 
-def _rope_theta(hf: dict) -> float:
-    """rope_theta from `rope_parameters` (transformers 5) or the older top-level fields."""
+def _rope_theta(hf: dict, scaled: tuple[str, ...] = ()) -> float:
+    """rope_theta from `rope_parameters` (transformers 5) or the older top-level fields; a
+    rope_type in `scaled` is let through (the family's translation reads its parameters)."""
     params = hf.get("rope_parameters")
     scaling = hf.get("rope_scaling")
+    if _rope_type(params or scaling or {}) in scaled:
+        return float((params or {}).get("rope_theta", hf.get("rope_theta", 10000.0)))
     if params is not None:
         rope_type = params.get("rope_type", params.get("type", "default"))
         if rope_type != "default":
@@ -97,6 +146,10 @@ def _rope_theta(hf: dict) -> float:
         if rope_type != "default":
             raise ConfigError(f"rope_scaling type {rope_type!r} is not supported (only 'default' RoPE)")
     return float(hf.get("rope_theta", 10000.0))
+
+
+def _rope_type(params: dict) -> str:
+    return params.get("rope_type", params.get("type", "default"))
 
 
 def _check_no_sliding_window(hf: dict, family: str) -> None:
@@ -165,12 +218,16 @@ def _from_hf_dict(hf: dict) -> MoEConfig:
         num_kv_heads=hf.get("num_key_value_heads") or heads,
         head_dim=hf.get("head_dim") or hidden // heads,
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        rope_theta=_rope_theta(hf),
+        rope_theta=_rope_theta(hf, ("yarn",) if family in DEEPSEEK else ()),
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         top_k=hf["num_experts_per_tok"],
         dtype=_torch_dtype(hf),
     )
+    if family in DEEPSEEK:
+        from jaxmoe.config_deepseek import deepseek_config  # it builds on this module's types
+
+        return deepseek_config(hf, family, common)
     if family == "mixtral":
         return MoEConfig(
             **common,

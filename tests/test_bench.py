@@ -68,10 +68,11 @@ def test_batch_gain_compares_the_same_configuration_at_batch_1():
 def test_shapes_match_the_released_models():
     """Parameter counts of the full-size shapes as jaxmoe builds them (bf16: 2 bytes each)."""
     counts = {name: B.weight_bytes(resolve(name).config("bfloat16")) / 2e9 for name in
-              ("olmoe-1b-7b", "qwen3-30b-a3b", "mixtral-8x7b")}  # fmt: skip
+              ("olmoe-1b-7b", "qwen3-30b-a3b", "mixtral-8x7b", "deepseek-v2-lite")}  # fmt: skip
     assert counts["olmoe-1b-7b"] == pytest.approx(6.92, abs=0.01)
     assert counts["qwen3-30b-a3b"] == pytest.approx(30.53, abs=0.01)
     assert counts["mixtral-8x7b"] == pytest.approx(46.70, abs=0.01)
+    assert counts["deepseek-v2-lite"] == pytest.approx(15.71, abs=0.01)
 
 
 def test_auto_budget_arithmetic_olmoe_at_5_gib():

@@ -1,6 +1,7 @@
 """The MoE decoder (Flax NNX dense parts) and the pure routed-expert functions."""
 
 from jaxmoe.model.decoder import LayerKV, MoEDecoder, init_experts, init_kv_cache
+from jaxmoe.model.mla import LatentKV
 from jaxmoe.model.experts import (
     ExpertWeights,
     PackedExperts,
@@ -24,6 +25,7 @@ from jaxmoe.model.params import (
 
 __all__ = [
     "ExpertWeights",
+    "LatentKV",
     "LayerKV",
     "MoEDecoder",
     "PackedExperts",

@@ -23,6 +23,7 @@ from flax import nnx
 from jaxmoe.config import MoEConfig
 from jaxmoe.model.experts import ExpertWeights, Routing, moe_ffn, num_unique_experts, route
 from jaxmoe.model.layers import Attention, DenseMLP, RMSNorm, linear
+from jaxmoe.model.mla import LatentAttention, LatentKV, init_latent_kv
 
 MoEFn = Callable[..., jax.Array]  # (x, ids, weights, experts, num_unique) -> [N, D]
 Experts = Sequence[ExpertWeights | None]  # one entry per layer
@@ -33,7 +34,11 @@ class LayerKV(NamedTuple):
     v: jax.Array  # [B, S, Hk, Dh]
 
 
-def init_kv_cache(cfg: MoEConfig, batch: int, length: int) -> tuple[LayerKV, ...]:
+def init_kv_cache(cfg: MoEConfig, batch: int, length: int) -> tuple[LayerKV | LatentKV, ...]:
+    """Every layer's empty cache. Each layer's attention owns its KV type (a pytree whose
+    leaves are all [B, S, ...]), so engines and the server move caches without knowing it."""
+    if cfg.attention == "mla":
+        return tuple(init_latent_kv(cfg, batch, length) for _ in range(cfg.num_layers))
     shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
     return tuple(LayerKV(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)) for _ in range(cfg.num_layers))
 
@@ -43,20 +48,28 @@ class SparseMoeBlock(nnx.Module):
 
     def __init__(self, cfg: MoEConfig, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.gate = linear(cfg, cfg.hidden_size, cfg.num_experts, False, rngs)
+        # DeepSeek computes its router in fp32 from fp32 copies of the input and the weight.
+        compute = jnp.float32 if cfg.router_logits_fp32 else None
+        self.gate = linear(cfg, cfg.hidden_size, cfg.num_experts, False, rngs, compute_dtype=compute)
+        if cfg.router_correction_bias:
+            self.e_score_correction_bias = nnx.Param(jnp.zeros((cfg.num_experts,), cfg.dtype))
         if cfg.shared_expert_intermediate_size:
             self.shared_expert = DenseMLP(cfg, cfg.shared_expert_intermediate_size, rngs)
-            self.shared_expert_gate = linear(cfg, cfg.hidden_size, 1, False, rngs)
+            if cfg.shared_expert_gated:
+                self.shared_expert_gate = linear(cfg, cfg.hidden_size, 1, False, rngs)
 
     @jax.named_scope("router")
     def route(self, h: jax.Array) -> Routing:
-        return route(self.cfg, self.gate(h))._replace(inputs=h)
+        bias = self.e_score_correction_bias[...] if self.cfg.router_correction_bias else None
+        return route(self.cfg, self.gate(h), bias)._replace(inputs=h)
 
     def add_shared(self, h: jax.Array, routed: jax.Array) -> jax.Array:
         """Routed output [N, D] plus, for Qwen2-MoE, the gated shared expert."""
         if not self.cfg.shared_expert_intermediate_size:
             return routed
         with jax.named_scope("shared_expert"):
+            if not self.cfg.shared_expert_gated:
+                return routed + self.shared_expert(h)
             return routed + jax.nn.sigmoid(self.shared_expert_gate(h)) * self.shared_expert(h)
 
 
@@ -64,7 +77,7 @@ class DecoderLayer(nnx.Module):
     def __init__(self, cfg: MoEConfig, layer: int, rngs: nnx.Rngs):
         self.is_moe = cfg.moe_layers[layer]
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
-        self.self_attn = Attention(cfg, rngs)
+        self.self_attn = LatentAttention(cfg, rngs) if cfg.attention == "mla" else Attention(cfg, rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
         if self.is_moe:
             self.mlp = SparseMoeBlock(cfg, rngs)
@@ -73,8 +86,8 @@ class DecoderLayer(nnx.Module):
 
     @jax.named_scope("attention")
     def attend(self, x: jax.Array, positions: jax.Array, kv: LayerKV) -> tuple[jax.Array, LayerKV]:
-        out, k, v = self.self_attn(self.input_layernorm(x), positions, kv.k, kv.v)
-        return x + out, LayerKV(k, v)
+        out, kv = self.self_attn(self.input_layernorm(x), positions, kv)
+        return x + out, kv
 
     def attend_and_route(self, x: jax.Array, positions: jax.Array, kv: LayerKV):
         """The half of a MoE layer before its experts: (x, kv, h [B*T, D], routing)."""

@@ -19,12 +19,13 @@ def _dtype(cfg: MoEConfig):
     return jnp.dtype(cfg.dtype)
 
 
-def linear(cfg: MoEConfig, d_in: int, d_out: int, bias: bool, rngs: nnx.Rngs) -> nnx.Linear:
+def linear(cfg: MoEConfig, d_in: int, d_out: int, bias: bool, rngs: nnx.Rngs, compute_dtype=None) -> nnx.Linear:
+    """A Linear holding its weight in the config's dtype, computing in `compute_dtype` (default: the same)."""
     return nnx.Linear(
         d_in,
         d_out,
         use_bias=bias,
-        dtype=_dtype(cfg),
+        dtype=compute_dtype or _dtype(cfg),
         param_dtype=_dtype(cfg),
         kernel_init=nnx.initializers.normal(0.02),
         rngs=rngs,
@@ -75,10 +76,11 @@ class Attention(nnx.Module):
         self,
         x: jax.Array,  # [B, T, D]
         positions: jax.Array,  # [B, T] absolute position of each token
-        k_cache: jax.Array,  # [B, S, Hk, Dh]
-        v_cache: jax.Array,  # [B, S, Hk, Dh]
-    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        kv,  # LayerKV: k and v [B, S, Hk, Dh]
+    ):
+        """(output [B, T, D], the cache with this call's keys and values written)."""
         cfg = self.cfg
+        k_cache, v_cache = kv
         b, t, _ = x.shape
         h, hk, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -105,7 +107,7 @@ class Attention(nnx.Module):
         scores = jnp.where(visible[:, None, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v_cache).reshape(b, t, h * dh)
-        return self.o_proj(out), k_cache, v_cache
+        return self.o_proj(out), type(kv)(k_cache, v_cache)
 
 
 class DenseMLP(nnx.Module):

@@ -7,7 +7,9 @@ key s > position per row), so a row taken over by a new request needs no clearin
 rows can be gathered, padded or truncated freely as long as every live row's own length
 fits.
 
-Shapes: B rows, S cache length, Hk key/value heads, Dh head dim.
+Shapes: B rows, S cache length. A layer's cache is whatever its attention keeps (k and v
+[B, S, Hk, Dh], or MLA's latent and rope key [B, S, ...]): every leaf has rows first and
+keys second, so it is resized and filled leaf by leaf.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmoe.engine.buckets import bucket
-from jaxmoe.model.decoder import LayerKV
 
 
 def row_buckets(max_rows: int) -> list[int]:
@@ -40,15 +41,15 @@ def resize(kv, index: jax.Array, *, length: int):
         a = a[index]
         if a.shape[1] >= length:
             return a[:, :length]
-        return jnp.pad(a, ((0, 0), (0, length - a.shape[1]), (0, 0), (0, 0)))
+        return jnp.pad(a, ((0, 0), (0, length - a.shape[1])) + ((0, 0),) * (a.ndim - 2))
 
-    return tuple(LayerKV(fit(layer.k), fit(layer.v)) for layer in kv)
+    return jax.tree.map(fit, kv)
 
 
 def insert(kv, row_kv, row: jax.Array):
     """One request's prefilled cache row_kv [1, S_row] into row `row` of kv [B, S >= S_row]."""
-    at = lambda a, r: jax.lax.dynamic_update_slice(a, r, (row, 0, 0, 0))  # noqa: E731
-    return tuple(LayerKV(at(layer.k, r.k), at(layer.v, r.v)) for layer, r in zip(kv, row_kv, strict=True))
+    at = lambda a, r: jax.lax.dynamic_update_slice(a, r, (row,) + (0,) * (a.ndim - 1))  # noqa: E731
+    return jax.tree.map(at, tuple(kv), tuple(row_kv))
 
 
 class BatchKV:
@@ -56,7 +57,7 @@ class BatchKV:
 
     def __init__(self, programs, max_rows: int):
         self.programs, self.max_rows = programs, max_rows
-        self.kv = None  # tuple of LayerKV [B, S]
+        self.kv = None  # one cache per layer, each leaf [B, S, ...]
         self.holders: list = []  # per row: the request holding it, or None
 
     @property
@@ -65,7 +66,7 @@ class BatchKV:
 
     @property
     def length(self) -> int:
-        return 0 if self.kv is None else self.kv[0].k.shape[1]
+        return 0 if self.kv is None else jax.tree.leaves(self.kv)[0].shape[1]
 
     def live(self) -> list[int]:
         return [r for r, h in enumerate(self.holders) if h is not None]

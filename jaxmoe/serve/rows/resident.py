@@ -14,7 +14,6 @@ import numpy as np
 from jaxmoe.engine.resident import ResidentEngine
 from jaxmoe.engine.sampling import SamplingParams
 from jaxmoe.engine.step import decode_step
-from jaxmoe.model.decoder import LayerKV
 from jaxmoe.serve.rows.base import RowPrefill, Rows
 from jaxmoe.serve.rows.exact import per_token_moe
 from jaxmoe.serve.rows.sampling import row_sampler, sample_rows
@@ -72,14 +71,12 @@ class ResidentRows(Rows):
 
         def row(r, carry):
             out_tokens, kv = carry
-            kv_row = tuple(LayerKV(one(layer.k, r), one(layer.v, r)) for layer in kv)
+            kv_row = jax.tree.map(lambda a: one(a, r), kv)
             out = decode_step(model, one(tokens, r)[:, None], one(positions, r)[:, None], jnp.ones((1,), bool), kv_row,
                               experts, None, jnp.int32(0), x_start, jax.random.key(0), jnp.int32(0),
                               sampling=SamplingParams(), moe_fn=self.engine.moe_fn,
                               sampler=row_sampler(tuple(one(a, r) for a in sampling)))  # fmt: skip
-            kv = tuple(LayerKV(jax.lax.dynamic_update_slice_in_dim(layer.k, new.k, r, 0),
-                               jax.lax.dynamic_update_slice_in_dim(layer.v, new.v, r, 0))
-                       for layer, new in zip(kv, out.kv))  # fmt: skip
+            kv = jax.tree.map(lambda a, new: jax.lax.dynamic_update_slice_in_dim(a, new, r, 0), kv, tuple(out.kv))
             return jax.lax.dynamic_update_slice_in_dim(out_tokens, out.token, r, 0), kv
 
         return jax.lax.fori_loop(0, tokens.shape[0], row, (jnp.zeros_like(tokens), kv))
