@@ -229,3 +229,24 @@ def test_queue_admits_by_ttft_deadline_and_refuses_when_full():
     batcher.step()  # two free rows: the two earliest deadlines, most urgent first
     assert admitted == [2, 3]
     assert batcher.queue_depth == 1
+
+
+def test_serve_takes_the_largest_batch_the_budget_holds_unless_told(monkeypatch, capsys):
+    """Without --max-batch an offloaded server takes the largest batch up to 8 whose experts the
+    budget holds, and says so when that is fewer; a resident one takes 8."""
+    from jaxmoe.config import load_hf_config
+    from jaxmoe.engine.offloaded import OffloadedEngine
+    from jaxmoe.offload.cache import BudgetError
+    from jaxmoe.offload.host_store import total_expert_bytes
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import serve
+
+    total = total_expert_bytes(load_hf_config(TINY))
+    small = OffloadedEngine.from_checkpoint(TINY, int(0.1 * total), "lru")  # holds 2 rows' experts, not 3
+    assert serve.default_max_batch(small) == 2
+    assert "at most 2 rows at once" in capsys.readouterr().err
+    with pytest.raises(BudgetError, match="minimum working set"):  # an explicit larger batch is refused
+        small.check_batch(3)
+    half = OffloadedEngine.from_checkpoint(TINY, int(0.5 * total), "lru")
+    assert serve.default_max_batch(half) == 8 and capsys.readouterr().err == ""

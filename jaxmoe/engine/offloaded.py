@@ -39,7 +39,7 @@ from jaxmoe.engine.sampling import SamplingParams, sample
 from jaxmoe.engine.stream_prefill import StreamStats, compile_stream, run_stream
 from jaxmoe.model import MoEDecoder, check_model_dtype, init_kv_cache, num_unique_experts
 from jaxmoe.model.decoder import head_logits
-from jaxmoe.offload.cache import DeviceExpertCache, plan_geometry, workspace_experts
+from jaxmoe.offload.cache import BudgetError, DeviceExpertCache, plan_geometry, workspace_experts
 from jaxmoe.offload.costs import CostModel
 from jaxmoe.offload.device_cache import DEVICE_POLICIES
 from jaxmoe.offload.driver import Amortize, DecodeDriver, DriverConfig
@@ -105,11 +105,8 @@ class OffloadedEngine:
             len(config.moe_layer_ids), config.num_experts, config.top_k)  # fmt: skip
         # Room for prefetched copies only where something predicts.
         self.prefetches = kind.prefetches(predictor is not None)
-        # Refuse now a budget too small even for one sequence; larger batches are checked per call.
-        one = num_unique_experts(config.num_experts, 1, config.top_k)
-        plan_geometry(self.expert_budget_bytes, store.expert_bytes, len(store.keys()), one,
-                      workspace_experts(one, store.format, config))  # fmt: skip
         self.check_budget = check_budget
+        self.check_batch(1)  # refuse now a budget too small even for one sequence; larger batches per call
         self.ends = Piece(Ends(model))
         self.layers = [Piece(layer) for layer in model.layers]
         self.model_piece = Piece(model)  # the decode step's program takes the whole model
@@ -121,6 +118,24 @@ class OffloadedEngine:
         self.cache: DeviceExpertCache | None = None
         self.plan: list[PassPlan] = []  # what the last generate executed
         self.prefill_plan: PrefillPlan | None = None  # the last generate's prefill
+
+    def check_batch(self, batch: int) -> None:
+        """BudgetError (naming the minimum) unless the budget holds the experts `batch` rows can
+        need at one layer, and the expert program's gather of them."""
+        cfg = self.config
+        unique = num_unique_experts(cfg.num_experts, batch, cfg.top_k)
+        plan_geometry(self.expert_budget_bytes, self.store.expert_bytes, len(self.store.keys()), unique,
+                      workspace_experts(unique, self.store.format, cfg))  # fmt: skip
+
+    def largest_batch(self, limit: int) -> int:
+        """The largest batch up to `limit` that the budget holds (`check_batch`); at least 1."""
+        for batch in range(limit, 1, -1):
+            try:
+                self.check_batch(batch)
+                return batch
+            except BudgetError:
+                continue
+        return 1
 
     @property
     def clock(self) -> PhaseClock:
