@@ -13,7 +13,9 @@ torch = pytest.importorskip("torch")  # the test extra; skipped where absent
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [[3, 14, 15, 9, 26, 5], [27, 18, 28]]
-CASES = [("mixtral", "sharded"), ("olmoe", "fused"), ("qwen2_moe", "single"), ("qwen3_moe", "sharded")]
+# A fused and a sharded layout by default; the other two families (and the single layout) with --slow.
+CASES = [pytest.param("mixtral", "sharded", marks=pytest.mark.slow), ("olmoe", "fused"),
+         pytest.param("qwen2_moe", "single", marks=pytest.mark.slow), ("qwen3_moe", "sharded")]  # fmt: skip
 
 
 def script(name: str, *args: str) -> subprocess.CompletedProcess:
@@ -52,8 +54,8 @@ def test_generate_reports_bad_input_without_traceback(tmp_path):
     assert "config.json" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.e2e
-def test_generate_offloaded_matches_resident_and_dumps_the_plan(hf_checkpoint, tmp_path):
+def _converted_wide_olmoe(hf_checkpoint, tmp_path) -> tuple[list[str], dict]:
+    """(generate.py's arguments for the converted wide OLMoE and PROMPTS, its resident JSON)."""
     _, src = hf_checkpoint("olmoe", "wide")
     dst = tmp_path / "ckpt"
     assert script("convert_hf.py", str(src), str(dst)).returncode == 0
@@ -61,6 +63,12 @@ def test_generate_offloaded_matches_resident_and_dumps_the_plan(hf_checkpoint, t
     for p in PROMPTS:
         args += ["--prompt-ids", " ".join(map(str, p))]
     resident = json.loads(script("generate.py", *args).stdout)
+    return args, resident
+
+
+@pytest.mark.e2e
+def test_generate_offloaded_matches_resident_and_dumps_the_plan(hf_checkpoint, tmp_path):
+    args, resident = _converted_wide_olmoe(hf_checkpoint, tmp_path)
     # 16 experts x 3 layers of 3 x 64 x 16 fp32 = 12288 bytes each; room for 20 of the 48.
     proc = script("generate.py", *args, "--expert-budget-gb", str(20 * 12288 / 1e9), "--policy", "lfu", "--plan")
     assert proc.returncode == 0, proc.stderr
@@ -72,6 +80,15 @@ def test_generate_offloaded_matches_resident_and_dumps_the_plan(hf_checkpoint, t
     assert sum(len(p["loads"]) for p in offloaded["plan"]) + m["decode_expert_loads"] == m["expert_misses"]
     assert m["h2d_bytes"] == m["expert_misses"] * 12288
 
+    proc = script("generate.py", *args, "--expert-budget-gb", "1", "--policy", "lru", "--maps", str(tmp_path / "m.npz"))
+    assert proc.returncode == 2 and "--maps needs --policy maps" in proc.stderr
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_generate_prefetching_policies_match_resident(hf_checkpoint, tmp_path):
+    """The predictor and expert maps through the script (the engine tests cover them in process)."""
+    args, resident = _converted_wide_olmoe(hf_checkpoint, tmp_path)
     # Prefetch driven by the next layer's router: same tokens again, prefetches counted.
     proc = script("generate.py", *args, "--expert-budget-gb", str(40 * 12288 / 1e9), "--predictor", "gate-ahead")
     assert proc.returncode == 0, proc.stderr
@@ -86,8 +103,6 @@ def test_generate_offloaded_matches_resident_and_dumps_the_plan(hf_checkpoint, t
     mapped = json.loads(proc.stdout)
     assert [o["token_ids"] for o in mapped["outputs"]] == [o["token_ids"] for o in resident["outputs"]]
     assert mapped["metrics"]["policy"] == "maps" and mapped["metrics"]["expert_misses"] > 0
-    proc = script("generate.py", *args, "--expert-budget-gb", "1", "--policy", "lru", "--maps", str(tmp_path / "m.npz"))
-    assert proc.returncode == 2 and "--maps needs --policy maps" in proc.stderr
 
 
 @pytest.mark.e2e

@@ -61,7 +61,7 @@ def test_export_round_trips_through_conversion(hf_checkpoint, tmp_path, family):
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("family", ["olmoe", "mixtral"])
+@pytest.mark.parametrize("family", ["olmoe", pytest.param("mixtral", marks=pytest.mark.slow)])
 def test_exported_directory_generates_like_jaxmoe_in_transformers(hf_checkpoint, tmp_path, family):
     _, src = hf_checkpoint(family, "base", "single")
     convert_hf(src, tmp_path / "ckpt", progress=False)
@@ -78,6 +78,7 @@ def test_exported_directory_generates_like_jaxmoe_in_transformers(hf_checkpoint,
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_trained_checkpoint_exports_to_transformers(tmp_path):
     """A checkpoint the training script ships (tied embeddings, our tokenizer) loads in
     transformers with its tokenizer, and gives jaxmoe's logits and greedy tokens."""

@@ -160,8 +160,13 @@ class _WrongScorer(NextLayerScorer):
         return jnp.broadcast_to(leaves[0], (h.shape[0], leaves[0].shape[0]))
 
 
-@pytest.mark.parametrize("family,batch", [("olmoe", 1), ("mixtral", 3), ("qwen2_moe", 3)])
-@pytest.mark.parametrize("scorer", ["gate-ahead", "wrong"])
+# The router ahead on OLMoE at batch 1 and a wrong scorer on Qwen2-MoE at batch 3 by default; the rest --slow.
+PREFETCH_FAST = {("gate-ahead", "olmoe"), ("wrong", "qwen2_moe")}
+PREFETCH = [pytest.param(family, batch, scorer, marks=() if (scorer, family) in PREFETCH_FAST else pytest.mark.slow)
+            for scorer in ("gate-ahead", "wrong") for family, batch in (("olmoe", 1), ("mixtral", 3), ("qwen2_moe", 3))]  # fmt: skip
+
+
+@pytest.mark.parametrize("family,batch,scorer", PREFETCH)
 def test_prefetch_never_changes_tokens(family, batch, scorer):
     cfg, model, _, store = setup(family)
     unique = num_unique_experts(cfg.num_experts, batch, cfg.top_k)
@@ -186,7 +191,7 @@ def test_predictor_policy_needs_a_predictor():
         OffloadedEngine(cfg, model, store, 10**9, "lru", predictor=GateAhead(model))
 
 
-@pytest.mark.parametrize("budget", ["min", "all"])
+@pytest.mark.parametrize("budget", ["min", pytest.param("all", marks=pytest.mark.slow)])
 def test_bf16_matches_resident(budget):
     """Per-layer programs round to bf16 where one whole-model program could keep f32:
     both are compiled without excess precision, so the tokens still agree."""
@@ -206,6 +211,7 @@ def test_the_pool_is_updated_in_place():
     assert before.is_deleted() and not engine.cache.pool.is_deleted()
 
 
+@pytest.mark.slow  # the shipped bf16 model offloaded as stored: tests/test_shipped_exact.py
 def test_a_bf16_checkpoint_run_in_fp32_matches_resident():
     """The GPU check's fp32 cases of the shipped bf16 checkpoint: a module whose weights were
     only cast still computes in bf16 (its layers hold the dtype), so the engines refuse it;

@@ -128,8 +128,8 @@ def setup(family, fmt):
     return _SETUPS[family, fmt]
 
 
-# Each family once and each format twice by default; the other four pairs with --slow.
-FAST_PAIRS = {("int4", "olmoe"), ("int8", "mixtral"), ("int4", "qwen2_moe"), ("int8", "qwen3_moe")}
+# Each format once by default; the other six pairs with --slow.
+FAST_PAIRS = {("int4", "olmoe"), ("int8", "mixtral")}
 PAIRS = [pytest.param(fmt, family, marks=() if (fmt.kind, family) in FAST_PAIRS else pytest.mark.slow,
                       id=f"{fmt.name}-{family}")
          for fmt in (INT8, INT4) for family in ("olmoe", "mixtral", "qwen2_moe", "qwen3_moe")]  # fmt: skip
@@ -150,7 +150,7 @@ def test_offloaded_quantized_equals_resident_quantized(family, fmt):
         assert result.metrics["h2d_bytes"] == result.metrics["expert_misses"] * fmt.nbytes(cfg)
 
 
-@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("batch", [pytest.param(1, marks=pytest.mark.slow), 3])
 def test_quantized_prefetch_and_streamed_prefill_keep_the_tokens(batch):
     cfg, model, resident, store = setup("olmoe", INT4)
     want = ResidentEngine(cfg, model, resident).generate(PROMPTS[:batch], 10).token_ids

@@ -103,6 +103,7 @@ def test_train_script_loss_falls_and_ships_a_loadable_checkpoint(corpus, tmp_pat
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_resume_continues_the_same_run(corpus, tmp_path):
     train = _train_script()
     common = ["--data", str(corpus), "--steps", "8", "--ckpt-every", "3", *TINY]
