@@ -172,7 +172,9 @@ def test_the_decode_profile_dry_run(tmp_path):
     assert set(traces) == {"offloaded", "resident"}
     for name, t in traces.items():
         assert (tmp_path / "profile" / t["file"]).is_file() and t["processes"]
-    assert traces["offloaded"]["resumes_per_token"] >= 0 and "## A profile of the decode" in md
+    # lru misses inside the step program: one run and one read per token, never a resume
+    assert traces["offloaded"]["resumes_per_token"] == 0 and traces["offloaded"]["host_syncs_per_token"] == 1.0
+    assert "## A profile of the decode" in md
 
 
 @pytest.mark.parametrize("flag, value", [("--prefill-modes", "stream,fast"), ("--prefill-lengths", "2048,lots")])

@@ -177,9 +177,10 @@ def test_prefetch_never_changes_tokens(family, batch, scorer):
     assert result.token_ids == resident_tokens(family, batch, 16)
     m = result.metrics
     assert m["host_syncs_per_token"] == 1.0  # prefetches happen in the step program
-    # A fixed guess can stay resident after one load (or from the prefill) and is then never copied again.
-    assert m["prefetch_issued"] > 0 or scorer == "wrong"
+    assert m["predictor_calls"] > 0  # the scorer ran inside the step program
     assert 0 <= m["prefetch_used"] <= m["prefetch_issued"]
+    if scorer == "gate-ahead":  # the next layer's own router guesses well: its prefetches get used
+        assert m["prefetch_used"] > 0
     assert m["h2d_bytes"] == (m["expert_misses"] + m["prefetch_issued"]) * store.expert_bytes
 
 
