@@ -39,6 +39,16 @@ class DeviceStepOut(NamedTuple):
     step: jax.Array  # [] the next step
 
 
+def skip_missed(cfg, rows: jax.Array, weights: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The approximate decode's (row, k) that `ensure` skipped (a valid row's slot -1 in `rows`
+    [B, K]) at weight exactly 0 (`drop_experts`: the others renormalised where the family does),
+    computed with the slot of their row's first choice (never skipped: no extra expert is
+    gathered, and its output is finite, so 0 x output is 0, where an arbitrary slot's bytes
+    might hold a NaN). Returns (rows, weights)."""
+    skipped = valid[:, None] & (rows < 0)  # [B, K]
+    return jnp.where(skipped, rows[:, :1], rows), drop_experts(cfg, weights, skipped)
+
+
 def device_step(
     model: MoEDecoder,
     tok: jax.Array,  # [B] int32
@@ -83,11 +93,7 @@ def device_step(
                                    scores if nxt is not None else None, routing.weights)  # fmt: skip
         weights = routing.weights
         if policy.skip_below > 0:
-            # A skipped (row, k) has no slot: it takes its row's first choice's (never skipped,
-            # so no extra expert is gathered and its output is finite) at weight exactly 0.
-            skipped = valid[:, None] & (rows < 0)  # [B, K]
-            weights = drop_experts(cfg, weights, skipped)
-            rows = jnp.where(skipped, rows[:, :1], rows)
+            rows, weights = skip_missed(cfg, rows, weights, valid)
         experts = packed_experts(state.pool, fmt, cfg)
         y = moe_fn(h, jnp.maximum(rows, 0), weights, experts, unique)
         x = module.finish_moe(x_att, h, y)
