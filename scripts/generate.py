@@ -210,6 +210,7 @@ def resident_metrics(engine: ResidentEngine) -> dict:
         "stall_ms": 0.0,
         "approximate": False,
         "skip_below": 0.0,
+        "skipped_experts": 0,
         "skipped_experts_per_token": 0.0,
         "prefill_mode": "resident",
         "prefill_h2d_bytes": 0,
