@@ -7,6 +7,9 @@ Without --model the shipped default model (checkpoints/jaxmoe-tiny) is used; in 
 checkout without it, a randomly initialised checkpoint is created, whose text is noise.
 With --expert-budget-gb the experts live in pinned host memory and a device cache
 of that many bytes (10^9 per GB) holds what the current step needs.
+--skip-below W (with a budget) makes the decode approximate, never by default: a missed
+expert whose routing weight is below W is not loaded or computed; the metrics then say
+"approximate": true and give "skipped_experts_per_token".
 With --json exactly one JSON object goes to stdout; logs and progress go to stderr.
 """
 
@@ -76,6 +79,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="amortised prediction: the step program runs the predictor on every K-th token only")
     p.add_argument("--predict-below", type=float,
                    help="amortised prediction: ... and only while the recent hit rate is below this")
+    p.add_argument("--skip-below", type=float, default=0.0, metavar="W",
+                   help="approximate decode (off by default): with a budget and a device policy (ondemand, lru, lfu, "
+                   "lfru, predictor), a missed expert whose routing weight is below W is not loaded or computed")  # fmt: skip
     p.add_argument("--prefill", choices=MODES, default="auto",
                    help="offloaded prefill: stream every expert layer by layer, overlapped with compute; load only "
                    "the routed experts; or auto (routed for short prompts)")  # fmt: skip
@@ -113,6 +119,11 @@ def check_engine_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> 
     except ValueError as e:
         p.error(f"--predict-every/--predict-below: {e}")
     args.maps = getattr(args, "maps", None)
+    args.skip_below = getattr(args, "skip_below", 0.0)
+    if not 0.0 <= args.skip_below < float("inf"):
+        p.error(f"--skip-below must be a finite weight >= 0, got {args.skip_below}")
+    if args.skip_below > 0 and args.expert_budget_gb is None and args.expert_budget_frac is None:
+        p.error("--skip-below needs --expert-budget-gb or --expert-budget-frac: only missed experts are skipped")
 
 
 def default_model() -> Path:
@@ -149,7 +160,7 @@ def build_engine(path: Path, args: argparse.Namespace):
     engine = OffloadedEngine.from_checkpoint(
         path, budget, policy, predictor=predictor, prefill=args.prefill,
         prefill_overlap=not args.no_prefill_overlap, prefill_chunk=args.prefill_chunk, maps=args.maps,
-        amortize=args.amortize,
+        amortize=args.amortize, skip_below=args.skip_below,
     )  # fmt: skip
     return engine, engine.config, engine.generation_config, engine.tokenizer_path
 
@@ -197,6 +208,10 @@ def resident_metrics(engine: ResidentEngine) -> dict:
         "prefetch_issued": 0,
         "prefetch_used": 0,
         "stall_ms": 0.0,
+        "approximate": False,
+        "skip_below": 0.0,
+        "skipped_experts": 0,
+        "skipped_experts_per_token": 0.0,
         "prefill_mode": "resident",
         "prefill_h2d_bytes": 0,
         "prefill_stall_ms": 0.0,
@@ -256,7 +271,10 @@ def main(argv=None) -> int:
         prefill = ""
         if m["policy"] != "resident":
             prefill = f" ({m['prefill_mode']} prefill, {m['prefill_h2d_bytes'] / 1e6:.1f} MB)"
-        print(f"[ttft {m['ttft_ms']:.1f} ms{prefill}, decode {tps} tok/s, {m['expert_format']} experts{cache}]",
+        approx = ""
+        if m["approximate"]:
+            approx = f", APPROXIMATE: skip below {m['skip_below']}, {m['skipped_experts_per_token']:.2f} skipped/token"
+        print(f"[ttft {m['ttft_ms']:.1f} ms{prefill}, decode {tps} tok/s, {m['expert_format']} experts{cache}{approx}]",
               file=sys.stderr)  # fmt: skip
     return 0
 

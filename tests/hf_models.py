@@ -86,6 +86,8 @@ _WIDE = dict(num_hidden_layers=3, intermediate_size=24, moe_intermediate_size=16
 _VARIANT_KWARGS |= {
     ("mixtral", "wide"): dict(num_hidden_layers=3, intermediate_size=16, num_local_experts=16),
     ("olmoe", "wide"): dict(num_hidden_layers=3, intermediate_size=16, num_experts=16, num_experts_per_tok=3),
+    # One layer: its routing depends on the fed tokens alone (tests/test_skip.py replays an approximate decode).
+    ("olmoe", "single"): dict(num_hidden_layers=1, intermediate_size=16, num_experts=16, num_experts_per_tok=3),
     ("qwen2_moe", "wide"): dict(_WIDE, shared_expert_intermediate_size=20, mlp_only_layers=[1], norm_topk_prob=True),
     ("qwen3_moe", "wide"): dict(_WIDE, head_dim=24, num_experts_per_tok=3, norm_topk_prob=True),
 }

@@ -33,7 +33,7 @@ def device_policy(engine) -> dc.DevicePolicy:
     decay = getattr(schedule.policy, "rate", 1.0)  # lfru's per-visit decay
     a = engine.amortize
     return dc.DevicePolicy(engine.policy_name, decay=decay, prefetch=prefetch, picks=cfg.top_k if prefetch else 0,
-                           every=a.every, below=a.below, window=a.window)  # fmt: skip
+                           every=a.every, below=a.below, window=a.window, skip_below=engine.skip_below)  # fmt: skip
 
 
 class DeviceDecoder:
@@ -102,5 +102,6 @@ class DeviceDecoder:
         returns the prediction counts (the driver's keys)."""
         counts = dict(zip(dc.COUNTERS, (int(c) for c in np.asarray(self._state.counts))))
         self.engine.cache.take_device_state(self._state, counts)
+        self.skipped_experts = counts["skipped_experts"]
         return {"predictor_calls": counts["predictor_calls"], "map_calls": 0,
                 "predictor_skipped_tokens": counts["predictor_skipped_tokens"], "boundary_copies": 0}  # fmt: skip

@@ -8,7 +8,9 @@ the pool (`ensure`), computes with the pool's rows, and then copies
 the predicted experts of the next layer that are absent (`prefetch`), so those copies
 can run while the next layer attends. The expert contraction is the resident engine's
 call with the same shapes (U experts gathered, one batched contraction), so the tokens
-are the resident ones whatever was cached.
+are the resident ones whatever was cached. The one exception is opt-in: with the policy's
+`skip_below` W > 0 a missed expert whose routing weight is below W is neither fetched nor
+computed (`drop_experts` zeroes its weight), and the tokens are approximate.
 
 Shapes: B batch, D hidden, L layers, E experts, K experts per token, S pool slots.
 """
@@ -23,6 +25,7 @@ import jax.numpy as jnp
 from jaxmoe.engine.sampling import SamplingParams, sample
 from jaxmoe.model import MoEDecoder, moe_ffn, num_unique_experts
 from jaxmoe.model.decoder import LayerKV, head_logits
+from jaxmoe.model.experts import drop_experts
 from jaxmoe.offload import device_cache as dc
 from jaxmoe.offload.policy import next_moe_layers
 from jaxmoe.quant import ExpertFormat, packed_experts
@@ -34,6 +37,16 @@ class DeviceStepOut(NamedTuple):
     state: dc.CacheState
     positions: jax.Array  # [B] the next step's positions
     step: jax.Array  # [] the next step
+
+
+def skip_missed(cfg, rows: jax.Array, weights: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The approximate decode's (row, k) that `ensure` skipped (a valid row's slot -1 in `rows`
+    [B, K]) at weight exactly 0 (`drop_experts`: the others renormalised where the family does),
+    computed with the slot of their row's first choice (never skipped: no extra expert is
+    gathered, and its output is finite, so 0 x output is 0, where an arbitrary slot's bytes
+    might hold a NaN). Returns (rows, weights)."""
+    skipped = valid[:, None] & (rows < 0)  # [B, K]
+    return jnp.where(skipped, rows[:, :1], rows), drop_experts(cfg, weights, skipped)
 
 
 def device_step(
@@ -77,9 +90,12 @@ def device_step(
 
         with jax.named_scope("fetch"):
             state, rows = dc.visit(state, hosts[layer], policy, layer, nxt, routing.ids, valid, unique, predict_now,
-                                   scores if nxt is not None else None)  # fmt: skip
+                                   scores if nxt is not None else None, routing.weights)  # fmt: skip
+        weights = routing.weights
+        if policy.skip_below > 0:
+            rows, weights = skip_missed(cfg, rows, weights, valid)
         experts = packed_experts(state.pool, fmt, cfg)
-        y = moe_fn(h, jnp.maximum(rows, 0), routing.weights, experts, unique)
+        y = moe_fn(h, jnp.maximum(rows, 0), weights, experts, unique)
         x = module.finish_moe(x_att, h, y)
         if nxt is not None:  # masked, not under a cond: a conditional holding another stays off a CUDA graph
             with jax.named_scope("prefetch"):

@@ -59,6 +59,18 @@ def first_token(ends, x, index, root, step, sampling):
     return sample(logits, jax.random.fold_in(root, step), sampling)
 
 
+def check_skip_below(skip_below: float, policy: str) -> float:
+    """The approximate decode's weight threshold (0: exact); refused for the policies whose
+    decode is planned on the host (reuse, maps): only the device's step program skips."""
+    skip_below = float(skip_below)
+    if not 0.0 <= skip_below < float("inf"):
+        raise ValueError(f"--skip-below (skip_below) must be a finite weight >= 0, got {skip_below}")
+    if skip_below > 0 and policy not in DEVICE_POLICIES:
+        raise ValueError(f"--skip-below (skip_below) needs a policy the device runs ({', '.join(DEVICE_POLICIES)}); "
+                         f"policy {policy!r} plans its loads on the host and decodes exactly")  # fmt: skip
+    return skip_below
+
+
 class OffloadedEngine:
     def __init__(
         self,
@@ -75,6 +87,7 @@ class OffloadedEngine:
         maps: ExpertMaps | None = None,
         amortize: Amortize = Amortize(),
         costs: CostModel = CostModel(),
+        skip_below: float = 0.0,
     ):
         """`prefill`: "stream" (every expert, layer by layer, overlapped), "routed" (only the
         routed experts, like decode), "auto" (routed for short prompts) or "injit" (stream
@@ -83,7 +96,10 @@ class OffloadedEngine:
         against); `prefill_chunk`: tokens per prefill chunk (a power of two). `maps`: the
         expert maps a "maps" policy starts from (empty if None; they learn as it runs);
         `amortize`: when the step program runs the predictor (eMoE); `costs`: the cost
-        model a gated prefetch weighs (jaxmoe/offload/costs.py)."""
+        model a gated prefetch weighs (jaxmoe/offload/costs.py). `skip_below` W > 0: approximate
+        decode (opt-in): a missed expert whose routing weight is below W is not fetched and not
+        computed (device_cache.DevicePolicy; the policies the device runs only), and the
+        metrics say `approximate`."""
         if prefill not in MODES:
             raise ValueError(f"prefill must be one of {', '.join(MODES)}, got {prefill!r}")
         if prefill == INJIT and not prefill_overlap:
@@ -101,6 +117,7 @@ class OffloadedEngine:
         if maps is not None and not kind.maps:
             raise ValueError(f"policy {policy!r} uses no expert maps; they need policy 'maps'")
         self.predictor, self.amortize, self.costs = predictor, amortize, costs
+        self.skip_below = check_skip_below(skip_below, policy)
         self.maps = maps if maps is not None or not kind.maps else ExpertMaps(
             len(config.moe_layer_ids), config.num_experts, config.top_k)  # fmt: skip
         # Room for prefetched copies only where something predicts.
@@ -324,10 +341,11 @@ class OffloadedEngine:
         decoder = self._decoder(sampling)
         decoder.start(lengths, max_new_tokens, first_host)
         compiled = self.programs.compile_seconds
-        decode_start, steps = time.perf_counter(), 0
+        decode_start, steps, row_tokens = time.perf_counter(), 0, 0
         for step in range(1, max_new_tokens):
             if out.all_done:
                 break
+            row_tokens += int(np.sum(~out.done))
             tok, tok_host = decoder.token(step, tok, ~out.done, kv, root)
             out.add(tok_host)
             steps += 1
@@ -365,6 +383,11 @@ class OffloadedEngine:
             "resumes_per_token": d.resumes / d.tokens if d.tokens else None,
             "expert_format": self.store.format.name,
             "expert_bytes": self.store.expert_bytes,
+            # Opt-in skipping of missed low-weight experts: tokens no longer the resident ones.
+            "approximate": self.skip_below > 0,
+            "skip_below": self.skip_below,
+            "skipped_experts": getattr(decoder, "skipped_experts", 0),  # (row, k) not computed, over the decode
+            "skipped_experts_per_token": getattr(decoder, "skipped_experts", 0) / row_tokens if row_tokens else 0.0,
             # Amortised prediction (eMoE): runs that ran the scorer, tokens that skipped it.
             **(predicted if predicted is not None else
                {k: v - predicted_before[k] for k, v in self.driver.counts().items()}),

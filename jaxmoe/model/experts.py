@@ -94,6 +94,23 @@ def route(cfg: MoEConfig, logits: jax.Array, correction_bias: jax.Array | None =
     return Routing(logits, ids.astype(jnp.int32), top_w)
 
 
+def drop_experts(cfg: MoEConfig, weights: jax.Array, dropped: jax.Array) -> jax.Array:
+    """Routing weights [N, K] with the (row, k) `dropped` [N, K] (not computed: the approximate
+    decode's skipped experts) at exactly zero. Where the family renormalises its top-k
+    (`norm_topk_prob`), the kept weights are renormalised as `route` would had the dropped
+    experts not been chosen: p_i / sum_kept p_j x the scaling factor, which from the weights
+    route returned is w_i x sum_all w / sum_kept w. Where it does not (OLMoE, Qwen-MoE,
+    DeepSeek-V2), a weight is the expert's probability over every expert, whatever else was
+    chosen, so the kept weights are left as they are. A row keeps at least one expert
+    (device_cache.skippable), so the sum is never zero."""
+    w32 = weights.astype(jnp.float32)
+    kept = jnp.where(dropped, 0.0, w32)
+    if cfg.norm_topk_prob:
+        total, rest = jnp.sum(w32, -1, keepdims=True), jnp.sum(kept, -1, keepdims=True)
+        kept = kept * (total / jnp.where(rest > 0, rest, 1.0))
+    return kept.astype(weights.dtype)
+
+
 def _keep_best_groups(cfg: MoEConfig, choice: jax.Array) -> jax.Array:
     """choice [N, E] with the experts outside each token's best groups at -inf. A group scores
     its best expert ("max") or its two best summed ("top2_sum")."""

@@ -35,7 +35,7 @@ import numpy as np
 
 # Counters kept on the device, in this order.
 COUNTERS = ("expert_hits", "expert_misses", "prefetch_issued", "prefetch_used", "predictor_calls",
-            "predictor_skipped_tokens")  # fmt: skip
+            "predictor_skipped_tokens", "skipped_experts")  # fmt: skip
 FETCH_OPTIONS = {"xla_disable_hlo_passes": "host-memory-transfer-asyncifier"}
 DEVICE_POLICIES = ("ondemand", "lru", "lfu", "lfru", "predictor")
 
@@ -51,7 +51,12 @@ class DevicePolicy:
     lfru      uses decayed by `decay` per layer visit, ties least recent
     predictor lowest predicted probability x (uses + 1) (FineMoE's rule), ties least recent;
               prefetches up to `prefetch` of the next MoE layer's predicted experts
-    Every rule breaks its last ties by slot."""
+    Every rule breaks its last ties by slot.
+
+    `skip_below` W > 0 makes the decode approximate (opt-in, never the default): a routed
+    (row, k) whose expert is absent from the pool and whose routing weight is below W is
+    not fetched and not computed, unless another valid row needs that expert at a weight
+    of at least W or as its first choice (a row's first choice is never skipped)."""
 
     name: str
     decay: float = 1.0  # lfru: a use's weight after one layer visit
@@ -60,10 +65,13 @@ class DevicePolicy:
     every: int = 1  # amortised prediction: predict on every k-th decode token
     below: float | None = None  # ... and only while the recent hit rate is below this
     window: int = 32  # layer visits the recent hit rate averages over
+    skip_below: float = 0.0  # approximate decode: skip missed experts whose routing weight is below this
 
     def __post_init__(self):
         if self.name not in DEVICE_POLICIES:
             raise ValueError(f"no device policy {self.name!r}; choose one of {', '.join(DEVICE_POLICIES)}")
+        if not 0.0 <= self.skip_below < float("inf"):  # nan fails too
+            raise ValueError(f"skip_below must be a finite weight >= 0, got {self.skip_below}")
 
 
 class CacheState(NamedTuple):
@@ -192,11 +200,13 @@ def _use(state: CacheState, policy: DevicePolicy, layer: int, experts: jax.Array
 
 
 def ensure(state: CacheState, host, policy: DevicePolicy, layer: int, ids: jax.Array, valid: jax.Array,
-           unique: int, next_layer: int | None = None) -> tuple[CacheState, jax.Array]:  # fmt: skip
+           unique: int, next_layer: int | None = None, weights: jax.Array | None = None,
+           ) -> tuple[CacheState, jax.Array]:  # fmt: skip
     """Layer `layer`'s experts for routing ids [N, K] (rows `valid` [N]) in the pool, missing ones
     copied from `host` [E, B]; returns the state and each (row, k)'s pool slot [N, K] (-1 only
-    for invalid rows' absent experts). `next_layer`: the next MoE layer, whose predicted experts
-    (state.predicted) are protected while there is room."""
+    for invalid rows' absent experts, and with `policy.skip_below`, for the skipped ones: see
+    `skippable`; routing `weights` [N, K]). `next_layer`: the next MoE layer, whose predicted
+    experts (state.predicted) are protected while there is room."""
     e_count = state.last_use.shape[1]
     num_slots = state.slot_key.shape[0]
     state = state._replace(tick=state.tick + 1)
@@ -207,6 +217,9 @@ def ensure(state: CacheState, host, policy: DevicePolicy, layer: int, ids: jax.A
     experts = jnp.minimum(wanted, e_count - 1)
     slot = lookup(state, layer, experts)
     hit, miss = need & (slot >= 0), need & (slot < 0)
+    if policy.skip_below > 0 and weights is not None:  # a skipped expert is neither fetched nor used
+        skip = miss & skippable(experts, ids, weights, valid, policy.skip_below)
+        need, miss = need & ~skip, miss & ~skip
     protect = _slots_mask(slot, hit, num_slots)
     if next_layer is not None:  # the next layer's predicted experts, if the misses still fit without them
         wider = protect | _predicted_held(state, next_layer)
@@ -222,8 +235,20 @@ def ensure(state: CacheState, host, policy: DevicePolicy, layer: int, ids: jax.A
     state = state._replace(hit_rate=state.hit_rate + (rate - state.hit_rate) / policy.window)
     state = count(count(count(state, "expert_hits", hits), "expert_misses", jnp.sum(miss)), "prefetch_used",
                    jnp.sum(used_prefetch))  # fmt: skip
-    return state, lookup(state, layer, ids)
+    slots = lookup(state, layer, ids)  # [N, K]
+    if policy.skip_below > 0 and weights is not None:  # a valid row's absent (row, k) is a skipped one
+        state = count(state, "skipped_experts", jnp.sum(valid[:, None] & (slots < 0)))
+    return state, slots
 
+
+def skippable(experts: jax.Array, ids: jax.Array, weights: jax.Array, valid: jax.Array, below: float) -> jax.Array:
+    """[U] bool: whether each of `experts` [U] may be skipped, i.e. no valid row routes to it
+    (ids [N, K], weights [N, K]) with a weight of at least `below` or as its first choice
+    (k = 0, the largest weight: a row keeps at least one expert, so a renormalisation never
+    divides by zero)."""
+    first = jnp.arange(ids.shape[1]) == 0  # [K]
+    keeps = valid[:, None] & ((weights.astype(jnp.float32) >= below) | first)  # [N, K]
+    return ~((ids[None] == experts[:, None, None]) & keeps[None]).any((1, 2))
 
 def _drop_other_layers(state: CacheState, layer: int) -> CacheState:
     e_count = state.last_use.shape[1]
@@ -243,14 +268,17 @@ def begin_token(state: CacheState, policy: DevicePolicy, step: jax.Array, scored
 
 
 def visit(state: CacheState, host, policy: DevicePolicy, layer: int, next_layer: int | None, ids: jax.Array,
-          valid: jax.Array, unique: int, now: jax.Array, scores=None) -> tuple[CacheState, jax.Array]:  # fmt: skip
+          valid: jax.Array, unique: int, now: jax.Array, scores=None, weights: jax.Array | None = None,
+          ) -> tuple[CacheState, jax.Array]:  # fmt: skip
     """What the cache does at a MoE layer before its experts compute: where `now` and a scorer
     (`scores`: a thunk giving the next layer's probabilities [N, E]), predict the next layer;
-    then `ensure` this layer's experts. The decode step and the simulator both call this."""
+    then `ensure` this layer's experts (routing `weights` [N, K]: what `policy.skip_below`
+    compares). The decode step and the simulator both call this."""
     if next_layer is not None and scores is not None:
         state = jax.lax.cond(now, lambda state: predict(state, policy, next_layer, scores(), valid),
                              lambda state: state, state)  # fmt: skip
-    return ensure(state, host, policy, layer, ids, valid, unique, next_layer if scores is not None else None)
+    return ensure(state, host, policy, layer, ids, valid, unique, next_layer if scores is not None else None,
+                  weights)  # fmt: skip
 
 
 def predict(state: CacheState, policy: DevicePolicy, next_layer: int, probs: jax.Array, valid: jax.Array) -> CacheState:
