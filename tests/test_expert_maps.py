@@ -147,16 +147,16 @@ def test_the_gate_copies_only_what_pays():
     copies are dear, and is when resumes are."""
     driver = _driver(ReuseAware(SHAPE))
     sure = {1: np.array([0.99, 0.99] + [0.0] * 6)}
-    assert driver._choose_prefetch(sure) == [(1, [0, 1])]
+    assert driver.choose_prefetch(sure) == [(1, [0, 1])]
     vague = {1: np.full(8, 0.25)}
     dear_copies = CostModel(h2d_gbps=0.5)  # a copy costs 25 ms
     driver = _driver(ReuseAware(SHAPE), costs=dear_copies)
-    assert driver._choose_prefetch(vague) == []
+    assert driver.choose_prefetch(vague) == []
     driver = _driver(ReuseAware(SHAPE))
-    assert driver._choose_prefetch(sure | {2: np.full(8, 0.25)})[0] == (1, [0, 1])
+    assert driver.choose_prefetch(sure | {2: np.full(8, 0.25)})[0] == (1, [0, 1])
     driver = _driver(ReuseAware(SHAPE))
     driver.schedule.preload([(1, 0)])  # already cached: nothing to copy for it
-    assert driver._choose_prefetch(sure) == [(1, [1])]
+    assert driver.choose_prefetch(sure) == [(1, [1])]
 
 
 def test_amortised_prediction_every_k_tokens_and_below_a_hit_rate():

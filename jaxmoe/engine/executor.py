@@ -70,3 +70,7 @@ class Executor:
             )
             self._by_signature[signature] = program
         return program
+
+    def compiled(self, name: str) -> list[jax.stages.Compiled]:
+        """Every distinct program compiled under `name` (one per shape signature)."""
+        return list({id(p): p for key, p in self._by_signature.items() if key[0] == name}.values())

@@ -207,7 +207,7 @@ class DecodeDriver:
         for m, q in predicted.items():
             self.policy.observe(m, q)
         self.map_calls += 1
-        chosen = self._choose_prefetch(predicted)
+        chosen = self.choose_prefetch(predicted)
         plans = self._prefetch(step, chosen, [(m, e) for m, es in chosen for e in es])
         self.boundary_copies += any(p.loads for p in plans)
         return plans
@@ -221,7 +221,7 @@ class DecodeDriver:
         predicted = self._predict_later(step, layer, picks, probs, valid)
         for m, q in predicted.items():
             self.policy.observe(m, q)
-        prefetch = self._choose_prefetch(predicted)
+        prefetch = self.choose_prefetch(predicted)
         protect = [(m, e) for m, es in prefetch for e in es]
         plans = self.schedule.plan_layer(step, layer, needed, protect, resume=True)
         return plans + self._prefetch(step, prefetch, [(layer, int(e)) for e in needed] + protect)
@@ -286,7 +286,7 @@ class DecodeDriver:
             union = union[:1]
         return {m: union[i] for i, m in enumerate(later[: len(union)])}
 
-    def _choose_prefetch(self, predicted: dict[int, np.ndarray]) -> list[tuple[int, list[int]]]:
+    def choose_prefetch(self, predicted: dict[int, np.ndarray]) -> list[tuple[int, list[int]]]:
         """Later layers' experts worth copying now, by the cost model; at most prefetch_max.
 
         Layer m runs without a resume when none of the experts it needs is absent; under
