@@ -49,6 +49,32 @@ def pytest_configure(config):
             raise pytest.UsageError(f"the test extra is incomplete ({e}): rerun scripts/test.sh") from None
 
 
+def _missing(module: str) -> bool:
+    try:
+        __import__(module)
+        return False
+    except ImportError:
+        return True
+
+
+_TEST_EXTRA = [m for m in ("torch", "transformers") if _missing(m)]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    # Without the test extra (scripts/test_gpu_jax.sh), a module that imports torch or
+    # transformers is skipped with the reason, not a collection error; with it (scripts/test.sh
+    # requires it) nothing changes.
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and _TEST_EXTRA and isinstance(collector, pytest.Module):
+        text = str(report.longrepr)
+        missing = [m for m in _TEST_EXTRA if f"No module named '{m}'" in text]
+        if missing:
+            report.outcome = "skipped"
+            report.longrepr = (str(collector.path), 0, f"needs {missing[0]} (the test extra)")
+
+
 def pytest_addoption(parser):
     parser.addoption("--slow", action="store_true", help="also run the tests marked slow")
 
