@@ -162,6 +162,7 @@ def run_bench(out: Path, *extra: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def tiny_matrix(tmp_path_factory):
+    pytest.importorskip("matplotlib")  # the plots: the test (and bench) extra
     out = tmp_path_factory.mktemp("bench")
     proc = run_bench(out)
     assert proc.returncode == 0, proc.stderr[-3000:]
