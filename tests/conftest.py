@@ -19,13 +19,17 @@ def _has_gpu() -> bool:
         return False
 
 
-def pytest_report_header(config):
+def pytest_sessionstart(session):
+    # Which Python and jax this run tests (two environments run the suite), shown even with -q.
     import platform
 
     import jax
     import jaxlib
 
-    return f"jaxmoe tests: Python {platform.python_version()}, jax {jax.__version__}, jaxlib {jaxlib.__version__}"
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"jaxmoe tests: Python {platform.python_version()}, jax {jax.__version__}, "
+                            f"jaxlib {jaxlib.__version__}")  # fmt: skip
 
 
 def pytest_configure(config):
