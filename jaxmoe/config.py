@@ -17,6 +17,7 @@ ARCHITECTURES = {
     "Qwen2MoeForCausalLM": "qwen2_moe",
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "OlmoeForCausalLM": "olmoe",
+    "GptOssForCausalLM": "gpt_oss",
 }
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -27,7 +28,7 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class MoEConfig:
-    family: Literal["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
+    family: Literal["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"]
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -54,6 +55,27 @@ class MoEConfig:
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     dtype: str = "bfloat16"
+    # gpt-oss. Per layer: True where attention sees the last `sliding_window` tokens only
+    # (its KV cache is a ring of that many slots); () for none.
+    sliding_layers: tuple[bool, ...] = ()
+    sliding_window: int = 0
+    attention_sinks: bool = False  # a learned per-head logit that takes part in the softmax
+    # RoPE scaling as `rope_parameters` gives it ((key, value) pairs; () for plain RoPE):
+    # jaxmoe/model/rope.py turns it into frequencies and an attention scaling.
+    rope_scaling: tuple[tuple[str, Any], ...] = ()
+    # "softmax_topk": softmax over all experts, then top-k; "topk_softmax": top-k of the
+    # logits, then a softmax over the k chosen.
+    routing: Literal["softmax_topk", "topk_softmax"] = "softmax_topk"
+    router_bias: bool = False
+    expert_bias: bool = False  # a bias per expert on gate_up [2I] and on down [D]
+    # "silu": silu(gate) * up. "clamped_swiglu": gpt-oss's, gate clamped above and up on both
+    # sides at `swiglu_limit`, gate * sigmoid(alpha * gate) * (up + 1).
+    expert_act: Literal["silu", "clamped_swiglu"] = "silu"
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    # RMSNorm scales the fp32 normalised value and then casts (gpt-oss), instead of casting
+    # first and scaling in the activation dtype.
+    norm_scale_fp32: bool = False
 
     def __post_init__(self):
         if len(self.moe_layers) != self.num_layers:
@@ -66,6 +88,18 @@ class MoEConfig:
             raise ConfigError(f"num_experts_per_tok={self.top_k} must be in 1..num_experts={self.num_experts}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype={self.dtype!r} is not one of {DTYPES}")
+        if self.sliding_layers and len(self.sliding_layers) != self.num_layers:
+            raise ConfigError(f"layer_types has {len(self.sliding_layers)} entries for {self.num_layers} layers")
+        if any(self.sliding_layers) and self.sliding_window < 1:
+            raise ConfigError(f"sliding_window={self.sliding_window} must be at least 1 with sliding layers")
+
+    def is_sliding(self, layer: int) -> bool:
+        return bool(self.sliding_layers) and self.sliding_layers[layer]
+
+    def kv_length(self, layer: int, length: int) -> int:
+        """Key slots layer `layer` keeps for a context of `length`: a sliding layer needs
+        only its window (a ring; jaxmoe/model/layers.py)."""
+        return min(length, self.sliding_window) if self.is_sliding(layer) else length
 
     @property
     def moe_layer_ids(self) -> tuple[int, ...]:
@@ -138,6 +172,10 @@ def from_hf_dict(hf: dict, source: str = "config.json") -> MoEConfig:
 
 
 def _from_hf_dict(hf: dict) -> MoEConfig:
+    if "GptOssForCausalLM" in (hf.get("architectures") or []):
+        from jaxmoe.config_gpt_oss import gpt_oss_config
+
+        return gpt_oss_config(hf)
     if hf.get("quantization_config") is not None:
         method = hf["quantization_config"].get("quant_method", "unknown")
         raise ConfigError(

@@ -1,7 +1,7 @@
 """The MoE decoder: embeddings, decoder layers, final norm and LM head.
 
 Shapes:
-  B batch, T tokens in this call, S KV-cache length, D hidden, V vocab,
+  B batch, T tokens in this call, S KV-cache length (a sliding layer's: min(S, window)), D hidden, V vocab,
   L layers, E experts, K experts per token.
 The module holds the dense weights only. Routed experts arrive as an argument
 (`experts[l]` is an ExpertWeights for MoE layers, None for dense ones) and the
@@ -34,8 +34,9 @@ class LayerKV(NamedTuple):
 
 
 def init_kv_cache(cfg: MoEConfig, batch: int, length: int) -> tuple[LayerKV, ...]:
-    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
-    return tuple(LayerKV(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)) for _ in range(cfg.num_layers))
+    """Every layer's cache for a context of `length`; a sliding layer keeps its window only."""
+    shapes = [(batch, cfg.kv_length(i, length), cfg.num_kv_heads, cfg.head_dim) for i in range(cfg.num_layers)]
+    return tuple(LayerKV(jnp.zeros(s, cfg.dtype), jnp.zeros(s, cfg.dtype)) for s in shapes)
 
 
 class SparseMoeBlock(nnx.Module):
@@ -43,7 +44,7 @@ class SparseMoeBlock(nnx.Module):
 
     def __init__(self, cfg: MoEConfig, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.gate = linear(cfg, cfg.hidden_size, cfg.num_experts, False, rngs)
+        self.gate = linear(cfg, cfg.hidden_size, cfg.num_experts, cfg.router_bias, rngs)
         if cfg.shared_expert_intermediate_size:
             self.shared_expert = DenseMLP(cfg, cfg.shared_expert_intermediate_size, rngs)
             self.shared_expert_gate = linear(cfg, cfg.hidden_size, 1, False, rngs)
@@ -63,9 +64,9 @@ class SparseMoeBlock(nnx.Module):
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: MoEConfig, layer: int, rngs: nnx.Rngs):
         self.is_moe = cfg.moe_layers[layer]
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
-        self.self_attn = Attention(cfg, rngs)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype, cfg.norm_scale_fp32)
+        self.self_attn = Attention(cfg, rngs, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype, cfg.norm_scale_fp32)
         if self.is_moe:
             self.mlp = SparseMoeBlock(cfg, rngs)
         else:
@@ -111,7 +112,7 @@ class MoEDecoder(nnx.Module):
             rngs=rngs,
         )
         self.layers = nnx.List([DecoderLayer(cfg, i, rngs) for i in range(cfg.num_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype, cfg.norm_scale_fp32)
         # Tied embeddings: the embedding matrix is the head.
         self.lm_head = None if cfg.tie_word_embeddings else linear(cfg, cfg.hidden_size, cfg.vocab_size, False, rngs)
 

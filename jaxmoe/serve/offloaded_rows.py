@@ -24,6 +24,7 @@ from jaxmoe.engine.routed import routed_chunk
 from jaxmoe.engine.sampling import SamplingParams
 from jaxmoe.model import init_kv_cache
 from jaxmoe.model.decoder import head_logits
+from jaxmoe.model.window import mark_padding
 from jaxmoe.serve.resident_rows import padded_prompt
 from jaxmoe.serve.row_exact import per_token_moe
 from jaxmoe.serve.row_sampling import row_sampler, sample_rows
@@ -69,6 +70,7 @@ class OffloadedPrefill:
         self.size, self.starts = chunk_starts(p_len, rows.engine.prefill_chunk)
         self.positions = np.arange(p_len, dtype=np.int32)[None]
         self.valid = self.positions < len(prompt)
+        self.positions = mark_padding(self.positions, self.valid)  # padding writes no keys
         self.kv = list(init_kv_cache(rows.config, 1, cache_len))
         self.next_chunk, self.x_last = 0, None
 
