@@ -19,7 +19,7 @@ from jaxmoe.engine.offloaded import OffloadedEngine
 from jaxmoe.model import init_kv_cache, num_unique_experts
 from jaxmoe.offload.cache import gather_experts, minimum_experts
 from jaxmoe.offload.host_store import HostExpertStore
-from jaxmoe.quant import ExpertFormat, mxfp4
+from jaxmoe.quant import mxfp4, parse_format
 from test_cli import hf_greedy, script
 
 PROMPTS = [[3, 14, 15, 9, 26, 5, 8, 11], [27, 18, 28]]
@@ -87,7 +87,7 @@ def _mxfp4_bytes(hidden: int, width: int, bias_bytes: int) -> int:
 @functools.cache
 def _setup(fmt: str = "dense"):
     cfg, model, experts = jaxmoe_from_hf(tiny_hf_model("gpt_oss", "wide"))
-    store = HostExpertStore.from_stacks(cfg, experts, fmt=ExpertFormat(fmt))
+    store = HostExpertStore.from_stacks(cfg, experts, fmt=parse_format(fmt))
     return cfg, model, experts, store
 
 
@@ -110,17 +110,32 @@ CASES = [pytest.param("min", 3, "dense", id="min-b3"), pytest.param("half", 1, "
          pytest.param("min", 3, "mxfp4", id="min-b3-mxfp4", marks=SLOW)]  # fmt: skip
 
 
-@pytest.mark.parametrize("budget,batch,fmt", CASES)
-def test_offloaded_matches_resident(budget, batch, fmt):
+# Quantized from bf16 (biases kept in the model dtype), every other policy, each prefill mode, at the minimum budget and batch 3: --slow.
+CASES += [pytest.param("min", 3, fmt, id=f"min-b3-{fmt}", marks=SLOW) for fmt in ("int8", "int4-g16")]
+CASES += [pytest.param("min", 3, "dense", policy, "auto", id=f"min-b3-{policy}", marks=SLOW)
+          for policy in ("ondemand", "lfu", "lfru", "reuse", "predictor")]  # fmt: skip
+CASES += [pytest.param("min", 3, "dense", "lru", mode, id=f"min-b3-{mode}", marks=SLOW)
+          for mode in ("stream", "routed", "injit")]  # fmt: skip
+
+
+@pytest.mark.parametrize("budget,batch,fmt,policy,prefill", [
+    pytest.param(*(c.values + ("lru", "auto"))[:5], id=c.id, marks=c.marks) for c in CASES])  # fmt: skip
+def test_offloaded_matches_resident(budget, batch, fmt, policy, prefill):
+    from jaxmoe.offload.prefetch import GateAhead
+
     cfg, model, _, store = _setup(fmt)
     unique = num_unique_experts(cfg.num_experts, batch, cfg.top_k)
     gather = gather_experts(unique, store.format, cfg)
+    prefetch = unique if policy == "predictor" else 0
     # "half": a pool of half the experts, beside the copies in flight, filler and gather.
-    n = minimum_experts(unique, 0, gather) + (0 if budget == "min" else len(store.keys()) // 2 - unique)
-    engine = OffloadedEngine(cfg, model, store, n * store.expert_bytes, "lru", check_budget=True)
+    n = minimum_experts(unique, prefetch, gather) + (0 if budget == "min" else len(store.keys()) // 2 - unique)
+    engine = OffloadedEngine(cfg, model, store, n * store.expert_bytes, policy, check_budget=True, prefill=prefill,
+                             predictor=GateAhead(model) if policy == "predictor" else None)  # fmt: skip
     result = engine.generate(OFFLOAD_PROMPTS[:batch], 24)
     assert result.token_ids == _resident(batch, fmt)
     assert result.metrics["expert_misses"] > 0
+    if prefill != "auto":
+        assert result.metrics["prefill_mode"] == prefill
 
 
 def test_sliding_layers_keep_the_window_only():
@@ -162,3 +177,60 @@ def test_yarn_frequencies_match_transformers():
         # Within an ulp: torch's vectorised fp32 pow is not correctly rounded (model/rope.py).
         np.testing.assert_allclose(ours, inv_freq.numpy(), rtol=2.5e-7, atol=0)
         assert our_scaling == scaling
+
+
+@pytest.mark.slow  # 22 s; the ring's resize and insert are what it adds
+def test_served_rows_with_ring_caches_equal_offline_generation():
+    """The server's continuous batch: two requests joining at different times, the batch cache
+    grown between them (its sliding layers' rings keep the window), each row's tokens what
+    generate gives the prompt alone."""
+    from jaxmoe.serve.batch_kv import BatchKV, kv_windows
+    from jaxmoe.serve.resident_rows import ResidentRows, row_cache_length
+    from jaxmoe.serve.row_sampling import row_sampling
+
+    cfg, model, experts, _ = _setup()
+    engine = ResidentEngine(cfg, model, experts)
+    prompts, new = [OFFLOAD_PROMPTS[1], OFFLOAD_PROMPTS[0]], 12
+    want = [engine.generate([p], new).token_ids[0] for p in prompts]
+    rows, batch = ResidentRows(engine, exact=True), BatchKV(engine.programs, 2, kv_windows(cfg))
+    got, pos = [[], []], [0, 0]
+    for step in range(new + 4):
+        if step in (0, 4):  # request r joins at step 0 or 4
+            r = step // 4
+            prefill = rows.prefill(prompts[r], row_cache_length(len(prompts[r]), new))
+            while not prefill.done:
+                prefill.step()
+            token, row_kv = prefill.first_token(row_sampling([None], np.zeros(1)))
+            batch.fit(r + 1, max(row_cache_length(len(p), new) for p in prompts[: r + 1]), rows.new_kv)
+            assert batch.put(r, row_kv) == r
+            got[r], pos[r] = [token], len(prompts[r])
+            continue
+        live = [r for r in (0, 1) if got[r] and len(got[r]) < new]
+        if not live:
+            break
+        b = batch.rows  # one row until the second request joins
+        tokens = np.array([got[r][-1] if got[r] else 0 for r in range(b)], np.int32)
+        positions = np.array(pos[:b], np.int32)
+        out, batch.kv = rows.decode(batch.kv, tokens, positions, np.ones(b, bool), row_sampling([None] * b, np.zeros(b)))
+        for r in live:
+            got[r].append(int(out[r]))
+            pos[r] += 1
+    assert got == want
+    assert {layer.k.shape[1] for i, layer in enumerate(batch.kv) if cfg.is_sliding(i)} == {cfg.sliding_window}
+
+
+def test_export_round_trips_bf16_and_refuses_mxfp4(tmp_path):
+    import transformers
+
+    from jaxmoe.checkpoint import CheckpointError, convert_hf
+    from jaxmoe.checkpoint.export import export_hf
+
+    model = tiny_hf_model("gpt_oss", "base")
+    model.save_pretrained(tmp_path / "hf")
+    export_hf(convert_hf(tmp_path / "hf", tmp_path / "ckpt", progress=False), tmp_path / "back")
+    back = transformers.GptOssForCausalLM.from_pretrained(tmp_path / "back", dtype=torch.float32)
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(back.state_dict()[name].numpy(), value.numpy(), err_msg=name)
+    write_mxfp4(model, tmp_path / "hf4")
+    with pytest.raises(CheckpointError, match="MXFP4.*widen"):
+        export_hf(convert_hf(tmp_path / "hf4", tmp_path / "ckpt4", progress=False), tmp_path / "back4")

@@ -88,3 +88,15 @@ def mxfp4_layer(cfg: MoEConfig, targets: dict[str, ExpertTarget], read, dtype) -
         parts["w_down", "bias"] = t["down_bias"][e].astype(dtype)
         rows[e] = fmt.pack(cfg, parts)
     return rows
+
+
+def hf_layer_tensors(cfg: MoEConfig, layer: int, w: ExpertWeights) -> dict[str, np.ndarray]:
+    """A layer's experts as the bf16 layout's tensors (export): gate and up interleaved again."""
+    interleave = np.argsort(_gate_then_up(cfg.expert_intermediate_size))  # the inverse permutation
+    p = f"model.layers.{layer}.mlp.experts"
+    return {
+        f"{p}.gate_up_proj": np.ascontiguousarray(np.asarray(w.w_gate_up)[:, :, interleave]),
+        f"{p}.gate_up_proj_bias": np.ascontiguousarray(np.asarray(w.b_gate_up)[:, interleave]),
+        f"{p}.down_proj": np.asarray(w.w_down),
+        f"{p}.down_proj_bias": np.asarray(w.b_down),
+    }

@@ -33,16 +33,28 @@ def rows_bucket(rows: int, max_rows: int) -> int:
     return min(bucket(rows, 1), max_rows)
 
 
-def resize(kv, index: jax.Array, *, length: int):
-    """Rows `index` [B'] of every layer's cache, cut or zero-padded to `length` keys."""
+def kv_windows(cfg) -> tuple[int, ...]:
+    """Per layer, the sliding window its cache is a ring of (0: a full layer); () for no config."""
+    if cfg is None:
+        return ()
+    return tuple(cfg.sliding_window if cfg.is_sliding(i) else 0 for i in range(cfg.num_layers))
 
-    def fit(a):
+
+def resize(kv, index: jax.Array, *, length: int, windows: tuple[int, ...] = ()):
+    """Rows `index` [B'] of every layer's cache, cut or zero-padded to `length` keys; a
+    sliding layer (windows[l] > 0) to min(length, window) (its ring: position p in slot
+    p mod slots, so a ring only grows or shrinks while it holds every position, where
+    cutting or padding keeps each key in its slot)."""
+
+    def fit(a, keys):
         a = a[index]
-        if a.shape[1] >= length:
-            return a[:, :length]
-        return jnp.pad(a, ((0, 0), (0, length - a.shape[1]), (0, 0), (0, 0)))
+        if a.shape[1] >= keys:
+            return a[:, :keys]
+        return jnp.pad(a, ((0, 0), (0, keys - a.shape[1]), (0, 0), (0, 0)))
 
-    return tuple(LayerKV(fit(layer.k), fit(layer.v)) for layer in kv)
+    windows = windows or (0,) * len(kv)
+    keys = [min(length, w) if w else length for w in windows]
+    return tuple(LayerKV(fit(layer.k, n), fit(layer.v, n)) for layer, n in zip(kv, keys, strict=True))
 
 
 def insert(kv, row_kv, row: jax.Array):
@@ -54,8 +66,10 @@ def insert(kv, row_kv, row: jax.Array):
 class BatchKV:
     """The batch cache on the device and which request (slot id) each row holds."""
 
-    def __init__(self, programs, max_rows: int):
+    def __init__(self, programs, max_rows: int, windows: tuple[int, ...] = ()):
         self.programs, self.max_rows = programs, max_rows
+        self.windows = windows  # per layer: its sliding window (0: full), see resize
+        self._length = 0  # keys per row of a full layer (a sliding layer may keep fewer)
         self.kv = None  # tuple of LayerKV [B, S]
         self.holders: list = []  # per row: the request holding it, or None
 
@@ -65,7 +79,7 @@ class BatchKV:
 
     @property
     def length(self) -> int:
-        return 0 if self.kv is None else self.kv[0].k.shape[1]
+        return 0 if self.kv is None else self._length
 
     def live(self) -> list[int]:
         return [r for r, h in enumerate(self.holders) if h is not None]
@@ -78,8 +92,8 @@ class BatchKV:
         index = np.zeros(rows, np.int32)
         index[: len(order)] = order
         index = jnp.asarray(index)
-        program = self.programs.get("kv_resize", resize, {"length": length}, (), self.kv, index)
-        self.kv = program(self.kv, index)
+        program = self.programs.get("kv_resize", resize, {"length": length, "windows": self.windows}, (), self.kv, index)
+        self.kv, self._length = program(self.kv, index), length
         self.holders = [self.holders[r] for r in order] + [None] * (rows - len(order))
 
     def fit(self, live_rows: int, length: int, new_kv) -> None:
@@ -89,7 +103,7 @@ class BatchKV:
         bucket's edge does not copy its cache back and forth every step."""
         rows = rows_bucket(max(live_rows, 1), self.max_rows)
         if self.kv is None:
-            self.kv, self.holders = new_kv(rows, length), [None] * rows
+            self.kv, self.holders, self._length = new_kv(rows, length), [None] * rows, length
             return
         rows = rows if rows > self.rows or rows <= self.rows // 4 else self.rows
         length = length if length > self.length or length <= self.length // 4 else self.length

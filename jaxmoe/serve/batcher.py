@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from jaxmoe.serve.batch_kv import BatchKV
+from jaxmoe.serve.batch_kv import BatchKV, kv_windows
 from jaxmoe.serve.request import Failed, Request
 from jaxmoe.serve.resident_rows import row_cache_length
 from jaxmoe.serve.row_sampling import row_sampling
@@ -42,7 +42,7 @@ class Batcher:
     def __init__(self, rows, max_batch: int, max_queue: int, metrics=None, static: bool = False):
         self.rows, self.max_batch, self.max_queue = rows, max_batch, max_queue
         self.metrics, self.static = metrics, static
-        self.batch = BatchKV(rows.programs, max_batch)
+        self.batch = BatchKV(rows.programs, max_batch, kv_windows(getattr(rows, "config", None)))
         self._lock = threading.Condition()
         self._inbox: list[Request] = []
         self._queue: list[tuple[float, int, Request]] = []  # heap by deadline
@@ -128,7 +128,7 @@ class Batcher:
                 for request in [r for r, _ in self._prefilling] + self.batch.requests():
                     request.emit(Failed(500, f"generation failed: {type(e).__name__}: {e}"))
                 self._prefilling = []
-                self.batch = BatchKV(self.rows.programs, self.max_batch)
+                self.batch = BatchKV(self.rows.programs, self.max_batch, kv_windows(getattr(self.rows, "config", None)))
             self._report()
 
     def _step(self) -> None:
