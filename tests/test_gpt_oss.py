@@ -234,3 +234,60 @@ def test_export_round_trips_bf16_and_refuses_mxfp4(tmp_path):
     write_mxfp4(model, tmp_path / "hf4")
     with pytest.raises(CheckpointError, match="MXFP4.*widen"):
         export_hf(convert_hf(tmp_path / "hf4", tmp_path / "ckpt4", progress=False), tmp_path / "back4")
+
+
+GPT_OSS_RANDOM = {
+    "architectures": ["GptOssForCausalLM"], "vocab_size": 257, "hidden_size": 64, "intermediate_size": 32,
+    "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+    "num_local_experts": 8, "num_experts_per_tok": 2, "sliding_window": 8, "max_position_embeddings": 2048,
+    "layer_types": ["sliding_attention", "full_attention", "sliding_attention"], "bos_token_id": None,
+    "eos_token_id": 256, "dtype": "float32",
+}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_predictor_pipeline_on_a_random_gpt_oss(tmp_path, capsys):
+    """Traces, training and evaluation through the scripts' main()s, on a random gpt-oss checkpoint."""
+    import sys
+    from pathlib import Path
+
+    from jaxmoe.checkpoint.random_model import make_random_checkpoint
+
+    scripts = str(Path(__file__).resolve().parents[1] / "scripts")
+    sys.path.insert(0, scripts)
+    try:
+        import collect_traces as collect_script
+        import eval_predictor
+        import train_predictor
+    finally:
+        sys.path.remove(scripts)
+    ckpt = make_random_checkpoint(tmp_path / "model", GPT_OSS_RANDOM)
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog.\n" * 20)
+    assert collect_script.main(["--model", str(ckpt), "--text", str(text), "--out", str(tmp_path / "tr"),
+                                "--window", "32", "--json", "--quiet"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["complete"]
+    assert train_predictor.main(["--model", str(ckpt), "--traces", str(tmp_path / "tr"), "--out", str(tmp_path / "p"),
+                                 "--steps", "40", "--eval-every", "20", "--json", "--quiet"]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert eval_predictor.main(["--traces", str(tmp_path / "tr"), "--predictor", str(tmp_path / "p"),
+                                "--budget-frac", "0.5", "--json", "--quiet"]) == 0  # fmt: skip
+    out = json.loads(capsys.readouterr().out)
+    assert 0 <= out["recall"]["mlp"] <= 1
+
+
+def test_bf16_experts_quantize_to_mxfp4_while_converting(tmp_path):
+    """--quantize mxfp4 of a bf16 checkpoint: the same bytes as quantizing each expert (the
+    quantizer the MXFP4 test checkpoints use); an MXFP4 source refuses another format."""
+    from jaxmoe.checkpoint import convert_hf, load
+
+    model = tiny_hf_model("gpt_oss", "base")
+    model.save_pretrained(tmp_path / "hf")
+    write_mxfp4(model, tmp_path / "hf4")
+    a = convert_hf(tmp_path / "hf", tmp_path / "a", progress=False, fmt=parse_format("mxfp4"))
+    b = convert_hf(tmp_path / "hf4", tmp_path / "b", progress=False)
+    la, lb = load(a), load(b)
+    for x, y in zip(la.experts, lb.experts):
+        np.testing.assert_array_equal(np.asarray(x.parts[0]), np.asarray(y.parts[0]))
+    with pytest.raises(Exception, match="MXFP4"):
+        convert_hf(tmp_path / "hf4", tmp_path / "c", progress=False, fmt=parse_format("int8"))

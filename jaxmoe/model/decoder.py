@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxmoe.config import MoEConfig
-from jaxmoe.model.experts import ExpertWeights, Routing, moe_ffn, num_unique_experts, route
+from jaxmoe.model.experts import ExpertWeights, Routing, expert_activation, moe_ffn, num_unique_experts, route
 from jaxmoe.model.layers import Attention, DenseMLP, RMSNorm, linear
 
 MoEFn = Callable[..., jax.Array]  # (x, ids, weights, experts, num_unique) -> [N, D]
@@ -153,10 +153,12 @@ def init_experts(cfg: MoEConfig, key: jax.Array) -> tuple[ExpertWeights | None, 
             out.append(None)
             continue
         k1, k2 = jax.random.split(key_l)
-        out.append(
-            ExpertWeights(
-                (0.02 * jax.random.normal(k1, (e, d, 2 * i))).astype(cfg.dtype),
-                (0.02 * jax.random.normal(k2, (e, i, d))).astype(cfg.dtype),
-            )
+        w = ExpertWeights(
+            (0.02 * jax.random.normal(k1, (e, d, 2 * i))).astype(cfg.dtype),
+            (0.02 * jax.random.normal(k2, (e, i, d))).astype(cfg.dtype),
         )
+        if cfg.expert_bias:  # zero, as transformers initialises them
+            w = w._replace(b_gate_up=jnp.zeros((e, 2 * i), cfg.dtype), b_down=jnp.zeros((e, d), cfg.dtype),
+                           act=expert_activation(cfg))  # fmt: skip
+        out.append(w)
     return tuple(out)
