@@ -291,3 +291,38 @@ def test_bf16_experts_quantize_to_mxfp4_while_converting(tmp_path):
         np.testing.assert_array_equal(np.asarray(x.parts[0]), np.asarray(y.parts[0]))
     with pytest.raises(Exception, match="MXFP4"):
         convert_hf(tmp_path / "hf4", tmp_path / "c", progress=False, fmt=parse_format("int8"))
+
+
+@pytest.mark.slow
+def test_chunked_prefill_longer_than_the_window_matches_transformers():
+    """A 40-token prompt prefilled in chunks of 16 through rings of 5 slots."""
+    hf = tiny_hf_model("gpt_oss", "wide")
+    cfg, model, experts = jaxmoe_from_hf(hf)
+    prompts = [[5, 7, 9], [4, 0, 12, 31, 8] * 8]
+    got = ResidentEngine(cfg, model, experts, prefill_chunk=16).generate(prompts, 16).token_ids
+    want = []
+    for p in prompts:
+        ids = torch.tensor([p])
+        with torch.no_grad():
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)  # fmt: skip
+        want.append(out[0, len(p) :].tolist())
+    assert got == want
+
+
+def test_gpt_oss_20b_shape_and_refusals():
+    from bench.shapes import SHAPES
+    from jaxmoe.checkpoint.convert import count_params
+    from jaxmoe.config import ConfigError, from_hf_dict
+
+    hf = SHAPES["gpt-oss-20b"]
+    cfg = from_hf_dict(hf)
+    assert count_params(cfg) == pytest.approx(20.9e9, rel=0.005)  # published: 20.9 B
+    assert cfg.kv_length(0, 8192) == 128 and cfg.kv_length(1, 8192) == 8192
+    assert parse_format("mxfp4").nbytes(cfg) == 13_236_480  # blocks + scales + bf16 biases, per expert
+    with pytest.raises(ConfigError, match="layer_types"):
+        from_hf_dict({**hf, "layer_types": ["chunked_attention"] * 24})
+    with pytest.raises(ConfigError, match="quant_method"):
+        from_hf_dict({**hf, "quantization_config": {"quant_method": "gptq"}})
+    with pytest.raises(ConfigError, match="rope_type"):
+        from_hf_dict({**hf, "rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}})
