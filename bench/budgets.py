@@ -28,11 +28,16 @@ def num_experts(cfg) -> int:
 
 
 def kv_bytes(cfg, batch: int, prompt_tokens: int, new_tokens: int) -> int:
-    """The engine's static KV cache: keys and values for every layer, over the cache bucket."""
+    """The engine's static KV cache over the cache bucket, from its abstract shapes (keys and
+    values, or MLA's latents): nothing is allocated."""
+    import jax
+
     from jaxmoe.engine.buckets import cache_bucket, prompt_bucket
+    from jaxmoe.engine.metrics import tree_bytes
+    from jaxmoe.model import init_kv_cache
 
     length = cache_bucket(prompt_bucket(prompt_tokens), new_tokens)
-    return 2 * cfg.num_layers * batch * length * cfg.num_kv_heads * cfg.head_dim * ITEMSIZE[cfg.dtype]
+    return tree_bytes(jax.eval_shape(lambda: init_kv_cache(cfg, batch, length)))
 
 
 def dense_bytes(cfg) -> int:

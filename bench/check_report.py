@@ -4,13 +4,13 @@ figures the GPU issue asks for, and the targets they are read against. Pure form
 from __future__ import annotations
 
 from bench import report as bench_report
-from bench.report import _fmt, _table
+from bench.common import fmt, table
 
 GIB = 2**30
 
 
 def _ms(x) -> str:
-    return _fmt(x, ".2f")
+    return fmt(x, ".2f")
 
 
 def _environment(r: dict) -> list[str]:
@@ -52,8 +52,8 @@ def _exactness(r: dict) -> list[str]:
         same = "yes" if c.get("equal") else f"**NO** ({c.get('agree')}/{c.get('compared')})"
         budget = f"{c['budget']} ({c.get('experts', '?')}/{c.get('of', '?')})"
         rows.append([c["model"], bench_report.SHORT.get(c["dtype"], c["dtype"]), c["policy"], budget, str(c["batch"]),
-                     same if not c.get("error") else f"**error**: {c['error']}", _fmt(c.get("hit_rate"), ".2f")])  # fmt: skip
-    return lines + _table(["model", "dtype", "policy", "budget (experts)", "batch", "tokens equal", "hit rate"], rows)
+                     same if not c.get("error") else f"**error**: {c['error']}", fmt(c.get("hit_rate"), ".2f")])  # fmt: skip
+    return lines + table(["model", "dtype", "policy", "budget (experts)", "batch", "tokens equal", "hit rate"], rows)
 
 
 def _targets(rows: list[dict]) -> list[str]:
@@ -71,11 +71,11 @@ def _targets(rows: list[dict]) -> list[str]:
         speed = r["decode_tokens_per_s"] / accel["decode_tokens_per_s"] if accel else None
         peak = r["peak_device_bytes"] / GIB if r.get("peak_device_bytes") else None
         lines.append(f"- offloaded {r['policy']} at 5 GiB: {r['decode_tokens_per_s']:.1f} tok/s = "
-                     f"{_fmt(speed, '.1f')}x accelerate (target >= 30x); TPOT / bound {_fmt(r.get('tpot_over_bound'), '.2f')}"
-                     f" (target <= 1.25); peak {_fmt(peak, '.2f')} GiB (target <= 5)")  # fmt: skip
+                     f"{fmt(speed, '.1f')}x accelerate (target >= 30x); TPOT / bound {fmt(r.get('tpot_over_bound'), '.2f')}"
+                     f" (target <= 1.25); peak {fmt(peak, '.2f')} GiB (target <= 5)")  # fmt: skip
     if accel:
         lines.append(f"- accelerate at 5 GiB: {accel['decode_tokens_per_s']:.2f} tok/s, peak "
-                     f"{_fmt(accel['peak_device_bytes'] and accel['peak_device_bytes'] / GIB, '.2f')} GiB (target <= 5)")  # fmt: skip
+                     f"{fmt(accel['peak_device_bytes'] and accel['peak_device_bytes'] / GIB, '.2f')} GiB (target <= 5)")  # fmt: skip
     if resident:
         lines.append(f"- resident: {resident['decode_tokens_per_s']:.0f} tok/s (target >= 300)")
     return lines
@@ -91,7 +91,7 @@ def _quantized(r: dict) -> list[str]:
     if "rows" not in r:
         return []
     base = r.get("resident_bf16_tokens_per_s")
-    lines = [f"Resident bf16 decode (the decode step): {_fmt(base, '.1f')} tok/s; target: OLMoE-1B-7B int4 within "
+    lines = [f"Resident bf16 decode (the decode step): {fmt(base, '.1f')} tok/s; target: OLMoE-1B-7B int4 within "
              "5 GiB >= 0.5x that, Mixtral-8x7B int4 at 24 GiB >= 25 tok/s.", ""]
     for row in r["rows"]:
         tok = row.get("decode_tokens_per_s")
@@ -107,16 +107,16 @@ def _phases(r: dict) -> list[str]:
     lines = [f"Offloaded decode, {r['steps']} steps, policy lru at budget {r.get('budget_spec')}: step "
              f"{_ms(nat['step_ms'])} ms as run ({nat['loads_per_step']:.1f} loads, {nat['hits_per_step']:.1f} hits "
              f"per step), {_ms(syn and syn['step_ms'])} ms with a block after every program and copy; host reads "
-             f"per token {_fmt(nat.get('host_syncs_per_token'), '.2f')}, resumes per token "
-             f"{_fmt(nat.get('resumes_per_token'), '.2f')}.", ""]  # fmt: skip
+             f"per token {fmt(nat.get('host_syncs_per_token'), '.2f')}, resumes per token "
+             f"{fmt(nat.get('resumes_per_token'), '.2f')}.", ""]  # fmt: skip
     names = sorted(set(nat["phases"]) | set((syn or {}).get("phases", {})))
     rows = []
     for name in names:
         a, b = nat["phases"].get(name, {}), (syn or {}).get("phases", {}).get(name, {})
-        rows.append([name, _ms(a.get("ms")), _fmt(a.get("calls"), ".1f"), _ms(b.get("ms")), _fmt(b.get("calls"), ".1f")])
+        rows.append([name, _ms(a.get("ms")), fmt(a.get("calls"), ".1f"), _ms(b.get("ms")), fmt(b.get("calls"), ".1f")])
     host = sum(v["ms"] for v in nat["phases"].values())
     rows.append(["(step wall, not in a phase)", _ms(nat["step_ms"] - host), "", "", ""])
-    return lines + _table(["phase", "ms/step as run", "calls/step", "ms/step synced", "calls/step"], rows)
+    return lines + table(["phase", "ms/step as run", "calls/step", "ms/step synced", "calls/step"], rows)
 
 
 def _dispatch_probe(r: dict) -> list[str]:
@@ -136,7 +136,7 @@ def _dispatch_probe(r: dict) -> list[str]:
              + "; ".join(f"{x['arguments']} arguments ({x.get('donated', x['arguments'] // 2)} donated): call "
                          f"{_ms(x['call_ms'])} ms, with completion {_ms(x['call_and_done_ms'])} ms"
                          for x in cost) + ".", ""] if cost else []  # fmt: skip
-    return lines + _table(head, rows)
+    return lines + table(head, rows)
 
 
 def _prefill(r: dict, record: dict) -> list[str]:
@@ -157,20 +157,20 @@ def _prefill(r: dict, record: dict) -> list[str]:
             floor = max(resident.get(n) or 0, transfer)
         name = "resident" if x["engine"] == "resident" else x["mode"]
         speed = serial.get(n) / x["ttft_ms"] if x.get("mode") == "stream" and serial.get(n) and x.get("ttft_ms") else None
-        cells.append([str(n), name, x.get("error") or _fmt(x.get("ttft_ms"), ".1f"), _fmt(transfer, ".1f"),
-                      _fmt(floor, ".1f"), _fmt(floor and x.get("ttft_ms") and x["ttft_ms"] / floor, ".2f"),
-                      _fmt(x.get("prefill_overlap"), ".2f"), _fmt(x.get("prefill_stall_ms"), ".1f"),
-                      _fmt(speed, ".2f"), str(x.get("tokens_equal_resident", "-"))])  # fmt: skip
+        cells.append([str(n), name, x.get("error") or fmt(x.get("ttft_ms"), ".1f"), fmt(transfer, ".1f"),
+                      fmt(floor, ".1f"), fmt(floor and x.get("ttft_ms") and x["ttft_ms"] / floor, ".2f"),
+                      fmt(x.get("prefill_overlap"), ".2f"), fmt(x.get("prefill_stall_ms"), ".1f"),
+                      fmt(speed, ".2f"), str(x.get("tokens_equal_resident", "-"))])  # fmt: skip
     decode = (_step(record, "decode") or {}).get("rows", [])
     for a in (row for row in decode if row["engine"] == "hf-accelerate"):
         for n, ttft in (a.get("ttft_ms_at") or {}).items():
-            cells.append([n, "hf-accelerate (5 GiB)", _fmt(ttft, ".1f"), "-", "-", "-", "-", "-", "-", "-"])
+            cells.append([n, "hf-accelerate (5 GiB)", fmt(ttft, ".1f"), "-", "-", "-", "-", "-", "-", "-"])
     out.append(f"Expert budget {r.get('budget_bytes', 0) / 1e9:.2f} GB; floor = max(resident TTFT, prefill H2D "
-               f"bytes / {_fmt(gbps, '.1f')} GB/s); targets: stream TTFT / floor <= 1.15 at the longest prompt, "
+               f"bytes / {fmt(gbps, '.1f')} GB/s); targets: stream TTFT / floor <= 1.15 at the longest prompt, "
                "stream >= 1.5x faster than stream-serial.")  # fmt: skip
     header = ["prompt", "mode", "TTFT ms", "transfer ms", "floor ms", "TTFT / floor", "overlap", "stall ms",
               "vs serial", "tokens = resident"]  # fmt: skip
-    return out + [""] + _table(header, cells)
+    return out + [""] + table(header, cells)
 
 
 def _probe(r: dict) -> list[str]:
@@ -181,16 +181,16 @@ def _probe(r: dict) -> list[str]:
              f"{_ms(a.get('k_slices_copy_ms'))} ms; hidden behind independent work {_ms(a.get('hidden_ms'))} ms).",
              f"Resident {_ms(r.get('resident_ms'))} ms, resident + heavy {_ms(r.get('resident_heavy_ms'))} ms.", ""]  # fmt: skip
     rows = [[tag, v.get("error") or _ms(v.get("ms")), str(v.get("copy_starts", "-")),
-             " ".join(v.get("moved_shapes", [])) or "-", _fmt(v.get("max_abs_diff"), ".3g")]
+             " ".join(v.get("moved_shapes", [])) or "-", fmt(v.get("max_abs_diff"), ".3g")]
             for tag, v in (r.get("variants") or {}).items()]  # fmt: skip
-    return lines + _table(["variant", "ms", "copy-starts", "shapes moved from host", "max |diff|"], rows)
+    return lines + table(["variant", "ms", "copy-starts", "shapes moved from host", "max |diff|"], rows)
 
 
 def _diagnosis(r: dict) -> list[str]:
     lines = [f"First token (of {r.get('new_tokens')}) where each run leaves the resident engine's tokens: "
              + ", ".join(f"{k} {v}" for k, v in (r.get("agree_with_resident") or {}).items()) + ".", ""]  # fmt: skip
-    rows = [[name, str(p["bitwise_equal"]), _fmt(p["max_abs_diff"], ".3g")] for name, p in (r.get("parts") or {}).items()]
-    return lines + _table(["expert computation vs the resident one", "bitwise equal", "max |diff|"], rows)
+    rows = [[name, str(p["bitwise_equal"]), fmt(p["max_abs_diff"], ".3g")] for name, p in (r.get("parts") or {}).items()]
+    return lines + table(["expert computation vs the resident one", "bitwise equal", "max |diff|"], rows)
 
 
 def _decode_profile(r: dict) -> list[str]:
@@ -199,14 +199,14 @@ def _decode_profile(r: dict) -> list[str]:
     for name, t in (r.get("traces") or {}).items():
         n = t.get("tokens") or 1
         lines += [f"**{name}**: {n} decode tokens under the profiler, {_ms(t.get('tpot_ms_under_profiler'))} ms per "
-                  f"token; host reads per token {_fmt(t.get('host_syncs_per_token'), '.2f')}, resumes per token "
-                  f"{_fmt(t.get('resumes_per_token'), '.2f')}; trace `profile/{t.get('file')}`.", ""]  # fmt: skip
+                  f"token; host reads per token {fmt(t.get('host_syncs_per_token'), '.2f')}, resumes per token "
+                  f"{fmt(t.get('resumes_per_token'), '.2f')}; trace `profile/{t.get('file')}`.", ""]  # fmt: skip
         rows = []
         for p in t.get("processes", []):
             biggest = p["by_module"] or p["top"]
             rows.append([p["name"], str(p["events"] // n), _ms(p["span_ms"] / n), _ms(p["busy_ms"] / n),
                          "; ".join(f"{row[0]} {_ms(row[2] / n)} ms ({row[1] // n})" for row in biggest[:5])])  # fmt: skip
-        lines += _table(["process", "events per token", "span ms per token", "busy ms per token",
+        lines += table(["process", "events per token", "span ms per token", "busy ms per token",
                          "largest (ms per token, events per token)"], rows) + [""]  # fmt: skip
     return lines
 
@@ -228,8 +228,8 @@ def markdown(record: dict) -> str:
         f"Code: commit {code.get('commit')}" + (f" plus uncommitted {', '.join(code['uncommitted'])}"
                                                  if code.get("uncommitted") else "") + ".",
         f"Started {record['started']}, last written {record.get('finished')}; deadline {record['deadline_s']:g} s.", "",
-        *_table(["step", "status", "seconds", "cap s", "error"],
-                [[s["name"], s["status"], _fmt(s.get("seconds"), ".1f"), _fmt(s.get("cap_s"), ".0f"),
+        *table(["step", "status", "seconds", "cap s", "error"],
+                [[s["name"], s["status"], fmt(s.get("seconds"), ".1f"), fmt(s.get("cap_s"), ".0f"),
                   (s.get("error") or "")[:160].replace("|", "/").replace("\n", " ")] for s in record["steps"]]),
     ]  # fmt: skip
     for s in record["steps"]:

@@ -1,5 +1,5 @@
 """The GPU check's own workers (scripts/gpu_check.py), run like the benchmark's: one process
-each, started by bench.matrix.spawn, returning a JSON-able dict.
+each, started by bench.matrix.spawn, returning a JSON-able dict (registered in bench.workers.WORKERS).
 
   environment   devices, versions, memory kinds, memory_stats() keys
   exactness     offloaded == resident greedy tokens, case by case (a mismatch is a result)
@@ -23,7 +23,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from bench.workers import check_jax_backend, jax_versions, log, model_spec, prompts
+from bench.common import PREFILL_MODES, check_jax_backend, jax_versions, log, model_spec, prompts
 
 
 def _save_partial(spec: dict, result: dict) -> None:
@@ -93,13 +93,13 @@ def exact_model(name: str, dtype: str, seed: int):
     return cfg, model, resident, HostExpertStore.from_stacks(cfg, resident), predictor
 
 
-def min_experts(cfg, batch: int, predictor: bool) -> int:
+def min_experts(cfg, batch: int) -> int:
     """The smallest cache (in experts) the offloaded engine accepts for this batch."""
     from jaxmoe.model import num_unique_experts
     from jaxmoe.offload.cache import minimum_experts
 
     unique = num_unique_experts(cfg.num_experts, batch, cfg.top_k)
-    return minimum_experts(unique, unique if predictor else 0)
+    return minimum_experts(unique)
 
 
 def exact_prompts(vocab: int, batch: int, seed: int) -> list[list[int]]:
@@ -134,7 +134,7 @@ def worker_exactness(spec: dict) -> dict:
                 if batch not in reference:
                     reference[batch] = ResidentEngine(cfg, model, resident).generate(ps, new).token_ids
                 use_predictor = c["policy"] == "predictor"
-                low = min_experts(cfg, batch, use_predictor)
+                low = min_experts(cfg, batch)
                 total = len(store.keys())
                 experts = low if c["budget"] == "minimum" else max(low, total // 2)
                 if use_predictor and scorer is None:  # once per model; a refusal is each case's result
@@ -245,7 +245,6 @@ def worker_prefill_modes(spec: dict) -> dict:
     import jax
 
     from bench import models
-    from bench.matrix import PREFILL_MODES
     from jaxmoe.engine import OffloadedEngine, ResidentEngine
 
     check_jax_backend(spec["gpu"])
@@ -547,7 +546,3 @@ def worker_decode_profile(spec: dict) -> dict:
     result["traces"]["resident"] = traced("resident", resident)
     return result
 
-
-WORKERS = {"environment": worker_environment, "exactness": worker_exactness, "prefill_modes": worker_prefill_modes,
-           "phases": worker_phases, "injit_probe": worker_injit_probe, "call_cost": worker_call_cost,
-           "exact_diagnosis": worker_exact_diagnosis, "decode_profile": worker_decode_profile}  # fmt: skip

@@ -85,6 +85,8 @@ def compile_counts(name: str, fn, args: tuple, *, target: str = "h100", static: 
         meta = _dump(dump, module, "thunk_metadata.txt")
         counts = count(text, Path(seq).read_text(), Path(meta).read_text() if meta else "")
         counts["arguments"] = len(jax.tree.leaves(args))
+        # Device memory the program allocates for itself while it runs (XLA's buffer assignment)
+        counts["temp_bytes"] = int(exe.get_compiled_memory_stats().temp_size_in_bytes)
         if keep:
             Path(keep).mkdir(parents=True, exist_ok=True)
             Path(keep, f"{module}.optimized_hlo.txt").write_text(text)

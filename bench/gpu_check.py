@@ -55,7 +55,7 @@ from bench.check_report import markdown
 from bench.matrix import Job
 from bench.report import code_version, make_report
 from bench.shapes import DEFAULT_CHECKPOINT, ModelSpec, resolve
-from bench.workers import log
+from bench.common import log
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILY_MODELS = ("mixtral-tiny16", "olmoe-tiny16", "qwen2-moe-tiny16", "qwen3-moe-tiny16")

@@ -26,7 +26,7 @@ from jaxmoe.engine.step import decode_step
 from jaxmoe.model import MoEDecoder, init_kv_cache, num_unique_experts
 from jaxmoe.model.decoder import init_experts
 from jaxmoe.offload import device_cache as dc
-from jaxmoe.offload.cache import gather_experts, plan_geometry
+from jaxmoe.offload.cache import plan_geometry, workspace_experts
 from jaxmoe.offload.host_store import total_expert_bytes
 from jaxmoe.offload.prefetch import GateAhead
 from jaxmoe.quant import DENSE
@@ -85,8 +85,8 @@ def report(model: str = "olmoe-1b-7b", target: str = "h100", batch: int = 1, bud
     unique = num_unique_experts(cfg.num_experts, batch, cfg.top_k)
     prefetch = unique if policy == "predictor" else 0
     budget = int(budget_frac * total_expert_bytes(cfg, fmt))
-    slots, _ = plan_geometry(budget, nbytes, cfg.num_experts * len(cfg.moe_layer_ids), unique, prefetch,
-                             gather_experts(unique, fmt, cfg))  # fmt: skip
+    slots = plan_geometry(budget, nbytes, cfg.num_experts * len(cfg.moe_layer_ids), unique,
+                          workspace_experts(unique, fmt, cfg))  # fmt: skip
     pool = spec((slots, nbytes), jnp.uint8)
     hosts = tuple(_on_cpu(spec((cfg.num_experts, nbytes), jnp.uint8), "pinned_host") if moe else None
                   for moe in cfg.moe_layers)  # fmt: skip

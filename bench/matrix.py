@@ -23,13 +23,8 @@ import time
 from pathlib import Path
 
 from bench import budgets as B
+from bench.common import PREFILL_MODES, log
 from bench.shapes import GPU_DEVICE_BUDGETS_GIB, ModelSpec
-from bench.workers import log
-
-# OffloadedEngine(prefill=..., prefill_overlap=...): "stream-serial" loads a layer, then computes it.
-PREFILL_MODES = {"stream": {"prefill": "stream"}, "stream-serial": {"prefill": "stream", "prefill_overlap": False},
-                 "routed": {"prefill": "routed"}, "injit": {"prefill": "injit"}}  # fmt: skip
-
 
 # Workers that put a model's experts in pinned host memory.
 PINNED_WORKERS = ("offload", "prefill_modes", "phases")
@@ -66,16 +61,16 @@ def fits_device(cfg, batch: int, prompt: int, new: int, device_bytes: int | None
     return None
 
 
-def below_minimum(cfg, budget: B.Budget, policy: str, batch: int, fmt=None) -> str | None:
-    """The library's own refusal of a budget too small for this policy and batch (a predictor
-    needs room for copies in flight), asked before a worker is spawned for it."""
-    from jaxmoe.offload.cache import BudgetError, gather_experts, plan_geometry
+def below_minimum(cfg, budget: B.Budget, batch: int, fmt=None) -> str | None:
+    """The library's own refusal of a budget too small for this batch (the same for every
+    policy: a prefetch lands in a cache slot), asked before a worker is spawned for it."""
+    from jaxmoe.offload.cache import BudgetError, plan_geometry, workspace_experts
     from jaxmoe.quant import DENSE
 
     unique = min(cfg.num_experts, batch * cfg.top_k)
     try:
         plan_geometry(budget.bytes, B.expert_bytes(cfg, fmt), B.num_experts(cfg), unique,
-                      unique if policy == "predictor" else 0, gather_experts(unique, fmt or DENSE, cfg))  # fmt: skip
+                      workspace_experts(unique, fmt or DENSE, cfg))  # fmt: skip
     except BudgetError as e:
         return str(e)
     return None
@@ -111,7 +106,7 @@ def model_jobs(args, model: ModelSpec, dtype: str) -> tuple[list[Job], list[str]
         policies = args.policies if main else [p for p in args.sweep_policies if p in args.policies]
         for budget in budgets if main else budgets[:1]:
             for policy in policies[:1] if budget.experts >= total else policies:
-                why = below_minimum(cfg, budget, policy, batch, fmt)
+                why = below_minimum(cfg, budget, batch, fmt)
                 out.append(Job("offload", **at, policy=policy, budget=budget, skipped=why))
         sweep = [p for p in args.sweep_policies if p in args.policies] or ["lru"]
         out += [Job("offload", **at, policy=sweep[0], budget=budgets[0], prefill=m) for m in args.prefill_modes]

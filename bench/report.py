@@ -15,6 +15,7 @@ import datetime
 import sys
 
 from bench import stats
+from bench.common import fmt, table
 
 SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 PEER = {"jaxmoe": "resident", "hf": "hf-transformers", "hf-accelerate": "hf-accelerate"}
@@ -220,17 +221,13 @@ def make_report(args, jobs: list, results: dict, arithmetic: list[str]) -> dict:
 
 
 # -- markdown ----------------------------------------------------------------------
-def _fmt(x, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
-
-
 def _rate(x) -> str:
     return "-" if x is None else format(x, ".2f" if x < 10 else ".1f" if x < 100 else ".0f")
 
 
 def _peak(r: dict) -> str:
     est = "" if r["peak_device_measured"] else " (est.)"
-    return _fmt(r["peak_device_bytes"] and r["peak_device_bytes"] / 1e9, ".3f") + est
+    return fmt(r["peak_device_bytes"] and r["peak_device_bytes"] / 1e9, ".3f") + est
 
 
 def _absent(r: dict) -> str | None:
@@ -248,13 +245,8 @@ def _agree(r: dict) -> str:
     return text if r["engine"] != "offload" or same else f"**MISMATCH {text}**"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    out = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    return out + ["| " + " | ".join(cells) + " |" for cells in rows]
-
-
 def _latency(r: dict) -> str:
-    return f"{_fmt(r['tpot_ms'], '.2f')} ({_fmt(r['tpot_p50_ms'], '.2f')} / {_fmt(r['tpot_p99_ms'], '.2f')})"
+    return f"{fmt(r['tpot_ms'], '.2f')} ({fmt(r['tpot_p50_ms'], '.2f')} / {fmt(r['tpot_p99_ms'], '.2f')})"
 
 
 def _peer_cells(r: dict) -> list[str]:
@@ -266,10 +258,10 @@ def _peer_cells(r: dict) -> list[str]:
                  f"{r['device_budget_bytes'] / GIB:g} GiB; {r['h2d_bytes_per_token'] / 1e9:.2f} GB copied per token)")
     rng = f"[{_rate(min(runs))}-{_rate(max(runs))}]" if None not in runs else ""
     return [
-        r["model"], name, str(r["batch"]), str(r["prompt_tokens"]), str(r["new_tokens"]), _fmt(r["ttft_ms"], ".1f"),
+        r["model"], name, str(r["batch"]), str(r["prompt_tokens"]), str(r["new_tokens"]), fmt(r["ttft_ms"], ".1f"),
         f"{_rate(r['decode_tokens_per_s'])} {rng}", _latency(r), _peak(r),
-        _fmt(r["compile_ms"] and r["compile_ms"] / 1e3, ".1f"), _agree(r),
-        _fmt(r.get("speedup_vs_hf"), ".2f"), _fmt(r["loadavg_at_start"], ".1f"),
+        fmt(r["compile_ms"] and r["compile_ms"] / 1e3, ".1f"), _agree(r),
+        fmt(r.get("speedup_vs_hf"), ".2f"), fmt(r["loadavg_at_start"], ".1f"),
     ]  # fmt: skip
 
 
@@ -290,28 +282,28 @@ def _policy_name(r: dict) -> str:
 def _offload_cells(r: dict) -> list[str]:
     budget = (f"{r['budget_note']}: {r['budget_experts']} x {r['expert_bytes'] / 1e6:.2f} MB"
               f" = {r['expert_budget_bytes'] / 1e9:.3f} GB")  # fmt: skip
-    stall = f"{r['prefill_stall_ms']:.1f}, {_fmt(r['decode_stall_ms_per_step'], '.3f')}"
-    link = f"{_fmt(r['achieved_decode_h2d_GBps'], '.2f')} ({_fmt(r['h2d_link_fraction'], '.0%')})"
-    bound = f"{_fmt(r['bound_ms_per_token'], '.2f')} ({(r['bound_by'] or '-').split(' ')[0]})"
+    stall = f"{r['prefill_stall_ms']:.1f}, {fmt(r['decode_stall_ms_per_step'], '.3f')}"
+    link = f"{fmt(r['achieved_decode_h2d_GBps'], '.2f')} ({fmt(r['h2d_link_fraction'], '.0%')})"
+    bound = f"{fmt(r['bound_ms_per_token'], '.2f')} ({(r['bound_by'] or '-').split(' ')[0]})"
     return [
         r["model"], _policy_name(r), str(r["batch"]), str(r["prompt_tokens"]), budget, str(r["cache_slots"]),
-        f"{_fmt(r['hit_rate'], '.3f')} ({_fmt(r['decode_hit_rate'], '.3f')})", f"{r['h2d_bytes_per_token'] / 1e6:.2f}",
-        _fmt(r["decode_loads_per_step"], ".2f"),
-        f"{_fmt(r.get('host_syncs_per_token'), '.2f')} / {_fmt(r.get('resumes_per_token'), '.2f')}", stall, link,
-        _fmt(r["ttft_ms"], ".1f"),
-        _fmt(r["ttft_over_bound"], ".2f"), _latency(r), _rate(r["decode_tokens_per_s"]), bound,
-        _fmt(r["tpot_over_bound"], ".2f"), _peak(r), _agree(r), _fmt(r["speedup_vs_accelerate"], ".1f"),
-        _fmt(r["loadavg_at_start"], ".1f"),
+        f"{fmt(r['hit_rate'], '.3f')} ({fmt(r['decode_hit_rate'], '.3f')})", f"{r['h2d_bytes_per_token'] / 1e6:.2f}",
+        fmt(r["decode_loads_per_step"], ".2f"),
+        f"{fmt(r.get('host_syncs_per_token'), '.2f')} / {fmt(r.get('resumes_per_token'), '.2f')}", stall, link,
+        fmt(r["ttft_ms"], ".1f"),
+        fmt(r["ttft_over_bound"], ".2f"), _latency(r), _rate(r["decode_tokens_per_s"]), bound,
+        fmt(r["tpot_over_bound"], ".2f"), _peak(r), _agree(r), fmt(r["speedup_vs_accelerate"], ".1f"),
+        fmt(r["loadavg_at_start"], ".1f"),
     ]  # fmt: skip
 
 
 def _prefill_cells(r: dict) -> list[str]:
     return [
         r["model"], _policy_name(r), str(r["batch"]), str(r["prompt_tokens"]), r.get("prefill_mode") or "-",
-        _fmt(r["ttft_ms"], ".1f"), _fmt(r["ttft_transfer_floor_ms"], ".1f"), _fmt(r["ttft_bound_ms"], ".1f"),
-        (r["ttft_bound_by"] or "-").split(" ")[0], _fmt(r["ttft_over_bound"], ".2f"),
-        f"{r['prefill_h2d_bytes'] / 1e6:.1f}", _fmt(r.get("prefill_transfer_ms"), ".1f"),
-        _fmt(r["prefill_stall_ms"], ".1f"), _fmt(r.get("prefill_overlap"), ".2f"),
+        fmt(r["ttft_ms"], ".1f"), fmt(r["ttft_transfer_floor_ms"], ".1f"), fmt(r["ttft_bound_ms"], ".1f"),
+        (r["ttft_bound_by"] or "-").split(" ")[0], fmt(r["ttft_over_bound"], ".2f"),
+        f"{r['prefill_h2d_bytes'] / 1e6:.1f}", fmt(r.get("prefill_transfer_ms"), ".1f"),
+        fmt(r["prefill_stall_ms"], ".1f"), fmt(r.get("prefill_overlap"), ".2f"),
         str(r.get("prefill_max_streamed_layers", "-")),
     ]  # fmt: skip
 
@@ -371,11 +363,11 @@ def markdown(report: dict) -> str:
 
     peers = [cells(r, _peer_cells) for r in rows if r["engine"] != "offload"]
     offload = [cells(r, _offload_cells) for r in rows if r["engine"] == "offload"]
-    lines += ["", *_table(PEER_HEADER, peers)] if peers else []
-    lines += ["", *_table(OFFLOAD_HEADER, offload)] if offload else []
+    lines += ["", *table(PEER_HEADER, peers)] if peers else []
+    lines += ["", *table(OFFLOAD_HEADER, offload)] if offload else []
     prefill = [_prefill_cells(r) for r in rows if r["engine"] == "offload" and "cache_slots" in r]
     lines += ["", "Prefill of the offload rows (TTFT bound: max(resident TTFT, prefill H2D bytes / measured "
-              "bandwidth)):", "", *_table(PREFILL_HEADER, prefill)] if prefill else []
+              "bandwidth)):", "", *table(PREFILL_HEADER, prefill)] if prefill else []
     if report["problems"]:
         lines += ["", *(f"**{p}**" for p in report["problems"])]
     return "\n".join(lines) + "\n"

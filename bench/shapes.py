@@ -92,6 +92,19 @@ SHAPES = {
         num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
         max_position_embeddings=32768,
     ),
+    # deepseek-ai/DeepSeek-V2-Lite: 15.7 B params; MLA with a full-rank query, YaRN to 160k,
+    # one dense first layer, 2 shared + 64 routed experts (top-6, greedy softmax).
+    "deepseek-v2-lite": {"model_type": "deepseek_v2", "architectures": ["DeepseekV2ForCausalLM"]} | dict(
+        vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
+        num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16, n_routed_experts=64,
+        n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1, moe_layer_freq=1,
+        kv_lora_rank=512, q_lora_rank=None, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+        topk_method="greedy", n_group=1, topk_group=1, norm_topk_prob=False, routed_scaling_factor=1.0,
+        scoring_func="softmax", rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=163840,
+        rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+                      "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
+        tie_word_embeddings=False,
+    ),
 }  # fmt: skip
 SOURCE = {"olmoe-small": "hf", "olmoe-1b-7b": "hf"}  # the rest: "random"
 # Total device budgets (GiB) of the GPU matrix: each gives an `auto` expert budget and

@@ -11,28 +11,13 @@ import os
 import platform
 import resource
 import statistics
-import sys
 import time
 import traceback
 
 from bench import budgets as B
+from bench import check_workers as check
 from bench import stats
-from bench.shapes import ModelSpec
-
-
-def log(*parts) -> None:
-    print("[bench]", *parts, file=sys.stderr, flush=True)
-
-
-def prompts(spec: dict, vocab: int) -> list[list[int]]:
-    import numpy as np
-
-    rng = np.random.default_rng(spec["seed"])
-    return rng.integers(0, vocab, (spec["batch"], spec["prompt_tokens"])).tolist()
-
-
-def model_spec(spec: dict) -> ModelSpec:
-    return ModelSpec(**spec["model"])
+from bench.common import check_jax_backend, jax_versions, log, model_spec, prompts
 
 
 def timed_runs(generate, repeats: int, warmup=None) -> dict:
@@ -61,19 +46,6 @@ def torch_versions() -> dict:
     import torch
 
     return {"torch": torch.__version__, "transformers": __import__("transformers").__version__}
-
-
-def jax_versions() -> dict:
-    import jax
-
-    return {"jax": jax.__version__, "flax": __import__("flax").__version__, "backend": jax.default_backend()}
-
-
-def check_jax_backend(gpu: bool) -> None:
-    import jax
-
-    if gpu and jax.default_backend() != "gpu":
-        raise SystemExit(f"--gpu: jax backend is {jax.default_backend()!r}, not gpu")
 
 
 def stamped(engine_generate, spec: dict, vocab: int, **kw) -> dict:
@@ -232,24 +204,22 @@ def worker_bandwidth(spec: dict) -> dict:
     return {"bandwidth": by_demand, "versions": jax_versions()}
 
 
-WORKERS = {"jaxmoe": worker_jaxmoe, "hf": worker_hf, "hf-accelerate": worker_hf_accelerate,
-           "offload": worker_offload, "bandwidth": worker_bandwidth}  # fmt: skip
-
-
-def worker(name: str):
-    """The benchmark's workers, then the GPU check's (bench/check_workers.py)."""
-    if name in WORKERS:
-        return WORKERS[name]
-    from bench.check_workers import WORKERS as CHECK
-
-    return CHECK[name]
+# Every worker a job may name (Job.worker): the benchmark's, then the GPU check's.
+WORKERS = {
+    "jaxmoe": worker_jaxmoe, "hf": worker_hf, "hf-accelerate": worker_hf_accelerate, "offload": worker_offload,
+    "bandwidth": worker_bandwidth,
+    "environment": check.worker_environment, "exactness": check.worker_exactness,
+    "prefill_modes": check.worker_prefill_modes, "phases": check.worker_phases, "injit_probe": check.worker_injit_probe,
+    "call_cost": check.worker_call_cost, "exact_diagnosis": check.worker_exact_diagnosis,
+    "decode_profile": check.worker_decode_profile,
+}  # fmt: skip
 
 
 def run(spec: dict) -> dict:
     load = os.getloadavg()[0]  # the machine may be shared: record how busy it was
     start = time.perf_counter()
     try:
-        result = worker(spec["worker"])(spec)
+        result = WORKERS[spec["worker"]](spec)
     except BaseException as e:  # the report names the failure instead of "status 1"
         traceback.print_exc()
         result = {"error": f"{type(e).__name__}: {e}".strip()[:500]}

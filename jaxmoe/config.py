@@ -1,6 +1,6 @@
 """Frozen model configuration, built from a Hugging Face `config.json`.
 
-One dataclass covers the four supported families; the differences between them
+One dataclass covers every supported family; the differences between them
 are spelled out as fields (qk-norm kind, shared expert, router weight dtype)
 rather than as branches on the family name inside model code.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,9 +18,12 @@ ARCHITECTURES = {
     "Qwen2MoeForCausalLM": "qwen2_moe",
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "OlmoeForCausalLM": "olmoe",
+    "DeepseekV2ForCausalLM": "deepseek_v2",
+    "DeepseekV3ForCausalLM": "deepseek_v3",
     "GptOssForCausalLM": "gpt_oss",
 }
 DTYPES = ("float32", "bfloat16", "float16")
+DEEPSEEK = ("deepseek_v2", "deepseek_v3")
 
 
 class ConfigError(ValueError):
@@ -27,8 +31,22 @@ class ConfigError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class YarnRope:
+    """YaRN RoPE scaling, resolved as transformers resolves `rope_parameters` (rope_type "yarn")."""
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    attention_factor: float = 1.0  # multiplies cos and sin
+    # MLA multiplies its softmax scale by this twice (mscale(factor, mscale_all_dim); 1 without it).
+    softmax_mscale: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
 class MoEConfig:
-    family: Literal["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"]
+    family: Literal["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss"]
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -55,18 +73,32 @@ class MoEConfig:
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     dtype: str = "bfloat16"
-    # gpt-oss. Per layer: True where attention sees the last `sliding_window` tokens only
-    # (its KV cache is a ring of that many slots); () for none.
+    # Multi-head latent attention (DeepSeek-V2/V3, `attention="mla"`, jaxmoe/model/mla.py): the
+    # KV cache holds each token's normalised latent [kv_lora_rank] and rotated key [qk_rope_head_dim].
+    attention: Literal["gqa", "mla"] = "gqa"
+    q_lora_rank: int = 0  # 0: queries projected at full rank (q_proj)
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    # Per layer: True where attention sees the last `sliding_window` tokens only (gpt-oss; its
+    # KV cache is a ring of that many slots, jaxmoe/model/window.py); () for none.
     sliding_layers: tuple[bool, ...] = ()
     sliding_window: int = 0
     attention_sinks: bool = False  # a learned per-head logit that takes part in the softmax
-    # RoPE scaling as `rope_parameters` gives it ((key, value) pairs; () for plain RoPE):
-    # jaxmoe/model/rope.py turns it into frequencies and an attention scaling.
-    rope_scaling: tuple[tuple[str, Any], ...] = ()
-    # "softmax_topk": softmax over all experts, then top-k; "topk_softmax": top-k of the
-    # logits, then a softmax over the k chosen.
-    routing: Literal["softmax_topk", "topk_softmax"] = "softmax_topk"
+    rope_interleaved: bool = False  # rotate adjacent pairs (x0, x1), (x2, x3) rather than halves
+    rope_yarn: YarnRope | None = None  # None: plain RoPE (jaxmoe/model/rope.py)
+    # Routing beyond a softmax top-k (jaxmoe/model/experts.py `route`). "topk_softmax" (gpt-oss):
+    # top-k of the logits, then a softmax over the k chosen, in the logits' dtype.
+    router_scoring: Literal["softmax", "sigmoid", "topk_softmax"] = "softmax"
     router_bias: bool = False
+    router_logits_fp32: bool = False  # the router's input and weight cast to fp32 before the matmul
+    router_correction_bias: bool = False  # a per-expert bias added to the scores for choosing only
+    router_groups: int = 1  # experts split in groups; the top router_topk_groups groups are kept
+    router_topk_groups: int = 1
+    router_group_score: Literal["max", "top2_sum"] = "max"  # how a group is scored from its experts
+    routed_scaling_factor: float = 1.0
+    shared_expert_gated: bool = True  # Qwen2-MoE gates its shared expert; DeepSeek's are ungated
     expert_bias: bool = False  # a bias per expert on gate_up [2I] and on down [D]
     # "silu": silu(gate) * up. "clamped_swiglu": gpt-oss's, gate clamped above and up on both
     # sides at `swiglu_limit`, gate * sigmoid(alpha * gate) * (up + 1).
@@ -92,13 +124,23 @@ class MoEConfig:
             raise ConfigError(f"layer_types has {len(self.sliding_layers)} entries for {self.num_layers} layers")
         if any(self.sliding_layers) and self.sliding_window < 1:
             raise ConfigError(f"sliding_window={self.sliding_window} must be at least 1 with sliding layers")
+        if self.num_experts % self.router_groups:
+            raise ConfigError(f"n_group={self.router_groups} does not divide the {self.num_experts} experts")
+        per_group = self.num_experts // self.router_groups
+        if not 0 < self.router_topk_groups <= self.router_groups:
+            raise ConfigError(f"topk_group={self.router_topk_groups} must be in 1..n_group={self.router_groups}")
+        if self.router_groups > 1 and self.top_k > self.router_topk_groups * per_group:
+            raise ConfigError(f"num_experts_per_tok={self.top_k} exceeds the experts in topk_group="
+                              f"{self.router_topk_groups} groups of {per_group}")  # fmt: skip
+        if self.router_group_score == "top2_sum" and self.router_groups > 1 and per_group < 2:
+            raise ConfigError(f"n_group={self.router_groups} leaves fewer than 2 experts per group to score it")
 
     def is_sliding(self, layer: int) -> bool:
         return bool(self.sliding_layers) and self.sliding_layers[layer]
 
     def kv_length(self, layer: int, length: int) -> int:
         """Key slots layer `layer` keeps for a context of `length`: a sliding layer needs
-        only its window (a ring; jaxmoe/model/layers.py)."""
+        only its window (a ring; jaxmoe/model/window.py)."""
         return min(length, self.sliding_window) if self.is_sliding(layer) else length
 
     @property
@@ -117,10 +159,13 @@ class MoEConfig:
         return dataclasses.asdict(self)
 
 
-def _rope_theta(hf: dict) -> float:
-    """rope_theta from `rope_parameters` (transformers 5) or the older top-level fields."""
+def _rope_theta(hf: dict, scaled: tuple[str, ...] = ()) -> float:
+    """rope_theta from `rope_parameters` (transformers 5) or the older top-level fields; a
+    rope_type in `scaled` is let through (the family's translation reads its parameters)."""
     params = hf.get("rope_parameters")
     scaling = hf.get("rope_scaling")
+    if _rope_type(params or scaling or {}) in scaled:
+        return float((params or {}).get("rope_theta", hf.get("rope_theta", 10000.0)))
     if params is not None:
         rope_type = params.get("rope_type", params.get("type", "default"))
         if rope_type != "default":
@@ -131,6 +176,53 @@ def _rope_theta(hf: dict) -> float:
         if rope_type != "default":
             raise ConfigError(f"rope_scaling type {rope_type!r} is not supported (only 'default' RoPE)")
     return float(hf.get("rope_theta", 10000.0))
+
+
+def _rope_type(params: dict) -> str:
+    return params.get("rope_type", params.get("type", "default"))
+
+
+def _mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def rope_params(hf: dict) -> dict:
+    """`rope_parameters` (transformers 5) or the older `rope_scaling`; {} for neither."""
+    return hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+
+
+def resolve_yarn(hf: dict, max_positions: int) -> YarnRope | None:
+    """A config's RoPE scaling as a YarnRope, defaults and derived factors filled in as
+    transformers' `standardize_rope_params` and `_compute_yarn_parameters` fill them; None for
+    plain RoPE. `max_positions`: max_position_embeddings (the family's default filled in)."""
+    params = rope_params(hf)
+    kind = _rope_type(params)
+    if kind == "default":
+        return None
+    if kind != "yarn":
+        raise ConfigError(f"rope_parameters.rope_type={kind!r} is not supported (only 'default' and 'yarn')")
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ConfigError("rope_parameters.partial_rotary_factor != 1 is not supported")
+    original = params.get("original_max_position_embeddings") or max_positions
+    factor = params.get("factor") or max_positions / original
+    mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:
+        if mscale and mscale_all_dim:
+            attention_factor = _mscale(factor, mscale) / _mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = _mscale(factor)
+    # DeepSeek's attention scales its softmax by mscale_all_dim alone (transformers' yarn_apply_mscale).
+    softmax = _mscale(factor, mscale_all_dim) if mscale_all_dim else 1.0
+    return YarnRope(
+        factor=float(factor),
+        original_max_position_embeddings=int(original),
+        beta_fast=float(params.get("beta_fast") or 32),
+        beta_slow=float(params.get("beta_slow") or 1),
+        truncate=bool(params.get("truncate", True)),
+        attention_factor=float(attention_factor),
+        softmax_mscale=float(softmax),
+    )
 
 
 def _check_no_sliding_window(hf: dict, family: str) -> None:
@@ -203,12 +295,16 @@ def _from_hf_dict(hf: dict) -> MoEConfig:
         num_kv_heads=hf.get("num_key_value_heads") or heads,
         head_dim=hf.get("head_dim") or hidden // heads,
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        rope_theta=_rope_theta(hf),
+        rope_theta=_rope_theta(hf, ("yarn",) if family in DEEPSEEK else ()),
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         top_k=hf["num_experts_per_tok"],
         dtype=_torch_dtype(hf),
     )
+    if family in DEEPSEEK:
+        from jaxmoe.config_deepseek import deepseek_config  # it builds on this module's types
+
+        return deepseek_config(hf, family, common)
     if family == "mixtral":
         return MoEConfig(
             **common,

@@ -9,23 +9,11 @@ are read here like bf16 ones: the expert format is the converter's business
 
 from __future__ import annotations
 
-from jaxmoe.config import ConfigError, MoEConfig, _torch_dtype
+from jaxmoe.config import ConfigError, MoEConfig, _torch_dtype, resolve_yarn, rope_params
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
 # Options of `quantization_config` that do not change how the stored experts read.
 MXFP4_KEYS = {"quant_method", "modules_to_not_convert", "dequantize", "_is_quantized", "_pre_quantized"}
-
-
-def rope_parameters(hf: dict) -> dict:
-    """`rope_parameters` (transformers 5) or the older `rope_scaling` + `rope_theta`,
-    with the defaults transformers fills in."""
-    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    params.setdefault("rope_theta", hf.get("rope_theta") or 150000.0)
-    params["rope_type"] = params.get("rope_type", params.get("type", "default"))
-    params.pop("type", None)
-    if params["rope_type"] == "yarn":
-        params.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings", 131072))
-    return params
 
 
 def _check_quantization(hf: dict) -> None:
@@ -41,8 +29,6 @@ def _check_quantization(hf: dict) -> None:
 
 
 def gpt_oss_config(hf: dict) -> MoEConfig:
-    from jaxmoe.model.rope import check_rope
-
     _check_quantization(hf)
     if hf.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"hidden_act={hf['hidden_act']!r} is not supported (gpt-oss uses its clamped SwiGLU)")
@@ -55,11 +41,9 @@ def gpt_oss_config(hf: dict) -> MoEConfig:
     window = hf.get("sliding_window") or 0
     if any(sliding) and window < 1:
         raise ConfigError("sliding_window must be set when layer_types has sliding_attention layers")
-    params = rope_parameters(hf)
-    check_rope(params)
+    max_positions = hf.get("max_position_embeddings", 131072)
     heads = hf["num_attention_heads"]
     bias = bool(hf.get("attention_bias", True))
-    scaling = tuple(sorted((k, v) for k, v in params.items() if k not in ("rope_theta",)))
     return MoEConfig(
         family="gpt_oss",
         vocab_size=hf["vocab_size"],
@@ -73,8 +57,8 @@ def gpt_oss_config(hf: dict) -> MoEConfig:
         expert_intermediate_size=hf["intermediate_size"],
         moe_layers=(True,) * layers,
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
-        rope_theta=float(params["rope_theta"]),
-        max_position_embeddings=hf.get("max_position_embeddings", 131072),
+        rope_theta=float(rope_params(hf).get("rope_theta") or hf.get("rope_theta") or 150000.0),
+        max_position_embeddings=max_positions,
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         dtype=_torch_dtype(hf),
         qkv_bias=bias,
@@ -82,8 +66,8 @@ def gpt_oss_config(hf: dict) -> MoEConfig:
         sliding_layers=sliding if any(sliding) else (),
         sliding_window=window if any(sliding) else 0,
         attention_sinks=True,
-        rope_scaling=scaling if params["rope_type"] != "default" else (),
-        routing="topk_softmax",
+        rope_yarn=resolve_yarn(hf, max_positions),
+        router_scoring="topk_softmax",
         router_bias=True,
         expert_bias=True,
         expert_act="clamped_swiglu",

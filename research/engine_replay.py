@@ -44,7 +44,7 @@ def recorder(engine, batch: int, steps: int):
     a full-sequence forward rounds differently from the decode step and can route a
     near-tie otherwise, so the replay takes the routing the engine computed."""
     cfg = engine.config
-    engine._ensure_cache(batch)
+    engine.ensure_cache(batch)
     lm, moe = len(cfg.moe_layer_ids), list(cfg.moe_layer_ids)
     ids = np.zeros((batch, steps, lm, cfg.top_k), np.int64)
     scores = np.zeros((batch, steps, lm, cfg.num_experts), np.float32)

@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import budgets as B  # noqa: E402
 from bench import matrix, plots, workers  # noqa: E402
+from bench.common import log  # noqa: E402
 from bench.report import make_report, markdown  # noqa: E402
 from bench.shapes import DEFAULT_CHECKPOINT, SHAPES, resolve  # noqa: E402
 from jaxmoe.quant import parse_format  # noqa: E402
@@ -149,7 +150,7 @@ def main(argv=None) -> int:
             todo += jobs
             arithmetic += lines
     for line in arithmetic:
-        workers.log(f"expert budget {line}")
+        log(f"expert budget {line}")
     report = make_report(args, todo, matrix.run_jobs(args, todo), arithmetic)
     report["wall_s"] = time.perf_counter() - start
     out = Path(args.out_dir)
@@ -157,9 +158,9 @@ def main(argv=None) -> int:
     report["plots"] = [] if args.no_plots else [p.name for p in plots.write_all(report, out, stem)]
     (out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / f"{stem}.md").write_text(markdown(report))
-    workers.log(f"wrote {out / stem}.json, .md and {len(report['plots'])} plots in {report['wall_s']:.0f} s")
+    log(f"wrote {out / stem}.json, .md and {len(report['plots'])} plots in {report['wall_s']:.0f} s")
     for problem in report["problems"]:
-        workers.log(problem)
+        log(problem)
     print(json.dumps(report) if args.json else markdown(report))
     return report["status"]
 

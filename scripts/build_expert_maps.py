@@ -24,22 +24,18 @@ try:
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tqdm import tqdm
-
-from jaxmoe.checkpoint import CheckpointError, load
-from jaxmoe.config import ConfigError
-from jaxmoe.predictor.pipeline import build_maps_on_traces, maps_token_range
-from jaxmoe.predictor.traces import TraceError, TraceSet
+from jaxmoe.checkpoint import load
+from jaxmoe.predictor.pipeline import (INPUT_ERRORS, build_maps_on_traces, maps_token_range, progress_bar, refuse,
+                                       script_parser)  # fmt: skip
+from jaxmoe.predictor.traces import TraceSet
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = script_parser(__doc__)
     p.add_argument("--traces", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True, help="the .npz to write (replaced when the build succeeds)")
     p.add_argument("--model", type=Path, help="the checkpoint the traces came from (adds request maps)")
     p.add_argument("--split", choices=("train", "all"), default="train")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
 
@@ -48,11 +44,10 @@ def main(argv=None) -> int:
     try:
         model = load(args.model) if args.model else None
         start, stop = maps_token_range(TraceSet(args.traces), args.split)
-        with tqdm(total=stop - start, desc="maps", unit="tok", file=sys.stderr, disable=args.quiet) as bar:
+        with progress_bar(args, total=stop - start, desc="maps", unit="tok") as bar:
             maps = build_maps_on_traces(args.traces, args.out, model, args.split, progress=bar.update)
-    except (CheckpointError, ConfigError, TraceError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except INPUT_ERRORS as e:
+        return refuse(e)
     out = {"out": str(args.out), "bytes": args.out.stat().st_size, "tokens": maps.tokens_seen,
            "token_maps": len(maps.token_counts), "request_maps": len(maps.requests), "split": args.split}  # fmt: skip
     print(json.dumps(out) if args.json else "\n".join(f"{k}: {v}" for k, v in out.items()))

@@ -21,16 +21,12 @@ try:
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tqdm import tqdm
-
-from jaxmoe.checkpoint import CheckpointError
-from jaxmoe.config import ConfigError
 from jaxmoe.predictor.collect import collect_traces
-from jaxmoe.predictor.traces import TraceError
+from jaxmoe.predictor.pipeline import INPUT_ERRORS, progress_bar, refuse, script_parser
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = script_parser(__doc__)
     p.add_argument("--model", type=Path, required=True, help="jaxmoe checkpoint directory")
     p.add_argument("--text", type=Path, required=True, help="UTF-8 text file (use training text only)")
     p.add_argument("--out", type=Path, required=True, help="trace directory (created, or resumed)")
@@ -40,25 +36,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--chunk-windows", type=int, default=16, help="windows per chunk file")
     p.add_argument("--proj-dim", type=int, help="store router inputs through a fixed random projection to this dim")
     p.add_argument("--proj-seed", type=int, default=0)
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    bar = tqdm(desc="traces", unit="tok", file=sys.stderr, disable=args.quiet)
+    bar = progress_bar(args, desc="traces", unit="tok")
     t0 = time.perf_counter()
     try:
         manifest = collect_traces(
             args.model, args.text, args.out, args.max_tokens, args.window, args.batch, args.chunk_windows,
             args.proj_dim, args.proj_seed, progress=bar.update, total=lambda n: setattr(bar, "total", n),
         )  # fmt: skip
-    except (CheckpointError, ConfigError, TraceError, ValueError, FileNotFoundError) as e:
+    except INPUT_ERRORS as e:
+        return refuse(e)
+    finally:
         bar.close()
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    bar.close()
     summary = {
         "out": str(args.out),
         "tokens": manifest["token_count"],

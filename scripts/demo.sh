@@ -5,5 +5,7 @@
 # Arguments go to scripts/generate.py instead of the defaults below.
 set -euo pipefail
 source "$(dirname "$0")/setup_env.sh" ""
-[ $# -gt 0 ] || set -- --prompt "Once upon a time" --max-new-tokens 32 --expert-budget-frac 0.5
+# Sampled as a user would (greedy decoding loops on a model this small); the seed makes it repeatable.
+[ $# -gt 0 ] || set -- --prompt "The king of the land sent his servants to the city, and they" --max-new-tokens 40 \
+  --temperature 0.7 --top-p 0.9 --seed 0 --expert-budget-frac 0.5
 exec "$PY" "$ROOT/scripts/generate.py" "$@"

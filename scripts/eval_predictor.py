@@ -8,8 +8,8 @@ on other traces, all of them. --model enables the gate_ahead baseline (the next
 layer's router applied to the current router input) and the expert maps' request
 maps. --maps: expert maps to start from (scripts/build_expert_maps.py; without it they
 start empty and learn as the replay goes). Capacity is budget-frac x all experts, in
-whole experts; a prefetching policy gets that minus its copies in flight (as the
-engine's byte budget does). Every runtime policy is replayed through the engine's own
+whole experts, the same for every policy (a prefetch lands in a cache slot, as in
+the engine). Every runtime policy is replayed through the engine's own
 decode driver; "time" is a modelled decode time per token from the counts
 (jaxmoe/offload/costs.py, --cost-model): a model, not a measurement. --json prints one
 JSON object on stdout (progress on stderr):
@@ -35,20 +35,15 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # research/ lives beside the package, not in it
     sys.path.append(str(ROOT))
 
-from tqdm import tqdm
-
-from jaxmoe.checkpoint import CheckpointError, load
-from jaxmoe.config import ConfigError
+from jaxmoe.checkpoint import load
 from jaxmoe.offload.costs import COST_MODELS, cost_model
-from jaxmoe.offload.expert_maps import MapsMismatch
 from jaxmoe.predictor.evaluate import POLICY_RUNS, evaluate_on_traces
-from jaxmoe.predictor.store import PredictorMismatch
-from jaxmoe.predictor.traces import TraceError
+from jaxmoe.predictor.pipeline import INPUT_ERRORS, progress_bar, refuse, script_parser
 from research.variants import EVICTIONS, simulate_variant
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = script_parser(__doc__)
     p.add_argument("--traces", type=Path, required=True)
     p.add_argument("--predictor", type=Path, required=True)
     p.add_argument("--budget-frac", type=float, required=True, help="cache capacity as a fraction of all experts")
@@ -60,8 +55,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the figures the modelled time and the prefetch gate use")  # fmt: skip
     p.add_argument("--policies", help=f"comma list of policy runs (default all: {','.join(POLICY_RUNS)})")
     p.add_argument("--no-variants", action="store_true", help="skip the offline research variants")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
 
@@ -71,7 +64,7 @@ def main(argv=None) -> int:
         print(f"error: --budget-frac {args.budget_frac} must be in (0, 1]", file=sys.stderr)
         return 2
     runs = tuple(args.policies.split(",")) if args.policies else tuple(POLICY_RUNS)
-    bar = tqdm(total=len(runs), desc="policies", unit="run", file=sys.stderr, disable=args.quiet)
+    bar = progress_bar(args, total=len(runs), desc="policies", unit="run")
 
     def progress(name):
         bar.set_postfix_str(name)
@@ -81,9 +74,8 @@ def main(argv=None) -> int:
         model = load(args.model) if args.model else None
         out = evaluate_on_traces(args.traces, args.predictor, args.budget_frac, model, args.prefetch, args.max_tokens,
                                  args.maps, cost_model(args.cost_model), runs, progress)  # fmt: skip
-    except (CheckpointError, ConfigError, TraceError, PredictorMismatch, MapsMismatch, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except INPUT_ERRORS as e:
+        return refuse(e)
     finally:
         bar.close()
     if not args.no_variants:

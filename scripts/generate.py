@@ -243,8 +243,11 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(report))
     else:
-        for out in report["outputs"]:
-            print(out["text"] if out["text"] is not None else " ".join(map(str, out["token_ids"])))
+        for (kind, prompt), out in zip(args.prompts, report["outputs"]):
+            if out["text"] is None:
+                print(" ".join(map(str, out["token_ids"])))
+            else:  # the prompt, then its continuation (the JSON has the continuation alone)
+                print((prompt if kind == "text" else "") + out["text"])
         m = report["metrics"]
         tps = f"{m['decode_tokens_per_s']:.1f}" if m["decode_tokens_per_s"] else "n/a"
         cache = ""

@@ -1,7 +1,7 @@
 """Serve a jaxmoe checkpoint behind an OpenAI-compatible HTTP API, with continuous batching.
 
   python scripts/serve.py                                   # the shipped model, resident
-  python scripts/serve.py --expert-budget-frac 0.5 --max-batch 16 --api-key SECRET
+  python scripts/serve.py --expert-budget-frac 0.5 --api-key SECRET
 
 Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (streamed with
 "stream": true), GET /health (never needs the key), GET /metrics (Prometheus). Binds to
@@ -31,6 +31,8 @@ from jaxmoe.engine.buckets import DEFAULT_PREFILL_CHUNK  # noqa: E402
 from jaxmoe.engine.programs import enable_compilation_cache  # noqa: E402
 from jaxmoe.offload.policy import POLICY_NAMES  # noqa: E402
 
+DEFAULT_MAX_BATCH = 8
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,7 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "step, so smaller chunks disturb running requests less")  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch", type=int, default=8, help="rows decoding together (buckets: powers of two up to it)")
+    p.add_argument("--max-batch", type=int,
+                   help=f"rows decoding together (buckets: powers of two up to it; default {DEFAULT_MAX_BATCH}, or "
+                   "with offloaded experts the largest batch up to that whose experts the budget holds)")  # fmt: skip
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row before 429")
     p.add_argument("--api-key", default=os.environ.get("JAXMOE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on every route but /health (or $JAXMOE_API_KEY)")
@@ -61,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     check_engine_flags(p, args)
     for flag in ("max_batch", "max_queue", "port"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
     # generate.build_engine reads these
     args.prefill, args.no_prefill_overlap = "routed", False
@@ -80,11 +84,12 @@ def main(argv=None) -> int:
     path = args.model or default_model()
     try:
         engine, _, generation_config, tokenizer_path = build_engine(path, args)
-        state = make_state(engine, generation_config, tokenizer_path, path, max_batch=args.max_batch,
+        max_batch = args.max_batch or default_max_batch(engine)
+        state = make_state(engine, generation_config, tokenizer_path, path, max_batch=max_batch,
                            max_queue=args.max_queue, api_key=args.api_key, slo_ttft_ms=args.slo_ttft_ms,
                            slo_tpot_ms=args.slo_tpot_ms, static=args.static_batching, model_id=args.model_id,
                            exact_rows=not args.batched_decode)  # fmt: skip
-    except BudgetError as e:  # the cache is sized for the largest batch: every row's experts at once
+    except BudgetError as e:  # an explicit --max-batch: the cache is sized for every row's experts at once
         print(f"error: {e}; a smaller --max-batch needs fewer experts per layer at once", file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError, HostMemoryError) as e:
@@ -96,6 +101,20 @@ def main(argv=None) -> int:
     print(f"serving {state.model_id} ({type(engine).__name__}) on http://{args.host}:{args.port}/v1", file=sys.stderr)
     GracefulServer(config).run()
     return 0
+
+
+def default_max_batch(engine) -> int:
+    """DEFAULT_MAX_BATCH, or with offloaded experts the largest batch up to it that the budget
+    holds (said in one line when that is fewer)."""
+    from jaxmoe.engine.offloaded import OffloadedEngine
+
+    if not isinstance(engine, OffloadedEngine):  # resident: no expert budget
+        return DEFAULT_MAX_BATCH
+    batch = engine.largest_batch(DEFAULT_MAX_BATCH)
+    if batch < DEFAULT_MAX_BATCH:
+        print(f"serving at most {batch} rows at once: the largest batch whose experts the expert budget holds "
+              f"(--max-batch sets it)", file=sys.stderr)  # fmt: skip
+    return batch
 
 
 class GracefulServer:

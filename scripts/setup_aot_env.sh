@@ -5,10 +5,13 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${JAXMOE_AOT_VENV:-$ROOT/.venv-aot}"
-PY312="$(command -v python3.12 || true)"
-if [ -z "$PY312" ] && command -v pyenv >/dev/null 2>&1; then
-  PY312="$(ls -d "$(pyenv root)"/versions/3.12*/bin/python3.12 2>/dev/null | tail -n 1)"
-fi
+# A pyenv shim named python3.12 exists even where it refuses to run (another global version):
+# take the first python3.12 that answers.
+PY312=""
+for candidate in "$(command -v python3.12 || true)" \
+    $( command -v pyenv >/dev/null 2>&1 && ls -d "$(pyenv root)"/versions/3.12*/bin/python3.12 2>/dev/null ); do
+  if [ -n "$candidate" ] && "$candidate" -c "" >/dev/null 2>&1; then PY312="$candidate"; break; fi
+done
 [ -n "$PY312" ] || { echo "jaxmoe: Python 3.12 not found (the CUDA plugin's wheels need it)" >&2; exit 1; }
 STAMP="$VENV/.jaxmoe-aot-installed-$( (cat "$ROOT/pyproject.toml"; echo aot1) | sha1sum | cut -c1-12)"
 if [ ! -f "$STAMP" ]; then

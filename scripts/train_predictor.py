@@ -22,17 +22,14 @@ try:
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tqdm import tqdm
-
-from jaxmoe.config import ConfigError, load_hf_config
+from jaxmoe.config import load_hf_config
 from jaxmoe.predictor.mlp import ARCHS
-from jaxmoe.predictor.pipeline import train_on_traces
-from jaxmoe.predictor.traces import TraceError
+from jaxmoe.predictor.pipeline import INPUT_ERRORS, progress_bar, refuse, script_parser, train_on_traces
 from jaxmoe.predictor.train import LOSSES, TrainConfig
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = script_parser(__doc__)
     p.add_argument("--model", type=Path, required=True, help="the jaxmoe checkpoint the traces came from")
     p.add_argument("--traces", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True, help="predictor directory (replaced when training succeeds)")
@@ -44,8 +41,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(TrainConfig, name))
     p.add_argument("--val-frac", type=float, default=0.1)
     p.add_argument("--test-frac", type=float, default=0.2)
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
 
@@ -57,12 +52,10 @@ def main(argv=None) -> int:
     bars = {}
 
     def progress(arch, step, entry):
-        if args.quiet:
-            return
         if arch not in bars:
             for b in bars.values():
                 b.close()
-            bars[arch] = tqdm(total=tc.steps, desc=f"train {arch}", unit="step", file=sys.stderr)
+            bars[arch] = progress_bar(args, total=tc.steps, desc=f"train {arch}", unit="step")
         bar = bars[arch]
         bar.update(step - bar.n)
         bar.set_postfix({k: round(v, 4) for k, v in entry.items() if k != "step"})
@@ -70,9 +63,8 @@ def main(argv=None) -> int:
     try:
         cfg = load_hf_config(args.model)
         meta = train_on_traces(cfg, args.traces, args.out, archs, tc, args.val_frac, args.test_frac, progress)
-    except (ConfigError, TraceError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except INPUT_ERRORS as e:
+        return refuse(e)
     finally:
         for b in bars.values():
             b.close()

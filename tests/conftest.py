@@ -8,7 +8,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(__file__))
 # research/ (offline variants, not the package) lives beside jaxmoe in the checkout.
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from hf_models import fuse_experts, tiny_hf_model  # noqa: E402
 
 
 def _has_gpu() -> bool:
@@ -18,6 +17,26 @@ def _has_gpu() -> bool:
         return any(d.platform == "gpu" for d in jax.devices())
     except RuntimeError:
         return False
+
+
+def pytest_report_header(config):
+    import platform
+
+    import jax
+    import jaxlib
+
+    return f"jaxmoe tests: Python {platform.python_version()}, jax {jax.__version__}, jaxlib {jaxlib.__version__}"
+
+
+def pytest_configure(config):
+    # The README's test command installs the test extra: there a missing torch is a broken
+    # install, not a reason to skip every parity test (scripts/test.sh sets this).
+    if os.environ.get("JAXMOE_REQUIRE_TORCH") == "1":
+        try:
+            import torch  # noqa: F401
+            import transformers  # noqa: F401
+        except ImportError as e:
+            raise pytest.UsageError(f"the test extra is incomplete ({e}): rerun scripts/test.sh") from None
 
 
 def pytest_addoption(parser):
@@ -42,6 +61,8 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def hf_checkpoint(tmp_path_factory):
     """(family, variant, layout) -> (transformers model, saved directory), each built once."""
+    from hf_models import fuse_experts, tiny_hf_model  # torch and transformers: only where a test asks
+
     models, dirs = {}, {}
 
     def get(family: str, variant: str = "base", layout: str = "single"):

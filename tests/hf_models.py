@@ -12,8 +12,12 @@ import re
 from pathlib import Path
 
 import numpy as np
-import torch
-import transformers
+import pytest
+
+# A module that imports this one needs torch and transformers (the test extra): without them
+# (the GPU image's jax on Python 3.12, scripts/test_gpu_jax.sh) it is skipped, not an error.
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
 from safetensors.numpy import load_file, save_file
 
 FAMILIES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
@@ -103,12 +107,47 @@ _VARIANT_KWARGS |= {
                               layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
 }  # fmt: skip
 
+# DeepSeek-V2/V3 (tests/test_deepseek.py): multi-head latent attention with and without a
+# low-rank query, YaRN or plain RoPE, dense first layers, shared experts, and each router.
+# V2 keeps one group: scored by its best expert, groups as many as top_k could not bind.
+_MLA = dict(num_key_value_heads=4, intermediate_size=40, moe_intermediate_size=24, n_routed_experts=8,
+            kv_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=12, v_head_dim=16, n_shared_experts=1)
+_YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
+         "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.8}
+DEEPSEEK_VARIANTS = {
+    "deepseek_v2": ("base", "group_limited"),
+    "deepseek_v3": ("base", "ungrouped"),
+}  # fmt: skip
+_VARIANT_KWARGS |= {
+    ("deepseek_v2", "base"): dict(_MLA, q_lora_rank=None, topk_method="greedy", first_k_dense_replace=1),
+    ("deepseek_v2", "group_limited"): dict(
+        _MLA, q_lora_rank=16, topk_method="group_limited_greedy", n_group=2, topk_group=1,
+        routed_scaling_factor=1.5, n_shared_experts=2, rope_parameters=_YARN,
+    ),
+    ("deepseek_v3", "base"): dict(
+        _MLA, q_lora_rank=16, n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5,
+        first_k_dense_replace=1, rope_parameters=_YARN,
+    ),
+    ("deepseek_v3", "ungrouped"): dict(
+        _MLA, q_lora_rank=None, n_group=1, topk_group=1, norm_topk_prob=False, rope_interleave=False,
+        first_k_dense_replace=0,
+    ),
+    # 16 experts over 3 layers for the offloading tests.
+    ("deepseek_v2", "wide"): dict(_MLA, q_lora_rank=16, topk_method="group_limited_greedy", n_group=4, topk_group=1,
+                                  num_hidden_layers=3, n_routed_experts=16, moe_intermediate_size=16),
+    ("deepseek_v3", "wide"): dict(_MLA, q_lora_rank=16, n_group=4, topk_group=2, norm_topk_prob=True,
+                                  routed_scaling_factor=2.5, first_k_dense_replace=1, num_hidden_layers=3,
+                                  n_routed_experts=32, moe_intermediate_size=16, num_experts_per_tok=3),
+}  # fmt: skip
+
 _CLASSES = {
     "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM"),
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM"),
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM"),
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
 }
 
 
@@ -123,6 +162,10 @@ def tiny_hf_model(family: str, variant: str = "base", seed=0) -> transformers.Pr
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = getattr(transformers, model_name)(config).eval()
+    with torch.no_grad():  # V3's correction bias starts at zero; random, it changes some choices
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.normal_(0.0, 0.1)
     if family == "gpt_oss":
         _exercise_gpt_oss(model)
     return model

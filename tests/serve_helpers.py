@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -22,10 +23,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(url: str, timeout_s: float, what: str = "the test server") -> None:
-    """Until `url`/health answers 200; RuntimeError after `timeout_s`."""
+def wait_healthy(url: str, timeout_s: float, what: str, proc: subprocess.Popen) -> None:
+    """Until the server process `proc` answers `url`/health with 200 (a process says it is
+    listening no other way); RuntimeError as soon as it exits, or after `timeout_s`."""
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode} before it answered")
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
                 return
@@ -34,13 +38,31 @@ def wait_healthy(url: str, timeout_s: float, what: str = "the test server") -> N
     raise RuntimeError(f"{what} did not start in {timeout_s:.0f} s")
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's Server that sets `settled` once it listens or has given up (`started` says which)."""
+
+    def __init__(self, config: uvicorn.Config):
+        super().__init__(config)
+        self.settled = threading.Event()
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)  # the lifespan (the batcher's start), then the socket
+        self.settled.set()
+
+    def run(self, sockets=None) -> None:
+        try:
+            super().run(sockets)
+        finally:
+            self.settled.set()
+
+
 class ServerThread:
     def __init__(self, engine, generation_config, tokenizer_path, model_path=TINY, **opts):
         self.state = make_state(engine, generation_config, tokenizer_path, model_path, **opts)
         self.port = free_port()
         config = uvicorn.Config(app_with_lifespan(self.state), host="127.0.0.1", port=self.port, log_level="warning",
                                 timeout_graceful_shutdown=2)  # fmt: skip
-        self.server = uvicorn.Server(config)
+        self.server = _Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property
@@ -52,7 +74,8 @@ class ServerThread:
 
     def __enter__(self) -> "ServerThread":
         self.thread.start()
-        wait_healthy(self.url, 30)
+        if not self.server.settled.wait(30) or not self.server.started:
+            raise RuntimeError("the test server did not start")
         return self
 
     def __exit__(self, *exc) -> None:

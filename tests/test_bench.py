@@ -68,10 +68,11 @@ def test_batch_gain_compares_the_same_configuration_at_batch_1():
 def test_shapes_match_the_released_models():
     """Parameter counts of the full-size shapes as jaxmoe builds them (bf16: 2 bytes each)."""
     counts = {name: B.weight_bytes(resolve(name).config("bfloat16")) / 2e9 for name in
-              ("olmoe-1b-7b", "qwen3-30b-a3b", "mixtral-8x7b")}  # fmt: skip
+              ("olmoe-1b-7b", "qwen3-30b-a3b", "mixtral-8x7b", "deepseek-v2-lite")}  # fmt: skip
     assert counts["olmoe-1b-7b"] == pytest.approx(6.92, abs=0.01)
     assert counts["qwen3-30b-a3b"] == pytest.approx(30.53, abs=0.01)
     assert counts["mixtral-8x7b"] == pytest.approx(46.70, abs=0.01)
+    assert counts["deepseek-v2-lite"] == pytest.approx(15.71, abs=0.01)
 
 
 def test_auto_budget_arithmetic_olmoe_at_5_gib():
@@ -89,6 +90,7 @@ def test_auto_budget_arithmetic_olmoe_at_5_gib():
 
 
 # -- the matrix --------------------------------------------------------------------
+@pytest.mark.e2e
 def test_matrix_main_point_and_sweeps():
     script = bench_script()
     args = script.parse_args(["--models", "olmoe-small", "--budgets", "0.25,0.5,1", "--prompt-tokens", "128,512"])
@@ -110,6 +112,7 @@ def test_matrix_main_point_and_sweeps():
     assert len({j.key for j in jobs}) == len(jobs)  # keys name raw result files: they must not collide
 
 
+@pytest.mark.e2e
 def test_prefill_modes_become_engine_arguments_at_every_point():
     script = bench_script()
     args = script.parse_args(["--models", "olmoe-small", "--engines", "", "--policies", "lru,lfu", "--budgets", "0.5",
@@ -122,6 +125,7 @@ def test_prefill_modes_become_engine_arguments_at_every_point():
     assert "engine_kwargs" not in script.matrix.spec(args, next(j for j in jobs if j.worker == "offload"))
 
 
+@pytest.mark.e2e
 def test_resident_rows_skipped_when_weights_exceed_the_device():
     script = bench_script()
     args = script.parse_args(["--gpu", "--models", "mixtral-8x7b", "--engines", "jaxmoe,hf"])
@@ -186,6 +190,7 @@ def test_tiny_matrix_writes_the_contract(tiny_matrix):
     assert "| lru |" in (out / "t.md").read_text()
 
 
+@pytest.mark.e2e
 def test_resume_reuses_saved_rows(tiny_matrix):
     out, report = tiny_matrix
     again = run_bench(out, "--resume", "--stop-after", "0")

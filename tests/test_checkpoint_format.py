@@ -1,9 +1,10 @@
-"""The checkpoint's weight file (params.safetensors) round-trips and is checked against the
-config; checkpoints in the earlier Orbax layout, like the shipped one, still load."""
+"""The checkpoint's weight file (params.safetensors) round-trips, is checked against the
+config and carries a checksum per tensor; checkpoints in the earlier Orbax layout still load."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import jax
@@ -14,6 +15,7 @@ from flax import nnx
 from safetensors import safe_open
 
 from jaxmoe.checkpoint import CheckpointError, load, restore_params, save_params
+from jaxmoe.checkpoint.legacy_params import UncheckedWeightsWarning
 from jaxmoe.checkpoint.params_file import FILE, str_keys
 from jaxmoe.checkpoint.random_model import TINY_OLMOE
 from jaxmoe.checkpoint.safetensors_io import SafetensorsFile
@@ -83,17 +85,42 @@ def test_the_writer_refuses_a_wrong_or_missing_tensor(tmp_path):
             out.write("a", np.ones((2, 3), np.float32))
 
 
-def test_shipped_orbax_checkpoint_loads_a_layer_at_a_time():
+def test_an_orbax_checkpoint_loads_a_layer_at_a_time(tiny, tmp_path):
     """The earlier layout (one Orbax tree under params/) reads, layer by layer, exactly what
-    restoring the whole tree gives."""
-    assert (SHIPPED / "params").is_dir() and not (SHIPPED / FILE).exists()
-    cfg = load_hf_config(SHIPPED)
+    restoring the whole tree gives, and says that it carries no checksums."""
+    dense, experts, path = tiny
+    cfg = load_hf_config(path)
+    (tmp_path / "config.json").write_text((path / "config.json").read_text())
+    tree = {"dense": str_keys(dense),
+            "experts": {str(i): w._asdict() for i, w in enumerate(experts) if w is not None}}  # fmt: skip
     with ocp.StandardCheckpointer() as ckptr:
-        whole = ckptr.restore((SHIPPED / "params").resolve())
-    dense, experts = restore_params(SHIPPED, cfg)
-    want = tuple(
-        ExpertWeights(**whole["experts"][str(i)]) if cfg.moe_layers[i] else None for i in range(cfg.num_layers)
-    )
-    assert_same((str_keys(dense), experts), (whole["dense"], want))
-    store = HostExpertStore.from_checkpoint(SHIPPED, cfg)
-    np.testing.assert_array_equal(store.weights(5, 7).w_down, np.asarray(want[5].w_down[7]))
+        ckptr.save((tmp_path / "params").resolve(), tree)
+    with pytest.warns(UncheckedWeightsWarning, match="no checksums.*convert_hf.py"):
+        got_dense, got_experts = restore_params(tmp_path, cfg)
+    assert_same((got_dense, got_experts), (dense, experts))
+    store = HostExpertStore.from_checkpoint(tmp_path, cfg)
+    np.testing.assert_array_equal(store.weights(3, 7).w_down, np.asarray(experts[3].w_down[7]))
+
+
+def test_every_tensor_carries_a_checksum_and_a_damaged_one_is_refused_by_name(tiny, tmp_path):
+    dense, experts, path = tiny
+    file = SafetensorsFile(path / FILE)
+    assert set(file.checksums) == set(file.entries)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(path, damaged)
+    entry = file.entries["experts.2.w_down"]
+    with open(damaged / FILE, "r+b") as f:  # 64 random bytes inside one tensor, as a bad disk or copy would
+        header = int.from_bytes(f.read(8), "little")
+        f.seek(8 + header + entry["data_offsets"][0] + 100)
+        f.write(np.random.default_rng(0).integers(0, 256, 64, dtype=np.uint8).tobytes())
+    with pytest.raises(CheckpointError, match=r"params\.safetensors: tensor 'experts\.2\.w_down' is damaged"):
+        load(damaged)
+    with pytest.raises(CheckpointError, match="is damaged"):  # the offloaded engine's store reads it too
+        HostExpertStore.from_checkpoint(damaged, load_hf_config(damaged))
+
+
+def test_the_shipped_checkpoint_is_checked():
+    file = SafetensorsFile(SHIPPED / FILE)
+    assert not (SHIPPED / "params").exists() and set(file.checksums) == set(file.entries)
+    for name in file.entries:  # every tensor reads back as written
+        file.read(name)

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+torch = pytest.importorskip("torch")  # the test extra; skipped where absent
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [[3, 14, 15, 9, 26, 5], [27, 18, 28]]
@@ -28,6 +28,7 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
     return out[0, len(prompt) :].tolist()  # stops after eos (id 2), as generate.py does
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("family,layout", CASES)
 def test_convert_then_generate_matches_transformers(hf_checkpoint, tmp_path, family, layout):
     model, src = hf_checkpoint(family, "base", layout)
@@ -44,12 +45,14 @@ def test_convert_then_generate_matches_transformers(hf_checkpoint, tmp_path, fam
     assert m["ttft_ms"] > 0 and m["peak_device_bytes"] > 0 and m["policy"] == "resident"
 
 
+@pytest.mark.e2e
 def test_generate_reports_bad_input_without_traceback(tmp_path):
     proc = script("generate.py", "--model", str(tmp_path), "--prompt-ids", "1 2", "--json")
     assert proc.returncode == 2 and proc.stdout == ""
     assert "config.json" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.e2e
 def test_generate_offloaded_matches_resident_and_dumps_the_plan(hf_checkpoint, tmp_path):
     _, src = hf_checkpoint("olmoe", "wide")
     dst = tmp_path / "ckpt"
@@ -87,6 +90,7 @@ def test_generate_offloaded_matches_resident_and_dumps_the_plan(hf_checkpoint, t
     assert proc.returncode == 2 and "--maps needs --policy maps" in proc.stderr
 
 
+@pytest.mark.e2e
 def test_generate_refuses_a_budget_below_the_working_set(hf_checkpoint, tmp_path):
     _, src = hf_checkpoint("olmoe", "wide")
     dst = tmp_path / "ckpt"

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
+torch = pytest.importorskip("torch")  # the test extra; skipped where absent
 from safetensors.numpy import load_file, save_file
 
 from hf_models import FAMILIES, VARIANTS
@@ -207,6 +207,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
 
 
+@pytest.mark.e2e
 def test_cli_json(hf_checkpoint, tmp_path):
     model, src = hf_checkpoint("mixtral", "mha_tied")
     proc = run_cli(str(src), str(tmp_path / "ckpt"), "--json")
@@ -217,6 +218,7 @@ def test_cli_json(hf_checkpoint, tmp_path):
     assert result["seconds"] >= 0
 
 
+@pytest.mark.e2e
 def test_cli_error(hf_checkpoint, tmp_path):
     src = hf_copy(hf_checkpoint, tmp_path)
     edit_config(src, quantization_config={"quant_method": "awq"})

@@ -11,8 +11,8 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-import torch
-import transformers
+torch = pytest.importorskip("torch")  # the test extra; skipped where absent
+transformers = pytest.importorskip("transformers")
 from hf_models import FAMILIES
 from safetensors import safe_open
 
@@ -60,6 +60,7 @@ def test_export_round_trips_through_conversion(hf_checkpoint, tmp_path, family):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("family", ["olmoe", "mixtral"])
 def test_exported_directory_generates_like_jaxmoe_in_transformers(hf_checkpoint, tmp_path, family):
     _, src = hf_checkpoint(family, "base", "single")
@@ -76,6 +77,7 @@ def test_exported_directory_generates_like_jaxmoe_in_transformers(hf_checkpoint,
     assert hf_greedy(model, PROMPT, 24) == ours
 
 
+@pytest.mark.e2e
 def test_trained_checkpoint_exports_to_transformers(tmp_path):
     """A checkpoint the training script ships (tied embeddings, our tokenizer) loads in
     transformers with its tokenizer, and gives jaxmoe's logits and greedy tokens."""

@@ -17,7 +17,7 @@ from jax_from_hf import jaxmoe_from_hf
 from jaxmoe.engine import ResidentEngine
 from jaxmoe.engine.offloaded import OffloadedEngine
 from jaxmoe.model import init_kv_cache, num_unique_experts
-from jaxmoe.offload.cache import gather_experts, minimum_experts
+from jaxmoe.offload.cache import minimum_experts, workspace_experts
 from jaxmoe.offload.host_store import HostExpertStore
 from jaxmoe.quant import mxfp4, parse_format
 from test_cli import hf_greedy, script
@@ -68,7 +68,7 @@ def test_convert_then_generate_matches_transformers(tmp_path, experts):
         assert m["expert_format"] == "mxfp4" and m["expert_bytes"] == cfg_bytes
     # Offloaded at half the experts (24 of 48). MXFP4: the budget also holds the expert
     # program's gather of unpacked (fp32) experts, 7.5x an MXFP4 expert here (46 experts'
-    # bytes), so 70 experts' bytes leave about 17 cache slots.
+    # bytes), so 70 experts' bytes leave 24 cache slots.
     budget = (24 if experts == "bf16" else 70) * m["expert_bytes"] / 1e9
     proc = script("generate.py", *args, "--expert-budget-gb", str(budget), "--policy", "lru")
     assert proc.returncode == 0, proc.stderr
@@ -125,10 +125,9 @@ def test_offloaded_matches_resident(budget, batch, fmt, policy, prefill):
 
     cfg, model, _, store = _setup(fmt)
     unique = num_unique_experts(cfg.num_experts, batch, cfg.top_k)
-    gather = gather_experts(unique, store.format, cfg)
-    prefetch = unique if policy == "predictor" else 0
-    # "half": a pool of half the experts, beside the copies in flight, filler and gather.
-    n = minimum_experts(unique, prefetch, gather) + (0 if budget == "min" else len(store.keys()) // 2 - unique)
+    # "half": a pool of half the experts, beside the workspace (the expert program's gather).
+    n = minimum_experts(unique, workspace_experts(unique, store.format, cfg))
+    n += 0 if budget == "min" else len(store.keys()) // 2 - unique
     engine = OffloadedEngine(cfg, model, store, n * store.expert_bytes, policy, check_budget=True, prefill=prefill,
                              predictor=GateAhead(model) if policy == "predictor" else None)  # fmt: skip
     result = engine.generate(OFFLOAD_PROMPTS[:batch], 24)
@@ -166,17 +165,18 @@ def test_yarn_frequencies_match_transformers():
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     from jaxmoe.config import from_hf_dict
-    from jaxmoe.model.rope import config_frequencies
+    from jaxmoe.model.rope import inv_freq
 
     for rope in (None, dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, beta_fast=32.0, beta_slow=1.0,
                             truncate=True, original_max_position_embeddings=64)):  # fmt: skip
         hf = GptOssConfig(head_dim=64, hidden_size=128, num_attention_heads=2, num_key_value_heads=2,
                           rope_parameters=rope)
-        inv_freq, scaling = ROPE_INIT_FUNCTIONS["yarn"](hf, None)
-        ours, our_scaling = config_frequencies(from_hf_dict({**hf.to_dict(), "architectures": ["GptOssForCausalLM"]}))
-        # Within an ulp: torch's vectorised fp32 pow is not correctly rounded (model/rope.py).
-        np.testing.assert_allclose(ours, inv_freq.numpy(), rtol=2.5e-7, atol=0)
-        assert our_scaling == scaling
+        theirs, scaling = ROPE_INIT_FUNCTIONS["yarn"](hf, None)
+        cfg = from_hf_dict({**hf.to_dict(), "architectures": ["GptOssForCausalLM"]})
+        ours = np.asarray(inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_yarn))
+        # Within an ulp: neither torch's vectorised fp32 pow nor XLA's is correctly rounded.
+        np.testing.assert_allclose(ours, theirs.numpy(), rtol=2.5e-7, atol=0)
+        assert cfg.rope_yarn.attention_factor == scaling
 
 
 @pytest.mark.slow  # 22 s; the ring's resize and insert are what it adds
@@ -184,24 +184,24 @@ def test_served_rows_with_ring_caches_equal_offline_generation():
     """The server's continuous batch: two requests joining at different times, the batch cache
     grown between them (its sliding layers' rings keep the window), each row's tokens what
     generate gives the prompt alone."""
-    from jaxmoe.serve.batch_kv import BatchKV, kv_windows
-    from jaxmoe.serve.resident_rows import ResidentRows, row_cache_length
-    from jaxmoe.serve.row_sampling import row_sampling
+    from jaxmoe.serve.batch_kv import BatchKV
+    from jaxmoe.serve.rows.resident import ResidentRows
+    from jaxmoe.serve.rows.sampling import row_sampling
 
     cfg, model, experts, _ = _setup()
     engine = ResidentEngine(cfg, model, experts)
     prompts, new = [OFFLOAD_PROMPTS[1], OFFLOAD_PROMPTS[0]], 12
     want = [engine.generate([p], new).token_ids[0] for p in prompts]
-    rows, batch = ResidentRows(engine, exact=True), BatchKV(engine.programs, 2, kv_windows(cfg))
+    rows, batch = ResidentRows(engine, exact=True), BatchKV(engine.programs, 2)
     got, pos = [[], []], [0, 0]
     for step in range(new + 4):
         if step in (0, 4):  # request r joins at step 0 or 4
             r = step // 4
-            prefill = rows.prefill(prompts[r], row_cache_length(len(prompts[r]), new))
+            prefill = rows.prefill(prompts[r], rows.cache_length(len(prompts[r]), new))
             while not prefill.done:
                 prefill.step()
             token, row_kv = prefill.first_token(row_sampling([None], np.zeros(1)))
-            batch.fit(r + 1, max(row_cache_length(len(p), new) for p in prompts[: r + 1]), rows.new_kv)
+            batch.fit(r + 1, max(rows.cache_length(len(p), new) for p in prompts[: r + 1]), rows.new_kv)
             assert batch.put(r, row_kv) == r
             got[r], pos[r] = [token], len(prompts[r])
             continue

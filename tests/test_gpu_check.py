@@ -21,6 +21,7 @@ def check(out: Path, *args: str) -> tuple[int, dict, str]:
     return proc.returncode, json.loads((out / "gpu_check.json").read_text()), (out / "gpu_check.md").read_text()
 
 
+@pytest.mark.e2e
 def test_the_dry_run_decodes_every_row(tmp_path):
     """The step the device decode changes, in the default run (the whole dry run is --slow: about 4
     minutes on 2 cores; a GPU session dry-runs its prepared command first anyway)."""
@@ -32,6 +33,7 @@ def test_the_dry_run_decodes_every_row(tmp_path):
     assert "## Decode" in md
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_the_dry_run_passes_every_step(tmp_path):
     rc, record, md = check(tmp_path, "--no-peers")
@@ -46,6 +48,7 @@ def test_the_dry_run_passes_every_step(tmp_path):
         assert title in md
 
 
+@pytest.mark.e2e
 def test_a_step_over_its_cap_is_recorded_and_the_next_runs(tmp_path):
     rc, record, md = check(tmp_path, "--steps", "environment,phases,injit_probe", "--cap", "phases=2")
     status = {s["name"]: s["status"] for s in record["steps"]}
@@ -55,6 +58,7 @@ def test_a_step_over_its_cap_is_recorded_and_the_next_runs(tmp_path):
     assert probe["variants"] and "answer" in probe
 
 
+@pytest.mark.e2e
 def test_the_gpu_tests_collect_without_the_serve_extra(tmp_path):
     """The GPU image has no fastapi, uvicorn or openai: its `pytest -m gpu` (the check's
     pytest step) must still collect, with the server's tests skipped."""
@@ -71,6 +75,7 @@ def test_the_gpu_tests_collect_without_the_serve_extra(tmp_path):
     assert {line.split()[2].split(":")[0] for line in skipped} == {"tests/test_serve.py", "tests/test_serve_parts.py"}
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_the_quantized_step_dry_run(tmp_path):
     """The int4 rows (not in the default check): resident and offloaded int4 agree."""
@@ -115,12 +120,12 @@ def test_a_phases_worker_killed_after_measuring_keeps_its_figures(tmp_path, monk
     monkeypatch.syspath_prepend(str(ROOT / "scripts"))
     import gpu_check as cli
 
-    from bench import check_workers, gpu_check, matrix
+    from bench import gpu_check, matrix, workers
 
     check = gpu_check.Check(cli.parse_args(["--dry-run", "--out", str(tmp_path)]))
 
     def killed_before_its_result(args, job, spec):
-        check_workers.WORKERS[job.worker](spec)  # measures everything, writes no result
+        workers.WORKERS[job.worker](spec)  # measures everything, writes no result
         return {"error": "worker killed after 1 s (--worker-timeout)"}
 
     monkeypatch.setattr(matrix, "spawn", killed_before_its_result)
@@ -156,6 +161,7 @@ def test_a_profile_trace_is_summarised_per_process_and_module(tmp_path):
     assert sum(count for _, count, _ in host["top"]) <= host["events"]
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_the_decode_profile_dry_run(tmp_path):
     """The profile step (not in the default check) keeps both traces and summarises them."""

@@ -5,6 +5,8 @@ started at import would fix the pool before a large model could ask for more."""
 import subprocess
 import sys
 
+import pytest
+
 PROBE = """
 import importlib, pkgutil
 import jaxmoe
@@ -16,6 +18,7 @@ print("started" if started else "not started")
 """
 
 
+@pytest.mark.e2e
 def test_importing_every_module_starts_no_backend():
     out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

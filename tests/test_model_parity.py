@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
+torch = pytest.importorskip("torch")  # the test extra; skipped where absent
 
 from hf_models import VARIANTS, tiny_hf_model
 from jax_from_hf import jaxmoe_from_hf

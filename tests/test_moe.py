@@ -74,9 +74,9 @@ def test_router_weight_dtype_follows_family():
 
 
 def test_per_token_moe_equals_one_token_steps():
-    """The server's per-row experts (serve/row_exact.py) give each token exactly what a
+    """The server's per-row experts (serve/rows/exact.py) give each token exactly what a
     one-token call gives it, whatever the batch's own unique bound."""
-    from jaxmoe.serve.row_exact import per_token_moe
+    from jaxmoe.serve.rows.exact import per_token_moe
 
     n, e, k = 9, 16, 2
     x = jax.random.normal(jax.random.key(3), (n, 16), jnp.bfloat16)

@@ -36,13 +36,12 @@ def resident_tokens(family: str, batch: int, new: int, dtype: str = "float32"):
     return ResidentEngine(cfg, model, experts).generate(PROMPTS[:batch], new).token_ids
 
 
-def budgets(family: str, batch: int, prefetch: bool = False) -> dict[str, int]:
-    """Expert counts from the minimum working set (with room for prefetches: `prefetch`)
-    to everything resident."""
+def budgets(family: str, batch: int) -> dict[str, int]:
+    """Expert counts from the minimum working set to everything resident."""
     cfg, *_, store = setup(family)
     unique = num_unique_experts(cfg.num_experts, batch, cfg.top_k)
     total = len(store.keys())
-    least = minimum_experts(unique, unique if prefetch else 0)
+    least = minimum_experts(unique)
     # "all": every expert and the expert program's gather, so everything is preloaded.
     return {"min": least, "min+4": least + 4, "total-3": total - 3, "all": total + unique}
 
@@ -68,7 +67,7 @@ CASES += [pytest.param(policy, budget, marks=pytest.mark.slow, id=f"{budget}-{po
 
 @pytest.mark.parametrize("policy,budget", CASES)
 def test_every_policy_and_budget_matches_resident(policy, budget):
-    engine, result = offloaded("olmoe", policy, budgets("olmoe", 3, policy == "maps")[budget], 3, 16)
+    engine, result = offloaded("olmoe", policy, budgets("olmoe", 3)[budget], 3, 16)
     assert result.token_ids == resident_tokens("olmoe", 3, 16)
     m = result.metrics
     assert m["expert_hits"] + m["expert_misses"] > 0
@@ -167,7 +166,7 @@ def test_prefetch_never_changes_tokens(family, batch, scorer):
     cfg, model, _, store = setup(family)
     unique = num_unique_experts(cfg.num_experts, batch, cfg.top_k)
     predictor = GateAhead(model) if scorer == "gate-ahead" else _WrongScorer(cfg.num_experts)
-    budget = (minimum_experts(unique, unique) + 2) * store.expert_bytes  # the minimum with prefetch, plus two slots
+    budget = (minimum_experts(unique) + 2) * store.expert_bytes  # the minimum plus two slots
     engine = OffloadedEngine(cfg, model, store, budget, "predictor", check_budget=True, predictor=predictor)
     result = engine.generate(PROMPTS[:batch], 16)
     assert result.token_ids == resident_tokens(family, batch, 16)

@@ -295,3 +295,16 @@ def test_the_shipped_predictor_restores_onto_this_device_not_its_saved_topology(
     load_predictor(shipped, None)
     leaves = jax.tree.leaves(targets)
     assert leaves and all(getattr(x, "sharding", None) is not None for x in leaves)
+
+
+def test_the_shipped_predictor_was_made_for_the_shipped_model():
+    """A field added to MoEConfig (a new family's option) must not change an existing model's
+    hash, or every predictor, trace set and expert map made for it is refused."""
+    import json
+
+    from jaxmoe.config import load_hf_config
+    from jaxmoe.predictor.fingerprint import model_hash
+
+    shipped = Path(__file__).resolve().parents[1] / "checkpoints" / "jaxmoe-tiny"
+    meta = json.loads((shipped / "predictor" / "predictor.json").read_text())
+    assert meta["model"]["model_hash"] == model_hash(load_hf_config(shipped))

@@ -66,7 +66,7 @@ def whole_prompt_logits(family: str, prompts) -> np.ndarray:
 def prefill_logits(eng: OffloadedEngine, family: str, prompts) -> np.ndarray:
     cfg = eng.config
     lengths, tokens, cache_len = pad_prompts(cfg, prompts, 1)
-    eng._ensure_cache(len(prompts))
+    eng.ensure_cache(len(prompts))
     x, _ = eng._prefill(tokens, lengths, list(init_kv_cache(cfg, len(prompts), cache_len)))
     _, model, _, _ = setup(family)
     return np.asarray(model.logits(model.norm(x)[np.arange(len(prompts)), lengths - 1]))
@@ -225,7 +225,7 @@ def test_chunk_programs_memory_does_not_grow_with_the_prompt():
         eng = engine("olmoe", prefill="stream")
         lengths, tokens, cache_len = pad_prompts(cfg, [rng.integers(0, 32, n).tolist()], 100)
         assert cache_len == 256
-        eng._ensure_cache(1)
+        eng.ensure_cache(1)
         eng._prefill(tokens, lengths, list(init_kv_cache(cfg, 1, cache_len)))
         programs = list({id(p): p for key, p in eng.executor._by_signature.items() if key[0] == "moe_chunk"}.values())
         assert len(programs) == 1  # one program for every chunk of every layer
@@ -233,6 +233,7 @@ def test_chunk_programs_memory_does_not_grow_with_the_prompt():
     assert scratch[120] == scratch[60]
 
 
+@pytest.mark.e2e
 def test_compiled_programs_are_reused_by_a_second_process(hf_checkpoint, tmp_path):
     _, src = hf_checkpoint("olmoe", "wide")
     ckpt = tmp_path / "ckpt"
@@ -268,7 +269,7 @@ def test_prepare_compiles_every_program_a_generate_runs(prefill, policy, batch):
     cfg, model, _, store = setup("olmoe")
     unique = num_unique_experts(cfg.num_experts, batch, cfg.top_k)
     kw = {"predictor": GateAhead(model)} if policy == "predictor" else {}
-    experts = minimum_experts(unique, unique if kw else 0) + 3
+    experts = minimum_experts(unique) + 3
     eng = engine("olmoe", experts, policy=policy, prefill=prefill, **kw)
     eng.prepare(batch=batch, prompt_tokens=64, max_new_tokens=6)
     compiled = len(eng.programs)

@@ -43,20 +43,22 @@ def module_names(programs) -> dict[str, str]:
 def test_every_compiled_program_is_named_after_its_program():
     model, experts = tiny()
     store = HostExpertStore.from_stacks(CFG, experts)
-    budget = minimum_experts(CFG.top_k) * store.expert_bytes  # batch 1
-    offloaded = OffloadedEngine(CFG, model, store, budget)
-    offloaded.generate([[1, 2, 3]], 2)  # the routed prefill and a decode step (misses in the program)
-    planned = OffloadedEngine(CFG, model, store, budget, "reuse")
-    planned.generate([[1, 2, 3]], 2)  # a host-planned decode step
-    streamed = OffloadedEngine(CFG, model, store, budget, prefill="stream")
-    streamed.prepare(1, 3, 2)  # the streamed prefill's chunk programs and the cache's own
-    resident = ResidentEngine(CFG, model, experts)
-    resident.generate([[1, 2, 3]], 2)
-    names = {**module_names(offloaded.programs), **module_names(planned.programs), **module_names(streamed.programs),
-             **module_names(resident.programs)}  # fmt: skip
-    # (write_rows, the retain program, needs a cache smaller than every expert: not this model's 4.)
+    engines = [ResidentEngine(CFG, model, experts)]
+    engines[0].generate([[1, 2, 3]], 2)
+    # Every expert and the gather (a routed prefill, nothing copied), then the minimum (a cache
+    # of two slots: the prefill streams, copies go through the cache's own programs).
+    for experts_in_budget in (minimum_experts(CFG.top_k) + 2, minimum_experts(CFG.top_k)):  # batch 1
+        budget = experts_in_budget * store.expert_bytes
+        engines.append(OffloadedEngine(CFG, model, store, budget))
+        engines[-1].generate([[1, 2, 3]], 2)  # the prefill and a decode step (misses in the program)
+        engines.append(OffloadedEngine(CFG, model, store, budget, "reuse"))
+        engines[-1].generate([[1, 2, 3]], 2)  # a host-planned decode step
+        engines.append(OffloadedEngine(CFG, model, store, budget, prefill="stream"))
+        engines[-1].prepare(1, 3, 2)  # the streamed prefill's chunk programs and the cache's own
+    names = {k: v for engine in engines for k, v in module_names(engine.programs).items()}
     expected = {"embed", "dense", "attend_route", "experts", "first_token", "device_step", "step", "dense_chunk", "moe_chunk",
-                "take_from_pool", "stack_experts", "prefill_chunk", "decode"}  # fmt: skip
+                "take_from_pool", "stack_experts", "prefill_chunk", "decode", "fetch_rows", "fetch_into_pool",
+                "write_rows"}  # fmt: skip
     assert set(names) == expected
     for name, module in names.items():
         assert module == f"jit_{name}" and "lambda" not in module

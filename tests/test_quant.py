@@ -20,7 +20,8 @@ from jaxmoe.checkpoint.quantize import quantize_checkpoint
 from jaxmoe.engine import ResidentEngine
 from jaxmoe.engine.offloaded import OffloadedEngine
 from jaxmoe.model import ExpertWeights, moe_ffn, moe_ffn_reference, num_unique_experts
-from jaxmoe.offload.cache import gather_experts, minimum_experts
+from jaxmoe.offload.cache import BudgetError, minimum_experts, workspace_experts
+from jaxmoe.engine.metrics import fmt_bytes
 from jaxmoe.offload.host_store import HostExpertStore
 from jaxmoe.offload.prefetch import GateAhead
 from jaxmoe.quant import DENSE, ExpertFormat, packed_experts, packed_rows
@@ -139,9 +140,9 @@ def test_offloaded_quantized_equals_resident_quantized(family, fmt):
     cfg, model, resident, store = setup(family, fmt)
     want = ResidentEngine(cfg, model, resident).generate(PROMPTS, 12).token_ids
     unique = num_unique_experts(cfg.num_experts, 3, cfg.top_k)
-    gather = gather_experts(unique, fmt, cfg)
+    workspace = workspace_experts(unique, fmt, cfg)
     # the minimum working set, and three experts short of caching every one
-    for policy, experts in (("lru", minimum_experts(unique, gather=gather)), ("lfu", len(store.keys()) + gather - 3)):
+    for policy, experts in (("lru", minimum_experts(unique, workspace)), ("lfu", len(store.keys()) + workspace - 3)):
         engine = OffloadedEngine(cfg, model, store, experts * store.expert_bytes, policy, check_budget=True)
         result = engine.generate(PROMPTS, 12)
         assert result.token_ids == want, (family, fmt.name, policy)
@@ -154,9 +155,26 @@ def test_quantized_prefetch_and_streamed_prefill_keep_the_tokens(batch):
     cfg, model, resident, store = setup("olmoe", INT4)
     want = ResidentEngine(cfg, model, resident).generate(PROMPTS[:batch], 10).token_ids
     unique = num_unique_experts(cfg.num_experts, batch, cfg.top_k)
-    budget = (minimum_experts(unique, unique, gather_experts(unique, INT4, cfg)) + 2) * store.expert_bytes
+    budget = (minimum_experts(unique, workspace_experts(unique, INT4, cfg)) + 2) * store.expert_bytes
     engine = OffloadedEngine(cfg, model, store, budget, "predictor", predictor=GateAhead(model), prefill="stream")
     assert engine.generate(PROMPTS[:batch], 10).token_ids == want
+
+
+def test_a_quantized_budget_pays_for_the_unpacked_gather():
+    """A budget between the minimum that counts the gather as U stored rows and the one that
+    also counts their unpacked weights is refused, naming the true minimum; at that minimum
+    the cache's own accounting (pool and workspace) stays within the budget."""
+    cfg, model, _, store = setup("olmoe", INT4)
+    unique = num_unique_experts(cfg.num_experts, 1, cfg.top_k)
+    least = minimum_experts(unique, workspace_experts(unique, INT4, cfg))
+    rows_only = minimum_experts(unique)  # the gather as U stored rows: the under-count
+    assert rows_only < least - 1
+    minimum = fmt_bytes(least * store.expert_bytes)
+    with pytest.raises(BudgetError, match=f"minimum working set of {minimum}"):
+        OffloadedEngine(cfg, model, store, (least - 1) * store.expert_bytes, "lru")
+    engine = OffloadedEngine(cfg, model, store, least * store.expert_bytes, "lru", check_budget=True)
+    engine.generate(PROMPTS[:1], 4)
+    assert engine.cache.counters.peak_bytes == least * store.expert_bytes
 
 
 # -- checkpoints ----------------------------------------------------------------------
@@ -175,7 +193,7 @@ def test_quantized_conversion_equals_quantizing_the_dense_conversion(hf_checkpoi
     tokens = ResidentEngine(a.config, a.model, a.experts).generate(PROMPTS, 8).token_ids
     cfg = a.config
     unique = num_unique_experts(cfg.num_experts, 3, cfg.top_k)
-    budget = minimum_experts(unique, gather=gather_experts(unique, fmt, cfg)) * fmt.nbytes(cfg)
+    budget = minimum_experts(unique, workspace_experts(unique, fmt, cfg)) * fmt.nbytes(cfg)
     offloaded = OffloadedEngine.from_checkpoint(direct, budget, "lru")
     assert offloaded.generate(PROMPTS, 8).token_ids == tokens
 
@@ -223,6 +241,7 @@ def test_a_failed_quantization_leaves_nothing_and_existing_output_is_refused(hf_
         quantize_checkpoint(dst, tmp_path / "again", INT4, progress=False)
 
 
+@pytest.mark.e2e
 def test_scripts_quantize_generate_and_refuse_export(tmp_path):
     q4 = tmp_path / "q4"
     run = [sys.executable, str(REPO / "scripts" / "quantize.py"), str(REPO / "checkpoints" / "jaxmoe-tiny"), str(q4),

@@ -75,18 +75,18 @@ def test_random_plans_never_exceed_the_slots():
 
 
 def test_budget_geometry():
-    # Every expert and the expert program's gather of 8 fit: preloaded, nothing in flight.
-    assert plan_geometry(72 * 10, 10, total_experts=64, unique_max=8) == (64, 0)
-    # Every expert but not the gather: a cache (8 in flight, the filler, the gather of 8).
-    assert plan_geometry(71 * 10, 10, total_experts=64, unique_max=8) == (71 - 17, 8)
-    assert plan_geometry(40 * 10, 10, total_experts=64, unique_max=8) == (40 - 17, 8)
-    assert plan_geometry(25 * 10, 10, total_experts=64, unique_max=8) == (8, 8)  # the minimum
-    assert minimum_experts(8) == 25 and minimum_experts(8, prefetch_max=8) == 33
-    with pytest.raises(BudgetError, match="minimum working set of 250 B.*gather \\(8 experts' bytes\\)"):
-        plan_geometry(24 * 10, 10, total_experts=64, unique_max=8)
+    # Every expert and the expert program's gather of 8 fit: preloaded, nothing copied.
+    assert plan_geometry(72 * 10, 10, total_experts=64, unique_max=8) == 64
+    # Every expert but not the gather: a cache (the gather of 8 beside it; copies land in slots).
+    assert plan_geometry(71 * 10, 10, total_experts=64, unique_max=8) == 71 - 8
+    assert plan_geometry(40 * 10, 10, total_experts=64, unique_max=8) == 40 - 8
+    assert plan_geometry(16 * 10, 10, total_experts=64, unique_max=8) == 8  # the minimum: 2U
+    assert minimum_experts(8) == 16
+    with pytest.raises(BudgetError, match="minimum working set of 160 B.*gather \\(8 experts' bytes\\)"):
+        plan_geometry(15 * 10, 10, total_experts=64, unique_max=8)
     # A quantized gather also holds the unpacked weights: 8 rows of 10 B and 8 x 35 B dense.
-    assert plan_geometry(60 * 10, 10, total_experts=64, unique_max=8, gather=8 + 28) == (60 - 9 - 36, 8)
-    assert minimum_experts(8, gather=36) == 53
+    assert plan_geometry(60 * 10, 10, total_experts=64, unique_max=8, workspace=8 + 28) == 60 - 36
+    assert minimum_experts(8, workspace=36) == 44
 
 
 def test_a_quantized_gather_counts_its_unpacked_weights():

@@ -14,7 +14,6 @@ for _module in ("fastapi", "uvicorn", "openai"):
     pytest.importorskip(_module, reason="needs the serve extra: pip install -e .[serve]")
 
 import concurrent.futures as cf  # noqa: E402
-import time  # noqa: E402
 
 import httpx  # noqa: E402
 import openai  # noqa: E402
@@ -73,6 +72,15 @@ def complete(client, prompt: str, max_tokens: int, stream: bool) -> tuple[str, l
         text += chunk.choices[0].text
         ids += chunk.choices[0].model_extra.get("token_ids") or []
     return text, ids
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """The jaxmoe series of a /metrics page: name (with labels) -> value."""
+    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("jaxmoe_")}
+
+
+def scrape(server) -> dict[str, float]:
+    return parse_metrics(httpx.get(server.url + "/metrics").text)
 
 
 def test_concurrent_completions_equal_offline_streamed_or_not(client, server, engine, tokenizer):
@@ -186,21 +194,19 @@ def test_api_key_guards_every_route_but_health(server):
 def test_a_disconnected_stream_frees_its_row(server):
     batcher = server.state.batcher
     body = {"model": "jaxmoe-tiny", "prompt": PROMPTS[2], "max_tokens": 40, "temperature": 0, "stream": True}
+    cancelled = scrape(server).get('jaxmoe_requests_total{status="cancelled"}', 0.0)
     with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
         data = (line for line in r.iter_lines() if line.startswith("data:"))
         next(data), next(data)  # the second token comes from a decode step: the request holds a row
         (request,) = [h for h in batcher.batch.holders if h is not None]
     steps = batcher.steps
-    end = time.monotonic() + 30
-    while batcher.running and time.monotonic() < end:
-        time.sleep(0.01)
+    assert request.released.wait(30)
     assert batcher.running == 0
     assert len(request.tokens) < 40 and request.cancelled
     # Freed at a step boundary soon after the server sees the disconnect (the steps counted here
     # include the network stack's noticing it), long before max_tokens.
     assert batcher.steps - steps <= 5
-    metrics = httpx.get(server.url + "/metrics").text
-    assert 'jaxmoe_requests_total{status="cancelled"}' in metrics
+    assert scrape(server)['jaxmoe_requests_total{status="cancelled"}'] == cancelled + 1
 
 
 def test_bounded_load_16_clients_64_requests(server, client, engine, tokenizer):
@@ -208,16 +214,27 @@ def test_bounded_load_16_clients_64_requests(server, client, engine, tokenizer):
     want = {p: offline(engine, tokenizer, p, 4) for p in prompts}
     jobs = [prompts[i % 16] for i in range(64)]
     programs = len(engine.programs)
+    before = scrape(server)
     with cf.ThreadPoolExecutor(16) as pool:
         got = list(pool.map(lambda p: complete(client, p, 4, stream=jobs.index(p) % 2 == 0)[1], jobs))
     assert got == [want[p] for p in jobs]
     # Rows joined and left 64 times in buckets the earlier tests had seen: nothing compiled.
     assert len(engine.programs) == programs
     assert server.state.batcher.running == 0 and server.state.batcher.queue_depth == 0
-    metrics = httpx.get(server.url + "/metrics").text
-    for name in ("jaxmoe_time_to_first_token_seconds_count", "jaxmoe_queue_depth", "jaxmoe_running_batch",
-                 'jaxmoe_slo_attainment{slo_class="default"}', "jaxmoe_host_to_device_bytes"):  # fmt: skip
-        assert name in metrics
+    # A request is counted before its client hears it finished.
+    after, tokens = scrape(server), sum(len(ids) for ids in got)
+    grew = lambda name: after[name] - before.get(name, 0.0)  # noqa: E731
+    assert grew('jaxmoe_requests_total{status="ok"}') == 64
+    assert grew("jaxmoe_time_to_first_token_seconds_count") == 64
+    assert grew("jaxmoe_generated_tokens_total") == tokens
+    assert grew("jaxmoe_time_per_output_token_seconds_count") == tokens - 64  # the gaps between a request's tokens
+    assert grew('jaxmoe_slo_requests_total{slo_class="default"}') == 64
+    met, total = after['jaxmoe_slo_met_total{slo_class="default"}'], after['jaxmoe_slo_requests_total{slo_class="default"}']
+    assert after['jaxmoe_slo_attainment{slo_class="default"}'] == pytest.approx(met / total)
+    assert after["jaxmoe_host_to_device_bytes"] == 0  # every expert resident
+    # Set after each batcher step: at most the rows and the requests there were.
+    assert 0 <= after["jaxmoe_running_batch"] <= server.state.batcher.max_batch
+    assert 0 <= after["jaxmoe_queue_depth"] <= 64
 
 
 def test_slo_extension_counts_attainment_per_class(server):
@@ -244,6 +261,6 @@ def test_offloaded_at_half_the_expert_bytes_serves_the_resident_tokens(loaded, e
         metrics = httpx.get(server.url + "/metrics").text
     for (prompt, max_tokens, _), (text, ids) in zip(jobs, got):
         assert ids == offline(engine, tokenizer, prompt, max_tokens), prompt
-    values = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if line.startswith("jaxmoe_")}
+    values = parse_metrics(metrics)
     assert values["jaxmoe_host_to_device_bytes"] > 0
     assert 0 < values["jaxmoe_expert_hit_rate"] < 1

@@ -11,7 +11,6 @@ import pytest
 for _module in ("fastapi", "uvicorn", "openai"):
     pytest.importorskip(_module, reason="needs the serve extra: pip install -e .[serve]")
 
-import heapq  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
@@ -28,7 +27,7 @@ import numpy as np  # noqa: E402
 from jaxmoe.engine.sampling import SamplingParams, sample  # noqa: E402
 from jaxmoe.serve.batch_kv import BatchKV, row_buckets  # noqa: E402
 from jaxmoe.serve.chat import ChatTemplate  # noqa: E402
-from jaxmoe.serve.row_sampling import RequestSampling, row_sampling, sample_rows  # noqa: E402
+from jaxmoe.serve.rows.sampling import RequestSampling, row_sampling, sample_rows  # noqa: E402
 from jaxmoe.serve.text import TextTracker  # noqa: E402
 from serve_helpers import TINY, free_port, wait_healthy  # noqa: E402
 
@@ -123,6 +122,7 @@ def test_batch_cache_grows_at_once_and_shrinks_only_to_a_quarter():
     assert float(batch.kv[0].k[0, 0, 0, 0]) == 1.0  # row "c" moved to the front with its cache
 
 
+@pytest.mark.e2e
 def test_sigterm_lets_the_running_stream_finish_and_exits_0():
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "JAXMOE_COMPILATION_CACHE": "off"}
@@ -130,7 +130,7 @@ def test_sigterm_lets_the_running_stream_finish_and_exits_0():
                              "--max-batch", "1", "--shutdown-grace-s", "60"], env=env, stderr=subprocess.PIPE)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url, 120, "scripts/serve.py")
+        wait_healthy(url, 120, "scripts/serve.py", proc)
         lines, first = [], threading.Event()
         body = {"model": "jaxmoe-tiny", "prompt": "And the king", "max_tokens": 24, "temperature": 0, "stream": True}
 
@@ -162,7 +162,7 @@ def test_exact_rows_keep_a_near_tie_token_in_a_batch_of_8():
     batched kernels round it the other way (measured); the exact rows do not."""
     from jaxmoe.checkpoint import load
     from jaxmoe.engine import ResidentEngine
-    from jaxmoe.serve.resident_rows import ResidentRows, row_cache_length
+    from jaxmoe.serve.rows import ResidentRows
     from jaxmoe.tokenizer import load_tokenizer
 
     loaded = load(TINY)
@@ -170,7 +170,7 @@ def test_exact_rows_keep_a_near_tie_token_in_a_batch_of_8():
     prompt = load_tokenizer(loaded.tokenizer_path).encode("In the beginning").ids
     want = engine.generate([prompt], 28).token_ids[0]
     rows, batch = ResidentRows(engine, exact=True), BatchKV(engine.programs, 8)
-    prefill = rows.prefill(prompt, row_cache_length(len(prompt), 28))
+    prefill = rows.prefill(prompt, rows.cache_length(len(prompt), 28))
     while not prefill.done:
         prefill.step()
     token, row_kv = prefill.first_token(row_sampling([None], np.zeros(1)))
@@ -191,12 +191,30 @@ def test_exact_rows_keep_a_near_tie_token_in_a_batch_of_8():
 def test_queue_admits_by_ttft_deadline_and_refuses_when_full():
     from jaxmoe.serve.batcher import Batcher, QueueFull
     from jaxmoe.serve.request import SLO, Request
+    from jaxmoe.serve.rows import RowPrefill, Rows
 
-    class NoRows:  # admission needs no engine: prefills are only created
+    admitted = []
+
+    class Pending(RowPrefill):  # a prompt whose prefill never ends: admission needs no engine
+        done = False
+
+        def __init__(self, prompt):
+            admitted.append(prompt[0])
+
+        def step(self):
+            pass
+
+    class NoRows(Rows):
         programs = None
 
+        def __init__(self):
+            pass
+
         def prefill(self, prompt, cache_len):
-            return ("prefill", prompt[0])
+            return Pending(prompt)
+
+        def new_kv(self, rows, length):
+            return None
 
     batcher = Batcher(NoRows(), max_batch=2, max_queue=3)
 
@@ -208,9 +226,27 @@ def test_queue_admits_by_ttft_deadline_and_refuses_when_full():
     with pytest.raises(QueueFull) as full:
         batcher.submit(request(4, 0.1))
     assert full.value.retry_after_s >= 1
-    for r in batcher._inbox:
-        heapq.heappush(batcher._queue, (r.deadline, r.number, r))
-    batcher._inbox = []
-    batcher._admit()  # two free rows: the two earliest deadlines, most urgent first
-    assert [job[1] for _, job in batcher._prefilling] == [2, 3]
+    batcher.step()  # two free rows: the two earliest deadlines, most urgent first
+    assert admitted == [2, 3]
     assert batcher.queue_depth == 1
+
+
+def test_serve_takes_the_largest_batch_the_budget_holds_unless_told(monkeypatch, capsys):
+    """Without --max-batch an offloaded server takes the largest batch up to 8 whose experts the
+    budget holds, and says so when that is fewer; a resident one takes 8."""
+    from jaxmoe.config import load_hf_config
+    from jaxmoe.engine.offloaded import OffloadedEngine
+    from jaxmoe.offload.cache import BudgetError
+    from jaxmoe.offload.host_store import total_expert_bytes
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import serve
+
+    total = total_expert_bytes(load_hf_config(TINY))
+    small = OffloadedEngine.from_checkpoint(TINY, int(0.1 * total), "lru")  # holds 2 rows' experts, not 3
+    assert serve.default_max_batch(small) == 2
+    assert "at most 2 rows at once" in capsys.readouterr().err
+    with pytest.raises(BudgetError, match="minimum working set"):  # an explicit larger batch is refused
+        small.check_batch(3)
+    half = OffloadedEngine.from_checkpoint(TINY, int(0.5 * total), "lru")
+    assert serve.default_max_batch(half) == 8 and capsys.readouterr().err == ""

@@ -87,6 +87,7 @@ def test_batches_are_a_function_of_seed_and_sample():
     assert (a.batch(0)[:, 1:] == a.batch(0)[:, :-1] + 1).all()  # windows are contiguous text
 
 
+@pytest.mark.e2e
 def test_train_script_loss_falls_and_ships_a_loadable_checkpoint(corpus, tmp_path):
     ship = tmp_path / "ship"
     rc = _train_script().main(["--data", str(corpus), "--out", str(tmp_path / "run"), "--steps", "30",
@@ -101,6 +102,7 @@ def test_train_script_loss_falls_and_ships_a_loadable_checkpoint(corpus, tmp_pat
     assert json.loads((ship / "training.json").read_text())["step"] == 30
 
 
+@pytest.mark.e2e
 def test_resume_continues_the_same_run(corpus, tmp_path):
     train = _train_script()
     common = ["--data", str(corpus), "--steps", "8", "--ckpt-every", "3", *TINY]

@@ -14,7 +14,15 @@ from typing import Callable, Iterable
 import numpy as np
 
 from jaxmoe.config import MoEConfig
-from jaxmoe.checkpoint.hf_keys import IGNORED, DenseTarget, ExpertTarget, dense_targets, expert_targets, router_aliases
+from jaxmoe.checkpoint.hf_keys import (
+    IGNORED,
+    DenseTarget,
+    ExpertTarget,
+    beyond_the_layers,
+    dense_targets,
+    expert_targets,
+    router_aliases,
+)
 from jaxmoe.model.experts import ExpertWeights
 
 
@@ -74,6 +82,8 @@ def plan_tensors(cfg: MoEConfig, names: Iterable[str], shape_of: Callable[[str],
             experts[target.layer][name] = target
         elif name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue  # tied: the embedding is the head
+        elif beyond_the_layers(cfg, name):
+            continue
         else:
             raise CheckpointError(f"{source}: unexpected tensor {name!r} for a {cfg.family} config")
         seen.add(key)

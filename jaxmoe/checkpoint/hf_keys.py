@@ -19,6 +19,14 @@ from jaxmoe.config import MoEConfig
 
 # Buffers some checkpoints carry that are recomputed, never loaded.
 IGNORED = re.compile(r".*\.rotary_emb\.inv_freq$")
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def beyond_the_layers(cfg: MoEConfig, name: str) -> bool:
+    """DeepSeek-V3 checkpoints carry their multi-token-prediction layers after the last decoder
+    layer (`model.layers.{num_hidden_layers + i}`): transformers does not run them, nor jaxmoe."""
+    m = _LAYER.match(name)
+    return cfg.family == "deepseek_v3" and m is not None and int(m[1]) >= cfg.num_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,10 +69,13 @@ def dense_targets(cfg: MoEConfig) -> dict[str, DenseTarget]:
         t |= _norm(f"{p}.input_layernorm", path + ("input_layernorm",), d)
         t |= _norm(f"{p}.post_attention_layernorm", path + ("post_attention_layernorm",), d)
         attn = path + ("self_attn",)
-        t |= _linear(f"{p}.self_attn.q_proj", attn + ("q_proj",), d, h * dh, cfg.qkv_bias)
-        t |= _linear(f"{p}.self_attn.k_proj", attn + ("k_proj",), d, hk * dh, cfg.qkv_bias)
-        t |= _linear(f"{p}.self_attn.v_proj", attn + ("v_proj",), d, hk * dh, cfg.qkv_bias)
-        t |= _linear(f"{p}.self_attn.o_proj", attn + ("o_proj",), h * dh, d, cfg.o_bias)
+        if cfg.attention == "mla":
+            t |= mla_targets(cfg, f"{p}.self_attn", attn)
+        else:
+            t |= _linear(f"{p}.self_attn.q_proj", attn + ("q_proj",), d, h * dh, cfg.qkv_bias)
+            t |= _linear(f"{p}.self_attn.k_proj", attn + ("k_proj",), d, hk * dh, cfg.qkv_bias)
+            t |= _linear(f"{p}.self_attn.v_proj", attn + ("v_proj",), d, hk * dh, cfg.qkv_bias)
+            t |= _linear(f"{p}.self_attn.o_proj", attn + ("o_proj",), h * dh, d, cfg.o_bias)
         if cfg.attention_sinks:
             t[f"{p}.self_attn.sinks"] = DenseTarget(attn + ("sinks",), (h,), False)
         if cfg.qk_norm == "per_head":
@@ -80,10 +91,35 @@ def dense_targets(cfg: MoEConfig) -> dict[str, DenseTarget]:
             continue
         router = "mlp.router" if cfg.family == "gpt_oss" else f"{moe_prefix}.gate"
         t |= _linear(f"{p}.{router}", mlp + ("gate",), d, cfg.num_experts, cfg.router_bias)
+        if cfg.router_correction_bias:
+            bias = DenseTarget(mlp + ("e_score_correction_bias",), (cfg.num_experts,), False)
+            t[f"{p}.mlp.gate.e_score_correction_bias"] = bias
         if cfg.shared_expert_intermediate_size:
+            # DeepSeek's (ungated) shared experts are one MLP named in the plural.
+            shared = "shared_expert" if cfg.shared_expert_gated else "shared_experts"
             for name, (a, b) in _mlp_shapes(d, cfg.shared_expert_intermediate_size).items():
-                t |= _linear(f"{p}.mlp.shared_expert.{name}", mlp + ("shared_expert", name), a, b, False)
-            t |= _linear(f"{p}.mlp.shared_expert_gate", mlp + ("shared_expert_gate",), d, 1, False)
+                t |= _linear(f"{p}.mlp.{shared}.{name}", mlp + ("shared_expert", name), a, b, False)
+            if cfg.shared_expert_gated:
+                t |= _linear(f"{p}.mlp.shared_expert_gate", mlp + ("shared_expert_gate",), d, 1, False)
+    return t
+
+
+def mla_targets(cfg: MoEConfig, prefix: str, path: tuple) -> dict:
+    """Multi-head latent attention's projections and norms (jaxmoe/model/mla.py)."""
+    d, h, r, c = cfg.hidden_size, cfg.num_heads, cfg.q_lora_rank, cfg.kv_lora_rank
+    dq = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    t = {}
+    if r:
+        t |= _linear(f"{prefix}.q_a_proj", path + ("q_a_proj",), d, r, cfg.qkv_bias)
+        t |= _norm(f"{prefix}.q_a_layernorm", path + ("q_a_layernorm",), r)
+        t |= _linear(f"{prefix}.q_b_proj", path + ("q_b_proj",), r, h * dq, False)
+    else:
+        t |= _linear(f"{prefix}.q_proj", path + ("q_proj",), d, h * dq, False)
+    t |= _linear(f"{prefix}.kv_a_proj_with_mqa", path + ("kv_a_proj_with_mqa",), d, c + cfg.qk_rope_head_dim,
+                 cfg.qkv_bias)  # fmt: skip
+    t |= _norm(f"{prefix}.kv_a_layernorm", path + ("kv_a_layernorm",), c)
+    t |= _linear(f"{prefix}.kv_b_proj", path + ("kv_b_proj",), c, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), False)
+    t |= _linear(f"{prefix}.o_proj", path + ("o_proj",), h * cfg.v_head_dim, d, cfg.o_bias)
     return t
 
 

@@ -6,11 +6,13 @@ numpy, so loading such a checkpoint also goes a layer at a time, though Orbax's 
 buffers add up to about two layers more while it restores one (converting the model
 again gives params.safetensors, which reads without them). Numpy rather than a device
 or pinned-host target because a restore into a pinned_host sharding has been seen to
-pass through device memory.
+pass through device memory. These trees carry no checksums, so a damaged file would load
+unnoticed: loading one says so once and names the way out (convert it again).
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -24,6 +26,10 @@ from jaxmoe.config import MoEConfig
 from jaxmoe.model import ExpertWeights, dense_shapes
 
 DIRECTORY = "params"
+
+
+class UncheckedWeightsWarning(UserWarning):
+    """A checkpoint whose weights carry no checksums."""
 
 
 def _at(tree: dict, path: tuple):
@@ -40,6 +46,12 @@ class OrbaxParamsReader(ParamsSource):
         self.path = Path(directory).resolve() / DIRECTORY
         self._config = Path(directory) / "config.json"
         self._checkpointer = ocp.PyTreeCheckpointer()
+        warnings.warn(
+            f"{self.path}: an Orbax tree from before params.safetensors, with no checksums: a damaged file "
+            "would load unnoticed. Convert the model again (scripts/convert_hf.py) for a checked checkpoint",
+            UncheckedWeightsWarning,
+            stacklevel=2,
+        )
 
     def _restore(self, item: dict) -> dict:
         """The subtree `item` (ShapeDtypeStructs) as numpy, checked against it."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 from pathlib import Path
 
 import ml_dtypes
@@ -22,6 +23,9 @@ import numpy as np
 from jaxmoe.checkpoint.assemble import CheckpointError
 
 WEIGHTS = "model.safetensors"
+# A jaxmoe checkpoint's header metadata holds each tensor's CRC32 under this prefix
+# (safetensors_write.py); a reader checks every tensor it reads against it.
+CHECKSUM_PREFIX = "crc32:"
 INDEX = "model.safetensors.index.json"
 
 # safetensors dtype codes (the format is little-endian, like every host jax runs on).
@@ -44,8 +48,8 @@ DTYPES = {
 }
 
 
-def _parse_header(path: Path) -> tuple[dict[str, dict], int]:
-    """(tensor entries, offset of the data section) of a safetensors file."""
+def _parse_header(path: Path) -> tuple[dict[str, dict], int, dict[str, str]]:
+    """(tensor entries, offset of the data section, metadata) of a safetensors file."""
     size = path.stat().st_size
     with path.open("rb") as f:
         prefix = f.read(8)
@@ -55,7 +59,7 @@ def _parse_header(path: Path) -> tuple[dict[str, dict], int]:
         raw = f.read(length)
     try:
         header = json.loads(raw)
-        header.pop("__metadata__", None)
+        metadata = header.pop("__metadata__", None) or {}
         layout = {
             name: (t["dtype"], [int(n) for n in t["shape"]], [int(x) for x in t["data_offsets"]])
             for name, t in header.items()
@@ -77,7 +81,7 @@ def _parse_header(path: Path) -> tuple[dict[str, dict], int]:
                 f"{path}: cannot read tensor {name!r} (shape {shape} of {code} needs {need} bytes, "
                 f"its header gives it {stop - start})"
             )
-    return header, 8 + length
+    return header, 8 + length, metadata
 
 
 def read_header(path: Path) -> dict[str, dict]:
@@ -103,15 +107,29 @@ class SafetensorsFile:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.entries, self._data_start = _parse_header(self.path)
+        self.entries, self._data_start, metadata = _parse_header(self.path)
+        try:  # {name: CRC32} where the writer recorded them (jaxmoe's own checkpoints)
+            self.checksums = {k[len(CHECKSUM_PREFIX) :]: int(v, 16) for k, v in metadata.items()
+                              if k.startswith(CHECKSUM_PREFIX)}  # fmt: skip
+        except (TypeError, ValueError):
+            raise CheckpointError(f"{self.path}: unreadable checksums in its header metadata") from None
         self._file = None
 
     def read(self, name: str) -> np.ndarray:
+        """The tensor, checked against its recorded CRC32 where the file has one."""
         entry = self.entries[name]  # checked when the header was parsed
         out = np.empty(tuple(entry["shape"]), DTYPES[entry["dtype"]])
         if self._file is None:
             self._file = self.path.open("rb", buffering=0)
-        return _read_into(self._file, out, self._data_start + int(entry["data_offsets"][0]), self.path, name)
+        _read_into(self._file, out, self._data_start + int(entry["data_offsets"][0]), self.path, name)
+        want = self.checksums.get(name)
+        if want is not None and (got := zlib.crc32(memoryview(out.reshape(-1).view(np.uint8)))) != want:
+            raise CheckpointError(
+                f"{self.path}: tensor {name!r} is damaged (CRC32 {got:08x}, written as {want:08x}): the file "
+                "changed after jaxmoe wrote it. Restore the checkpoint from where it came from, or write it "
+                "again (scripts/convert_hf.py for a converted model, scripts/quantize.py for a quantized one)"
+            )
+        return out
 
     def close(self) -> None:
         if self._file is not None:

@@ -24,7 +24,7 @@ from jaxmoe.engine.sampling import SamplingParams, sample
 from jaxmoe.model import MoEDecoder, moe_ffn, num_unique_experts
 from jaxmoe.model.decoder import LayerKV, head_logits
 from jaxmoe.offload import device_cache as dc
-from jaxmoe.offload.prefetch import next_moe_layers
+from jaxmoe.offload.policy import next_moe_layers
 from jaxmoe.quant import ExpertFormat, packed_experts
 
 
@@ -59,7 +59,7 @@ def device_step(
     cfg = model.cfg
     b = tok.shape[0]
     unique = num_unique_experts(cfg.num_experts, b, cfg.top_k)
-    following = next_moe_layers(cfg)
+    following = next_moe_layers(cfg.moe_layer_ids)
     x = model.embed_tokens(tok[:, None])  # [B, 1, D]
     pos = positions[:, None]
     state, predict_now = dc.begin_token(state, policy, step, scorer is not None)

@@ -40,13 +40,13 @@ from jaxmoe.engine.stream_prefill import StreamStats, compile_stream, run_stream
 from jaxmoe.model import MoEDecoder, check_model_dtype, init_kv_cache, num_unique_experts
 from jaxmoe.model.decoder import head_logits
 from jaxmoe.model.window import mark_padding
-from jaxmoe.offload.cache import DeviceExpertCache, gather_experts, plan_geometry
+from jaxmoe.offload.cache import BudgetError, DeviceExpertCache, plan_geometry, workspace_experts
 from jaxmoe.offload.costs import CostModel
 from jaxmoe.offload.device_cache import DEVICE_POLICIES
 from jaxmoe.offload.driver import Amortize, DecodeDriver, DriverConfig
 from jaxmoe.offload.expert_maps import MAPS_FILE, ExpertMaps, normalise
 from jaxmoe.offload.host_store import HostExpertStore
-from jaxmoe.offload.prefetch import NextLayerScorer, load_scorer, next_moe_layers
+from jaxmoe.offload.prefetch import NextLayerScorer, load_scorer
 from jaxmoe.offload.policy import PolicyShape, make_policy, policy_class
 from jaxmoe.offload.prefill_plan import INJIT, MODES, ROUTED, PrefillPlan, choose_mode, plan_stream
 from jaxmoe.offload.schedule import PassPlan
@@ -106,12 +106,8 @@ class OffloadedEngine:
             len(config.moe_layer_ids), config.num_experts, config.top_k)  # fmt: skip
         # Room for prefetched copies only where something predicts.
         self.prefetches = kind.prefetches(predictor is not None)
-        self.next_moe = next_moe_layers(config)
-        # Refuse now a budget too small even for one sequence; larger batches are checked per call.
-        one = num_unique_experts(config.num_experts, 1, config.top_k)
-        plan_geometry(self.expert_budget_bytes, store.expert_bytes, len(store.keys()), one, one if self.prefetches else 0,
-                      gather_experts(one, store.format, config))  # fmt: skip
         self.check_budget = check_budget
+        self.check_batch(1)  # refuse now a budget too small even for one sequence; larger batches per call
         self.ends = Piece(Ends(model))
         self.layers = [Piece(layer) for layer in model.layers]
         self.model_piece = Piece(model)  # the decode step's program takes the whole model
@@ -123,6 +119,24 @@ class OffloadedEngine:
         self.cache: DeviceExpertCache | None = None
         self.plan: list[PassPlan] = []  # what the last generate executed
         self.prefill_plan: PrefillPlan | None = None  # the last generate's prefill
+
+    def check_batch(self, batch: int) -> None:
+        """BudgetError (naming the minimum) unless the budget holds the experts `batch` rows can
+        need at one layer, and the expert program's gather of them."""
+        cfg = self.config
+        unique = num_unique_experts(cfg.num_experts, batch, cfg.top_k)
+        plan_geometry(self.expert_budget_bytes, self.store.expert_bytes, len(self.store.keys()), unique,
+                      workspace_experts(unique, self.store.format, cfg))  # fmt: skip
+
+    def largest_batch(self, limit: int) -> int:
+        """The largest batch up to `limit` that the budget holds (`check_batch`); at least 1."""
+        for batch in range(limit, 1, -1):
+            try:
+                self.check_batch(batch)
+                return batch
+            except BudgetError:
+                continue
+        return 1
 
     @property
     def clock(self) -> PhaseClock:
@@ -178,7 +192,7 @@ class OffloadedEngine:
         p_len = prompt_bucket(prompt_tokens)
         cache_len = cache_bucket(p_len, max_new_tokens)
         size, starts = chunk_starts(p_len, self.prefill_chunk)
-        self._ensure_cache(batch)
+        self.ensure_cache(batch)
         self.cache.prepare_fetch()
         mode = choose_mode(self.prefill_mode, cfg.num_experts, batch * prompt_tokens * cfg.top_k, len(starts),
                            self.cache.staging == 0)  # fmt: skip
@@ -221,7 +235,9 @@ class OffloadedEngine:
             self._zeros[value] = jnp.int32(value)
         return self._zeros[value]
 
-    def _ensure_cache(self, batch: int) -> None:
+    def ensure_cache(self, batch: int) -> None:
+        """A device expert cache (and its decode driver) for batches of `batch` rows; the
+        one there is kept while a batch needs as many experts per layer at once."""
         unique_max = num_unique_experts(self.config.num_experts, batch, self.config.top_k)
         if self.cache is None or self.cache.unique_max != unique_max:
             cfg = self.config
@@ -284,7 +300,7 @@ class OffloadedEngine:
         """Same contract and tokens as ResidentEngine.generate; metrics add the cache counters."""
         lengths, tokens, cache_len = pad_prompts(self.config, prompts, max_new_tokens)
         b, p_len = tokens.shape
-        self._ensure_cache(b)
+        self.ensure_cache(b)
         cache = self.cache
         cache.begin()
         self.driver.begin_request(self._semantic_vector(tokens, lengths) if self.maps is not None else None)

@@ -13,8 +13,8 @@ the HLO module name a profiler shows, so a trace says which program ran.
 
 Every program is compiled without excess precision: XLA may otherwise keep bf16
 intermediates in f32 inside a fused program, so the same math split into several
-programs (the offloaded engine's per-layer calls) would round differently from
-one whole-model program and could change a token.
+programs (the offloaded prefill's per-layer programs, a decode resumed at a missed layer)
+would round differently from one whole-model program and could change a token.
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ def enable_compilation_cache(path: str | Path | None = None) -> Path | None:
     path = Path(path).expanduser()
     path.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(path))
-    # Every program is worth keeping: a per-layer program compiles in well under the default 1 s.
+    # Every program is worth keeping: a small one (a prefill layer, a cache fetch) compiles in
+    # well under the default 1 s.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path

@@ -114,6 +114,11 @@ class ResidentEngine:
         h, kv, _ = model(tokens, positions, kv, experts, self.moe_fn)
         return pick_last(h, start, lengths, last), kv
 
+    def prefill_program(self, *args):
+        """The compiled prefill-chunk program for the shapes of `args` (state, experts,
+        tokens [B, C], start, lengths [B], last [B, D], kv); it donates `last` and `kv`."""
+        return self.programs.get("prefill_chunk", self._prefill_chunk, {}, (5, 6), *args)
+
     def _first_token(self, state, last, lengths, root, sampling):
         model = self.piece.merge(state)
         tok = sample(model.logits(last), jax.random.fold_in(root, 0), sampling)
@@ -150,7 +155,7 @@ class ResidentEngine:
         last = jnp.zeros((b, self.config.hidden_size), self.config.dtype)
         size, starts = chunk_starts(p_len, self.prefill_chunk)
         chunk_args = (self.state, self.experts, jnp.asarray(tokens[:, :size]), jnp.int32(0), lengths_dev, last, kv)
-        prefill = self.programs.get("prefill_chunk", self._prefill_chunk, {}, (5, 6), *chunk_args)
+        prefill = self.prefill_program(*chunk_args)
         first_args = (self.state, last, lengths_dev, root)
         first = self.programs.get("first_token", self._first_token, {"sampling": sampling}, (), *first_args)
         start = time.perf_counter()

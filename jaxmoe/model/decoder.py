@@ -1,8 +1,8 @@
 """The MoE decoder: embeddings, decoder layers, final norm and LM head.
 
 Shapes:
-  B batch, T tokens in this call, S KV-cache length (a sliding layer's: min(S, window)), D hidden, V vocab,
-  L layers, E experts, K experts per token.
+  B batch, T tokens in this call, S KV-cache length (a sliding layer's ring: min(S, window)),
+  D hidden, V vocab, L layers, E experts, K experts per token.
 The module holds the dense weights only. Routed experts arrive as an argument
 (`experts[l]` is an ExpertWeights for MoE layers, None for dense ones) and the
 MoE function is chosen by the caller, so the same module serves the resident
@@ -23,6 +23,8 @@ from flax import nnx
 from jaxmoe.config import MoEConfig
 from jaxmoe.model.experts import ExpertWeights, Routing, expert_activation, moe_ffn, num_unique_experts, route
 from jaxmoe.model.layers import Attention, DenseMLP, RMSNorm, linear
+from jaxmoe.model.mla import LatentAttention, LatentKV, init_latent_kv
+from jaxmoe.model.window import RingKV
 
 MoEFn = Callable[..., jax.Array]  # (x, ids, weights, experts, num_unique) -> [N, D]
 Experts = Sequence[ExpertWeights | None]  # one entry per layer
@@ -33,10 +35,22 @@ class LayerKV(NamedTuple):
     v: jax.Array  # [B, S, Hk, Dh]
 
 
-def init_kv_cache(cfg: MoEConfig, batch: int, length: int) -> tuple[LayerKV, ...]:
-    """Every layer's cache for a context of `length`; a sliding layer keeps its window only."""
-    shapes = [(batch, cfg.kv_length(i, length), cfg.num_kv_heads, cfg.head_dim) for i in range(cfg.num_layers)]
-    return tuple(LayerKV(jnp.zeros(s, cfg.dtype), jnp.zeros(s, cfg.dtype)) for s in shapes)
+LayerCache = LayerKV | RingKV | LatentKV  # one layer's cache: its attention's KV type
+
+
+def init_kv_cache(cfg: MoEConfig, batch: int, length: int) -> tuple[LayerCache, ...]:
+    """Every layer's empty cache for a context of `length`. Each layer's attention owns its KV
+    type (a pytree whose leaves are all [B, S, ...]; a sliding layer's ring has S = min(length,
+    window) slots), so engines and the server move caches without knowing it."""
+    return tuple(_layer_cache(cfg, i, batch, length) for i in range(cfg.num_layers))
+
+
+def _layer_cache(cfg: MoEConfig, layer: int, batch: int, length: int) -> LayerCache:
+    if cfg.attention == "mla":
+        return init_latent_kv(cfg, batch, length)
+    shape = (batch, cfg.kv_length(layer, length), cfg.num_kv_heads, cfg.head_dim)
+    kind = RingKV if cfg.is_sliding(layer) else LayerKV
+    return kind(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
 
 
 class SparseMoeBlock(nnx.Module):
@@ -44,20 +58,28 @@ class SparseMoeBlock(nnx.Module):
 
     def __init__(self, cfg: MoEConfig, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.gate = linear(cfg, cfg.hidden_size, cfg.num_experts, cfg.router_bias, rngs)
+        # DeepSeek computes its router in fp32 from fp32 copies of the input and the weight.
+        compute = jnp.float32 if cfg.router_logits_fp32 else None
+        self.gate = linear(cfg, cfg.hidden_size, cfg.num_experts, cfg.router_bias, rngs, compute_dtype=compute)
+        if cfg.router_correction_bias:
+            self.e_score_correction_bias = nnx.Param(jnp.zeros((cfg.num_experts,), cfg.dtype))
         if cfg.shared_expert_intermediate_size:
             self.shared_expert = DenseMLP(cfg, cfg.shared_expert_intermediate_size, rngs)
-            self.shared_expert_gate = linear(cfg, cfg.hidden_size, 1, False, rngs)
+            if cfg.shared_expert_gated:
+                self.shared_expert_gate = linear(cfg, cfg.hidden_size, 1, False, rngs)
 
     @jax.named_scope("router")
     def route(self, h: jax.Array) -> Routing:
-        return route(self.cfg, self.gate(h))._replace(inputs=h)
+        bias = self.e_score_correction_bias[...] if self.cfg.router_correction_bias else None
+        return route(self.cfg, self.gate(h), bias)._replace(inputs=h)
 
     def add_shared(self, h: jax.Array, routed: jax.Array) -> jax.Array:
         """Routed output [N, D] plus, for Qwen2-MoE, the gated shared expert."""
         if not self.cfg.shared_expert_intermediate_size:
             return routed
         with jax.named_scope("shared_expert"):
+            if not self.cfg.shared_expert_gated:
+                return routed + self.shared_expert(h)
             return routed + jax.nn.sigmoid(self.shared_expert_gate(h)) * self.shared_expert(h)
 
 
@@ -65,7 +87,7 @@ class DecoderLayer(nnx.Module):
     def __init__(self, cfg: MoEConfig, layer: int, rngs: nnx.Rngs):
         self.is_moe = cfg.moe_layers[layer]
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype, cfg.norm_scale_fp32)
-        self.self_attn = Attention(cfg, rngs, layer)
+        self.self_attn = LatentAttention(cfg, rngs) if cfg.attention == "mla" else Attention(cfg, rngs, layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype, cfg.norm_scale_fp32)
         if self.is_moe:
             self.mlp = SparseMoeBlock(cfg, rngs)
@@ -73,11 +95,11 @@ class DecoderLayer(nnx.Module):
             self.mlp = DenseMLP(cfg, cfg.dense_intermediate_size, rngs)
 
     @jax.named_scope("attention")
-    def attend(self, x: jax.Array, positions: jax.Array, kv: LayerKV) -> tuple[jax.Array, LayerKV]:
-        out, k, v = self.self_attn(self.input_layernorm(x), positions, kv.k, kv.v)
-        return x + out, LayerKV(k, v)
+    def attend(self, x: jax.Array, positions: jax.Array, kv: LayerCache) -> tuple[jax.Array, LayerCache]:
+        out, kv = self.self_attn(self.input_layernorm(x), positions, kv)
+        return x + out, kv
 
-    def attend_and_route(self, x: jax.Array, positions: jax.Array, kv: LayerKV):
+    def attend_and_route(self, x: jax.Array, positions: jax.Array, kv: LayerCache):
         """The half of a MoE layer before its experts: (x, kv, h [B*T, D], routing)."""
         x, kv = self.attend(x, positions, kv)
         with jax.named_scope("router"):  # the norm is the router's input (the experts' too)
@@ -89,8 +111,8 @@ class DecoderLayer(nnx.Module):
         return x + self.mlp.add_shared(h, routed).reshape(x.shape)
 
     def __call__(
-        self, x: jax.Array, positions: jax.Array, kv: LayerKV, experts: ExpertWeights | None, moe_fn: MoEFn
-    ) -> tuple[jax.Array, LayerKV, Routing | None]:
+        self, x: jax.Array, positions: jax.Array, kv: LayerCache, experts: ExpertWeights | None, moe_fn: MoEFn
+    ) -> tuple[jax.Array, LayerCache, Routing | None]:
         if not self.is_moe:
             x, kv = self.attend(x, positions, kv)
             with jax.named_scope("mlp"):
@@ -120,10 +142,10 @@ class MoEDecoder(nnx.Module):
         self,
         tokens: jax.Array,  # [B, T] int32
         positions: jax.Array,  # [B, T] int32
-        kv: Sequence[LayerKV],
+        kv: Sequence[LayerCache],
         experts: Experts,
         moe_fn: MoEFn = moe_ffn,
-    ) -> tuple[jax.Array, tuple[LayerKV, ...], tuple[Routing | None, ...]]:
+    ) -> tuple[jax.Array, tuple[LayerCache, ...], tuple[Routing | None, ...]]:
         """Final-norm hidden states [B, T, D], the updated cache and each layer's routing."""
         x = self.embed_tokens(tokens)
         new_kv, routings = [], []

@@ -97,20 +97,48 @@ class Routing(NamedTuple):
     inputs: jax.Array | None = None  # [N, D] the router's input (what a next-layer predictor sees)
 
 
-def route(cfg: MoEConfig, logits: jax.Array) -> Routing:
-    """Softmax over all experts in fp32, top-k, optional renormalisation; or (gpt-oss,
-    `routing="topk_softmax"`) top-k of the logits and a softmax over those k in the
-    logits' dtype, as transformers computes it."""
-    if cfg.routing == "topk_softmax":
+def route(cfg: MoEConfig, logits: jax.Array, correction_bias: jax.Array | None = None) -> Routing:
+    """Scores over all experts in fp32 (softmax, or DeepSeek-V3's sigmoid), top-k, optional
+    renormalisation and scaling. The experts are chosen on the scores plus `correction_bias`
+    [E] (V3's load-balancing bias), among the best `router_topk_groups` groups when the
+    experts are grouped; their weights are the unbiased scores. gpt-oss's "topk_softmax":
+    top-k of the logits and a softmax over those k in the logits' dtype, as transformers
+    computes it."""
+    if cfg.router_scoring == "topk_softmax":
         top_logits, ids = jax.lax.top_k(logits, cfg.top_k)
         return Routing(logits, ids.astype(jnp.int32), jax.nn.softmax(top_logits, axis=-1))
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    top_w, ids = jax.lax.top_k(probs, cfg.top_k)
+    logits32 = logits.astype(jnp.float32)
+    probs = jax.nn.sigmoid(logits32) if cfg.router_scoring == "sigmoid" else jax.nn.softmax(logits32, axis=-1)
+    if correction_bias is None and cfg.router_groups == 1:
+        top_w, ids = jax.lax.top_k(probs, cfg.top_k)
+    else:
+        choice = probs if correction_bias is None else probs + correction_bias.astype(jnp.float32)
+        if cfg.router_groups > 1:
+            choice = _keep_best_groups(cfg, choice)
+        ids = jax.lax.top_k(choice, cfg.top_k)[1]
+        top_w = jnp.take_along_axis(probs, ids, axis=-1)
     if cfg.norm_topk_prob:
+        # DeepSeek-V3 adds 1e-20 to the sum: below an fp32 ulp of any sum of k scores, so omitted.
         top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
+    if cfg.routed_scaling_factor != 1.0:
+        top_w = top_w * cfg.routed_scaling_factor
     if not cfg.router_weights_fp32:
         top_w = top_w.astype(logits.dtype)
     return Routing(logits, ids.astype(jnp.int32), top_w)
+
+
+def _keep_best_groups(cfg: MoEConfig, choice: jax.Array) -> jax.Array:
+    """choice [N, E] with the experts outside each token's best groups at -inf. A group scores
+    its best expert ("max") or its two best summed ("top2_sum")."""
+    n, e = choice.shape
+    grouped = choice.reshape(n, cfg.router_groups, e // cfg.router_groups)  # [N, G, E/G]
+    if cfg.router_group_score == "max":
+        group_scores = jnp.max(grouped, axis=-1)
+    else:
+        group_scores = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)
+    best = jax.lax.top_k(group_scores, cfg.router_topk_groups)[1]  # [N, topk_groups]
+    keep = jnp.any(best[:, :, None] == jnp.arange(cfg.router_groups), axis=1)  # [N, G]
+    return jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(n, e)
 
 
 @jax.named_scope("combine")

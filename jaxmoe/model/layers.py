@@ -1,7 +1,8 @@
 """Dense building blocks: RMSNorm, RoPE, attention over a static KV cache, dense MLP.
 
 Shapes:
-  B batch, T tokens in this call, S KV-cache length (static), D hidden,
+  B batch, T tokens in this call, S KV-cache length (static; a sliding layer's ring
+  R = min(S, window)), D hidden,
   H query heads, Hk key/value heads, G = H // Hk, Dh head dim, I MLP width.
 Attribute names follow the Hugging Face modules so the weight map stays readable.
 """
@@ -13,20 +14,21 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxmoe.config import MoEConfig
-from jaxmoe.model.rope import config_frequencies
-from jaxmoe.model.window import ring_keys, ring_write, softmax_with_sinks, window_visible
+from jaxmoe.model.rope import apply_rope, rope_cos_sin
+from jaxmoe.model.window import cache_write, ring_keys, ring_write, softmax_with_sinks, window_visible
 
 
 def _dtype(cfg: MoEConfig):
     return jnp.dtype(cfg.dtype)
 
 
-def linear(cfg: MoEConfig, d_in: int, d_out: int, bias: bool, rngs: nnx.Rngs) -> nnx.Linear:
+def linear(cfg: MoEConfig, d_in: int, d_out: int, bias: bool, rngs: nnx.Rngs, compute_dtype=None) -> nnx.Linear:
+    """A Linear holding its weight in the config's dtype, computing in `compute_dtype` (default: the same)."""
     return nnx.Linear(
         d_in,
         d_out,
         use_bias=bias,
-        dtype=_dtype(cfg),
+        dtype=compute_dtype or _dtype(cfg),
         param_dtype=_dtype(cfg),
         kernel_init=nnx.initializers.normal(0.02),
         rngs=rngs,
@@ -46,29 +48,6 @@ class RMSNorm(nnx.Module):
         if self.scale_fp32:
             return (self.weight[...].astype(jnp.float32) * x32).astype(x.dtype)
         return self.weight[...] * x32.astype(x.dtype)
-
-
-def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float, dtype) -> tuple[jax.Array, jax.Array]:
-    """cos/sin tables for absolute positions [B, T] -> two [B, T, 1, Dh] arrays."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
-    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
-
-
-def scaled_rope_cos_sin(positions: jax.Array, cfg: MoEConfig, dtype) -> tuple[jax.Array, jax.Array]:
-    """cos/sin [B, T, 1, Dh] for a config with `rope_scaling` (YaRN): transformers' frequencies
-    and its attention scaling, applied in fp32 before the cast."""
-    inv_freq, scaling = config_frequencies(cfg)
-    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, Dh/2]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
-    return (jnp.cos(emb) * scaling).astype(dtype), (jnp.sin(emb) * scaling).astype(dtype)
-
-
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos + rotated * sin
 
 
 class Attention(nnx.Module):
@@ -92,10 +71,11 @@ class Attention(nnx.Module):
         self,
         x: jax.Array,  # [B, T, D]
         positions: jax.Array,  # [B, T] absolute position of each token
-        k_cache: jax.Array,  # [B, S, Hk, Dh]
-        v_cache: jax.Array,  # [B, S, Hk, Dh]
-    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        kv,  # LayerKV: k and v [B, S, Hk, Dh]; a sliding layer's RingKV [B, R, Hk, Dh]
+    ):
+        """(output [B, T, D], the cache with this call's keys and values written)."""
         cfg = self.cfg
+        k_cache, v_cache = kv
         b, t, _ = x.shape
         h, hk, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -106,10 +86,7 @@ class Attention(nnx.Module):
         q, k, v = q.reshape(b, t, h, dh), k.reshape(b, t, hk, dh), v.reshape(b, t, hk, dh)
         if cfg.qk_norm == "per_head":
             q, k = self.q_norm(q), self.k_norm(k)
-        if cfg.rope_scaling:
-            cos, sin = scaled_rope_cos_sin(positions, cfg, x.dtype)
-        else:
-            cos, sin = rope_cos_sin(positions, dh, cfg.rope_theta, x.dtype)
+        cos, sin = rope_cos_sin(positions, dh, cfg.rope_theta, cfg.rope_yarn, x.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         if self.sliding:
@@ -124,10 +101,7 @@ class Attention(nnx.Module):
             # the whole static cache: every call sees the same key length S, so a prompt
             # gives the same numbers alone or padded inside a batch. Padding (a negative
             # position) is not written.
-            rows = jnp.arange(b)[:, None]
-            slot = jnp.where(positions >= 0, positions, k_cache.shape[1])
-            k_cache = k_cache.at[rows, slot].set(k.astype(k_cache.dtype), mode="drop")
-            v_cache = v_cache.at[rows, slot].set(v.astype(v_cache.dtype), mode="drop")
+            k_cache, v_cache = cache_write(k_cache, k, positions), cache_write(v_cache, v, positions)
             keys, values = k_cache, v_cache
             visible = jnp.arange(k_cache.shape[1])[None, None, :] <= positions[:, :, None]  # [B, T, S]
 
@@ -139,7 +113,7 @@ class Attention(nnx.Module):
         else:
             probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(b, t, h * dh)
-        return self.o_proj(out), k_cache, v_cache
+        return self.o_proj(out), type(kv)(k_cache, v_cache)
 
 
 class DenseMLP(nnx.Module):

@@ -1,79 +1,81 @@
-"""RoPE frequencies from a Hugging Face `rope_parameters` dict, computed as transformers
-computes them (fp32, the same order of operations), so positions rotate identically.
+"""RoPE: frequencies (plain, or YaRN as transformers' `_compute_yarn_parameters` computes
+them: fp32 throughout, the same order of operations), cos/sin tables and the two layouts
+of rotated dimensions.
 
-`rope_frequencies(head_dim, params)` -> (inv_freq [Dh/2] float32, attention_scaling):
-cos and sin are multiplied by `attention_scaling` (YaRN's mscale) before they are cast
-to the activation dtype. Supported `rope_type`s: "default" and "yarn".
+Shapes: B batch, T tokens, Dr rotated dims (even; the head dim, or MLA's qk_rope_head_dim),
+F frequencies (Dr / 2).
+
+cos and sin are multiplied by YaRN's `attention_factor` (1 for plain RoPE) in fp32, before
+the cast to the activation dtype, as transformers does.
 """
 
 from __future__ import annotations
 
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from jaxmoe.config import ConfigError
-
-ROPE_TYPES = ("default", "yarn")
+from jaxmoe.config import YarnRope
 
 
-def check_rope(params: dict) -> None:
-    kind = params.get("rope_type", "default")
-    if kind not in ROPE_TYPES:
-        raise ConfigError(f"rope_parameters.rope_type={kind!r} is not supported (one of {ROPE_TYPES})")
-    if params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ConfigError("rope_parameters.partial_rotary_factor is not supported (only 1.0)")
-    if kind == "yarn" and params.get("factor") is None:
-        raise ConfigError("rope_parameters.factor is required for rope_type 'yarn'")
+def _correction_dim(rotations: float, dim: int, theta: float, max_positions: int) -> float:
+    """The dimension whose wavelength completes `rotations` turns over `max_positions`."""
+    return (dim * math.log(max_positions / (rotations * 2 * math.pi))) / (2 * math.log(theta))
 
 
-def _base_frequencies(head_dim: int, theta: float) -> np.ndarray:
-    """theta ** (2i / Dh) in float32, the exponent rounded to float32 as transformers rounds it.
-    The power is taken in float64 and rounded once: torch's vectorised fp32 pow is within an
-    ulp of that, not bit-equal, so frequencies can differ from transformers' by one ulp."""
-    exponent = (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)).astype(np.float64)
-    return (np.float64(theta) ** exponent).astype(np.float32)
+def inv_freq(dim: int, theta: float, yarn: YarnRope | None) -> np.ndarray:
+    """[F] fp32 inverse frequencies: plain RoPE, or YaRN's blend of interpolated (long
+    wavelengths) and extrapolated (short ones) frequencies with a linear ramp between.
 
-
-def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
-    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
-
-
-def rope_frequencies(head_dim: int, theta: float, params: dict) -> tuple[np.ndarray, float]:
-    """(inv_freq [head_dim / 2] float32, attention_scaling) for `params` (rope_parameters)."""
-    check_rope(params)
-    pos_freqs = _base_frequencies(head_dim, theta)
-    if params.get("rope_type", "default") == "default":
-        return (np.float32(1.0) / pos_freqs).astype(np.float32), 1.0
-    factor = float(params["factor"])
-    attention = params.get("attention_factor")
-    if attention is None:
-        mscale, mscale_all = params.get("mscale"), params.get("mscale_all_dim")
-        if mscale and mscale_all:
-            attention = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all)
-        else:
-            attention = _yarn_mscale(factor)
-    beta_fast, beta_slow = params.get("beta_fast") or 32, params.get("beta_slow") or 1
-    original = params["original_max_position_embeddings"]
-
-    def correction_dim(rotations: float) -> float:
-        # The dimension whose wavelength fits `rotations` turns into the original context.
-        return (head_dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(theta))
-
-    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
-    if params.get("truncate", True):
+    Host constants in numpy, each fp32 operation rounded as torch rounds it: XLA's fp32
+    arithmetic on the same expression (its pow, a division by a constant) lands up to 7 ulps
+    away. The power is taken in float64 and rounded once; torch's vectorised fp32 pow is
+    within an ulp of that, not always equal."""
+    exponent = (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)).astype(np.float64)
+    pos_freqs = (np.float64(theta) ** exponent).astype(np.float32)
+    extrapolation = np.float32(1) / pos_freqs
+    if yarn is None:
+        return extrapolation
+    interpolation = np.float32(1) / (np.float32(yarn.factor) * pos_freqs)
+    original = yarn.original_max_position_embeddings
+    low = _correction_dim(yarn.beta_fast, dim, theta, original)
+    high = _correction_dim(yarn.beta_slow, dim, theta, original)
+    if yarn.truncate:
         low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, head_dim - 1)
+    low, high = max(low, 0), min(high, dim - 1)
     if low == high:
-        high += 0.001  # transformers' guard against a zero-width ramp
-    ramp = np.clip((np.arange(head_dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
-    extrapolation = (np.float32(1) - ramp).astype(np.float32)  # 1: keep the original frequency
-    inv_extra = np.float32(1.0) / pos_freqs
-    inv_inter = np.float32(1.0) / (np.float32(factor) * pos_freqs)
-    inv_freq = inv_inter * (np.float32(1) - extrapolation) + inv_extra * extrapolation
-    return inv_freq.astype(np.float32), float(attention)
+        high += 0.001  # the reference's guard against a zero-width ramp
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
+    extrapolation_factor = np.float32(1) - ramp
+    blend = interpolation * (np.float32(1) - extrapolation_factor) + extrapolation * extrapolation_factor
+    return blend.astype(np.float32)
 
 
-def config_frequencies(cfg) -> tuple[np.ndarray, float]:
-    """rope_frequencies for an MoEConfig (its `rope_scaling` pairs, or plain RoPE)."""
-    return rope_frequencies(cfg.head_dim, cfg.rope_theta, dict(cfg.rope_scaling) or {"rope_type": "default"})
+def rope_cos_sin(positions: jax.Array, dim: int, theta: float, yarn: YarnRope | None, dtype,
+                 pairs: bool = False) -> tuple[jax.Array, jax.Array]:  # fmt: skip
+    """cos, sin for absolute positions [B, T]: [B, T, 1, Dr] for `apply_rope` (halves), or
+    [B, T, 1, F] for `apply_rope_pairs`."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq(dim, theta, yarn))  # [B, T, F]
+    if not pairs:
+        freqs = jnp.concatenate([freqs, freqs], axis=-1)
+    scale = yarn.attention_factor if yarn else 1.0
+    cos, sin = jnp.cos(freqs) * scale, jnp.sin(freqs) * scale
+    return cos[:, :, None].astype(dtype), sin[:, :, None].astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """RoPE on halves: dimension i pairs with i + Dr/2."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+def apply_rope_pairs(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """RoPE on adjacent pairs (x0, x1), (x2, x3), ..., each pair one frequency; the result is
+    laid out [rotated evens, rotated odds] (transformers' DeepSeek-V3 layout; V2's complex
+    form keeps the pairs together). Queries and keys share the layout, so their dot products
+    agree."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)

@@ -1,4 +1,5 @@
-"""Sliding-window KV as a ring, and attention sinks (gpt-oss).
+"""Sliding-window KV as a ring, attention sinks (gpt-oss), and the padding rule every
+cache write follows.
 
 Shapes: B batch, T tokens in this call, R ring slots, Hk key/value heads, Dh head dim.
 
@@ -11,11 +12,14 @@ chunk longer than the ring would otherwise overwrite before its earlier queries 
 then the call's last R tokens are written.
 
 A negative position marks padding (a prompt padded to its bucket): its key is never
-written, so a padded row's junk cannot overwrite the keys its decode still needs (the
-full cache never minded: junk sat beyond the row's position until decode overwrote it).
+written, so a padded row's junk cannot overwrite the keys its decode still needs. Full
+caches (`cache_write`, grouped-query and latent attention) drop it too: junk there would
+sit beyond the row's position until decode overwrote it, but index -1 wraps to the end.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,10 +27,26 @@ import jax.numpy as jnp
 PAD_POSITION = -1  # the position engines give a prompt's padding
 
 
+class RingKV(NamedTuple):
+    """A sliding layer's cache: position p's key and value in slot p mod R. Its leaves are
+    [B, R, ...] like every layer cache's, so engines and the server move it as they move the
+    others (serve/batch_kv.py cuts or pads it to the R a context's length gives)."""
+
+    k: jax.Array  # [B, R, Hk, Dh]
+    v: jax.Array  # [B, R, Hk, Dh]
+
+
 def mark_padding(positions, valid):
     """positions [B, T] with padding (not `valid`) at PAD_POSITION; numpy stays numpy."""
     where = jnp.where if isinstance(positions, jax.Array) else __import__("numpy").where
     return where(valid, positions, PAD_POSITION)
+
+
+def cache_write(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
+    """A full cache [B, S, ...] with new [B, T, ...] written at its absolute positions [B, T];
+    padding (a negative position, which indexing would wrap to the end) is dropped."""
+    slot = jnp.where(positions >= 0, positions, cache.shape[1])  # slot S: dropped
+    return cache.at[jnp.arange(cache.shape[0])[:, None], slot].set(new.astype(cache.dtype), mode="drop")
 
 
 def ring_keys(positions: jax.Array, slots: int) -> jax.Array:

@@ -3,23 +3,22 @@
 Memory, all counted against the byte budget:
   pool     [S, bytes] uint8: S cached experts, each one row holding its format's buffer
            (jaxmoe/quant/format.py), preallocated; a program unpacks (and dequantizes)
-           only the rows it gathers (`pool_experts`). Bytes are also what XLA CPU
-           writes in place: it writes a bf16 array by converting all of it to fp32 and
-           back (6 ms for 91 slots of the shipped model, 37 ms for 300; 0.1 ms as integers)
-  staging  copies in flight: at most the U experts one layer needs and P predicted for
-           the next, U + P, and one filler expert. Every copy the cache makes now lands
-           in its pool slot in place (a fetch program, or the decode step itself), so
-           this room is reserved but unused; the budget's minimum still includes it
-  gather   the expert program computes its U experts as one batched contraction, so it
-           gathers them out of the pool first: U experts of workspace in every step
+           only the rows it gathers (`pool_experts`). Bytes, not bf16, because XLA CPU
+           writes a bf16 array in place through fp32 (docs/DECODE.md)
+  workspace  the gather: the expert program computes its U experts as one batched
+           contraction, so it gathers them out of the pool first (U experts, or for a
+           quantized format U stored rows plus their unpacked weights); `workspace_experts`
+Copies take no room of their own: each lands in its pool slot in place (the deviceless
+H100 compile of the fetch and decode programs allocates no landing buffer: docs/DECODE.md).
 A budget of every expert plus that gather preloads them all: no copies.
 
 Copies go straight into their pool slots: a fetch program (`fetch_into_pool`, a fixed U + P
 lanes, so one compiled program serves every pass) copies each planned expert's row from
 its pinned host layer into its slot, in place. A routed prefill pass (`issue`) and a
 host-planned decode's missed layer (`load`) both use it; the decode on the device fetches
-its misses in its own step program (device_cache.py). A decode step finds its experts
-through a table ([L, E] pool rows, -1 when absent) on the device. A streamed prefill moves whole
+its misses in its own step program (device_cache.py). A host-planned decode step finds its
+experts through a table ([L, E] pool rows, -1 when absent) on the device; the device decode
+compares against the slot owners (device_cache.py). A streamed prefill moves whole
 layers outside this budget (at most two at once, see prefill_plan.py): `stream` sends
 a layer's experts and takes device copies of those already cached, `stack` puts them
 into one stack as the resident engine holds a layer, `retain` keeps the prompt's
@@ -118,7 +117,7 @@ class CacheCounters:
     stall_s: float = 0.0
     prefetch_issued: int = 0
     prefetch_used: int = 0
-    peak_bytes: int = 0  # pool + staging + filler, by the cache's own accounting
+    peak_bytes: int = 0  # pool + workspace (workspace_experts), by the cache's own accounting
 
     @property
     def hit_rate(self) -> float | None:
@@ -135,38 +134,40 @@ def gather_experts(unique_max: int, fmt: ExpertFormat, cfg: MoEConfig) -> int:
     return unique_max + -(-unique_max * DENSE.nbytes(cfg) // fmt.nbytes(cfg))
 
 
-def minimum_experts(unique_max: int, prefetch_max: int = 0, gather: int | None = None) -> int:
+def workspace_experts(unique_max: int, fmt: ExpertFormat, cfg: MoEConfig) -> int:
+    """Device memory the cache needs beside its pool while a layer computes, in stored experts:
+    the expert program's gather (`gather_experts`). The one figure the budget check, the
+    geometry and the cache's accounting all use."""
+    return gather_experts(unique_max, fmt, cfg)
+
+
+def minimum_experts(unique_max: int, workspace: int | None = None) -> int:
     """The smallest budget, in experts: the `unique_max` experts one layer can need resident,
-    their copies and `prefetch_max` prefetched ones in flight, the filler, and the
-    expert program's gather (`gather_experts`; `unique_max` for dense experts)."""
-    return unique_max + (unique_max + prefetch_max) + 1 + (unique_max if gather is None else gather)
+    plus the workspace (`workspace_experts`; `unique_max` for dense experts)."""
+    return unique_max + (unique_max if workspace is None else workspace)
 
 
-def plan_geometry(
-    budget_bytes: int, expert_bytes: int, total_experts: int, unique_max: int, prefetch_max: int = 0,
-    gather: int | None = None,
-) -> tuple[int, int]:
-    """(pool slots S, copies in flight) for a budget, or BudgetError naming the minimum.
+def plan_geometry(budget_bytes: int, expert_bytes: int, total_experts: int, unique_max: int,
+                  workspace: int | None = None) -> int:  # fmt: skip
+    """Pool slots S for a budget (S == total_experts: every expert resident, nothing copied
+    while decoding), or BudgetError naming the minimum.
 
-    A decode step of one layer needs up to `unique_max` experts resident at once, all
-    possibly copied in that step, while up to `prefetch_max` prefetched copies are in
-    flight: S >= unique_max, in flight = unique_max + prefetch_max, plus the filler and
-    the expert program's gather (`gather` experts: gather_experts; default unique_max).
+    A layer needs up to `unique_max` experts resident at once, so S >= unique_max; the
+    workspace (default: a dense format's, `unique_max`) comes out of the same budget.
+    Prefetches need no room of their own: they take slots no current expert holds, or wait.
     """
     capacity = budget_bytes // expert_bytes
-    gather = unique_max if gather is None else gather
-    if capacity >= total_experts + gather:
-        return total_experts, 0
-    in_flight = unique_max + prefetch_max
-    minimum = minimum_experts(unique_max, prefetch_max, gather)
+    workspace = unique_max if workspace is None else workspace
+    if capacity >= total_experts + workspace:
+        return total_experts
+    minimum = minimum_experts(unique_max, workspace)
     if capacity < minimum:
         raise BudgetError(
             f"expert budget {fmt_bytes(budget_bytes)} is below the minimum working set of "
-            f"{fmt_bytes(minimum * expert_bytes)}: {unique_max} experts one layer can need for this batch, "
-            f"{in_flight} copies in flight, one filler and the expert program's gather ({gather} experts' bytes), "
-            f"at {fmt_bytes(expert_bytes)} each"
+            f"{fmt_bytes(minimum * expert_bytes)}: {unique_max} experts one layer can need for this batch "
+            f"and the expert program's gather ({workspace} experts' bytes), at {fmt_bytes(expert_bytes)} each"
         )
-    return capacity - in_flight - 1 - gather, in_flight
+    return capacity - workspace
 
 
 class DeviceExpertCache:
@@ -186,16 +187,18 @@ class DeviceExpertCache:
         cfg = store.config
         self.programs = programs if programs is not None else Programs()
         self.store, self.budget_bytes, self.check_budget = store, budget_bytes, check_budget
-        self.unique_max, self.prefetch_max = unique_max, prefetch_max
+        self.unique_max = unique_max
         self.device = jax.sharding.SingleDeviceSharding(device or jax.devices()[0], memory_kind="device")
         total = len(store.keys())
-        gather = gather_experts(unique_max, store.format, cfg)
-        slots, in_flight = plan_geometry(budget_bytes, store.expert_bytes, total, unique_max, prefetch_max, gather)
-        if not in_flight:  # everything resident: nothing to prefetch
+        workspace = workspace_experts(unique_max, store.format, cfg)
+        slots = plan_geometry(budget_bytes, store.expert_bytes, total, unique_max, workspace)
+        resident = slots == total
+        if resident:  # nothing to prefetch
             prefetch_max = 0
+        self.workspace_bytes = workspace * store.expert_bytes  # beside the pool while a layer computes
         # The lanes of a fetch: a layer's demand copies and the next one's prefetches (0: everything resident).
-        self.staging = unique_max + prefetch_max if in_flight else 0
-        self.schedule = Schedule(slots, unique_max if in_flight else 0, policy, prefetch_max)
+        self.staging = 0 if resident else unique_max + prefetch_max
+        self.schedule = Schedule(slots, 0 if resident else unique_max, policy, prefetch_max)
         self._table, self._table_stale = None, True
         self._policy_arrays = None  # what the device policy learned (device_cache.policy_arrays)
         nbytes, self.format = store.expert_bytes, store.format
@@ -213,7 +216,7 @@ class DeviceExpertCache:
                 self.pool = jax.device_put(rows, self.device)
         self.counters = CacheCounters()
         self.clock = PhaseClock()  # the engine shares its own
-        self._account(0)
+        self._account()
 
     def begin(self) -> None:
         """A new generate: counters from zero and an empty executed plan; the cached experts stay."""
@@ -224,9 +227,8 @@ class DeviceExpertCache:
     def num_slots(self) -> int:
         return self.schedule.num_slots
 
-    def _account(self, in_flight: int) -> None:
-        gather = self.unique_max * self.store.expert_bytes  # inside every expert program
-        used = tree_bytes(self.pool) + in_flight * self.store.expert_bytes + gather
+    def _account(self) -> None:
+        used = tree_bytes(self.pool) + self.workspace_bytes
         self.counters.peak_bytes = max(self.counters.peak_bytes, used)
         if self.check_budget and used > self.budget_bytes:
             raise AssertionError(f"expert cache holds {used} bytes, over its budget of {self.budget_bytes}")
@@ -292,7 +294,7 @@ class DeviceExpertCache:
                     slots = np.array([s for _, s in lanes] + [self.num_slots] * pad, np.int32)
                     self.pool = self._fetch_program()(self.pool, self.store.layer(layer), index, slots)
         self.clock.device("copy", self.pool)
-        self._account(0)
+        self._account()
 
     def prepare_fetch(self) -> None:
         """Compile the fetch program (issue, load) ahead of a generate."""
@@ -401,8 +403,8 @@ class DeviceExpertCache:
 
     @functools.cached_property
     def stack_spec(self):
-        """A stacked layer's shapes (stack_experts' output), traced once (a trace in every retain took about 9 ms each
-        under cProfile on this project's CPU machine: 16 per streamed prefill of OLMoE's depth)."""
+        """A stacked layer's shapes (stack_experts' output), traced once: a trace in every retain
+        costs host time at every streamed layer (docs/DECODE.md)."""
         return jax.eval_shape(lambda b: stack_experts(b, **self._layer_form()), self._layer_buffers())
 
     def _write_program(self, width: int):

@@ -1,21 +1,16 @@
 """What a decode step costs, as a model (never a measurement): the figures the prefetch
 gate weighs and the simulator's time estimates come from.
 
-The one-program decode pays, per token, one dispatch, one host read and the compute of
-every layer; each layer that misses adds a resume: the copies (one `device_put` call of
-the experts, their slots and the table, then bytes at the host-to-device bandwidth), the
-step program again from that layer (its dispatch and host read; it writes the copies into
-the pool as it starts, so they need no program of their own) and that layer's attention
-again. Every copy is on the critical path: the resumed program reads the pool
-the copies are written into, so a prefetch is paid for when it is made.
+The host-planned decode (engine/offloaded_decode.py) pays, per token, one dispatch, one
+host read and the compute of every layer; each layer that misses adds a resume: a copy
+call, the bytes at the host-to-device bandwidth, the step program again from that layer
+(its dispatch and host read) and that layer's attention again. Every copy is on the
+critical path: the resumed program reads the pool the copies are written into, so a
+prefetch is paid for when it is made.
 
-The defaults are measured figures of an NVIDIA H200 with jax 0.11.2 on the OLMoE-1B-7B
-shape in bf16 (docs/BENCHMARKS.md): 12.58 MB per expert, one expert copied in 0.50-0.54
-ms and eight in one call in 2.62-2.75 ms (so about 0.21 ms per call plus the bytes at
-41 GB/s, the whole-layer rate), 5.28 ms of device compute for a 16-layer batch-1 step
-(measured with a block after every program, the old per-layer design, so it is an upper
-figure), 0.3-0.4 ms for a host read of a small result, 0.34 ms for one dispatch with many
-arguments. Derived figures are a model: label them so wherever they are shown.
+The defaults are an H200's figures on the OLMoE-1B-7B shape in bf16; where each comes from
+and what it does not cover: docs/DECODE.md ("Figures behind the code's constants").
+Derived figures are a model: label them so wherever they are shown.
 """
 
 from __future__ import annotations
@@ -26,7 +21,7 @@ import dataclasses
 @dataclasses.dataclass(frozen=True)
 class CostModel:
     name: str = "h200-olmoe"
-    layer_ms: float = 5.28 / 16  # device compute of one layer in one decode step, batch 1
+    layer_ms: float = 5.28 / 16  # device compute of one layer in one decode step, batch 1 (an upper figure)
     dispatch_ms: float = 0.34  # one program dispatch with many arguments
     read_ms: float = 0.35  # one host read of a step's small outputs
     copy_call_ms: float = 0.21  # the fixed part of one batched device_put
@@ -67,9 +62,9 @@ class CostModel:
         return {**dataclasses.asdict(self), "label": "model"}
 
 
-# H100: nothing in this project measured an H100's host link or step yet; the model assumes
-# the H200's figures (the same Hopper chip and PCIe Gen5 host link), under its own name so
-# that a measured H100 figure has a place to go. Not a measurement.
+# H100: the H200's figures (the same Hopper chip and PCIe Gen5 host link) under its own name, so
+# that measured H100 figures have a place to go; the H100 runs so far timed whole steps, not
+# these parts (docs/DECODE.md). Not a measurement.
 COST_MODELS = {"h200-olmoe": CostModel(), "h100-olmoe": CostModel(name="h100-olmoe (assumed: the h200 figures)")}
 
 

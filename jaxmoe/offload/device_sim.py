@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmoe.offload import device_cache as dc
+from jaxmoe.offload.policy import next_moe_layers
 
 
 def _token(state, ids, valid, probs, step, *, policy, moe_layers, next_layers, unique, scored):
@@ -52,7 +53,7 @@ def simulate_device(ids: np.ndarray, moe_layers: Sequence[int], num_layers: int,
     scored = probs is not None and policy.prefetch > 0
     probs = np.zeros((b, t_count, lm, 0), np.float32) if not scored else np.asarray(probs, np.float32)
     layers = tuple(moe_layers)
-    following = tuple(layers[j + 1] if j + 1 < len(layers) else None for j in range(len(layers)))
+    following = tuple(next_moe_layers(layers).values())
     state = dc.new_state(None, slot_of or {}, slots, num_layers, num_experts)
     steps = np.arange(first_step, first_step + t_count, dtype=np.int32)
     state = _replay(state, ids.swapaxes(0, 1), valid.T, probs.swapaxes(0, 1), steps, policy=policy,

@@ -1,35 +1,12 @@
-"""The decode driver: a step run's routing and predictions -> the cache's plans.
+"""The decode driver: what a host-planned step run reports -> the cache's plans.
 
-The one code path from what the decode step program reports to the schedule, used by
-the offloaded engine (engine/offloaded_decode.py) and, unchanged, by the cache simulator
-(jaxmoe/predictor/simulate.py), so simulated counts are the engine's counts.
-
-Per run of the step program the host learns, for the layers from `start` to
-`first_miss`, every row's routing ids, and, for the layer that missed, the scorer's
-picks for the next MoE layer. `plan` records the computed layers' hits (their experts
-were all cached) and, for the missed layer, plans its demand loads and the prefetches
-its policy asks for (`EvictionPolicy.prefetch`):
-  next   the next MoE layer's most probable experts (the union over live rows, best
-         first, at most `prefetch_max`), shown to the policy first and protected
-  gated  for every later layer of the token, the experts whose copy is expected to save
-         more time than it costs in the cost model (jaxmoe/offload/costs.py): a layer
-         whose experts are all cached skips a resume (`resume_ms`), a wasted copy costs
-         its bytes (`expert_ms`), and so does the expected reload of what it evicts
-Predictions come from the scorer (the next layer) and, for a policy with expert maps,
-from the maps (every later layer; jaxmoe/offload/expert_maps.py), which learn from
-every finished token. Within a token, where a layer misses is the only point the host
-acts: a prediction made elsewhere could not be acted on before the program reaches
-that layer. The other point is the token boundary (`end_token`, policies with
-`boundary`): when a token completes the host has just read the next token's input, and
-its token map foretells that token's first layers (layer 0 is the layer every online
-policy misses most: nothing inside a token predicts it). The copies the gate picks
-there ride with the next token's first program (one device_put, written into the pool
-by that program), so they cost a copy call and their bytes, and no program of their own.
-
-Amortised prediction (eMoE, `Amortize`): the step program runs the scorer only on
-every k-th token, or only while the recent hit rate is below a threshold; the engine
-dispatches a program without the scorer for the other tokens, and the maps are not
-consulted for them either.
+The one code path from a run's report (the layers it computed and their routing ids; where a
+layer missed, the scorer's picks for the next MoE layer) to the schedule. The host-planned
+decode (engine/offloaded_decode.py: the reuse and maps policies, the server's rows) and the
+cache simulator (jaxmoe/predictor/simulate.py) both run it, so simulated counts are the
+engine's. It acts at a missed layer (`plan`: demand loads and the prefetches its policy asks
+for) and at the token boundary (`end_token`); what it plans there and why: docs/DECODE.md
+("The host-planned decode").
 
 Shapes: L layers, N rows (batch), K experts per token, P picks per row, E experts.
 """
@@ -42,6 +19,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from jaxmoe.offload.costs import CostModel
+from jaxmoe.offload.policy import next_moe_layers
 from jaxmoe.offload.schedule import PassPlan, Schedule
 
 
@@ -81,7 +59,7 @@ class DecodeDriver:
         self.schedule, self.policy, self.config = schedule, schedule.policy, config
         self.moe_layers, self.num_layers = list(moe_layers), num_layers
         self.order = {layer: j for j, layer in enumerate(self.moe_layers)}
-        self.next_moe = {a: b for a, b in zip(self.moe_layers, self.moe_layers[1:])}
+        self.next_moe = next_moe_layers(self.moe_layers)
         self.maps = getattr(self.policy, "expert_maps", None) if self.policy.maps else None
         self.hit_rate = 1.0  # recent, exponentially weighted over layer visits
         self.scorer_calls = 0  # runs whose program ran the scorer (at the layer that missed)

@@ -1,5 +1,9 @@
 """Eviction policies for the device expert cache: which cached expert makes room.
 
+These run on the host: they plan the prefill, the host-planned decode (reuse, maps, the
+server's rows) and the cache simulator; the decode of the other policies runs their device
+form (device_cache.DevicePolicy).
+
 A policy sees only (layer, expert) keys, a monotonically increasing tick (one
 per layer pass), each layer visit's experts and the predictions the decode driver
 shows it; it never touches arrays. Experts pinned for the step in flight are never
@@ -26,6 +30,11 @@ class PolicyShape:
     moe_layers: tuple[int, ...]
     num_experts: int
     top_k: int
+
+
+def next_moe_layers(moe_layers: Sequence[int]) -> dict[int, int | None]:
+    """For each MoE layer (ascending), the next MoE layer (None for the last)."""
+    return dict(zip(moe_layers, [*moe_layers[1:], None]))
 
 
 class EvictionPolicy:
@@ -108,10 +117,8 @@ class LFU(EvictionPolicy):
 class PredictorAware(EvictionPolicy):
     """For prediction-driven prefetch: evict the expert least likely to be needed soon,
     lowest predicted probability x use count (FineMoE's rule); ties go LRU. An expert
-    without a current prediction scores 0. (Scoring a never-predicted layer's experts
-    by their share of that layer's visits instead cut demand misses but moved more
-    bytes in total on the shipped model: see docs/PREDICTOR.md.) The schedule
-    protects the experts predicted for the next layer."""
+    without a current prediction scores 0 (its layer's visit share moves more bytes in
+    total: docs/PREDICTOR.md). The schedule protects the experts predicted for the next layer."""
 
     name = "predictor"
     prefetch = "next"

@@ -13,14 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmoe.config import MoEConfig
 from jaxmoe.model import MoEDecoder
-
-
-def next_moe_layers(cfg: MoEConfig) -> dict[int, int | None]:
-    """For each MoE layer, the next MoE layer (None for the last)."""
-    ids = cfg.moe_layer_ids
-    return {layer: (ids[i + 1] if i + 1 < len(ids) else None) for i, layer in enumerate(ids)}
+from jaxmoe.offload.policy import next_moe_layers
 
 
 class NextLayerScorer:
@@ -42,7 +36,7 @@ class GateAhead(NextLayerScorer):
     def __init__(self, model: MoEDecoder):
         cfg = model.cfg
         table = jnp.zeros((cfg.num_layers, cfg.hidden_size, cfg.num_experts), cfg.dtype)
-        for layer, nxt in next_moe_layers(cfg).items():
+        for layer, nxt in next_moe_layers(cfg.moe_layer_ids).items():
             if nxt is not None:
                 table = table.at[layer].set(model.layers[nxt].mlp.gate.kernel[...])
         self.leaves = (table,)

@@ -5,9 +5,9 @@ trained MLP, gate_ahead, prev_token, frequency, and the expert maps (from the to
 the layers so far, learning online as the replay goes, as the engine does). Policies:
 every runtime policy replayed through the code the engine runs it with (the decode step's
 own cache code for the policies the device runs, offload/device_sim.py; the host's decode
-driver for reuse and maps, simulate_decode), amortised variants (eMoE), and Belady's MIN. At one byte budget a prefetching policy
-has `prefetch` fewer cache slots than a demand-only one: the engine's budget pays for
-its copies in flight (jaxmoe/offload/cache.py). Each policy's counts come with a
+driver for reuse and maps, simulate_decode), amortised variants (eMoE), and Belady's MIN. Every policy gets the same cache slots at
+one budget, as in the engine (a prefetch lands in a slot, jaxmoe/offload/cache.py).
+Each policy's counts come with a
 modelled decode time per token (jaxmoe/offload/costs.py: a model, not a measurement).
 """
 
@@ -178,17 +178,17 @@ def evaluate_on_traces(
             progress(name)
         options = {"maps": copy.deepcopy(maps), "boundary": name != "maps_no_boundary"} if policy_name == "maps" else {}
         policy = make_policy(policy_name, shape, **options)
-        # As the engine: room for copies in flight only where something predicts.
+        # As the engine: prefetch lanes only where something predicts.
         room = count if policy.prefetches(source is not None) else 0
         if source not in replays:  # one per score source, shared by the policies that prefetch from it
             replays[source] = DecodeTrace.single(ids, None if source is None else scores[source], tokens,
                                                  requests=starts, vectors=vectors)  # fmt: skip
         trace = replays[source]
         if policy_name in DEVICE_POLICIES:
-            r = _simulate_on_device(trace, requests, moe, m["num_layers"], e, capacity - room, policy, room,
+            r = _simulate_on_device(trace, requests, moe, m["num_layers"], e, capacity, policy, room,
                                     k if source else 0, amortize or Amortize(), eb)  # fmt: skip
         else:
-            r = simulate_decode(trace, moe, m["num_layers"], capacity - room, policy, prefetch_max=room,
+            r = simulate_decode(trace, moe, m["num_layers"], capacity, policy, prefetch_max=room,
                                 picks=k if source else 0, costs=costs, amortize=amortize or Amortize(),
                                 expert_bytes=eb, num_experts=e)  # fmt: skip
         r.policy = name

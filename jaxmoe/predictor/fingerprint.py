@@ -18,9 +18,27 @@ import numpy as np
 from jaxmoe.config import MoEConfig
 
 
+# MoEConfig's fields when the hash was introduced: always hashed. A field added since joins the
+# hash only where it differs from its default, so adding one (a new family's option) leaves
+# the hash, and every trace set, predictor and map made for an existing model, unchanged.
+_FIRST_FIELDS = frozenset((
+    "family", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "num_experts",
+    "top_k", "expert_intermediate_size", "moe_layers", "dense_intermediate_size", "shared_expert_intermediate_size",
+    "norm_topk_prob", "router_weights_fp32", "qkv_bias", "o_bias", "qk_norm", "clip_qkv", "rms_norm_eps",
+    "rope_theta", "max_position_embeddings", "tie_word_embeddings", "dtype",
+))  # fmt: skip
+
+
+def _default(field: dataclasses.Field):
+    return field.default_factory() if field.default is dataclasses.MISSING else field.default
+
+
 def model_hash(cfg: MoEConfig) -> str:
-    """16 hex digits of sha256 over the config's fields (sorted JSON)."""
-    blob = json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=list)
+    """16 hex digits of sha256 over the config's fields (sorted JSON; see _FIRST_FIELDS)."""
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    values = {name: value for name, value in dataclasses.asdict(cfg).items()
+              if name in _FIRST_FIELDS or value != _default(fields[name])}  # fmt: skip
+    blob = json.dumps(values, sort_keys=True, default=list)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

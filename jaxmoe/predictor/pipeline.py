@@ -1,10 +1,13 @@
 """Trace set -> trained predictor, trace set -> expert maps (trace set + predictor ->
-recall and cache figures: evaluate.py). The scripts are thin wrappers over these.
+recall and cache figures: evaluate.py). The scripts are thin wrappers over these, and
+share their command-line set-up from here.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -114,3 +117,30 @@ def build_maps_on_traces(traces: str | Path, out: str | Path | None = None, mode
     if out is not None:
         maps.save(out)
     return maps
+
+
+# -- the trace scripts' set-up (collect_traces, train_predictor, build_expert_maps, eval_predictor)
+# A refused input is a ValueError here (ConfigError, CheckpointError, TraceError, PredictorMismatch,
+# MapsMismatch all are) or a missing file.
+INPUT_ERRORS = (ValueError, FileNotFoundError)
+
+
+def script_parser(doc: str) -> argparse.ArgumentParser:
+    """A trace script's parser: its docstring as the help, --json and --quiet."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def progress_bar(args: argparse.Namespace, **kw):
+    """A tqdm bar on stderr (stdout is --json's), none with --quiet."""
+    from tqdm import tqdm
+
+    return tqdm(file=sys.stderr, disable=args.quiet, **kw)
+
+
+def refuse(e: Exception) -> int:
+    """A refused input (INPUT_ERRORS): its message on stderr, exit status 2."""
+    print(f"error: {e}", file=sys.stderr)
+    return 2

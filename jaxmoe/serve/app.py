@@ -24,7 +24,8 @@ from jaxmoe.serve.batcher import Batcher, Closed, QueueFull
 from jaxmoe.serve.chat import ChatTemplate
 from jaxmoe.serve.metrics import ServerMetrics
 from jaxmoe.serve.request import SLO, Chunk, Done, Failed, Request
-from jaxmoe.serve.row_sampling import RequestSampling
+from jaxmoe.serve.responses import ResponseBodies
+from jaxmoe.serve.rows.sampling import RequestSampling
 from jaxmoe.serve.schemas import ChatRequest, CompletionRequest, ServeError, error_body, error_response
 from jaxmoe.serve.text import TextTracker
 
@@ -199,10 +200,10 @@ async def _serve(state: ServerState, body, prompt: list[int], http: HTTPRequest,
     except Closed as e:
         raise ServeError(503, str(e)) from None
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-    shape = _Shape(rid, state.model_id, chat, int(time.time()))
+    bodies = ResponseBodies(rid, state.model_id, chat, int(time.time()))
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_stream(state, request, events, shape, include_usage), media_type="text/event-stream",
+        return StreamingResponse(_stream(state, request, events, bodies, include_usage), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
     text, token_ids = [], []
     try:
@@ -221,30 +222,30 @@ async def _serve(state: ServerState, body, prompt: list[int], http: HTTPRequest,
                 return error_response(event.status, event.message, None, "server_error")
             elif isinstance(event, Done):
                 text.append(event.text)
-                return JSONResponse(shape.whole("".join(text), token_ids, event))
+                return JSONResponse(bodies.whole("".join(text), token_ids, event))
     except asyncio.CancelledError:
         state.batcher.cancel(request)
         raise
 
 
-async def _stream(state: ServerState, request: Request, events: asyncio.Queue, shape: "_Shape", include_usage: bool):
+async def _stream(state: ServerState, request: Request, events: asyncio.Queue, bodies: ResponseBodies,
+                  include_usage: bool):  # fmt: skip
     done = False
     try:
-        if shape.chat:
-            yield _sse(shape.chunk({"role": "assistant", "content": ""}, None))
+        if bodies.chat:
+            yield _sse(bodies.chunk({"role": "assistant", "content": ""}, None))
         while True:
             event = await events.get()
             if isinstance(event, Chunk):
-                if event.text or not shape.chat:
-                    yield _sse(shape.chunk(event.text, None, event.token_ids))
+                if event.text or not bodies.chat:
+                    yield _sse(bodies.chunk(event.text, None, event.token_ids))
             elif isinstance(event, Failed):
                 yield _sse(error_body(event.message, None, "server_error"))
                 break
             elif isinstance(event, Done):
-                yield _sse(shape.chunk(event.text, event.finish_reason))
+                yield _sse(bodies.chunk(event.text, event.finish_reason))
                 if include_usage:
-                    yield _sse({**shape.head("chat.completion.chunk" if shape.chat else "text_completion"),
-                                "choices": [], "usage": _usage(event)})  # fmt: skip
+                    yield _sse(bodies.usage_chunk(event))
                 break
         done = True
         yield "data: [DONE]\n\n"
@@ -255,40 +256,3 @@ async def _stream(state: ServerState, request: Request, events: asyncio.Queue, s
 
 def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj)}\n\n"
-
-
-def _usage(done: Done) -> dict:
-    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
-            "total_tokens": done.prompt_tokens + done.completion_tokens}  # fmt: skip
-
-
-@dataclasses.dataclass
-class _Shape:
-    """The response objects OpenAI sends, for completions or chat."""
-
-    id: str
-    model: str
-    chat: bool
-    created: int
-
-    def head(self, kind: str) -> dict:
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
-
-    def chunk(self, delta, finish_reason: str | None, token_ids: list[int] | None = None) -> dict:
-        if self.chat:
-            delta = delta if isinstance(delta, dict) else ({"content": delta} if delta else {})
-            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
-            return {**self.head("chat.completion.chunk"), "choices": [choice]}
-        choice = {"index": 0, "text": delta, "finish_reason": finish_reason, "logprobs": None}
-        if token_ids is not None:
-            choice["token_ids"] = token_ids  # extension: the generated ids, as generate.py reports them
-        return {**self.head("text_completion"), "choices": [choice]}
-
-    def whole(self, text: str, token_ids: list[int], done: Done) -> dict:
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": done.finish_reason,
-                      "logprobs": None, "token_ids": token_ids}  # fmt: skip
-            return {**self.head("chat.completion"), "choices": [choice], "usage": _usage(done)}
-        choice = {"index": 0, "text": text, "finish_reason": done.finish_reason, "logprobs": None,
-                  "token_ids": token_ids}  # fmt: skip
-        return {**self.head("text_completion"), "choices": [choice], "usage": _usage(done)}

@@ -7,7 +7,10 @@ key s > position per row), so a row taken over by a new request needs no clearin
 rows can be gathered, padded or truncated freely as long as every live row's own length
 fits.
 
-Shapes: B rows, S cache length, Hk key/value heads, Dh head dim.
+Shapes: B rows, S cache length. A layer's cache is whatever its attention keeps (k and v
+[B, S, Hk, Dh], a sliding layer's ring [B, min(S, window), Hk, Dh], or MLA's latent and
+rope key [B, S, ...]): every leaf has rows first and keys second, so it is resized and
+filled leaf by leaf, to the shapes a fresh cache of the new length has.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmoe.engine.buckets import bucket
-from jaxmoe.model.decoder import LayerKV
 
 
 def row_buckets(max_rows: int) -> list[int]:
@@ -33,44 +35,35 @@ def rows_bucket(rows: int, max_rows: int) -> int:
     return min(bucket(rows, 1), max_rows)
 
 
-def kv_windows(cfg) -> tuple[int, ...]:
-    """Per layer, the sliding window its cache is a ring of (0: a full layer); () for no config."""
-    if cfg is None:
-        return ()
-    return tuple(cfg.sliding_window if cfg.is_sliding(i) else 0 for i in range(cfg.num_layers))
+def resize(kv, index: jax.Array, *, keys: tuple[int, ...]):
+    """Rows `index` [B'] of every layer's cache, each leaf cut or zero-padded to its entry of
+    `keys` (leaf order). A sliding layer's ring (position p in slot p mod R) is resized to the
+    R a context gives, min(length, window): it grows or shrinks only while it holds every
+    position, where cutting or padding keeps each key in its slot."""
 
-
-def resize(kv, index: jax.Array, *, length: int, windows: tuple[int, ...] = ()):
-    """Rows `index` [B'] of every layer's cache, cut or zero-padded to `length` keys; a
-    sliding layer (windows[l] > 0) to min(length, window) (its ring: position p in slot
-    p mod slots, so a ring only grows or shrinks while it holds every position, where
-    cutting or padding keeps each key in its slot)."""
-
-    def fit(a, keys):
+    def fit(a, n):
         a = a[index]
-        if a.shape[1] >= keys:
-            return a[:, :keys]
-        return jnp.pad(a, ((0, 0), (0, keys - a.shape[1]), (0, 0), (0, 0)))
+        if a.shape[1] >= n:
+            return a[:, :n]
+        return jnp.pad(a, ((0, 0), (0, n - a.shape[1])) + ((0, 0),) * (a.ndim - 2))
 
-    windows = windows or (0,) * len(kv)
-    keys = [min(length, w) if w else length for w in windows]
-    return tuple(LayerKV(fit(layer.k, n), fit(layer.v, n)) for layer, n in zip(kv, keys, strict=True))
+    leaves, tree = jax.tree.flatten(kv)
+    return jax.tree.unflatten(tree, [fit(a, n) for a, n in zip(leaves, keys, strict=True)])
 
 
 def insert(kv, row_kv, row: jax.Array):
     """One request's prefilled cache row_kv [1, S_row] into row `row` of kv [B, S >= S_row]."""
-    at = lambda a, r: jax.lax.dynamic_update_slice(a, r, (row, 0, 0, 0))  # noqa: E731
-    return tuple(LayerKV(at(layer.k, r.k), at(layer.v, r.v)) for layer, r in zip(kv, row_kv, strict=True))
+    at = lambda a, r: jax.lax.dynamic_update_slice(a, r, (row,) + (0,) * (a.ndim - 1))  # noqa: E731
+    return jax.tree.map(at, tuple(kv), tuple(row_kv))
 
 
 class BatchKV:
     """The batch cache on the device and which request (slot id) each row holds."""
 
-    def __init__(self, programs, max_rows: int, windows: tuple[int, ...] = ()):
+    def __init__(self, programs, max_rows: int):
         self.programs, self.max_rows = programs, max_rows
-        self.windows = windows  # per layer: its sliding window (0: full), see resize
-        self._length = 0  # keys per row of a full layer (a sliding layer may keep fewer)
-        self.kv = None  # tuple of LayerKV [B, S]
+        self._length = 0  # keys per row of a full layer (a sliding layer's ring may keep fewer)
+        self.kv = None  # one cache per layer, each leaf [B, S, ...]
         self.holders: list = []  # per row: the request holding it, or None
 
     @property
@@ -88,11 +81,13 @@ class BatchKV:
         """The live rows' holders, in row order."""
         return [h for h in self.holders if h is not None]
 
-    def _resize(self, order: list[int], rows: int, length: int) -> None:
+    def _resize(self, order: list[int], rows: int, length: int, new_kv) -> None:
         index = np.zeros(rows, np.int32)
         index[: len(order)] = order
         index = jnp.asarray(index)
-        program = self.programs.get("kv_resize", resize, {"length": length, "windows": self.windows}, (), self.kv, index)
+        # Each leaf's keys in a fresh cache of this length (a ring's: its window at most).
+        keys = tuple(a.shape[1] for a in jax.tree.leaves(jax.eval_shape(lambda: new_kv(rows, length))))
+        program = self.programs.get("kv_resize", resize, {"keys": keys}, (), self.kv, index)
         self.kv, self._length = program(self.kv, index), length
         self.holders = [self.holders[r] for r in order] + [None] * (rows - len(order))
 
@@ -108,7 +103,7 @@ class BatchKV:
         rows = rows if rows > self.rows or rows <= self.rows // 4 else self.rows
         length = length if length > self.length or length <= self.length // 4 else self.length
         if (rows, length) != (self.rows, self.length):
-            self._resize(self.live(), rows, length)
+            self._resize(self.live(), rows, length, new_kv)
 
     def put(self, holder, row_kv) -> int:
         """The first free row takes `holder` and its prefilled cache; returns the row."""

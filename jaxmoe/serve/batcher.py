@@ -22,10 +22,10 @@ import time
 
 import numpy as np
 
-from jaxmoe.serve.batch_kv import BatchKV, kv_windows
-from jaxmoe.serve.request import Failed, Request
-from jaxmoe.serve.resident_rows import row_cache_length
-from jaxmoe.serve.row_sampling import row_sampling
+from jaxmoe.serve.batch_kv import BatchKV
+from jaxmoe.serve.request import Request
+from jaxmoe.serve.rows.base import Rows
+from jaxmoe.serve.rows.sampling import row_sampling
 
 
 class QueueFull(Exception):
@@ -39,10 +39,10 @@ class Closed(Exception):
 
 
 class Batcher:
-    def __init__(self, rows, max_batch: int, max_queue: int, metrics=None, static: bool = False):
+    def __init__(self, rows: Rows, max_batch: int, max_queue: int, metrics=None, static: bool = False):
         self.rows, self.max_batch, self.max_queue = rows, max_batch, max_queue
         self.metrics, self.static = metrics, static
-        self.batch = BatchKV(rows.programs, max_batch, kv_windows(getattr(rows, "config", None)))
+        self.batch = BatchKV(rows.programs, max_batch)
         self._lock = threading.Condition()
         self._inbox: list[Request] = []
         self._queue: list[tuple[float, int, Request]] = []  # heap by deadline
@@ -106,7 +106,7 @@ class Batcher:
         if self._thread:
             self._thread.join(timeout=30)
         for request in self._everyone():
-            request.emit(Failed(503, "the server shut down before this request finished"))
+            request.fail(503, "the server shut down before this request finished")
 
     def _everyone(self) -> list[Request]:
         return self._inbox + [r for _, _, r in self._queue] + [r for r, _ in self._prefilling] + self.batch.requests()
@@ -119,17 +119,23 @@ class Batcher:
                     self._lock.wait(timeout=0.5)
                 if not self._running:
                     return
-                for request in self._inbox:
-                    heapq.heappush(self._queue, (request.deadline, request.number, request))
-                self._inbox = []
-            try:
-                self._step()
-            except Exception as e:  # an engine failure fails the requests in flight, not the server
-                for request in [r for r, _ in self._prefilling] + self.batch.requests():
-                    request.emit(Failed(500, f"generation failed: {type(e).__name__}: {e}"))
-                self._prefilling = []
-                self.batch = BatchKV(self.rows.programs, self.max_batch, kv_windows(getattr(self.rows, "config", None)))
-            self._report()
+            self.step()
+
+    def step(self) -> None:
+        """One turn of the engine thread: queue what arrived, drop what was cancelled, admit,
+        one prefill chunk, one decode step. Without `start()`, the caller drives the batcher."""
+        with self._lock:
+            for request in self._inbox:
+                heapq.heappush(self._queue, (request.deadline, request.number, request))
+            self._inbox = []
+        try:
+            self._step()
+        except Exception as e:  # an engine failure fails the requests in flight, not the server
+            for request in [r for r, _ in self._prefilling] + self.batch.requests():
+                request.fail(500, f"generation failed: {type(e).__name__}: {e}")
+            self._prefilling = []
+            self.batch = BatchKV(self.rows.programs, self.max_batch)
+        self._report()
 
     def _step(self) -> None:
         self._drop_cancelled()
@@ -163,7 +169,7 @@ class Batcher:
             free = 0
         while free > 0 and self._queue:
             _, _, request = heapq.heappop(self._queue)
-            request.cache_len = row_cache_length(len(request.prompt), request.max_tokens)
+            request.cache_len = self.rows.cache_length(len(request.prompt), request.max_tokens)
             self._prefilling.append((request, self.rows.prefill(request.prompt, request.cache_len)))
             free -= 1
 
@@ -209,12 +215,11 @@ class Batcher:
         self._done(request, reason)
 
     def _done(self, request: Request, reason: str | None) -> None:
-        if reason is not None:
-            request.finish(reason)
         if request.joined_at is not None:
             self._service_s = 0.8 * self._service_s + 0.2 * (time.perf_counter() - request.joined_at)
-        if self.metrics:
+        if self.metrics:  # before the client hears: a /metrics read after a response counts it
             self.metrics.finished(request, reason)
+        request.finish(reason)
 
     def _report(self) -> None:
         if self.metrics:

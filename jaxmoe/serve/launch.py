@@ -10,19 +10,8 @@ from jaxmoe.serve.batcher import Batcher
 from jaxmoe.serve.chat import ChatTemplate
 from jaxmoe.serve.metrics import ServerMetrics
 from jaxmoe.serve.request import SLO
+from jaxmoe.serve.rows import rows_for
 from jaxmoe.tokenizer import eos_ids, load_tokenizer
-
-
-def engine_rows(engine, max_batch: int, exact: bool = True):
-    """The row driver for an engine: offloaded when it has a host expert store. `exact`
-    (resident only): each row's decode computed as the one-row step (resident_rows.py)."""
-    if hasattr(engine, "store"):
-        from jaxmoe.serve.offloaded_rows import OffloadedRows
-
-        return OffloadedRows(engine, max_batch)
-    from jaxmoe.serve.resident_rows import ResidentRows
-
-    return ResidentRows(engine, exact)
 
 
 def make_state(engine, generation_config: dict, tokenizer_path, model_path: str | Path, *, max_batch: int = 8,
@@ -30,7 +19,7 @@ def make_state(engine, generation_config: dict, tokenizer_path, model_path: str 
                slo_tpot_ms: float = 200.0, static: bool = False, model_id: str | None = None,
                exact_rows: bool = True) -> ServerState:  # fmt: skip
     metrics = ServerMetrics()
-    batcher = Batcher(engine_rows(engine, max_batch, exact_rows), max_batch, max_queue, metrics, static=static)
+    batcher = Batcher(rows_for(engine, max_batch, exact_rows), max_batch, max_queue, metrics, static=static)
     cfg = engine.config
     return ServerState(
         batcher=batcher,

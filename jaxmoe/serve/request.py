@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import threading
 import time
 from typing import Callable
 
-from jaxmoe.serve.row_sampling import RequestSampling
+from jaxmoe.serve.rows.sampling import RequestSampling
 from jaxmoe.serve.text import TextTracker
 
 _ids = itertools.count()
@@ -66,6 +67,7 @@ class Request:
     first_token_at: float | None = None
     last_token_at: float | None = None
     token_gaps: list[float] = dataclasses.field(default_factory=list)
+    released: threading.Event = dataclasses.field(default_factory=threading.Event)  # the batcher let it go
 
     @property
     def deadline(self) -> float:
@@ -95,8 +97,15 @@ class Request:
             return "length"
         return None
 
-    def finish(self, reason: str) -> None:
-        self.emit(Done(reason, self.text.flush(), len(self.prompt), len(self.tokens)))
+    def finish(self, reason: str | None) -> None:
+        """It left the batcher: done (`reason`) or cancelled (None: nobody is listening)."""
+        if reason is not None:
+            self.emit(Done(reason, self.text.flush(), len(self.prompt), len(self.tokens)))
+        self.released.set()
+
+    def fail(self, status: int, message: str) -> None:
+        self.emit(Failed(status, message))
+        self.released.set()
 
     @property
     def ttft(self) -> float | None:

@@ -1,14 +1,12 @@
-"""The offloaded engine driven row by row for the continuous batch.
+"""The offloaded engine driven row by row.
 
-Prefill: a request's prompt alone, chunk by chunk through the routed prefill
-(engine/routed.py: only the experts its tokens route to are loaded), so decode steps run
-between its chunks; the routed prefill computes the resident engine's numbers. Decode:
-the engine's OffloadedDecoder (one program per token while its experts are cached, a
-resume from the layer that missed otherwise) with a step program that also takes each
-row's position and sampling. The device expert cache is the engine's, shared by every
-row and kept across requests.
+Prefill: chunk by chunk through the routed prefill (engine/routed.py: only the experts its
+tokens route to are loaded), which computes the resident engine's numbers. Decode: the
+engine's OffloadedDecoder with a step program that also takes each row's position and
+sampling. The device expert cache is the engine's, shared by every row and kept across
+requests.
 
-Shapes: B rows, P prompt bucket, C chunk, S cache length, D hidden.
+Shapes: B rows, C chunk, S cache length, D hidden.
 """
 
 from __future__ import annotations
@@ -17,17 +15,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmoe.engine.buckets import chunk_starts
 from jaxmoe.engine.offloaded import OffloadedEngine
 from jaxmoe.engine.offloaded_decode import OffloadedDecoder, offloaded_step
 from jaxmoe.engine.routed import routed_chunk
 from jaxmoe.engine.sampling import SamplingParams
-from jaxmoe.model import init_kv_cache
 from jaxmoe.model.decoder import head_logits
 from jaxmoe.model.window import mark_padding
-from jaxmoe.serve.resident_rows import padded_prompt
-from jaxmoe.serve.row_exact import per_token_moe
-from jaxmoe.serve.row_sampling import row_sampler, sample_rows
+from jaxmoe.serve.rows.base import RowPrefill, Rows
+from jaxmoe.serve.rows.exact import per_token_moe
+from jaxmoe.serve.rows.sampling import row_sampler, sample_rows
 
 
 def first_token_rows(ends, x, index, sampling):
@@ -38,7 +34,7 @@ def first_token_rows(ends, x, index, sampling):
 
 def rows_step(model, *args, scorer, picks, fmt):
     """offloaded_step (engine/offloaded_decode.py) whose last argument is the rows' sampling,
-    with experts and head computed per row (serve/row_exact.py): the same decode step and report."""
+    with experts and head computed per row (rows/exact.py): the same decode step and report."""
     *step_args, sampling = args
     return offloaded_step(model, *step_args, sampling=SamplingParams(), scorer=scorer, picks=picks, fmt=fmt,
                           moe_fn=per_token_moe, sampler=row_sampler(sampling))  # fmt: skip
@@ -60,31 +56,20 @@ class RowsDecoder(OffloadedDecoder):
         return (*super().args(*step_args), self.sampling_rows)
 
 
-class OffloadedPrefill:
-    """One prompt's routed prefill, a chunk per `step()`."""
-
+class OffloadedPrefill(RowPrefill):
     def __init__(self, rows: "OffloadedRows", prompt: list[int], cache_len: int):
-        self.rows, self.prompt_len = rows, len(prompt)
-        self.tokens, _ = padded_prompt(prompt)
-        p_len = self.tokens.shape[1]
-        self.size, self.starts = chunk_starts(p_len, rows.engine.prefill_chunk)
-        self.positions = np.arange(p_len, dtype=np.int32)[None]
-        self.valid = self.positions < len(prompt)
+        super().__init__(rows, prompt, cache_len)
+        self.kv = list(self.kv)  # routed_chunk updates it in place
+        self.positions = np.arange(self.tokens.shape[1], dtype=np.int32)[None]
+        self.valid = self.positions < self.prompt_len
         self.positions = mark_padding(self.positions, self.valid)  # padding writes no keys
-        self.kv = list(init_kv_cache(rows.config, 1, cache_len))
-        self.next_chunk, self.x_last = 0, None
+        self.x_last = None
 
-    @property
-    def done(self) -> bool:
-        return self.next_chunk == len(self.starts)
-
-    def step(self) -> None:
-        s, size = self.starts[self.next_chunk], self.size
-        x = routed_chunk(self.rows.engine, jnp.asarray(self.tokens[:, s : s + size]), self.positions[:, s : s + size],
-                         self.valid[:, s : s + size], self.kv)  # fmt: skip
-        if s <= self.prompt_len - 1 < s + size:
-            self.x_last, self.index = x, self.prompt_len - 1 - s
-        self.next_chunk += 1
+    def chunk(self, start: int, tokens: jax.Array) -> None:
+        end = start + self.size
+        x = routed_chunk(self.rows.engine, tokens, self.positions[:, start:end], self.valid[:, start:end], self.kv)
+        if start <= self.prompt_len - 1 < end:
+            self.x_last, self.index = x, self.prompt_len - 1 - start
 
     def first_token(self, sampling: tuple) -> tuple[int, tuple]:
         engine = self.rows.engine
@@ -93,21 +78,16 @@ class OffloadedPrefill:
         return int(np.asarray(tok)[0]), tuple(self.kv)
 
 
-class OffloadedRows:
+class OffloadedRows(Rows):
+    prefill_type = OffloadedPrefill
+
     def __init__(self, engine: OffloadedEngine, max_rows: int):
-        self.engine, self.config = engine, engine.config
-        self.programs = engine.programs
-        engine._ensure_cache(max_rows)  # sized for the largest batch, kept for every bucket
+        super().__init__(engine)
+        engine.ensure_cache(max_rows)  # sized for the largest batch, kept for every bucket
         engine.cache.begin()
         self.decoder = RowsDecoder(engine, SamplingParams())
         self.root = jax.random.key(0)  # unused by rows_step's sampler; the program takes one
         self.steps = 0  # the schedule's clock (a policy's recency)
-
-    def new_kv(self, rows: int, length: int):
-        return init_kv_cache(self.config, rows, length)
-
-    def prefill(self, prompt: list[int], cache_len: int) -> OffloadedPrefill:
-        return OffloadedPrefill(self, prompt, cache_len)
 
     def decode(self, kv, tokens: np.ndarray, positions: np.ndarray, valid: np.ndarray, sampling: tuple):
         decoder, kv = self.decoder, list(kv)

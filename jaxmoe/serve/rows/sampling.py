@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmoe.engine.sampling import SamplingParams
-from jaxmoe.serve.row_exact import per_row_logits
+from jaxmoe.serve.rows.exact import per_row_logits
 
 
 @dataclasses.dataclass(frozen=True)
