@@ -9,6 +9,7 @@ made by the same per-layer function, so resident and offloaded rows run the same
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +29,14 @@ def random_layer_experts(cfg, seed: int, layer: int):
     e, d, i = cfg.num_experts, cfg.hidden_size, cfg.expert_intermediate_size
     k1, k2 = jax.random.split(jax.random.fold_in(jax.random.key(seed), layer))
     dtype = jnp.dtype(cfg.dtype)
-    return ExpertWeights(EXPERT_STD * jax.random.normal(k1, (e, d, 2 * i), dtype),
-                         EXPERT_STD * jax.random.normal(k2, (e, i, d), dtype))  # fmt: skip
+    w = ExpertWeights(EXPERT_STD * jax.random.normal(k1, (e, d, 2 * i), dtype),
+                      EXPERT_STD * jax.random.normal(k2, (e, i, d), dtype))  # fmt: skip
+    if cfg.expert_bias:  # gpt-oss: zero biases, as transformers initialises them
+        from jaxmoe.model.experts import expert_activation
+
+        w = w._replace(b_gate_up=jnp.zeros((e, 2 * i), dtype), b_down=jnp.zeros((e, d), dtype),
+                       act=expert_activation(cfg))  # fmt: skip
+    return w
 
 
 def random_dense(cfg, seed: int):
@@ -49,18 +56,24 @@ def random_layer_rows(cfg, seed: int, layer: int, fmt):
     measure nothing the codes do not (the bytes moved and the unpacking are the same)."""
     if fmt.kind == "dense":
         w = random_layer_experts(cfg, seed, layer)
-        return fmt.pack_stacks(cfg, {("w_gate_up", "w"): w.w_gate_up, ("w_down", "w"): w.w_down})
+        from jaxmoe.offload.cache import dense_parts
+
+        return fmt.pack_stacks(cfg, dense_parts(w))
     e, dtype = cfg.num_experts, jnp.dtype(cfg.dtype)
     # std of uniform codes: int8 in [-128, 127] ~ 73.9; int4 in [0, 15] around 8 ~ 4.61
     scale = EXPERT_STD / (73.9 if fmt.kind == "int8" else 4.61)
+    if fmt.kind == "mxfp4":  # codes are e2m1 values (std about 2.9): a power-of-two scale near EXPERT_STD / 2.9
+        scale = 127 + round(math.log2(EXPERT_STD / 2.9))
     key, parts = jax.random.fold_in(jax.random.key(seed), layer), {}
     for i, part in enumerate(fmt.parts(cfg)):
         shape = (e, *part.shape)
         if part.role == "q":
             bits = jax.random.bits(jax.random.fold_in(key, i), shape, jnp.uint8)
             parts[part.matrix, part.role] = jax.lax.bitcast_convert_type(bits, part.dtype)
+        elif part.role == "bias":
+            parts[part.matrix, part.role] = jnp.zeros(shape, part.dtype)
         else:
-            parts[part.matrix, part.role] = jnp.full(shape, scale if part.role == "scale" else 8.0, dtype)
+            parts[part.matrix, part.role] = jnp.full(shape, scale if part.role == "scale" else 8.0, part.dtype)
     return fmt.pack_stacks(cfg, parts)
 
 

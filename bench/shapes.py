@@ -31,6 +31,10 @@ _QWEN3 = {"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "
 _MIXTRAL = {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"], "rope_theta": 1e6,
             "rms_norm_eps": 1e-5, "sliding_window": None, "tie_word_embeddings": False}  # fmt: skip
 
+_GPT_OSS = {"model_type": "gpt_oss", "architectures": ["GptOssForCausalLM"], "attention_bias": True,
+            "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "swiglu_limit": 7.0, "rope_parameters": {
+                "rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                "truncate": False, "original_max_position_embeddings": 4096}}  # fmt: skip
 # Hugging Face config fields. The full-size ones are the released models' shapes.
 SHAPES = {
     "olmoe-small": _OLMOE | dict(
@@ -67,6 +71,16 @@ SHAPES = {
         vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=48, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, head_dim=24, num_experts=16, num_experts_per_tok=2,
         mlp_only_layers=[0], max_position_embeddings=4096,
+    ),
+    "gpt-oss-tiny16": _GPT_OSS | dict(
+        vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_local_experts=16, num_experts_per_tok=2, sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"] * 2, max_position_embeddings=4096,
+    ),
+    "gpt-oss-20b": _GPT_OSS | dict(  # openai/gpt-oss-20b: 20.9 B params (experts ship in MXFP4)
+        vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=24,
+        num_attention_heads=64, num_key_value_heads=8, head_dim=64, num_local_experts=32, num_experts_per_tok=4,
+        sliding_window=128, layer_types=["sliding_attention", "full_attention"] * 12, max_position_embeddings=131072,
     ),
     "qwen3-30b-a3b": _QWEN3 | dict(  # Qwen/Qwen3-30B-A3B: 30.5 B params
         vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,

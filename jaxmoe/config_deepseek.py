@@ -5,47 +5,7 @@ read the same fields (DeepSeek-V2-Lite, DeepSeek-V3/R1 and Kimi K2 share this la
 
 from __future__ import annotations
 
-import math
-
-from jaxmoe.config import ConfigError, MoEConfig, YarnRope, _rope_type
-
-
-def _mscale(factor: float, mscale: float = 1.0) -> float:
-    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
-
-
-def _yarn(hf: dict) -> YarnRope | None:
-    """The YaRN parameters, resolved (defaults and derived factors) as transformers resolves them."""
-    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    kind = _rope_type(params)
-    if kind == "default":
-        return None
-    if kind != "yarn":
-        raise ConfigError(f"rope_parameters.rope_type={kind!r} is not supported (only 'default' and 'yarn')")
-    if params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ConfigError("rope_parameters.partial_rotary_factor != 1 is not supported")
-    original = params.get("original_max_position_embeddings")
-    if original is None:
-        raise ConfigError("rope_parameters.original_max_position_embeddings is required for yarn")
-    factor = params.get("factor") or hf.get("max_position_embeddings", 4096) / original
-    mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
-    attention_factor = params.get("attention_factor")
-    if attention_factor is None:
-        if mscale and mscale_all_dim:
-            attention_factor = _mscale(factor, mscale) / _mscale(factor, mscale_all_dim)
-        else:
-            attention_factor = _mscale(factor)
-    # The attention's own scale uses mscale_all_dim alone (transformers' yarn_apply_mscale).
-    softmax = _mscale(factor, mscale_all_dim) if mscale_all_dim else 1.0
-    return YarnRope(
-        factor=float(factor),
-        original_max_position_embeddings=int(original),
-        beta_fast=float(params.get("beta_fast") or 32),
-        beta_slow=float(params.get("beta_slow") or 1),
-        truncate=bool(params.get("truncate", True)),
-        attention_factor=float(attention_factor),
-        softmax_mscale=float(softmax),
-    )
+from jaxmoe.config import ConfigError, MoEConfig, resolve_yarn
 
 
 def _router(hf: dict, family: str) -> dict:
@@ -111,7 +71,7 @@ def deepseek_config(hf: dict, family: str, common: dict) -> MoEConfig:
         v_head_dim=hf["v_head_dim"],
         # V2 rotates pairs (its complex form); V3 pairs unless rope_interleave=false, then halves.
         rope_interleaved=family == "deepseek_v2" or hf.get("rope_interleave", True) is not False,
-        rope_yarn=_yarn(hf),
+        rope_yarn=resolve_yarn(hf, common["max_position_embeddings"]),
         router_logits_fp32=True,
         router_weights_fp32=True,  # the expert outputs are weighted in fp32, as Mixtral's
         routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),

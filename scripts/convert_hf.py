@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("src", help="Hugging Face directory: config.json and *.safetensors")
     parser.add_argument("dst", help="new jaxmoe checkpoint directory (must not exist or be empty)")
-    parser.add_argument("--quantize", choices=("int8", "int4"), help="store the routed experts quantized")
+    parser.add_argument("--quantize", choices=("int8", "int4", "mxfp4"), help="store the routed experts quantized")
     parser.add_argument("--group-size", type=int, default=64, help="--quantize int4: input rows per scale and zero point")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     args = parser.parse_args(argv)

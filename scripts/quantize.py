@@ -1,6 +1,6 @@
 """Quantize a jaxmoe checkpoint's routed experts (int8 or int4) into a new checkpoint.
 
-    python scripts/quantize.py SRC DST --format int8|int4 [--group-size N] [--refine R] [--json]
+    python scripts/quantize.py SRC DST --format int8|int4|mxfp4 [--group-size N] [--refine R] [--json]
 
 int8: per output channel, symmetric; int4: groups of N input rows (default 64) with a
 scale and a zero point each, two values per byte. Dense weights, routers and shared
@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("src", type=Path, help="jaxmoe checkpoint directory (dense experts)")
     p.add_argument("dst", type=Path, help="new checkpoint directory (must not exist or be empty)")
-    p.add_argument("--format", required=True, choices=("int8", "int4"), help="expert format")
+    p.add_argument("--format", required=True, choices=("int8", "int4", "mxfp4"), help="expert format")
     p.add_argument("--group-size", type=int, default=64, help="int4: input rows per scale and zero point")
     p.add_argument("--refine", type=int, default=0, help="int4: rounds of zero-point refinement (0: round to nearest)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")

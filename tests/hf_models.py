@@ -26,6 +26,7 @@ VARIANTS = {
     "olmoe": ("base", "clip_norm"),
     "qwen2_moe": ("base", "sparse_step"),
     "qwen3_moe": ("base", "dense_layer"),
+    "gpt_oss": ("base", "yarn_window"),
 }
 
 _COMMON = dict(
@@ -92,6 +93,22 @@ _VARIANT_KWARGS |= {
     ("qwen3_moe", "wide"): dict(_WIDE, head_dim=24, num_experts_per_tok=3, norm_topk_prob=True),
 }
 
+# gpt-oss: windows shorter than the prompts so sliding layers drop keys; its default YaRN
+# (factor 32) in "base", a truncated YaRN with its own factor in "yarn_window". Head dim 16,
+# expert width 32 (MXFP4 blocks are 32 wide).
+_GPT_OSS = dict(head_dim=16, intermediate_size=32, num_local_experts=4, sliding_window=4)
+_VARIANT_KWARGS |= {
+    ("gpt_oss", "base"): _GPT_OSS,
+    ("gpt_oss", "yarn_window"): dict(
+        _GPT_OSS, num_hidden_layers=3, num_key_value_heads=4, sliding_window=6,
+        layer_types=["full_attention", "sliding_attention", "sliding_attention"],
+        rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, beta_fast=32.0, beta_slow=1.0,
+                             truncate=True, original_max_position_embeddings=64),
+    ),
+    ("gpt_oss", "wide"): dict(_GPT_OSS, num_hidden_layers=3, num_local_experts=16, num_experts_per_tok=3, sliding_window=5,
+                              layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+}  # fmt: skip
+
 # DeepSeek-V2/V3 (tests/test_deepseek.py): multi-head latent attention with and without a
 # low-rank query, YaRN or plain RoPE, dense first layers, shared experts, and each router.
 # V2 keeps one group: scored by its best expert, groups as many as top_k could not bind.
@@ -130,6 +147,7 @@ _CLASSES = {
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM"),
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM"),
     "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM"),
     "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
 }
@@ -150,7 +168,20 @@ def tiny_hf_model(family: str, variant: str = "base", seed=0) -> transformers.Pr
         for name, buffer in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 buffer.normal_(0.0, 0.1)
+    if family == "gpt_oss":
+        _exercise_gpt_oss(model)
     return model
+
+
+def _exercise_gpt_oss(model) -> None:
+    """transformers initialises expert biases to zero and gate_up small enough that the clamp
+    never acts: random biases and a wider gate_up make both count."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            experts = layer.mlp.experts
+            experts.gate_up_proj.mul_(3.0)
+            experts.gate_up_proj_bias.normal_(0.0, 0.5)
+            experts.down_proj_bias.normal_(0.0, 0.5)
 
 
 EXPERT = re.compile(r"model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(\w+)\.weight")
@@ -174,3 +205,29 @@ def fuse_experts(path: Path) -> None:
         )  # [E, 2I, D]
         out[f"model.layers.{layer}.mlp.experts.down_proj"] = np.stack([p["down"][e] for e in experts])  # [E, D, I]
     save_file(out, file, metadata={"format": "pt"})
+
+
+def write_mxfp4(model, path: Path) -> None:
+    """Save a tiny gpt-oss model as its released checkpoints are: experts as MXFP4 blocks and
+    scales (quantized here, jaxmoe/quant/mxfp4.py), a quantization_config saying so."""
+    import json
+
+    from jaxmoe.quant import mxfp4
+
+    model.save_pretrained(path)
+    file = path / "model.safetensors"
+    out = {}
+    for name, value in load_file(file).items():
+        if not name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            out[name] = value
+            continue
+        parts = [mxfp4.to_hf(**mxfp4.quantize(w.astype(np.float32))) for w in value]  # per expert [K, N]
+        out[f"{name}_blocks"] = np.stack([b for b, _ in parts])
+        out[f"{name}_scales"] = np.stack([s for _, s in parts])
+    save_file(out, file, metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"],
+    }
+    (path / "config.json").write_text(json.dumps(config, indent=2))

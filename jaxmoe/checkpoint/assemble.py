@@ -74,7 +74,8 @@ def plan_tensors(cfg: MoEConfig, names: Iterable[str], shape_of: Callable[[str],
             target = per_expert.get(key) or fused[key]
             _check_shape(source, name, shape_of(name), target.shape)
             kind = "per-expert" if key in per_expert else "fused"
-            if layout.setdefault(target.layer, kind) != kind:
+            shared = key in per_expert and key in fused  # in both layouts (gpt-oss's biases)
+            if not shared and layout.setdefault(target.layer, kind) != kind:
                 raise CheckpointError(
                     f"{source}: layer {target.layer} mixes per-expert and fused expert tensors (at {name!r})"
                 )
@@ -103,8 +104,16 @@ def dense_value(target: DenseTarget, value: np.ndarray, dtype) -> np.ndarray:
 
 
 def layer_experts(cfg: MoEConfig, plan: TensorPlan, layer: int, read: Callable[[str], np.ndarray]) -> ExpertWeights:
-    """One MoE layer's expert stacks ([E, D, 2I], [E, I, D]) in `cfg.dtype`, read one tensor at a time."""
+    """One MoE layer's expert stacks ([E, D, 2I], [E, I, D]) in `cfg.dtype`, read one tensor at a time
+    (a gpt-oss MXFP4 layer: its mxfp4 rows [E, bytes] uint8, never widened)."""
     dtype = np_dtype(cfg.dtype)
+    if cfg.family == "gpt_oss":  # its own layouts: jaxmoe/checkpoint/gpt_oss_keys.py
+        from jaxmoe.checkpoint import gpt_oss_keys
+
+        targets = plan.experts[layer]
+        if gpt_oss_keys.is_mxfp4(targets):
+            return gpt_oss_keys.mxfp4_layer(cfg, targets, read, dtype)
+        return gpt_oss_keys.dense_layer(cfg, targets, read, dtype)
     e, d, width = cfg.num_experts, cfg.hidden_size, cfg.expert_intermediate_size
     gate_up, down = np.empty((e, d, 2 * width), dtype), np.empty((e, width, d), dtype)
     for name, target in plan.experts[layer].items():

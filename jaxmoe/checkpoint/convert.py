@@ -86,6 +86,19 @@ def _write_params(dst: Path, cfg: MoEConfig, plan: TensorPlan, read, fmt: Expert
                 out.packed(layer, np.stack(list(packed_rows(cfg, layer_experts(cfg, plan, layer, read), fmt))))
 
 
+def stored_format(cfg: MoEConfig, plan: TensorPlan, fmt: ExpertFormat, src: Path) -> ExpertFormat:
+    """The format to write: a checkpoint whose experts ship in MXFP4 (gpt-oss) keeps them
+    in the `mxfp4` format, byte for byte; any other format would have to widen them first."""
+    from jaxmoe.checkpoint.gpt_oss_keys import is_mxfp4
+
+    if not any(is_mxfp4(plan.experts[layer]) for layer in cfg.moe_layer_ids):
+        return fmt
+    if fmt.kind not in ("dense", "mxfp4"):
+        raise CheckpointError(f"{src}: its experts are MXFP4 and convert keeps them so; converting them to "
+                              f"{fmt.name} would dequantize them first (not supported)")  # fmt: skip
+    return ExpertFormat("mxfp4")
+
+
 def convert_hf(src: str | Path, dst: str | Path, progress: bool = True, fmt: ExpertFormat = DENSE) -> Path:
     """Convert `src` (config.json + safetensors) into a new jaxmoe checkpoint at `dst`, its
     routed experts quantized when `fmt` is int8 or int4.
@@ -103,6 +116,7 @@ def convert_hf(src: str | Path, dst: str | Path, progress: bool = True, fmt: Exp
         raise CheckpointError(f"{src}/config.json: {e}") from e
     with SafetensorsCheckpoint(src) as weights:
         plan = plan_tensors(cfg, weights.names, weights.shape_of, str(weights.source))  # before any write
+        fmt = stored_format(cfg, plan, fmt, src)
         total = len(plan.dense) + sum(len(names) for names in plan.experts.values())
         bar = tqdm(total=total, desc="convert", unit="tensor", file=sys.stderr, disable=not progress)
 

@@ -19,6 +19,7 @@ from jaxmoe.checkpoint.assemble import CheckpointError, np_dtype
 from jaxmoe.checkpoint.atomic import atomic_directory
 from jaxmoe.checkpoint.expert_format import read_format
 from jaxmoe.checkpoint.convert import TOKENIZER_FILES
+from jaxmoe.checkpoint.gpt_oss_keys import hf_layer_tensors
 from jaxmoe.checkpoint.hf_keys import ExpertTarget, dense_targets, expert_targets
 from jaxmoe.checkpoint.params_file import dense_name, expected
 from jaxmoe.checkpoint.safetensors_write import SafetensorsWriter
@@ -43,7 +44,8 @@ def _write_weights(path: Path, cfg: MoEConfig, params) -> None:
     memory at a time (plus the tensor being written)."""
     dtypes = {name: dtype for name, (_, dtype) in expected(cfg).items()}
     dense = dense_targets(cfg)
-    experts = expert_targets(cfg)[0]
+    # gpt-oss: its bf16 layout (fused, interleaved); the others: per-expert tensors.
+    experts = expert_targets(cfg)[1 if cfg.family == "gpt_oss" else 0]
     specs = {name: (t.shape, dtypes[dense_name(t.path)]) for name, t in dense.items()}
     specs |= {name: (t.shape, np_dtype(cfg.dtype)) for name, t in experts.items()}
     by_path = {t.path: (name, t) for name, t in dense.items()}
@@ -53,6 +55,10 @@ def _write_weights(path: Path, cfg: MoEConfig, params) -> None:
             out.write(name, np.ascontiguousarray(value.T) if target.transpose else value)
         for layer in cfg.moe_layer_ids:
             w = params.experts(layer)
+            if cfg.family == "gpt_oss":
+                for name, value in hf_layer_tensors(cfg, layer, w).items():
+                    out.write(name, value)
+                continue
             for name, target in experts.items():
                 if target.layer == layer:
                     out.write(name, _expert_tensor(w, target, cfg.expert_intermediate_size))
@@ -76,6 +82,11 @@ def export_hf(src: str | Path, dst: str | Path) -> Path:
         raise CheckpointError(f"{dst}: already exists and is not empty; choose a new destination")
     cfg = load_hf_config(src)
     fmt = read_format(src, cfg)
+    if fmt.kind == "mxfp4":
+        raise CheckpointError(
+            f"{src}: its experts are MXFP4; export_hf writes dense experts, so it would have to widen them "
+            "to the model dtype: not supported (convert the Hugging Face MXFP4 checkpoint instead)"
+        )
     if fmt.kind != "dense":
         raise CheckpointError(
             f"{src}: its experts are quantized ({fmt.name}); export_hf writes dense checkpoints that "

@@ -39,7 +39,8 @@ class DenseTarget:
 @dataclasses.dataclass(frozen=True)
 class ExpertTarget:
     layer: int
-    part: Literal["gate", "up", "down", "gate_up_fused", "down_fused"]
+    # gpt-oss adds its own parts (jaxmoe/checkpoint/gpt_oss_keys.py).
+    part: Literal["gate", "up", "down", "gate_up_fused", "down_fused"] | str
     expert: int | None  # None for the fused layout (all experts in one tensor)
     shape: tuple[int, ...]
 
@@ -75,6 +76,8 @@ def dense_targets(cfg: MoEConfig) -> dict[str, DenseTarget]:
             t |= _linear(f"{p}.self_attn.k_proj", attn + ("k_proj",), d, hk * dh, cfg.qkv_bias)
             t |= _linear(f"{p}.self_attn.v_proj", attn + ("v_proj",), d, hk * dh, cfg.qkv_bias)
             t |= _linear(f"{p}.self_attn.o_proj", attn + ("o_proj",), h * dh, d, cfg.o_bias)
+        if cfg.attention_sinks:
+            t[f"{p}.self_attn.sinks"] = DenseTarget(attn + ("sinks",), (h,), False)
         if cfg.qk_norm == "per_head":
             t |= _norm(f"{p}.self_attn.q_norm", attn + ("q_norm",), dh)
             t |= _norm(f"{p}.self_attn.k_norm", attn + ("k_norm",), dh)
@@ -86,7 +89,8 @@ def dense_targets(cfg: MoEConfig) -> dict[str, DenseTarget]:
             for name, (a, b) in _mlp_shapes(d, cfg.dense_intermediate_size).items():
                 t |= _linear(f"{p}.mlp.{name}", mlp + (name,), a, b, False)
             continue
-        t |= _linear(f"{p}.{moe_prefix}.gate", mlp + ("gate",), d, cfg.num_experts, False)
+        router = "mlp.router" if cfg.family == "gpt_oss" else f"{moe_prefix}.gate"
+        t |= _linear(f"{p}.{router}", mlp + ("gate",), d, cfg.num_experts, cfg.router_bias)
         if cfg.router_correction_bias:
             bias = DenseTarget(mlp + ("e_score_correction_bias",), (cfg.num_experts,), False)
             t[f"{p}.mlp.gate.e_score_correction_bias"] = bias
@@ -134,7 +138,12 @@ def router_aliases(cfg: MoEConfig) -> dict[str, str]:
 
 
 def expert_targets(cfg: MoEConfig) -> tuple[dict[str, ExpertTarget], dict[str, ExpertTarget]]:
-    """(per-expert names, fused names) for every routed-expert tensor."""
+    """(per-expert names, fused names) for every routed-expert tensor. gpt-oss has two
+    layouts of its own (jaxmoe/checkpoint/gpt_oss_keys.py): (MXFP4 names, bf16 names)."""
+    if cfg.family == "gpt_oss":
+        from jaxmoe.checkpoint.gpt_oss_keys import gpt_oss_expert_targets
+
+        return gpt_oss_expert_targets(cfg)
     d, i_, e = cfg.hidden_size, cfg.expert_intermediate_size, cfg.num_experts
     if cfg.family == "mixtral":
         prefix, names = "block_sparse_moe.experts", {"gate": "w1", "up": "w3", "down": "w2"}

@@ -4,6 +4,8 @@ and two per MoE layer.
   dense.<key path>          e.g. dense.layers.0.self_attn.q_proj.kernel (the pure dict's keys)
   experts.<layer>.w_gate_up [E, D, 2I]
   experts.<layer>.w_down    [E, I, D]
+  experts.<layer>.b_gate_up [E, 2I], experts.<layer>.b_down [E, D]: expert biases (gpt-oss),
+                            dense format only (a packed row carries its expert's biases)
   experts.<layer>.packed    [E, bytes] uint8, instead of the two above when the experts are
                             quantized (expert_format.json): each row one expert's buffer
 
@@ -28,6 +30,7 @@ from jaxmoe.checkpoint.safetensors_io import SafetensorsFile
 from jaxmoe.checkpoint.safetensors_write import SafetensorsWriter
 from jaxmoe.config import MoEConfig
 from jaxmoe.model import ExpertWeights, dense_shapes
+from jaxmoe.model.experts import expert_activation
 from jaxmoe.quant import DENSE, ExpertFormat
 
 FILE = "params.safetensors"
@@ -62,6 +65,10 @@ def expert_names(layer: int) -> tuple[str, str]:
     return f"experts.{layer}.w_gate_up", f"experts.{layer}.w_down"
 
 
+def bias_names(layer: int) -> tuple[str, str]:
+    return f"experts.{layer}.b_gate_up", f"experts.{layer}.b_down"
+
+
 def packed_name(layer: int) -> str:
     return f"experts.{layer}.packed"
 
@@ -76,6 +83,9 @@ def expected(cfg: MoEConfig, fmt: ExpertFormat = DENSE) -> dict[str, tuple[tuple
             continue
         gate_up, down = expert_names(layer)
         specs[gate_up], specs[down] = ((e, d, 2 * i), dtype), ((e, i, d), dtype)
+        if cfg.expert_bias:
+            b_gate_up, b_down = bias_names(layer)
+            specs[b_gate_up], specs[b_down] = ((e, 2 * i), dtype), ((e, d), dtype)
     return specs
 
 
@@ -91,14 +101,14 @@ class ParamsWriter:
         """Declared from arrays (or ShapeDtypeStructs): the dense pure dict and {layer: stacks}."""
         specs = {dense_name(p): (a.shape, a.dtype) for p, a in leaves(dense)}
         for layer, w in experts.items():
-            specs.update({n: (a.shape, a.dtype) for n, a in zip(expert_names(layer), w)})
+            specs.update({n: (a.shape, a.dtype) for n, a in zip(expert_names(layer) + bias_names(layer), w.arrays())})
         return cls(directory, specs)
 
     def dense(self, path: tuple, value) -> None:
         self._file.write(dense_name(path), value)
 
     def experts(self, layer: int, weights: ExpertWeights) -> None:
-        for name, value in zip(expert_names(layer), weights):
+        for name, value in zip(expert_names(layer) + bias_names(layer), weights.arrays()):
             self._file.write(name, value)
 
     def packed(self, layer: int, rows: np.ndarray) -> None:
@@ -174,7 +184,11 @@ class ParamsReader(ParamsSource):
     def experts(self, layer: int) -> ExpertWeights:
         if self.format.kind != "dense":
             raise CheckpointError(f"{self._file.path}: the experts are {self.format.name}: read them packed")
-        return ExpertWeights(*(self._read(name) for name in expert_names(layer)))
+        w = ExpertWeights(*(self._read(name) for name in expert_names(layer)))
+        if not self.cfg.expert_bias:
+            return w
+        return w._replace(**dict(zip(("b_gate_up", "b_down"), map(self._read, bias_names(layer)))),
+                          act=expert_activation(self.cfg))  # fmt: skip
 
     def packed(self, layer: int) -> np.ndarray:
         if self.format.kind == "dense":

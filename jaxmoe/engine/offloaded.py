@@ -39,6 +39,7 @@ from jaxmoe.engine.sampling import SamplingParams, sample
 from jaxmoe.engine.stream_prefill import StreamStats, compile_stream, run_stream
 from jaxmoe.model import MoEDecoder, check_model_dtype, init_kv_cache, num_unique_experts
 from jaxmoe.model.decoder import head_logits
+from jaxmoe.model.window import mark_padding
 from jaxmoe.offload.cache import BudgetError, DeviceExpertCache, plan_geometry, workspace_experts
 from jaxmoe.offload.costs import CostModel
 from jaxmoe.offload.device_cache import DEVICE_POLICIES
@@ -277,6 +278,7 @@ class OffloadedEngine:
         b, p_len = tokens.shape
         positions = np.broadcast_to(np.arange(p_len, dtype=np.int32), (b, p_len))
         valid = positions < lengths[:, None]
+        positions = mark_padding(positions, valid)  # padding writes no keys (model/window.py)
         size, starts = chunk_starts(p_len, self.prefill_chunk)
         routed_slots = int(valid.sum()) * cfg.top_k
         mode = choose_mode(self.prefill_mode, cfg.num_experts, routed_slots, len(starts), self.cache.staging == 0)

@@ -29,6 +29,7 @@ from jaxmoe.engine.programs import Programs
 from jaxmoe.engine.sampling import SamplingParams, sample
 from jaxmoe.engine.step import decode_step
 from jaxmoe.model import ExpertWeights, MoEDecoder, check_model_dtype, init_kv_cache, moe_ffn
+from jaxmoe.model.window import mark_padding
 from jaxmoe.quant import format_of
 
 
@@ -109,6 +110,7 @@ class ResidentEngine:
         model = self.piece.merge(state)
         b, c = tokens.shape
         positions = start + jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (b, c))
+        positions = mark_padding(positions, positions < lengths[:, None])  # padding writes no keys
         h, kv, _ = model(tokens, positions, kv, experts, self.moe_fn)
         return pick_last(h, start, lengths, last), kv
 

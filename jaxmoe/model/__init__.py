@@ -1,7 +1,8 @@
 """The MoE decoder (Flax NNX dense parts) and the pure routed-expert functions."""
 
-from jaxmoe.model.decoder import LayerKV, MoEDecoder, init_experts, init_kv_cache
+from jaxmoe.model.decoder import LayerCache, LayerKV, MoEDecoder, init_experts, init_kv_cache
 from jaxmoe.model.mla import LatentKV
+from jaxmoe.model.window import RingKV
 from jaxmoe.model.experts import (
     ExpertWeights,
     PackedExperts,
@@ -26,9 +27,11 @@ from jaxmoe.model.params import (
 __all__ = [
     "ExpertWeights",
     "LatentKV",
+    "LayerCache",
     "LayerKV",
     "MoEDecoder",
     "PackedExperts",
+    "RingKV",
     "Routing",
     "abstract_model",
     "combine",

@@ -1,8 +1,8 @@
 """The MoE decoder: embeddings, decoder layers, final norm and LM head.
 
 Shapes:
-  B batch, T tokens in this call, S KV-cache length, D hidden, V vocab,
-  L layers, E experts, K experts per token.
+  B batch, T tokens in this call, S KV-cache length (a sliding layer's ring: min(S, window)),
+  D hidden, V vocab, L layers, E experts, K experts per token.
 The module holds the dense weights only. Routed experts arrive as an argument
 (`experts[l]` is an ExpertWeights for MoE layers, None for dense ones) and the
 MoE function is chosen by the caller, so the same module serves the resident
@@ -21,9 +21,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxmoe.config import MoEConfig
-from jaxmoe.model.experts import ExpertWeights, Routing, moe_ffn, num_unique_experts, route
+from jaxmoe.model.experts import ExpertWeights, Routing, expert_activation, moe_ffn, num_unique_experts, route
 from jaxmoe.model.layers import Attention, DenseMLP, RMSNorm, linear
 from jaxmoe.model.mla import LatentAttention, LatentKV, init_latent_kv
+from jaxmoe.model.window import RingKV
 
 MoEFn = Callable[..., jax.Array]  # (x, ids, weights, experts, num_unique) -> [N, D]
 Experts = Sequence[ExpertWeights | None]  # one entry per layer
@@ -34,13 +35,22 @@ class LayerKV(NamedTuple):
     v: jax.Array  # [B, S, Hk, Dh]
 
 
-def init_kv_cache(cfg: MoEConfig, batch: int, length: int) -> tuple[LayerKV | LatentKV, ...]:
-    """Every layer's empty cache. Each layer's attention owns its KV type (a pytree whose
-    leaves are all [B, S, ...]), so engines and the server move caches without knowing it."""
+LayerCache = LayerKV | RingKV | LatentKV  # one layer's cache: its attention's KV type
+
+
+def init_kv_cache(cfg: MoEConfig, batch: int, length: int) -> tuple[LayerCache, ...]:
+    """Every layer's empty cache for a context of `length`. Each layer's attention owns its KV
+    type (a pytree whose leaves are all [B, S, ...]; a sliding layer's ring has S = min(length,
+    window) slots), so engines and the server move caches without knowing it."""
+    return tuple(_layer_cache(cfg, i, batch, length) for i in range(cfg.num_layers))
+
+
+def _layer_cache(cfg: MoEConfig, layer: int, batch: int, length: int) -> LayerCache:
     if cfg.attention == "mla":
-        return tuple(init_latent_kv(cfg, batch, length) for _ in range(cfg.num_layers))
-    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
-    return tuple(LayerKV(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)) for _ in range(cfg.num_layers))
+        return init_latent_kv(cfg, batch, length)
+    shape = (batch, cfg.kv_length(layer, length), cfg.num_kv_heads, cfg.head_dim)
+    kind = RingKV if cfg.is_sliding(layer) else LayerKV
+    return kind(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
 
 
 class SparseMoeBlock(nnx.Module):
@@ -50,7 +60,7 @@ class SparseMoeBlock(nnx.Module):
         self.cfg = cfg
         # DeepSeek computes its router in fp32 from fp32 copies of the input and the weight.
         compute = jnp.float32 if cfg.router_logits_fp32 else None
-        self.gate = linear(cfg, cfg.hidden_size, cfg.num_experts, False, rngs, compute_dtype=compute)
+        self.gate = linear(cfg, cfg.hidden_size, cfg.num_experts, cfg.router_bias, rngs, compute_dtype=compute)
         if cfg.router_correction_bias:
             self.e_score_correction_bias = nnx.Param(jnp.zeros((cfg.num_experts,), cfg.dtype))
         if cfg.shared_expert_intermediate_size:
@@ -76,20 +86,20 @@ class SparseMoeBlock(nnx.Module):
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: MoEConfig, layer: int, rngs: nnx.Rngs):
         self.is_moe = cfg.moe_layers[layer]
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
-        self.self_attn = LatentAttention(cfg, rngs) if cfg.attention == "mla" else Attention(cfg, rngs)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype, cfg.norm_scale_fp32)
+        self.self_attn = LatentAttention(cfg, rngs) if cfg.attention == "mla" else Attention(cfg, rngs, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype, cfg.norm_scale_fp32)
         if self.is_moe:
             self.mlp = SparseMoeBlock(cfg, rngs)
         else:
             self.mlp = DenseMLP(cfg, cfg.dense_intermediate_size, rngs)
 
     @jax.named_scope("attention")
-    def attend(self, x: jax.Array, positions: jax.Array, kv: LayerKV) -> tuple[jax.Array, LayerKV]:
+    def attend(self, x: jax.Array, positions: jax.Array, kv: LayerCache) -> tuple[jax.Array, LayerCache]:
         out, kv = self.self_attn(self.input_layernorm(x), positions, kv)
         return x + out, kv
 
-    def attend_and_route(self, x: jax.Array, positions: jax.Array, kv: LayerKV):
+    def attend_and_route(self, x: jax.Array, positions: jax.Array, kv: LayerCache):
         """The half of a MoE layer before its experts: (x, kv, h [B*T, D], routing)."""
         x, kv = self.attend(x, positions, kv)
         with jax.named_scope("router"):  # the norm is the router's input (the experts' too)
@@ -101,8 +111,8 @@ class DecoderLayer(nnx.Module):
         return x + self.mlp.add_shared(h, routed).reshape(x.shape)
 
     def __call__(
-        self, x: jax.Array, positions: jax.Array, kv: LayerKV, experts: ExpertWeights | None, moe_fn: MoEFn
-    ) -> tuple[jax.Array, LayerKV, Routing | None]:
+        self, x: jax.Array, positions: jax.Array, kv: LayerCache, experts: ExpertWeights | None, moe_fn: MoEFn
+    ) -> tuple[jax.Array, LayerCache, Routing | None]:
         if not self.is_moe:
             x, kv = self.attend(x, positions, kv)
             with jax.named_scope("mlp"):
@@ -124,7 +134,7 @@ class MoEDecoder(nnx.Module):
             rngs=rngs,
         )
         self.layers = nnx.List([DecoderLayer(cfg, i, rngs) for i in range(cfg.num_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype, cfg.norm_scale_fp32)
         # Tied embeddings: the embedding matrix is the head.
         self.lm_head = None if cfg.tie_word_embeddings else linear(cfg, cfg.hidden_size, cfg.vocab_size, False, rngs)
 
@@ -132,10 +142,10 @@ class MoEDecoder(nnx.Module):
         self,
         tokens: jax.Array,  # [B, T] int32
         positions: jax.Array,  # [B, T] int32
-        kv: Sequence[LayerKV],
+        kv: Sequence[LayerCache],
         experts: Experts,
         moe_fn: MoEFn = moe_ffn,
-    ) -> tuple[jax.Array, tuple[LayerKV, ...], tuple[Routing | None, ...]]:
+    ) -> tuple[jax.Array, tuple[LayerCache, ...], tuple[Routing | None, ...]]:
         """Final-norm hidden states [B, T, D], the updated cache and each layer's routing."""
         x = self.embed_tokens(tokens)
         new_kv, routings = [], []
@@ -165,10 +175,12 @@ def init_experts(cfg: MoEConfig, key: jax.Array) -> tuple[ExpertWeights | None, 
             out.append(None)
             continue
         k1, k2 = jax.random.split(key_l)
-        out.append(
-            ExpertWeights(
-                (0.02 * jax.random.normal(k1, (e, d, 2 * i))).astype(cfg.dtype),
-                (0.02 * jax.random.normal(k2, (e, i, d))).astype(cfg.dtype),
-            )
+        w = ExpertWeights(
+            (0.02 * jax.random.normal(k1, (e, d, 2 * i))).astype(cfg.dtype),
+            (0.02 * jax.random.normal(k2, (e, i, d))).astype(cfg.dtype),
         )
+        if cfg.expert_bias:  # zero, as transformers initialises them
+            w = w._replace(b_gate_up=jnp.zeros((e, 2 * i), cfg.dtype), b_down=jnp.zeros((e, d), cfg.dtype),
+                           act=expert_activation(cfg))  # fmt: skip
+        out.append(w)
     return tuple(out)

@@ -10,6 +10,7 @@ Expert weights are never owned by the model: the resident engine passes the full
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -18,11 +19,38 @@ import jax.numpy as jnp
 from jaxmoe.config import MoEConfig
 
 
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class ClampedSwiGLU:
+    """gpt-oss's expert activation (static: a pytree node with no leaves)."""
+
+    alpha: float
+    limit: float
+
+
 class ExpertWeights(NamedTuple):
-    """One layer's routed experts; gate and up are fused so one matmul reads both."""
+    """One layer's routed experts; gate and up are fused so one matmul reads both. Experts
+    with biases (gpt-oss) carry them and their activation along, so every path that moves
+    or computes experts (caches, packed formats) keeps them without knowing the family."""
 
     w_gate_up: jax.Array  # [E, D, 2I]: columns [:I] gate, [I:] up
     w_down: jax.Array  # [E, I, D]
+    b_gate_up: jax.Array | None = None  # [E, 2I]
+    b_down: jax.Array | None = None  # [E, D]
+    act: ClampedSwiGLU | None = None  # None: silu(gate) * up
+
+    def arrays(self) -> tuple[jax.Array, ...]:
+        """The weight arrays, biases included when present."""
+        return tuple(a for a in (self.w_gate_up, self.w_down, self.b_gate_up, self.b_down) if a is not None)
+
+    def rows(self, index) -> "ExpertWeights":
+        """The experts `index` (any numpy/jax index into the leading axis)."""
+        pick = lambda a: None if a is None else a[index]  # noqa: E731
+        return ExpertWeights(pick(self.w_gate_up), pick(self.w_down), pick(self.b_gate_up), pick(self.b_down), self.act)
+
+
+def expert_activation(cfg: MoEConfig) -> ClampedSwiGLU | None:
+    return ClampedSwiGLU(cfg.swiglu_alpha, cfg.swiglu_limit) if cfg.expert_act == "clamped_swiglu" else None
 
 
 @jax.tree_util.register_pytree_node_class
@@ -59,7 +87,7 @@ def _rows(w) -> int:
 def _take(w, index: jax.Array | None) -> ExpertWeights:
     if isinstance(w, PackedExperts):
         return w.take(index)
-    return w if index is None else ExpertWeights(w.w_gate_up[index], w.w_down[index])
+    return w if index is None else w.rows(index)
 
 
 class Routing(NamedTuple):
@@ -73,7 +101,12 @@ def route(cfg: MoEConfig, logits: jax.Array, correction_bias: jax.Array | None =
     """Scores over all experts in fp32 (softmax, or DeepSeek-V3's sigmoid), top-k, optional
     renormalisation and scaling. The experts are chosen on the scores plus `correction_bias`
     [E] (V3's load-balancing bias), among the best `router_topk_groups` groups when the
-    experts are grouped; their weights are the unbiased scores."""
+    experts are grouped; their weights are the unbiased scores. gpt-oss's "topk_softmax":
+    top-k of the logits and a softmax over those k in the logits' dtype, as transformers
+    computes it."""
+    if cfg.router_scoring == "topk_softmax":
+        top_logits, ids = jax.lax.top_k(logits, cfg.top_k)
+        return Routing(logits, ids.astype(jnp.int32), jax.nn.softmax(top_logits, axis=-1))
     logits32 = logits.astype(jnp.float32)
     probs = jax.nn.sigmoid(logits32) if cfg.router_scoring == "sigmoid" else jax.nn.softmax(logits32, axis=-1)
     if correction_bias is None and cfg.router_groups == 1:
@@ -158,7 +191,7 @@ def expert_rows(x: jax.Array, ids: jax.Array, w: "ExpertWeights | PackedExperts"
         # Padding repeats the largest id so `unique` stays sorted for searchsorted.
         unique = jnp.unique(ids, size=num_unique, fill_value=jnp.max(ids))
         chosen = _take(w, unique)  # [U, D, 2I], [U, I, D]
-    y_u = expert_outputs(x, chosen.w_gate_up, chosen.w_down)
+    y_u = expert_outputs(x, chosen.w_gate_up, chosen.w_down, chosen.b_gate_up, chosen.b_down, chosen.act)
     # [N, K] position of each chosen expert in `unique`. By comparisons, not the default
     # binary search: that is a while loop, and XLA on a GPU reads a loop's predicate back
     # to the host at every iteration (4 round trips per layer per decode step).
@@ -166,7 +199,8 @@ def expert_rows(x: jax.Array, ids: jax.Array, w: "ExpertWeights | PackedExperts"
     return y_u[pos, jnp.arange(ids.shape[0])[:, None]]  # [N, K, D]
 
 
-def expert_outputs(x: jax.Array, w_gate_up: jax.Array, w_down: jax.Array) -> jax.Array:
+def expert_outputs(x: jax.Array, w_gate_up: jax.Array, w_down: jax.Array, b_gate_up=None, b_down=None,
+                   act: ClampedSwiGLU | None = None) -> jax.Array:  # fmt: skip
     """SwiGLU of U experts over all N tokens: x [N, D], w [U, D, 2I] and [U, I, D] -> [U, N, D].
 
     Always this batched form, over the same U experts in every path: XLA rounds a plain
@@ -175,8 +209,20 @@ def expert_outputs(x: jax.Array, w_gate_up: jax.Array, w_down: jax.Array) -> jax
     so a streamed layer is stacked before it computes."""
     width = w_down.shape[1]
     gate_up = jnp.einsum("nd,udf->unf", x, w_gate_up)  # [U, N, 2I]
-    h = jax.nn.silu(gate_up[..., :width]) * gate_up[..., width:]
-    return jnp.einsum("uni,uid->und", h, w_down)
+    if b_gate_up is not None:
+        gate_up = gate_up + b_gate_up[:, None, :]
+    out = jnp.einsum("uni,uid->und", activate(gate_up, width, act), w_down)
+    return out if b_down is None else out + b_down[:, None, :]
+
+
+def activate(gate_up: jax.Array, width: int, act: ClampedSwiGLU | None) -> jax.Array:
+    """[..., 2I] -> [..., I]: silu(gate) * up, or gpt-oss's clamped SwiGLU."""
+    gate, up = gate_up[..., :width], gate_up[..., width:]
+    if act is None:
+        return jax.nn.silu(gate) * up
+    gate = jnp.minimum(gate, act.limit)
+    up = jnp.clip(up, -act.limit, act.limit)
+    return (up + 1) * (gate * jax.nn.sigmoid(gate * act.alpha))
 
 
 def num_unique_experts(num_experts: int, tokens: int, top_k: int) -> int:
@@ -184,11 +230,14 @@ def num_unique_experts(num_experts: int, tokens: int, top_k: int) -> int:
     return min(num_experts, tokens * top_k)
 
 
-def expert_ffn(x: jax.Array, w_gate_up: jax.Array, w_down: jax.Array) -> jax.Array:
-    """One expert's SwiGLU on [N, D] with w_gate_up [D, 2I], w_down [I, D]."""
-    width = w_down.shape[0]
-    gate_up = x @ w_gate_up
-    return (jax.nn.silu(gate_up[:, :width]) * gate_up[:, width:]) @ w_down
+def expert_ffn(x: jax.Array, w: ExpertWeights) -> jax.Array:
+    """One expert's SwiGLU on [N, D] with w's w_gate_up [D, 2I], w_down [I, D] (and biases)."""
+    width = w.w_down.shape[0]
+    gate_up = x @ w.w_gate_up
+    if w.b_gate_up is not None:
+        gate_up = gate_up + w.b_gate_up
+    out = activate(gate_up, width, w.act) @ w.w_down
+    return out if w.b_down is None else out + w.b_down
 
 
 def moe_ffn_reference(
@@ -198,6 +247,6 @@ def moe_ffn_reference(
     n, k = ids.shape
     y = jnp.zeros((n, k, x.shape[-1]), x.dtype)
     for e in range(w.w_down.shape[0]):
-        out_e = expert_ffn(x, w.w_gate_up[e], w.w_down[e])  # [N, D]
+        out_e = expert_ffn(x, w.rows(e))  # [N, D]
         y = jnp.where((ids == e)[..., None], out_e[:, None, :], y)
     return combine(y, weights, x.dtype)

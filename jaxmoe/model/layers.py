@@ -1,7 +1,8 @@
 """Dense building blocks: RMSNorm, RoPE, attention over a static KV cache, dense MLP.
 
 Shapes:
-  B batch, T tokens in this call, S KV-cache length (static), D hidden,
+  B batch, T tokens in this call, S KV-cache length (static; a sliding layer's ring
+  R = min(S, window)), D hidden,
   H query heads, Hk key/value heads, G = H // Hk, Dh head dim, I MLP width.
 Attribute names follow the Hugging Face modules so the weight map stays readable.
 """
@@ -13,6 +14,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxmoe.config import MoEConfig
+from jaxmoe.model.rope import apply_rope, rope_cos_sin
+from jaxmoe.model.window import cache_write, ring_keys, ring_write, softmax_with_sinks, window_visible
 
 
 def _dtype(cfg: MoEConfig):
@@ -33,34 +36,24 @@ def linear(cfg: MoEConfig, d_in: int, d_out: int, bias: bool, rngs: nnx.Rngs, co
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, dtype):
+    def __init__(self, dim: int, eps: float, dtype, scale_fp32: bool = False):
         self.weight = nnx.Param(jnp.ones((dim,), dtype))
-        self.eps = eps
+        self.eps, self.scale_fp32 = eps, scale_fp32
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        # Normalise in fp32, cast back, then scale: the order transformers uses.
+        # Normalise in fp32, cast back, then scale: the order transformers uses (gpt-oss
+        # scales the fp32 value and casts last: `scale_fp32`).
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.scale_fp32:
+            return (self.weight[...].astype(jnp.float32) * x32).astype(x.dtype)
         return self.weight[...] * x32.astype(x.dtype)
 
 
-def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float, dtype) -> tuple[jax.Array, jax.Array]:
-    """cos/sin tables for absolute positions [B, T] -> two [B, T, 1, Dh] arrays."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
-    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
-
-
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos + rotated * sin
-
-
 class Attention(nnx.Module):
-    def __init__(self, cfg: MoEConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: MoEConfig, rngs: nnx.Rngs, layer: int = 0):
         self.cfg = cfg
+        self.sliding = cfg.is_sliding(layer)  # its cache is a ring of the window (model/window.py)
         h, hk, dh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
         self.q_proj = linear(cfg, d, h * dh, cfg.qkv_bias, rngs)
         self.k_proj = linear(cfg, d, hk * dh, cfg.qkv_bias, rngs)
@@ -71,12 +64,14 @@ class Attention(nnx.Module):
         if norm_dims:
             self.q_norm = RMSNorm(norm_dims[0], cfg.rms_norm_eps, _dtype(cfg))
             self.k_norm = RMSNorm(norm_dims[1], cfg.rms_norm_eps, _dtype(cfg))
+        if cfg.attention_sinks:
+            self.sinks = nnx.Param(jnp.zeros((h,), _dtype(cfg)))
 
     def __call__(
         self,
         x: jax.Array,  # [B, T, D]
         positions: jax.Array,  # [B, T] absolute position of each token
-        kv,  # LayerKV: k and v [B, S, Hk, Dh]
+        kv,  # LayerKV: k and v [B, S, Hk, Dh]; a sliding layer's RingKV [B, R, Hk, Dh]
     ):
         """(output [B, T, D], the cache with this call's keys and values written)."""
         cfg = self.cfg
@@ -91,22 +86,33 @@ class Attention(nnx.Module):
         q, k, v = q.reshape(b, t, h, dh), k.reshape(b, t, hk, dh), v.reshape(b, t, hk, dh)
         if cfg.qk_norm == "per_head":
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = rope_cos_sin(positions, dh, cfg.rope_theta, x.dtype)
+        cos, sin = rope_cos_sin(positions, dh, cfg.rope_theta, cfg.rope_yarn, x.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        # Write this call's keys/values at their absolute positions, then attend over
-        # the whole static cache: every call sees the same key length S, so a prompt
-        # gives the same numbers alone or padded inside a batch.
-        rows = jnp.arange(b)[:, None]
-        k_cache = k_cache.at[rows, positions].set(k.astype(k_cache.dtype), mode="drop")
-        v_cache = v_cache.at[rows, positions].set(v.astype(v_cache.dtype), mode="drop")
+        if self.sliding:
+            # Keys: the ring before this call, then this call's own (model/window.py).
+            key_pos = jnp.concatenate([ring_keys(positions, k_cache.shape[1]), positions], axis=1)
+            keys = jnp.concatenate([k_cache, k.astype(k_cache.dtype)], axis=1)
+            values = jnp.concatenate([v_cache, v.astype(v_cache.dtype)], axis=1)
+            visible = window_visible(positions, key_pos, cfg.sliding_window)  # [B, T, R + T]
+            k_cache, v_cache = ring_write(k_cache, k, positions), ring_write(v_cache, v, positions)
+        else:
+            # Write this call's keys/values at their absolute positions, then attend over
+            # the whole static cache: every call sees the same key length S, so a prompt
+            # gives the same numbers alone or padded inside a batch. Padding (a negative
+            # position) is not written.
+            k_cache, v_cache = cache_write(k_cache, k, positions), cache_write(v_cache, v, positions)
+            keys, values = k_cache, v_cache
+            visible = jnp.arange(k_cache.shape[1])[None, None, :] <= positions[:, :, None]  # [B, T, S]
 
         q = q.reshape(b, t, hk, h // hk, dh)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k_cache) * (dh**-0.5)  # [B, Hk, G, T, S]
-        visible = jnp.arange(k_cache.shape[1])[None, None, :] <= positions[:, :, None]  # [B, T, S]
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, keys) * (dh**-0.5)  # [B, Hk, G, T, S]
         scores = jnp.where(visible[:, None, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v_cache).reshape(b, t, h * dh)
+        if cfg.attention_sinks:
+            probs = softmax_with_sinks(scores, self.sinks[...]).astype(q.dtype)
+        else:
+            probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(b, t, h * dh)
         return self.o_proj(out), type(kv)(k_cache, v_cache)
 
 

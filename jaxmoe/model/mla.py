@@ -20,8 +20,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxmoe.config import MoEConfig
-from jaxmoe.model.layers import RMSNorm, apply_rope, linear
-from jaxmoe.model.rope_yarn import inv_freq
+from jaxmoe.model.layers import RMSNorm, linear
+from jaxmoe.model.rope import apply_rope, apply_rope_pairs, rope_cos_sin
+from jaxmoe.model.window import cache_write
 
 # transformers builds q_a_layernorm and kv_a_layernorm with the RMSNorm default, not rms_norm_eps.
 LATENT_NORM_EPS = 1e-6
@@ -37,15 +38,6 @@ def init_latent_kv(cfg: MoEConfig, batch: int, length: int) -> LatentKV:
         jnp.zeros((batch, length, cfg.kv_lora_rank), cfg.dtype),
         jnp.zeros((batch, length, cfg.qk_rope_head_dim), cfg.dtype),
     )
-
-
-def _rope_pairs(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """RoPE on adjacent pairs (x0, x1), (x2, x3), ..., each pair one frequency; the result is
-    laid out [rotated evens, rotated odds] (transformers' V3 layout; V2's complex form keeps
-    the pairs together). Queries and keys share the layout, so their dot products agree.
-    cos, sin: [B, T, 1, Dr/2]."""
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
 class LatentAttention(nnx.Module):
@@ -64,16 +56,6 @@ class LatentAttention(nnx.Module):
         self.kv_b_proj = linear(cfg, cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), False, rngs)
         self.o_proj = linear(cfg, h * cfg.v_head_dim, d, cfg.o_bias, rngs)
 
-    def _rope(self, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
-        """cos, sin [B, T, 1, F] (F = Dr/2 for pairs, Dr for halves), YaRN-scaled when configured."""
-        cfg = self.cfg
-        freqs = positions.astype(jnp.float32)[..., None] * inv_freq(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_yarn)
-        if not cfg.rope_interleaved:
-            freqs = jnp.concatenate([freqs, freqs], axis=-1)
-        scale = cfg.rope_yarn.attention_factor if cfg.rope_yarn else 1.0
-        cos, sin = jnp.cos(freqs) * scale, jnp.sin(freqs) * scale
-        return cos[:, :, None].astype(dtype), sin[:, :, None].astype(dtype)
-
     def __call__(self, x: jax.Array, positions: jax.Array, kv: LatentKV) -> tuple[jax.Array, LatentKV]:
         """x [B, T, D], positions [B, T] -> (output [B, T, D], the cache with this call's tokens written)."""
         cfg = self.cfg
@@ -85,14 +67,13 @@ class LatentAttention(nnx.Module):
         latent = self.kv_a_layernorm(compressed[..., : cfg.kv_lora_rank])  # [B, T, C]
         rope_key = compressed[..., cfg.kv_lora_rank :][:, :, None]  # [B, T, 1, Dr]
 
-        cos, sin = self._rope(positions, x.dtype)
-        rotate = _rope_pairs if cfg.rope_interleaved else apply_rope
+        cos, sin = rope_cos_sin(positions, dr, cfg.rope_theta, cfg.rope_yarn, x.dtype, pairs=cfg.rope_interleaved)
+        rotate = apply_rope_pairs if cfg.rope_interleaved else apply_rope
         q_rot, rope_key = rotate(q[..., dn:], cos, sin), rotate(rope_key, cos, sin)[:, :, 0]
 
         # As in layers.Attention: write at absolute positions, attend over the whole static cache.
-        rows = jnp.arange(b)[:, None]
-        latent_cache = kv.latent.at[rows, positions].set(latent.astype(kv.latent.dtype), mode="drop")
-        rope_cache = kv.rope_key.at[rows, positions].set(rope_key.astype(kv.rope_key.dtype), mode="drop")
+        latent_cache = cache_write(kv.latent, latent, positions)
+        rope_cache = cache_write(kv.rope_key, rope_key, positions)
 
         s = latent_cache.shape[1]
         expanded = self.kv_b_proj(latent_cache).reshape(b, s, h, dn + dv)  # [B, S, H, Dn + Dv]

@@ -67,6 +67,14 @@ def stack_experts(buffers, fmt: ExpertFormat, cfg: MoEConfig):  # the program's 
     return fmt.unpack(cfg, rows) if fmt.kind == "dense" else packed_experts(rows, fmt, cfg)
 
 
+def dense_parts(w) -> dict:
+    """ExpertWeights stacks as the dense format's parts (biases too, when the experts have them)."""
+    parts = {("w_gate_up", "w"): w.w_gate_up, ("w_down", "w"): w.w_down}
+    if w.b_gate_up is not None:
+        parts |= {("w_gate_up", "bias"): w.b_gate_up, ("w_down", "bias"): w.b_down}
+    return parts
+
+
 @jax.named_scope("pool_write")
 def write_rows(pool: jax.Array, layer, index: jax.Array, slots: jax.Array, fmt: ExpertFormat, cfg: MoEConfig):
     """Inside a jitted program: experts `index` [W] of a stacked layer (stack_experts) into
@@ -75,7 +83,7 @@ def write_rows(pool: jax.Array, layer, index: jax.Array, slots: jax.Array, fmt: 
     if isinstance(layer, PackedExperts):
         rows = layer.parts[0][index]
     else:
-        rows = fmt.pack_stacks(cfg, {("w_gate_up", "w"): layer.w_gate_up[index], ("w_down", "w"): layer.w_down[index]})
+        rows = fmt.pack_stacks(cfg, dense_parts(layer.rows(index)))
     return pool.at[slots].set(rows, mode="drop")
 
 

@@ -138,7 +138,7 @@ class HostExpertStore:
         import jax.numpy as jnp
 
         w = self.format.unpack(self.config, jnp.asarray(self.rows(layer)[expert])[None])
-        return ExpertWeights(*(np.asarray(a[0]) for a in w))
+        return jax.tree.map(lambda a: np.asarray(a[0]), w)
 
     def keys(self) -> list[tuple[int, int]]:
         return [(layer, e) for layer in self._layers for e in range(self.config.num_experts)]

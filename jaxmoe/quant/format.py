@@ -9,6 +9,11 @@ dimension first):
   int4    values two to a byte along the input dimension [K/2, N] (the low nibble holds
           the even row), with scales and zero points per group of `group_size` input rows
           [K/g, N] (asymmetric)
+  mxfp4   e2m1 values two to a byte along the input dimension [K/2, N] with a power-of-two
+          (e8m0, uint8) scale per 32 input rows [K/32, N] (jaxmoe/quant/mxfp4.py)
+
+Experts with biases (gpt-oss) carry them as two more parts, in the model dtype, after
+the matrices: ("w_gate_up", "bias") [2I] and ("w_down", "bias") [D].
 
 Scales and zero points are kept in the model dtype. A program gathers the rows of the U
 experts it computes and unpacks them (`unpack`: bitcasts, and the dequantization for
@@ -27,8 +32,10 @@ import numpy as np
 
 from jaxmoe.config import MoEConfig
 from jaxmoe.model import ExpertWeights, PackedExperts
+from jaxmoe.model.experts import expert_activation
+from jaxmoe.quant import mxfp4
 
-FORMATS = ("dense", "int8", "int4")
+FORMATS = ("dense", "int8", "int4", "mxfp4")
 ALIGN = 16  # bytes between parts, so a part's bytes can be viewed without a shift
 
 
@@ -67,16 +74,19 @@ class ExpertFormat:
 
     def check(self, cfg: MoEConfig) -> None:
         """Refuse a model whose input dimensions the format cannot group or pack."""
-        if self.kind == "int4":
+        if self.kind in ("int4", "mxfp4"):
+            group = self.group_size if self.kind == "int4" else mxfp4.BLOCK
             for matrix, (k, _) in self.matrices(cfg).items():
-                if k % self.group_size:
-                    raise ValueError(f"int4 group size {self.group_size} does not divide {matrix}'s input dim {k}")
+                if k % group:
+                    raise ValueError(f"{self.kind} group size {group} does not divide {matrix}'s input dim {k}")
 
     def parts(self, cfg: MoEConfig) -> tuple[Part, ...]:
         dtype, out, offset = np.dtype(jnp.dtype(cfg.dtype)), [], 0
         for matrix, (k, n) in self.matrices(cfg).items():
             if self.kind == "dense":
                 roles = [("w", (k, n), dtype)]
+            elif self.kind == "mxfp4":
+                roles = [("q", (k // 2, n), np.dtype(np.uint8)), ("scale", (k // mxfp4.BLOCK, n), np.dtype(np.uint8))]
             elif self.kind == "int8":
                 roles = [("q", (k, n), np.dtype(np.int8)), ("scale", (1, n), dtype)]
             else:
@@ -86,6 +96,10 @@ class ExpertFormat:
                 part = Part(matrix, role, shape, dt, offset)
                 out.append(part)
                 offset += -(-part.nbytes // ALIGN) * ALIGN
+        if cfg.expert_bias:
+            for matrix, (_, n) in self.matrices(cfg).items():
+                out.append(Part(matrix, "bias", (n,), dtype, offset))
+                offset += -(-out[-1].nbytes // ALIGN) * ALIGN
         return tuple(out)
 
     def nbytes(self, cfg: MoEConfig) -> int:
@@ -133,12 +147,17 @@ class ExpertFormat:
             if size > 1:
                 raw = raw.reshape(lead + (part.nbytes // size, size))
             views[part.matrix, part.role] = jax.lax.bitcast_convert_type(raw, part.dtype).reshape(lead + part.shape)
-        return ExpertWeights(*(self._matrix(views, m, dtype) for m in ("w_gate_up", "w_down")))
+        matrices = [self._matrix(views, m, dtype) for m in ("w_gate_up", "w_down")]
+        if not cfg.expert_bias:
+            return ExpertWeights(*matrices)
+        return ExpertWeights(*matrices, views["w_gate_up", "bias"], views["w_down", "bias"], expert_activation(cfg))
 
     def _matrix(self, views, matrix: str, dtype) -> jax.Array:
         if self.kind == "dense":
             return views[matrix, "w"]
         q, scale = views[matrix, "q"], views[matrix, "scale"]
+        if self.kind == "mxfp4":
+            return mxfp4.dequantize(q, scale, dtype)
         if self.kind == "int8":
             return (q.astype(jnp.float32) * scale.astype(jnp.float32)).astype(dtype)
         values = unpack_nibbles(q)  # [..., K, N] in 0..15
@@ -184,10 +203,10 @@ DENSE = ExpertFormat("dense")
 
 
 def parse_format(text: str) -> ExpertFormat:
-    """A format's name as `ExpertFormat.name` writes it: dense, int8, int4 (group 64), int4-g32."""
+    """A format's name as `ExpertFormat.name` writes it: dense, int8, int4 (group 64), int4-g32, mxfp4."""
     kind, _, group = text.partition("-g")
     if kind not in FORMATS or (group and kind != "int4"):
-        raise ValueError(f"expert format {text!r}: expected dense, int8, int4 or int4-gN")
+        raise ValueError(f"expert format {text!r}: expected dense, int8, int4, int4-gN or mxfp4")
     return ExpertFormat(kind, int(group) if group else 64)
 
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmoe.model import ExpertWeights
+from jaxmoe.quant import mxfp4
 from jaxmoe.quant.format import ExpertFormat, pack_nibbles
 
 
@@ -51,9 +52,11 @@ def quantize_int4(w: np.ndarray, dtype: np.dtype, group_size: int, refine: int =
     return {"q": pack_nibbles(q), "scale": scale.astype(dtype), "zero": zero.astype(dtype)}
 
 
-def quantize_expert(fmt: ExpertFormat, cfg, w_gate_up: np.ndarray, w_down: np.ndarray, refine: int = 0) -> dict:
+def quantize_expert(fmt: ExpertFormat, cfg, w_gate_up: np.ndarray, w_down: np.ndarray, refine: int = 0,
+                    biases: tuple | None = None) -> dict:  # fmt: skip
     """One expert's parts {(matrix, role): array} in `fmt`; dense keeps the weights (in the
-    model dtype). Scales and zero points are stored in the model dtype."""
+    model dtype). Scales and zero points are stored in the model dtype; biases (gpt-oss:
+    (gate_up [2I], down [D])) are kept in it, never quantized."""
     dtype = np.dtype(jnp.dtype(cfg.dtype))
     out = {}
     for matrix, w in (("w_gate_up", w_gate_up), ("w_down", w_down)):
@@ -61,14 +64,22 @@ def quantize_expert(fmt: ExpertFormat, cfg, w_gate_up: np.ndarray, w_down: np.nd
         if fmt.kind == "dense":
             out[matrix, "w"] = w.astype(dtype)
             continue
-        parts = quantize_int8(w, dtype) if fmt.kind == "int8" else quantize_int4(w, dtype, fmt.group_size, refine)
+        if fmt.kind == "mxfp4":
+            parts = mxfp4.quantize(w)
+        elif fmt.kind == "int8":
+            parts = quantize_int8(w, dtype)
+        else:
+            parts = quantize_int4(w, dtype, fmt.group_size, refine)
         out.update({(matrix, role): value for role, value in parts.items()})
+    if biases is not None:
+        out["w_gate_up", "bias"], out["w_down", "bias"] = (np.asarray(b).astype(dtype) for b in biases)
     return out
 
 
-def pack_expert(fmt: ExpertFormat, cfg, w_gate_up: np.ndarray, w_down: np.ndarray, refine: int = 0) -> np.ndarray:
+def pack_expert(fmt: ExpertFormat, cfg, w_gate_up: np.ndarray, w_down: np.ndarray, refine: int = 0,
+                biases: tuple | None = None) -> np.ndarray:  # fmt: skip
     """One expert's weights as its uint8 buffer in `fmt` (quantized first where it asks)."""
-    return fmt.pack(cfg, quantize_expert(fmt, cfg, w_gate_up, w_down, refine))
+    return fmt.pack(cfg, quantize_expert(fmt, cfg, w_gate_up, w_down, refine, biases))
 
 
 def packed_rows(cfg, stack, fmt: ExpertFormat, refine: int = 0) -> Iterator[np.ndarray]:
@@ -81,6 +92,7 @@ def packed_rows(cfg, stack, fmt: ExpertFormat, refine: int = 0) -> Iterator[np.n
                              f"got {rows.dtype} {rows.shape}")  # fmt: skip
         yield from rows
         return
-    gate_up, down = (np.asarray(a) for a in stack)
+    gate_up, down = np.asarray(stack.w_gate_up), np.asarray(stack.w_down)
+    biases = None if stack.b_gate_up is None else (np.asarray(stack.b_gate_up), np.asarray(stack.b_down))
     for e in range(cfg.num_experts):
-        yield pack_expert(fmt, cfg, gate_up[e], down[e], refine)
+        yield pack_expert(fmt, cfg, gate_up[e], down[e], refine, None if biases is None else (biases[0][e], biases[1][e]))

@@ -8,8 +8,9 @@ rows can be gathered, padded or truncated freely as long as every live row's own
 fits.
 
 Shapes: B rows, S cache length. A layer's cache is whatever its attention keeps (k and v
-[B, S, Hk, Dh], or MLA's latent and rope key [B, S, ...]): every leaf has rows first and
-keys second, so it is resized and filled leaf by leaf.
+[B, S, Hk, Dh], a sliding layer's ring [B, min(S, window), Hk, Dh], or MLA's latent and
+rope key [B, S, ...]): every leaf has rows first and keys second, so it is resized and
+filled leaf by leaf, to the shapes a fresh cache of the new length has.
 """
 
 from __future__ import annotations
@@ -34,16 +35,20 @@ def rows_bucket(rows: int, max_rows: int) -> int:
     return min(bucket(rows, 1), max_rows)
 
 
-def resize(kv, index: jax.Array, *, length: int):
-    """Rows `index` [B'] of every layer's cache, cut or zero-padded to `length` keys."""
+def resize(kv, index: jax.Array, *, keys: tuple[int, ...]):
+    """Rows `index` [B'] of every layer's cache, each leaf cut or zero-padded to its entry of
+    `keys` (leaf order). A sliding layer's ring (position p in slot p mod R) is resized to the
+    R a context gives, min(length, window): it grows or shrinks only while it holds every
+    position, where cutting or padding keeps each key in its slot."""
 
-    def fit(a):
+    def fit(a, n):
         a = a[index]
-        if a.shape[1] >= length:
-            return a[:, :length]
-        return jnp.pad(a, ((0, 0), (0, length - a.shape[1])) + ((0, 0),) * (a.ndim - 2))
+        if a.shape[1] >= n:
+            return a[:, :n]
+        return jnp.pad(a, ((0, 0), (0, n - a.shape[1])) + ((0, 0),) * (a.ndim - 2))
 
-    return jax.tree.map(fit, kv)
+    leaves, tree = jax.tree.flatten(kv)
+    return jax.tree.unflatten(tree, [fit(a, n) for a, n in zip(leaves, keys, strict=True)])
 
 
 def insert(kv, row_kv, row: jax.Array):
@@ -57,6 +62,7 @@ class BatchKV:
 
     def __init__(self, programs, max_rows: int):
         self.programs, self.max_rows = programs, max_rows
+        self._length = 0  # keys per row of a full layer (a sliding layer's ring may keep fewer)
         self.kv = None  # one cache per layer, each leaf [B, S, ...]
         self.holders: list = []  # per row: the request holding it, or None
 
@@ -66,7 +72,7 @@ class BatchKV:
 
     @property
     def length(self) -> int:
-        return 0 if self.kv is None else jax.tree.leaves(self.kv)[0].shape[1]
+        return 0 if self.kv is None else self._length
 
     def live(self) -> list[int]:
         return [r for r, h in enumerate(self.holders) if h is not None]
@@ -75,12 +81,14 @@ class BatchKV:
         """The live rows' holders, in row order."""
         return [h for h in self.holders if h is not None]
 
-    def _resize(self, order: list[int], rows: int, length: int) -> None:
+    def _resize(self, order: list[int], rows: int, length: int, new_kv) -> None:
         index = np.zeros(rows, np.int32)
         index[: len(order)] = order
         index = jnp.asarray(index)
-        program = self.programs.get("kv_resize", resize, {"length": length}, (), self.kv, index)
-        self.kv = program(self.kv, index)
+        # Each leaf's keys in a fresh cache of this length (a ring's: its window at most).
+        keys = tuple(a.shape[1] for a in jax.tree.leaves(jax.eval_shape(lambda: new_kv(rows, length))))
+        program = self.programs.get("kv_resize", resize, {"keys": keys}, (), self.kv, index)
+        self.kv, self._length = program(self.kv, index), length
         self.holders = [self.holders[r] for r in order] + [None] * (rows - len(order))
 
     def fit(self, live_rows: int, length: int, new_kv) -> None:
@@ -90,12 +98,12 @@ class BatchKV:
         bucket's edge does not copy its cache back and forth every step."""
         rows = rows_bucket(max(live_rows, 1), self.max_rows)
         if self.kv is None:
-            self.kv, self.holders = new_kv(rows, length), [None] * rows
+            self.kv, self.holders, self._length = new_kv(rows, length), [None] * rows, length
             return
         rows = rows if rows > self.rows or rows <= self.rows // 4 else self.rows
         length = length if length > self.length or length <= self.length // 4 else self.length
         if (rows, length) != (self.rows, self.length):
-            self._resize(self.live(), rows, length)
+            self._resize(self.live(), rows, length, new_kv)
 
     def put(self, holder, row_kv) -> int:
         """The first free row takes `holder` and its prefilled cache; returns the row."""

@@ -20,6 +20,7 @@ from jaxmoe.engine.offloaded_decode import OffloadedDecoder, offloaded_step
 from jaxmoe.engine.routed import routed_chunk
 from jaxmoe.engine.sampling import SamplingParams
 from jaxmoe.model.decoder import head_logits
+from jaxmoe.model.window import mark_padding
 from jaxmoe.serve.rows.base import RowPrefill, Rows
 from jaxmoe.serve.rows.exact import per_token_moe
 from jaxmoe.serve.rows.sampling import row_sampler, sample_rows
@@ -61,6 +62,7 @@ class OffloadedPrefill(RowPrefill):
         self.kv = list(self.kv)  # routed_chunk updates it in place
         self.positions = np.arange(self.tokens.shape[1], dtype=np.int32)[None]
         self.valid = self.positions < self.prompt_len
+        self.positions = mark_padding(self.positions, self.valid)  # padding writes no keys
         self.x_last = None
 
     def chunk(self, start: int, tokens: jax.Array) -> None:
