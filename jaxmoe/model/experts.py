@@ -129,16 +129,17 @@ def route(cfg: MoEConfig, logits: jax.Array, correction_bias: jax.Array | None =
 
 def drop_experts(cfg: MoEConfig, weights: jax.Array, dropped: jax.Array) -> jax.Array:
     """Routing weights [N, K] with the (row, k) `dropped` [N, K] (not computed: the approximate
-    decode's skipped experts) at exactly zero. Where the family renormalises its top-k
-    (`norm_topk_prob`), the kept weights are renormalised as `route` would had the dropped
-    experts not been chosen: p_i / sum_kept p_j x the scaling factor, which from the weights
-    route returned is w_i x sum_all w / sum_kept w. Where it does not (OLMoE, Qwen-MoE,
-    DeepSeek-V2), a weight is the expert's probability over every expert, whatever else was
-    chosen, so the kept weights are left as they are. A row keeps at least one expert
-    (device_cache.skippable), so the sum is never zero."""
+    decode's skipped experts) at exactly zero. Where the family's weights are normalised over
+    the chosen experts (`norm_topk_prob`, or gpt-oss's softmax over the top-k), the kept
+    weights are renormalised as `route` would had the dropped experts not been chosen:
+    p_i / sum_kept p_j x the scaling factor, which from the weights route returned is
+    w_i x sum_all w / sum_kept w. Where they are not (OLMoE, Qwen-MoE, DeepSeek-V2), a weight
+    is the expert's probability over every expert, whatever else was chosen, so the kept
+    weights are left as they are. A row keeps at least one expert (device_cache.skippable),
+    so the sum is never zero."""
     w32 = weights.astype(jnp.float32)
     kept = jnp.where(dropped, 0.0, w32)
-    if cfg.norm_topk_prob:
+    if cfg.norm_topk_prob or cfg.router_scoring == "topk_softmax":
         total, rest = jnp.sum(w32, -1, keepdims=True), jnp.sum(kept, -1, keepdims=True)
         kept = kept * (total / jnp.where(rest > 0, rest, 1.0))
     return kept.astype(weights.dtype)
