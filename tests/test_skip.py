@@ -70,7 +70,7 @@ def test_skipped_rows_add_zero_and_the_rest_renormalise_as_the_family_does(norm)
         for k in range(3):
             if kept[n, k]:
                 s = int(rows[n, k])
-                expect[n] += share[k] * np.asarray(expert_ffn(x[n : n + 1], w.w_gate_up[s], w.w_down[s]))[0]
+                expect[n] += share[k] * np.asarray(expert_ffn(x[n : n + 1], ExpertWeights(w.w_gate_up[s], w.w_down[s])))[0]
     assert np.all(np.asarray(new)[~kept] == 0)
     np.testing.assert_allclose(np.asarray(got), expect, rtol=1e-5, atol=1e-5)
     if norm:
