@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from jaxmoe.checkpoint import load  # noqa: E402
 from jaxmoe.engine.offloaded import OffloadedEngine  # noqa: E402
-from jaxmoe.engine.resident import pad_prompts  # noqa: E402
+from jaxmoe.engine.inputs import pad_prompts  # noqa: E402
 from jaxmoe.offload.host_store import total_expert_bytes  # noqa: E402
 from jaxmoe.offload.policy import PolicyShape, make_policy, policy_class  # noqa: E402
 from jaxmoe.predictor.collect import text_tokens  # noqa: E402

@@ -32,7 +32,7 @@ from jaxmoe.checkpoint.random_model import make_random_checkpoint
 from jaxmoe.config import ConfigError, load_hf_config
 from jaxmoe.engine import ContextError, ResidentEngine, SamplingParams
 from jaxmoe.engine.offloaded import OffloadedEngine
-from jaxmoe.engine.resident import check_fits
+from jaxmoe.engine.inputs import check_fits
 from jaxmoe.offload.cache import BudgetError
 from jaxmoe.checkpoint.expert_format import read_format
 from jaxmoe.offload.host_store import HostMemoryError, total_expert_bytes

@@ -18,7 +18,7 @@ from hf_models import tiny_hf_model
 from jax_from_hf import jaxmoe_from_hf
 from jaxmoe.engine import ResidentEngine
 from jaxmoe.engine.offloaded import OffloadedEngine
-from jaxmoe.engine.resident import pad_prompts
+from jaxmoe.engine.inputs import pad_prompts
 from jaxmoe.model import init_kv_cache, num_unique_experts
 from jaxmoe.offload.cache import minimum_experts
 from jaxmoe.offload.host_store import HostExpertStore
@@ -67,7 +67,7 @@ def prefill_logits(eng: OffloadedEngine, family: str, prompts) -> np.ndarray:
     cfg = eng.config
     lengths, tokens, cache_len = pad_prompts(cfg, prompts, 1)
     eng.ensure_cache(len(prompts))
-    x, _ = eng._prefill(tokens, lengths, list(init_kv_cache(cfg, len(prompts), cache_len)))
+    x, _ = eng.prefill(tokens, lengths, list(init_kv_cache(cfg, len(prompts), cache_len)))
     _, model, _, _ = setup(family)
     return np.asarray(model.logits(model.norm(x)[np.arange(len(prompts)), lengths - 1]))
 
@@ -226,7 +226,7 @@ def test_chunk_programs_memory_does_not_grow_with_the_prompt():
         lengths, tokens, cache_len = pad_prompts(cfg, [rng.integers(0, 32, n).tolist()], 100)
         assert cache_len == 256
         eng.ensure_cache(1)
-        eng._prefill(tokens, lengths, list(init_kv_cache(cfg, 1, cache_len)))
+        eng.prefill(tokens, lengths, list(init_kv_cache(cfg, 1, cache_len)))
         programs = eng.executor.compiled("moe_chunk")
         assert len(programs) == 1  # one program for every chunk of every layer
         scratch[n] = programs[0].memory_analysis().temp_size_in_bytes

@@ -2,7 +2,9 @@
 pinned host memory behind a budgeted device cache)."""
 
 from jaxmoe.engine.offloaded import OffloadedEngine
-from jaxmoe.engine.resident import ContextError, GenerationResult, ResidentEngine
+from jaxmoe.engine.inputs import ContextError
+from jaxmoe.engine.outputs import GenerationResult
+from jaxmoe.engine.resident import ResidentEngine
 from jaxmoe.engine.sampling import SamplingParams, sample
 
 __all__ = ["ContextError", "GenerationResult", "OffloadedEngine", "ResidentEngine", "SamplingParams", "sample"]

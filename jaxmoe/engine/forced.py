@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmoe.engine.device_decode import DeviceDecoder
-from jaxmoe.engine.resident import pad_prompts
+from jaxmoe.engine.inputs import pad_prompts
 from jaxmoe.engine.sampling import SamplingParams
 from jaxmoe.model import init_kv_cache
 from jaxmoe.model.decoder import head_logits
@@ -62,7 +62,7 @@ def forced_nll(engine, windows: np.ndarray, scored: int) -> dict:
         cache.begin()
         kv = list(init_kv_cache(cfg, 1, cache_len))
         before = cache.counters.h2d_bytes
-        engine._prefill(tokens, lengths, kv)
+        engine.prefill(tokens, lengths, kv)
         prefilled, misses = cache.counters.h2d_bytes, cache.counters.expert_misses
         decoder = ForcedDecoder(engine, SamplingParams())
         decoder.start(lengths, scored + 1)

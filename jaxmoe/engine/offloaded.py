@@ -33,7 +33,8 @@ from jaxmoe.engine.device_decode import DeviceDecoder
 from jaxmoe.engine.offloaded_decode import OffloadedDecoder
 from jaxmoe.engine.outputs import TokenCollector, timing_metrics
 from jaxmoe.engine.phases import PhaseClock
-from jaxmoe.engine.resident import GenerationResult, pad_prompts
+from jaxmoe.engine.inputs import pad_prompts
+from jaxmoe.engine.outputs import GenerationResult
 from jaxmoe.engine.routed import compile_routed, embed, routed_chunk
 from jaxmoe.engine.sampling import SamplingParams, sample
 from jaxmoe.engine.stream_prefill import StreamStats, compile_stream, run_stream
@@ -272,7 +273,7 @@ class OffloadedEngine:
             self.driver = DecodeDriver(schedule, cfg.moe_layer_ids, cfg.num_layers, config)
         self.cache.clock = self.executor.clock
 
-    def _prefill(self, tokens: np.ndarray, lengths: np.ndarray, kv: list) -> tuple[jax.Array, StreamStats | None]:
+    def prefill(self, tokens: np.ndarray, lengths: np.ndarray, kv: list) -> tuple[jax.Array, StreamStats | None]:
         """Hidden states [B, P, D] after the last layer, chunk by chunk, streamed or routed."""
         cfg = self.config
         b, p_len = tokens.shape
@@ -331,7 +332,7 @@ class OffloadedEngine:
         # measured on its own (compile_ms) and taken out of ttft and tpot.
         compiled = self.programs.compile_seconds
         start = time.perf_counter()
-        x, stream = self._prefill(tokens, lengths, kv)
+        x, stream = self.prefill(tokens, lengths, kv)
         tok = self.executor.run("first_token", first_token, {"sampling": sampling}, (), self.ends, x,
                                 jnp.asarray(lengths - 1), root, jnp.int32(0))  # fmt: skip
         first_host = np.asarray(tok)

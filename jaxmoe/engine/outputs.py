@@ -1,7 +1,8 @@
-"""What both engines' host loops share: collecting tokens per row, and the timing metrics."""
+"""What both engines' generate returns: tokens collected per row, the timing metrics, the result."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Sequence
 
 import numpy as np
@@ -37,3 +38,9 @@ def timing_metrics(out: TokenCollector, ttft_s: float, decode_s: float, steps: i
         "tpot_ms": 1e3 * decode_s / steps if steps else None,
         "decode_tokens_per_s": decoded / decode_s if steps else None,
     }
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    token_ids: list[list[int]]  # generated tokens per prompt, without the prompt, EOS included
+    metrics: dict

@@ -11,7 +11,6 @@ Shapes: B batch, P prompt bucket, C chunk, S cache bucket, D hidden, V vocab.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Callable, Sequence
 
@@ -22,9 +21,10 @@ from flax import nnx
 
 from jaxmoe.config import MoEConfig
 from jaxmoe.engine.executor import Piece
-from jaxmoe.engine.buckets import DEFAULT_PREFILL_CHUNK, cache_bucket, check_chunk, chunk_starts, prompt_bucket
+from jaxmoe.engine.buckets import DEFAULT_PREFILL_CHUNK, check_chunk, chunk_starts
 from jaxmoe.engine.metrics import device_peak_bytes, tree_bytes
-from jaxmoe.engine.outputs import TokenCollector, timing_metrics
+from jaxmoe.engine.inputs import pad_prompts
+from jaxmoe.engine.outputs import GenerationResult, TokenCollector, timing_metrics
 from jaxmoe.engine.programs import Programs
 from jaxmoe.engine.sampling import SamplingParams, sample
 from jaxmoe.engine.step import decode_step
@@ -33,52 +33,12 @@ from jaxmoe.model.window import mark_padding
 from jaxmoe.quant import format_of
 
 
-class ContextError(ValueError):
-    """Prompt plus new tokens do not fit the model's context."""
-
-
-def check_fits(config: MoEConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
-    """Refuse, before any work, prompts that are empty, out of vocabulary or past the context."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
-    vocab = config.vocab_size
-    bad = [t for p in prompts for t in p if not 0 <= t < vocab]
-    if bad:
-        raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
-    longest = max(len(p) for p in prompts)
-    context = config.max_position_embeddings
-    if longest + max_new_tokens > context:
-        raise ContextError(
-            f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = {longest + max_new_tokens} "
-            f"exceeds the model's context of {context} tokens (max_position_embeddings)"
-        )
-
-
-def pad_prompts(config: MoEConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int):
-    """Checked, right-padded prompts: (lengths [B], tokens [B, P bucket], KV cache length)."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    check_fits(config, prompts, max_new_tokens)
-    lengths = np.array([len(p) for p in prompts], np.int32)
-    p_len = prompt_bucket(int(lengths.max()))
-    tokens = np.zeros((len(prompts), p_len), np.int32)
-    for row, prompt in enumerate(prompts):
-        tokens[row, : len(prompt)] = prompt
-    return lengths, tokens, cache_bucket(p_len, max_new_tokens)
-
-
 def pick_last(h: jax.Array, start, lengths: jax.Array, last: jax.Array) -> jax.Array:
     """h [B, C, D] of the chunk at `start`: rows whose last prompt token is in this chunk
     take its hidden state, the others keep `last` [B, D]."""
     index = lengths - 1 - start
     here = (index >= 0) & (index < h.shape[1])
     return jnp.where(here[:, None], h[jnp.arange(h.shape[0]), jnp.clip(index, 0, h.shape[1] - 1)], last)
-
-
-@dataclasses.dataclass
-class GenerationResult:
-    token_ids: list[list[int]]  # generated tokens per prompt, without the prompt, EOS included
-    metrics: dict
 
 
 class ResidentEngine:
