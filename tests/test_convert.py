@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-torch = pytest.importorskip("torch")  # the test extra; skipped where absent
+import torch
 from safetensors.numpy import load_file, save_file
 
 from hf_models import FAMILIES, VARIANTS

@@ -11,8 +11,8 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-torch = pytest.importorskip("torch")  # the test extra; skipped where absent
-transformers = pytest.importorskip("transformers")
+import torch
+import transformers
 from hf_models import FAMILIES
 from safetensors import safe_open
 

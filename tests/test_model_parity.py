@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
-torch = pytest.importorskip("torch")  # the test extra; skipped where absent
+import torch
 
 from hf_models import VARIANTS, tiny_hf_model
 from jax_from_hf import jaxmoe_from_hf

@@ -92,15 +92,15 @@ def test_budget_geometry():
 def test_a_quantized_gather_counts_its_unpacked_weights():
     from jaxmoe.checkpoint.random_model import TINY_OLMOE
     from jaxmoe.config import from_hf_dict
-    from jaxmoe.offload.cache import gather_experts
+    from jaxmoe.offload.cache import workspace_experts
     from jaxmoe.quant import DENSE, ExpertFormat
 
     cfg = from_hf_dict(dict(TINY_OLMOE, hidden_size=256, intermediate_size=128, dtype="bfloat16"))
     int4 = ExpertFormat("int4", 64)
-    assert gather_experts(4, DENSE, cfg) == 4
+    assert workspace_experts(4, DENSE, cfg) == 4
     # 4 packed rows, and 4 dense experts' bytes in whole int4 experts (rounded up)
-    assert gather_experts(4, int4, cfg) == 4 + -(-4 * DENSE.nbytes(cfg) // int4.nbytes(cfg))
-    assert 4 + 4 * 3 < gather_experts(4, int4, cfg) <= 4 + 4 * 4  # int4 is ~0.28x dense
+    assert workspace_experts(4, int4, cfg) == 4 + -(-4 * DENSE.nbytes(cfg) // int4.nbytes(cfg))
+    assert 4 + 4 * 3 < workspace_experts(4, int4, cfg) <= 4 + 4 * 4  # int4 is ~0.28x dense
 
 
 def test_demand_plan_protects_the_next_layers_predictions_while_it_can():

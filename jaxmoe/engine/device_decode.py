@@ -40,6 +40,7 @@ class DeviceDecoder:
     """Drives one generate's decode steps with the cache's state on the device."""
 
     program_name, step_program = "device_step", staticmethod(device_step)
+    skipped_experts = 0  # (row, k) the approximate decode did not compute; read in finish()
 
     def __init__(self, engine, sampling):
         self.engine, self.cfg, self.sampling = engine, engine.config, sampling

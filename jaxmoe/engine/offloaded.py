@@ -389,8 +389,8 @@ class OffloadedEngine:
             # Opt-in skipping of missed low-weight experts: tokens no longer the resident ones.
             "approximate": self.skip_below > 0,
             "skip_below": self.skip_below,
-            "skipped_experts": getattr(decoder, "skipped_experts", 0),  # (row, k) not computed, over the decode
-            "skipped_experts_per_token": getattr(decoder, "skipped_experts", 0) / row_tokens if row_tokens else 0.0,
+            "skipped_experts": decoder.skipped_experts,  # (row, k) not computed, over the decode
+            "skipped_experts_per_token": decoder.skipped_experts / row_tokens if row_tokens else 0.0,
             # Amortised prediction (eMoE): runs that ran the scorer, tokens that skipped it.
             **(predicted if predicted is not None else
                {k: v - predicted_before[k] for k, v in self.driver.counts().items()}),

@@ -67,6 +67,7 @@ class OffloadedDecoder:
     """Drives one generate's decode steps through an engine's cache and step program."""
 
     program_name, step_program = "step", staticmethod(offloaded_step)  # the server's rows swap these
+    skipped_experts = 0  # planned on the host: it decodes exactly (no --skip-below)
 
     def __init__(self, engine, sampling):
         self.engine, self.cfg, self.sampling = engine, engine.config, sampling

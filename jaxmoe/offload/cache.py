@@ -125,20 +125,15 @@ class CacheCounters:
         return self.expert_hits / total if total else None
 
 
-def gather_experts(unique_max: int, fmt: ExpertFormat, cfg: MoEConfig) -> int:
-    """The expert program's gather, in stored experts: the `unique_max` rows it takes from
-    the pool and, for a quantized format, their unpacked weights in the compute dtype (as
-    many bytes as `unique_max` dense experts), which exist while the layer computes."""
+def workspace_experts(unique_max: int, fmt: ExpertFormat, cfg: MoEConfig) -> int:
+    """Device memory the cache needs beside its pool while a layer computes, in stored experts:
+    the expert program's gather, the `unique_max` rows it takes from the pool and, for a
+    quantized format, their unpacked weights in the compute dtype (as many bytes as
+    `unique_max` dense experts). The one figure the budget check, the geometry and the
+    cache's accounting all use."""
     if fmt.kind == "dense":
         return unique_max
     return unique_max + -(-unique_max * DENSE.nbytes(cfg) // fmt.nbytes(cfg))
-
-
-def workspace_experts(unique_max: int, fmt: ExpertFormat, cfg: MoEConfig) -> int:
-    """Device memory the cache needs beside its pool while a layer computes, in stored experts:
-    the expert program's gather (`gather_experts`). The one figure the budget check, the
-    geometry and the cache's accounting all use."""
-    return gather_experts(unique_max, fmt, cfg)
 
 
 def minimum_experts(unique_max: int, workspace: int | None = None) -> int:
