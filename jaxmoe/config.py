@@ -167,12 +167,12 @@ def _rope_theta(hf: dict, scaled: tuple[str, ...] = ()) -> float:
     if _rope_type(params or scaling or {}) in scaled:
         return float((params or {}).get("rope_theta", hf.get("rope_theta", 10000.0)))
     if params is not None:
-        rope_type = params.get("rope_type", params.get("type", "default"))
+        rope_type = _rope_type(params)
         if rope_type != "default":
             raise ConfigError(f"rope_parameters.rope_type={rope_type!r} is not supported (only 'default' RoPE)")
         return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
     if scaling is not None:
-        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        rope_type = _rope_type(scaling)
         if rope_type != "default":
             raise ConfigError(f"rope_scaling type {rope_type!r} is not supported (only 'default' RoPE)")
     return float(hf.get("rope_theta", 10000.0))
