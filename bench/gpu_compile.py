@@ -22,7 +22,7 @@ from jaxmoe.engine.offloaded_decode import offloaded_step
 from jaxmoe.engine.programs import COMPILER_OPTIONS
 from jaxmoe.engine.executor import Piece
 from jaxmoe.engine.sampling import SamplingParams
-from jaxmoe.engine.step import decode_step
+from jaxmoe.engine.step import forward_step
 from jaxmoe.model import MoEDecoder, init_kv_cache, num_unique_experts
 from jaxmoe.model.decoder import init_experts
 from jaxmoe.offload import device_cache as dc
@@ -51,11 +51,8 @@ def _on_cpu(tree, memory_kind: str = "device"):
 
 
 def _resident(model, experts, tokens, positions, step, kv, root, sampling):
-    b = tokens.shape[0]
-    x_start = jnp.zeros((b, 1, model.cfg.hidden_size), model.cfg.dtype)
-    out = decode_step(model, tokens[:, None], positions[:, None], jnp.ones((b,), bool), kv, experts, None,
-                      jnp.int32(0), x_start, root, step, sampling=sampling)  # fmt: skip
-    return out.token, positions + 1, step + 1, out.kv
+    token, kv = forward_step(model, tokens[:, None], positions[:, None], kv, experts, root, step, sampling=sampling)
+    return token, positions + 1, step + 1, kv
 
 
 def report(model: str = "olmoe-1b-7b", target: str = "h100", batch: int = 1, budget_frac: float = 0.25,
@@ -86,7 +83,7 @@ def report(model: str = "olmoe-1b-7b", target: str = "h100", batch: int = 1, bud
     prefetch = unique if policy == "predictor" else 0
     budget = int(budget_frac * total_expert_bytes(cfg, fmt))
     slots = plan_geometry(budget, nbytes, cfg.num_experts * len(cfg.moe_layer_ids), unique,
-                          workspace_experts(unique, fmt, cfg))  # fmt: skip
+                          workspace_experts(batch, fmt, cfg))  # fmt: skip
     pool = spec((slots, nbytes), jnp.uint8)
     hosts = tuple(_on_cpu(spec((cfg.num_experts, nbytes), jnp.uint8), "pinned_host") if moe else None
                   for moe in cfg.moe_layers)  # fmt: skip

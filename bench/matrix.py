@@ -70,7 +70,7 @@ def below_minimum(cfg, budget: B.Budget, batch: int, fmt=None) -> str | None:
     unique = min(cfg.num_experts, batch * cfg.top_k)
     try:
         plan_geometry(budget.bytes, B.expert_bytes(cfg, fmt), B.num_experts(cfg), unique,
-                      workspace_experts(unique, fmt or DENSE, cfg))  # fmt: skip
+                      workspace_experts(batch, fmt or DENSE, cfg))  # fmt: skip
     except BudgetError as e:
         return str(e)
     return None

@@ -125,8 +125,8 @@ def test_offloaded_matches_resident(budget, batch, fmt, policy, prefill):
 
     cfg, model, _, store = _setup(fmt)
     unique = num_unique_experts(cfg.num_experts, batch, cfg.top_k)
-    # "half": a pool of half the experts, beside the workspace (the expert program's gather).
-    n = minimum_experts(unique, workspace_experts(unique, store.format, cfg))
+    # "half": a pool of half the experts, beside any workspace (a gather of the experts).
+    n = minimum_experts(unique, workspace_experts(batch, store.format, cfg))
     n += 0 if budget == "min" else len(store.keys()) // 2 - unique
     engine = OffloadedEngine(cfg, model, store, n * store.expert_bytes, policy, check_budget=True, prefill=prefill,
                              predictor=GateAhead(model) if policy == "predictor" else None)  # fmt: skip

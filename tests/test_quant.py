@@ -19,6 +19,7 @@ from jaxmoe.checkpoint.expert_format import FILE as FORMAT_FILE
 from jaxmoe.checkpoint.quantize import quantize_checkpoint
 from jaxmoe.engine import ResidentEngine
 from jaxmoe.engine.offloaded import OffloadedEngine
+from jaxmoe.model.experts import PAIR_TOKENS
 from jaxmoe.model import ExpertWeights, moe_ffn, moe_ffn_reference, num_unique_experts
 from jaxmoe.offload.cache import BudgetError, minimum_experts, workspace_experts
 from jaxmoe.engine.metrics import fmt_bytes
@@ -140,7 +141,7 @@ def test_offloaded_quantized_equals_resident_quantized(family, fmt):
     cfg, model, resident, store = setup(family, fmt)
     want = ResidentEngine(cfg, model, resident).generate(PROMPTS, 12).token_ids
     unique = num_unique_experts(cfg.num_experts, 3, cfg.top_k)
-    workspace = workspace_experts(unique, fmt, cfg)
+    workspace = workspace_experts(3, fmt, cfg)
     # the minimum working set, and three experts short of caching every one
     for policy, experts in (("lru", minimum_experts(unique, workspace)), ("lfu", len(store.keys()) + workspace - 3)):
         engine = OffloadedEngine(cfg, model, store, experts * store.expert_bytes, policy, check_budget=True)
@@ -155,26 +156,36 @@ def test_quantized_prefetch_and_streamed_prefill_keep_the_tokens(batch):
     cfg, model, resident, store = setup("olmoe", INT4)
     want = ResidentEngine(cfg, model, resident).generate(PROMPTS[:batch], 10).token_ids
     unique = num_unique_experts(cfg.num_experts, batch, cfg.top_k)
-    budget = (minimum_experts(unique, workspace_experts(unique, INT4, cfg)) + 2) * store.expert_bytes
+    budget = (minimum_experts(unique, workspace_experts(batch, INT4, cfg)) + 2) * store.expert_bytes
     engine = OffloadedEngine(cfg, model, store, budget, "predictor", predictor=GateAhead(model), prefill="stream")
     assert engine.generate(PROMPTS[:batch], 10).token_ids == want
 
 
 def test_a_quantized_budget_pays_for_the_unpacked_gather():
-    """A budget between the minimum that counts the gather as U stored rows and the one that
-    also counts their unpacked weights is refused, naming the true minimum; at that minimum
-    the cache's own accounting (pool and workspace) stays within the budget."""
-    cfg, model, _, store = setup("olmoe", INT4)
-    unique = num_unique_experts(cfg.num_experts, 1, cfg.top_k)
-    least = minimum_experts(unique, workspace_experts(unique, INT4, cfg))
-    rows_only = minimum_experts(unique)  # the gather as U stored rows: the under-count
+    """Beyond PAIR_TOKENS rows a decode step gathers its U experts: a budget between the minimum
+    that counts the gather as U stored rows and the one that also counts their unpacked weights
+    is refused for such a batch, naming the true minimum. Up to PAIR_TOKENS rows nothing is
+    gathered (each expert is read in place): the minimum is the U experts alone, and at it the
+    cache's own accounting stays within the budget and the tokens are the resident ones."""
+    cfg, model, resident, store = setup("olmoe", INT4)
+    batch = PAIR_TOKENS + 1
+    unique = num_unique_experts(cfg.num_experts, batch, cfg.top_k)
+    least = minimum_experts(unique, workspace_experts(batch, INT4, cfg))
+    rows_only = minimum_experts(unique, unique)  # the gather as U stored rows: the under-count
     assert rows_only < least - 1
-    minimum = fmt_bytes(least * store.expert_bytes)
-    with pytest.raises(BudgetError, match=f"minimum working set of {minimum}"):
-        OffloadedEngine(cfg, model, store, (least - 1) * store.expert_bytes, "lru")
-    engine = OffloadedEngine(cfg, model, store, least * store.expert_bytes, "lru", check_budget=True)
-    engine.generate(PROMPTS[:1], 4)
-    assert engine.cache.counters.peak_bytes == least * store.expert_bytes
+    engine = OffloadedEngine(cfg, model, store, (least - 1) * store.expert_bytes, "lru")
+    with pytest.raises(BudgetError, match=f"minimum working set of {fmt_bytes(least * store.expert_bytes)}"):
+        engine.check_batch(batch)
+    OffloadedEngine(cfg, model, store, least * store.expert_bytes, "lru").check_batch(batch)
+
+    one = num_unique_experts(cfg.num_experts, 1, cfg.top_k)
+    assert workspace_experts(1, INT4, cfg) == 0 and minimum_experts(one) == one
+    with pytest.raises(BudgetError, match=f"minimum working set of {fmt_bytes(one * store.expert_bytes)}"):
+        OffloadedEngine(cfg, model, store, (one - 1) * store.expert_bytes, "lru")
+    engine = OffloadedEngine(cfg, model, store, one * store.expert_bytes, "lru", check_budget=True)
+    got = engine.generate(PROMPTS[:1], 4)
+    assert got.token_ids == ResidentEngine(cfg, model, resident).generate(PROMPTS[:1], 4).token_ids
+    assert engine.cache.counters.peak_bytes == one * store.expert_bytes
 
 
 # -- checkpoints ----------------------------------------------------------------------

@@ -75,16 +75,23 @@ def test_random_plans_never_exceed_the_slots():
 
 
 def test_budget_geometry():
-    # Every expert and the expert program's gather of 8 fit: preloaded, nothing copied.
-    assert plan_geometry(72 * 10, 10, total_experts=64, unique_max=8) == 64
-    # Every expert but not the gather: a cache (the gather of 8 beside it; copies land in slots).
-    assert plan_geometry(71 * 10, 10, total_experts=64, unique_max=8) == 71 - 8
-    assert plan_geometry(40 * 10, 10, total_experts=64, unique_max=8) == 40 - 8
-    assert plan_geometry(16 * 10, 10, total_experts=64, unique_max=8) == 8  # the minimum: 2U
-    assert minimum_experts(8) == 16
-    with pytest.raises(BudgetError, match="minimum working set of 160 B.*gather \\(8 experts' bytes\\)"):
-        plan_geometry(15 * 10, 10, total_experts=64, unique_max=8)
-    # A quantized gather also holds the unpacked weights: 8 rows of 10 B and 8 x 35 B dense.
+    # Every expert fits: preloaded, nothing copied.
+    assert plan_geometry(64 * 10, 10, total_experts=64, unique_max=8) == 64
+    # Not every expert: a cache of what fits (copies land in slots; a decode step of up to
+    # PAIR_TOKENS rows reads its experts in place, so nothing else takes room).
+    assert plan_geometry(63 * 10, 10, total_experts=64, unique_max=8) == 63
+    assert plan_geometry(8 * 10, 10, total_experts=64, unique_max=8) == 8  # the minimum: U
+    assert minimum_experts(8) == 8
+    with pytest.raises(BudgetError, match="minimum working set of 80 B: 8 experts one layer can need for this "
+                                          "batch, at 10 B each"):  # fmt: skip
+        plan_geometry(7 * 10, 10, total_experts=64, unique_max=8)
+    # A larger batch gathers its experts: every expert plus the gather preloads them all, and
+    # the gather (a quantized one with its unpacked weights: 8 rows of 10 B and 8 x 35 B dense)
+    # comes out of the budget.
+    assert plan_geometry(72 * 10, 10, total_experts=64, unique_max=8, workspace=8) == 64
+    assert plan_geometry(71 * 10, 10, total_experts=64, unique_max=8, workspace=8) == 71 - 8
+    with pytest.raises(BudgetError, match="gather \\(8 experts' bytes\\)"):
+        plan_geometry(15 * 10, 10, total_experts=64, unique_max=8, workspace=8)
     assert plan_geometry(60 * 10, 10, total_experts=64, unique_max=8, workspace=8 + 28) == 60 - 36
     assert minimum_experts(8, workspace=36) == 44
 
@@ -92,15 +99,19 @@ def test_budget_geometry():
 def test_a_quantized_gather_counts_its_unpacked_weights():
     from jaxmoe.checkpoint.random_model import TINY_OLMOE
     from jaxmoe.config import from_hf_dict
+    from jaxmoe.model.experts import PAIR_TOKENS
     from jaxmoe.offload.cache import workspace_experts
     from jaxmoe.quant import DENSE, ExpertFormat
 
     cfg = from_hf_dict(dict(TINY_OLMOE, hidden_size=256, intermediate_size=128, dtype="bfloat16"))
     int4 = ExpertFormat("int4", 64)
-    assert workspace_experts(4, DENSE, cfg) == 4
-    # 4 packed rows, and 4 dense experts' bytes in whole int4 experts (rounded up)
-    assert workspace_experts(4, int4, cfg) == 4 + -(-4 * DENSE.nbytes(cfg) // int4.nbytes(cfg))
-    assert 4 + 4 * 3 < workspace_experts(4, int4, cfg) <= 4 + 4 * 4  # int4 is ~0.28x dense
+    assert workspace_experts(PAIR_TOKENS, DENSE, cfg) == workspace_experts(PAIR_TOKENS, int4, cfg) == 0
+    batch = PAIR_TOKENS + 1
+    u = min(cfg.num_experts, batch * cfg.top_k)
+    assert workspace_experts(batch, DENSE, cfg) == u
+    # u packed rows, and u dense experts' bytes in whole int4 experts (rounded up)
+    assert workspace_experts(batch, int4, cfg) == u + -(-u * DENSE.nbytes(cfg) // int4.nbytes(cfg))
+    assert u + u * 3 < workspace_experts(batch, int4, cfg) <= u + u * 4  # int4 is ~0.28x dense
 
 
 def test_demand_plan_protects_the_next_layers_predictions_while_it_can():

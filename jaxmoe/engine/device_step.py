@@ -22,9 +22,10 @@ from typing import Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
-from jaxmoe.engine.sampling import SamplingParams, sample
+from jaxmoe.engine.sampling import SamplingParams
+from jaxmoe.engine.step import head_token
 from jaxmoe.model import MoEDecoder, moe_ffn, num_unique_experts
-from jaxmoe.model.decoder import LayerKV, head_logits
+from jaxmoe.model.decoder import LayerKV
 from jaxmoe.model.experts import drop_experts
 from jaxmoe.offload import device_cache as dc
 from jaxmoe.offload.policy import next_moe_layers
@@ -68,7 +69,7 @@ def device_step(
     moe_fn: Callable = moe_ffn,
     sampler: Callable | None = None,
 ) -> DeviceStepOut:
-    """`sampler`: (model, h [B, D]) -> tokens [B] in place of the head and `sample` (the server)."""
+    """`sampler`: as engine/step.py's `head_token` takes it (the server)."""
     cfg = model.cfg
     b = tok.shape[0]
     unique = num_unique_experts(cfg.num_experts, b, cfg.top_k)
@@ -101,9 +102,5 @@ def device_step(
             with jax.named_scope("prefetch"):
                 state = dc.prefetch(state, hosts[nxt], policy, layer, nxt, routing.ids, valid, predict_now)
         new_kv.append(layer_kv)
-    h = model.norm(x)[:, -1]  # [B, D]
-    if sampler:
-        token = sampler(model, h)
-    else:
-        token = sample(head_logits(model.embed_tokens, model.lm_head, h), jax.random.fold_in(root, step), sampling)
+    token = head_token(model, x, root, step, sampling, sampler)
     return DeviceStepOut(token, tuple(new_kv), state, positions + 1, step + 1)

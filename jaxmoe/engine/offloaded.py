@@ -140,11 +140,11 @@ class OffloadedEngine:
 
     def check_batch(self, batch: int) -> None:
         """BudgetError (naming the minimum) unless the budget holds the experts `batch` rows can
-        need at one layer, and the expert program's gather of them."""
+        need at one layer, and any gather of them (`workspace_experts`)."""
         cfg = self.config
         unique = num_unique_experts(cfg.num_experts, batch, cfg.top_k)
         plan_geometry(self.expert_budget_bytes, self.store.expert_bytes, len(self.store.keys()), unique,
-                      workspace_experts(unique, self.store.format, cfg))  # fmt: skip
+                      workspace_experts(batch, self.store.format, cfg))  # fmt: skip
 
     def largest_batch(self, limit: int) -> int:
         """The largest batch up to `limit` that the budget holds (`check_batch`); at least 1."""
@@ -256,13 +256,14 @@ class OffloadedEngine:
     def ensure_cache(self, batch: int) -> None:
         """A device expert cache (and its decode driver) for batches of `batch` rows; the
         one there is kept while a batch needs as many experts per layer at once."""
-        unique_max = num_unique_experts(self.config.num_experts, batch, self.config.top_k)
-        if self.cache is None or self.cache.unique_max != unique_max:
-            cfg = self.config
+        cfg = self.config
+        unique_max = num_unique_experts(cfg.num_experts, batch, cfg.top_k)
+        workspace = workspace_experts(batch, self.store.format, cfg)
+        if self.cache is None or (self.cache.unique_max, self.cache.workspace) != (unique_max, workspace):
             shape = PolicyShape(tuple(cfg.moe_layer_ids), cfg.num_experts, cfg.top_k)
             policy = make_policy(self.policy_name, shape, **({"maps": self.maps} if self.maps is not None else {}))
             self.cache = DeviceExpertCache(
-                self.store, self.expert_budget_bytes, policy, unique_max,
+                self.store, self.expert_budget_bytes, policy, unique_max, workspace,
                 prefetch_max=unique_max if self.prefetches else 0, check_budget=self.check_budget,
                 programs=self.programs,
             )  # fmt: skip

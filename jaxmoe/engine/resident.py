@@ -27,7 +27,7 @@ from jaxmoe.engine.inputs import pad_prompts
 from jaxmoe.engine.outputs import GenerationResult, TokenCollector, timing_metrics
 from jaxmoe.engine.programs import Programs
 from jaxmoe.engine.sampling import SamplingParams, sample
-from jaxmoe.engine.step import decode_step
+from jaxmoe.engine.step import forward_step
 from jaxmoe.model import ExpertWeights, MoEDecoder, check_model_dtype, init_kv_cache, moe_ffn
 from jaxmoe.model.window import mark_padding
 from jaxmoe.quant import format_of
@@ -85,14 +85,12 @@ class ResidentEngine:
         return tok, lengths, jnp.ones((), jnp.int32)
 
     def _decode(self, state, experts, tokens, positions, step, kv, root, sampling):
-        """The decode step the offloaded engine runs too (engine/step.py), with the layer
-        stacks for experts and nothing missing: the same program, so the same numbers."""
+        """Every layer straight through (engine/step.py): the calls the offloaded steps make
+        per layer, on the same shapes, so the same numbers."""
         model = self.piece.merge(state)
-        b = tokens.shape[0]
-        x_start = jnp.zeros((b, 1, self.config.hidden_size), self.config.dtype)
-        out = decode_step(model, tokens[:, None], positions[:, None], jnp.ones((b,), bool), kv, experts, None,
-                          jnp.int32(0), x_start, root, step, sampling=sampling, moe_fn=self.moe_fn)  # fmt: skip
-        return out.token, positions + 1, step + 1, out.kv
+        token, kv = forward_step(model, tokens[:, None], positions[:, None], kv, experts, root, step,
+                                 sampling=sampling, moe_fn=self.moe_fn)  # fmt: skip
+        return token, positions + 1, step + 1, kv
 
     # -- host loop --------------------------------------------------------------
     def generate(

@@ -1,20 +1,22 @@
-"""One decode step as one program, the same for the resident and the offloaded engine.
+"""The decode steps that compute every layer from experts already on the device.
 
-Embedding, every layer, the final norm, the head and sampling run in one compiled
-program. Each MoE layer finds its experts through a table: `table[l, e]` is the row of
-`experts[l]` that holds expert e of layer l, or -1 when it is not on the device. The
-resident engine passes the layer stacks and no table (expert e is row e); the offloaded
-engine passes its cache pool for every MoE layer and the cache's table. The expert
-computation is the same call with the same shapes in both (U experts gathered, one
-batched contraction), so both compute the same numbers.
+`forward_step`: the resident engine's step (and the resident server rows'): embedding,
+every layer straight through, the final norm, the head and sampling in one program, with
+nothing under a conditional.
 
-A layer that needs an expert outside the pool cannot be computed here: the program keeps
-the hidden state entering it, skips it and every layer after it, and says which layer
-it was (`first_miss`). The host loads what that layer needs and runs the same program
-again from there (`start`), with that hidden state (`x_start`). Recomputing a layer's
-attention writes the same keys and values again, so resuming is exact. Layers are
-skipped with `lax.cond`, so a resume costs only the layers it runs, and every start
-runs the same compiled program (the same numbers whatever the start).
+`decode_step`: the host-planned offloaded step (the reuse and maps policies, through
+engine/offloaded_decode.py). Each MoE layer finds its experts through a table:
+`table[l, e]` is the row of `experts[l]` that holds expert e of layer l, or -1 when it is
+not on the device. A layer that needs an expert outside the pool cannot be computed here:
+the program keeps the hidden state entering it, skips it and every layer after it, and
+says which layer it was (`first_miss`). The host loads what that layer needs and runs the
+same program again from there (`start`), with that hidden state (`x_start`). Recomputing a
+layer's attention writes the same keys and values again, so resuming is exact. Layers are
+skipped with `lax.cond`, so a resume costs only the layers it runs, and every start runs
+the same compiled program (the same numbers whatever the start).
+
+All of them compute a layer with the same calls on the same shapes (attention, routing,
+`moe_fn` over the expert rows, the residual), so the engines compute the same numbers.
 
 Shapes: B batch, T tokens (1 when decoding), N = B x T, D hidden, L layers, E experts,
 K experts per token, P predicted experts per row, S rows of a pool.
@@ -30,6 +32,39 @@ import jax.numpy as jnp
 from jaxmoe.model import ExpertWeights, MoEDecoder, moe_ffn, num_unique_experts
 from jaxmoe.model.decoder import LayerKV, head_logits
 from jaxmoe.engine.sampling import SamplingParams, sample
+
+
+def head_token(model: MoEDecoder, x: jax.Array, root: jax.Array, step: jax.Array, sampling: SamplingParams,
+               sampler: Callable | None = None) -> jax.Array:  # fmt: skip
+    """tokens [B] from the last position of the hidden states x [B, T, D] (before the final norm).
+    `sampler`: (model, h [B, D], each row's final-norm hidden state) -> tokens [B], in place of
+    the head and `sample(..., sampling)` (the server: each row its own parameters and key)."""
+    h = model.norm(x)[:, -1]  # [B, D]
+    if sampler:
+        return sampler(model, h)
+    return sample(head_logits(model.embed_tokens, model.lm_head, h), jax.random.fold_in(root, step), sampling)
+
+
+def forward_step(
+    model: MoEDecoder,
+    tokens: jax.Array,  # [B, T] int32
+    positions: jax.Array,  # [B, T] int32
+    kv: Sequence[LayerKV],
+    experts: Sequence[ExpertWeights | None],  # per layer: its whole stack (expert e is row e)
+    root: jax.Array,  # PRNG key
+    step: jax.Array,  # [] int32: the token step (sampling key)
+    *,
+    sampling: SamplingParams,
+    moe_fn: Callable = moe_ffn,
+    sampler: Callable | None = None,
+) -> tuple[jax.Array, tuple[LayerKV, ...]]:
+    """(tokens [B], the cache): every layer straight through, then `head_token`."""
+    x = model.embed_tokens(tokens)
+    new_kv = []
+    for module, layer_kv, layer_experts in zip(model.layers, kv, experts, strict=True):
+        x, layer_kv, _ = module(x, positions, layer_kv, layer_experts, moe_fn)
+        new_kv.append(layer_kv)
+    return head_token(model, x, root, step, sampling, sampler), tuple(new_kv)
 
 
 class StepOut(NamedTuple):
@@ -63,9 +98,7 @@ def decode_step(
     moe_fn: Callable = moe_ffn,
     sampler: Callable | None = None,
 ) -> StepOut:
-    """`sampler`: (model, h [B, D], each row's final-norm hidden state) -> tokens [B], in place of
-    the head and `sample(..., sampling)`: for a caller whose rows each sample with their own
-    parameters and key, and compute their logits as a batch of one would (the server)."""
+    """`sampler`: as `head_token` takes it."""
     cfg = model.cfg
     num_layers = cfg.num_layers
     b, t = tokens.shape
@@ -123,12 +156,7 @@ def decode_step(
         picks_all.append(best)
         probs_all.append(probs)
 
-    def head(x):
-        h = model.norm(x)[:, -1]  # [B, D] the last position
-        if sampler:
-            return sampler(model, h)
-        return sample(head_logits(model.embed_tokens, model.lm_head, h), jax.random.fold_in(root, step), sampling)
-
+    head = lambda x: head_token(model, x, root, step, sampling, sampler)  # noqa: E731
     token = jax.lax.cond(missed, lambda x: jnp.zeros((b,), jnp.int32), head, x)
     return StepOut(token, tuple(new_kv), first_miss, x_miss, jnp.stack(ids_all), jnp.stack(picks_all),
                    jnp.stack(probs_all))  # fmt: skip

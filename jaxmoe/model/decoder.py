@@ -23,6 +23,7 @@ from flax import nnx
 from jaxmoe.config import MoEConfig
 from jaxmoe.model.experts import ExpertWeights, Routing, expert_activation, moe_ffn, num_unique_experts, route
 from jaxmoe.model.layers import Attention, DenseMLP, RMSNorm, linear
+from jaxmoe.model.matmul import einsum
 from jaxmoe.model.mla import LatentAttention, LatentKV, init_latent_kv
 from jaxmoe.model.window import RingKV
 
@@ -162,7 +163,7 @@ class MoEDecoder(nnx.Module):
 
 @jax.named_scope("head")
 def head_logits(embed: nnx.Embed, lm_head: nnx.Linear | None, h: jax.Array) -> jax.Array:
-    out = embed.attend(h) if lm_head is None else lm_head(h)
+    out = einsum("...d,vd->...v", h, embed.embedding[...].astype(h.dtype)) if lm_head is None else lm_head(h)
     return out.astype(jnp.float32)
 
 

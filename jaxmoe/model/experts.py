@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmoe.config import MoEConfig
+from jaxmoe.model.matmul import einsum
 
 
 @jax.tree_util.register_static
@@ -56,10 +57,9 @@ def expert_activation(cfg: MoEConfig) -> ClampedSwiGLU | None:
 @jax.tree_util.register_pytree_node_class
 class PackedExperts:
     """Experts held in a storage form (a cache pool or a quantized stack): `parts`, each
-    [S, ...], and `unpack` (static), which turns parts with any leading shape into
-    ExpertWeights of the compute dtype. `expert_rows` gathers the rows it computes first
-    and unpacks only those, inside the same computation: a whole pool or layer is never
-    converted."""
+    [S, ...], and `unpack` (static): (parts, index [P] or None) -> the ExpertWeights of the
+    compute dtype of rows `index` (or of every row). Only the rows computed are unpacked,
+    inside the computation that uses them: a whole pool or layer is never converted."""
 
     def __init__(self, parts: tuple, unpack):
         self.parts, self.unpack = tuple(parts), unpack
@@ -70,7 +70,7 @@ class PackedExperts:
 
     def take(self, index: jax.Array | None) -> ExpertWeights:
         """The unpacked weights of rows `index` [U], or of every row (None)."""
-        return self.unpack(self.parts if index is None else tuple(p[index] for p in self.parts))
+        return self.unpack(self.parts, index)
 
     def tree_flatten(self):
         return self.parts, self.unpack
@@ -174,18 +174,26 @@ def moe_ffn(x: jax.Array, ids: jax.Array, weights: jax.Array, w: ExpertWeights, 
     return combine(expert_rows(x, ids, w, num_unique), weights, x.dtype)
 
 
+# Up to this many tokens in a call (decode steps), each (token, k) pair computes its expert on
+# its token alone, reading the expert's weights where they lie (`expert_pairs`); more tokens
+# (prefill) compute each distinct expert once over all of them, as a gathered batched matmul.
+PAIR_TOKENS = 16
+
+
 @jax.named_scope("experts")
 def expert_rows(x: jax.Array, ids: jax.Array, w: "ExpertWeights | PackedExperts", num_unique: int) -> jax.Array:
     """Each chosen expert's output for its token, [N, K, D], uncombined.
 
-    Each distinct chosen expert is computed once over all N tokens, then each
-    (token, k) row is picked.
+    At most PAIR_TOKENS tokens: `expert_pairs`. More: each distinct chosen expert is
+    computed once over all N tokens, then each (token, k) row is picked.
     `num_unique` is the static number of distinct experts computed, normally
     min(num_experts, N * K). When it equals E every expert is used in place;
     otherwise the distinct ids are gathered first (a copy of U experts). The value
     of a (token, k) row depends only on the token and the expert's weights, not
     on where the expert sits in `w`, which is what lets a cache reorder experts.
     """
+    if x.shape[0] <= PAIR_TOKENS:
+        return expert_pairs(x, ids, w)
     if num_unique == _rows(w):
         unique, chosen = jnp.arange(num_unique, dtype=ids.dtype), _take(w, None)
     else:
@@ -200,6 +208,29 @@ def expert_rows(x: jax.Array, ids: jax.Array, w: "ExpertWeights | PackedExperts"
     return y_u[pos, jnp.arange(ids.shape[0])[:, None]]  # [N, K, D]
 
 
+def expert_pairs(x: jax.Array, ids: jax.Array, w: "ExpertWeights | PackedExperts") -> jax.Array:
+    """[N, K, D]: each (token, k) pair's expert on its token, P = N x K pairs.
+
+    A decode step's contraction is a matrix-vector product per pair, which XLA computes
+    as a reduction; the index into the stack or pool (and a packed format's unpacking)
+    fuses into that reduction, so each expert's bytes are read once, in place: no
+    gathered copy, no workspace beside the pool, and no distinct-expert bookkeeping
+    (sort, scatter, search). An expert two rows share is read twice, which at decode
+    batch sizes costs less than the copy did. A pair's value depends only on its token
+    and its expert's weights, so a cache may hold the expert in any slot."""
+    n, k = ids.shape
+    chosen = _take(w, ids.reshape(-1))  # [P, D, 2I], [P, I, D]
+    xp = jnp.repeat(x, k, axis=0)  # [P, D]
+    width = chosen.w_down.shape[1]
+    gate_up = einsum("pd,pdf->pf", xp, chosen.w_gate_up)
+    if chosen.b_gate_up is not None:
+        gate_up = gate_up + chosen.b_gate_up
+    out = einsum("pi,pid->pd", activate(gate_up, width, chosen.act), chosen.w_down)
+    if chosen.b_down is not None:
+        out = out + chosen.b_down
+    return out.reshape(n, k, -1)
+
+
 def expert_outputs(x: jax.Array, w_gate_up: jax.Array, w_down: jax.Array, b_gate_up=None, b_down=None,
                    act: ClampedSwiGLU | None = None) -> jax.Array:  # fmt: skip
     """SwiGLU of U experts over all N tokens: x [N, D], w [U, D, 2I] and [U, I, D] -> [U, N, D].
@@ -209,10 +240,10 @@ def expert_outputs(x: jax.Array, w_gate_up: jax.Array, w_down: jax.Array, b_gate
     of one expert differently from the same expert in a batch of U (measured on an H200),
     so a streamed layer is stacked before it computes."""
     width = w_down.shape[1]
-    gate_up = jnp.einsum("nd,udf->unf", x, w_gate_up)  # [U, N, 2I]
+    gate_up = einsum("nd,udf->unf", x, w_gate_up)  # [U, N, 2I]
     if b_gate_up is not None:
         gate_up = gate_up + b_gate_up[:, None, :]
-    out = jnp.einsum("uni,uid->und", activate(gate_up, width, act), w_down)
+    out = einsum("uni,uid->und", activate(gate_up, width, act), w_down)
     return out if b_down is None else out + b_down[:, None, :]
 
 
@@ -234,10 +265,10 @@ def num_unique_experts(num_experts: int, tokens: int, top_k: int) -> int:
 def expert_ffn(x: jax.Array, w: ExpertWeights) -> jax.Array:
     """One expert's SwiGLU on [N, D] with w's w_gate_up [D, 2I], w_down [I, D] (and biases)."""
     width = w.w_down.shape[0]
-    gate_up = x @ w.w_gate_up
+    gate_up = einsum("nd,df->nf", x, w.w_gate_up)
     if w.b_gate_up is not None:
         gate_up = gate_up + w.b_gate_up
-    out = activate(gate_up, width, w.act) @ w.w_down
+    out = einsum("ni,id->nd", activate(gate_up, width, w.act), w.w_down)
     return out if w.b_down is None else out + w.b_down
 
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxmoe.config import MoEConfig
+from jaxmoe.model.matmul import dot_fp32, einsum
 from jaxmoe.model.rope import apply_rope, rope_cos_sin
 from jaxmoe.model.window import cache_write, ring_keys, ring_write, softmax_with_sinks, window_visible
 
@@ -31,6 +32,7 @@ def linear(cfg: MoEConfig, d_in: int, d_out: int, bias: bool, rngs: nnx.Rngs, co
         dtype=compute_dtype or _dtype(cfg),
         param_dtype=_dtype(cfg),
         kernel_init=nnx.initializers.normal(0.02),
+        dot_general=dot_fp32,
         rngs=rngs,
     )
 
@@ -106,13 +108,13 @@ class Attention(nnx.Module):
             visible = jnp.arange(k_cache.shape[1])[None, None, :] <= positions[:, :, None]  # [B, T, S]
 
         q = q.reshape(b, t, hk, h // hk, dh)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, keys) * (dh**-0.5)  # [B, Hk, G, T, S]
+        scores = einsum("btkgd,bskd->bkgts", q, keys) * (dh**-0.5)  # [B, Hk, G, T, S]
         scores = jnp.where(visible[:, None, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
         if cfg.attention_sinks:
             probs = softmax_with_sinks(scores, self.sinks[...]).astype(q.dtype)
         else:
             probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(b, t, h * dh)
+        out = einsum("bkgts,bskd->btkgd", probs, values).reshape(b, t, h * dh)
         return self.o_proj(out), type(kv)(k_cache, v_cache)
 
 

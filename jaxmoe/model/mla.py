@@ -21,6 +21,7 @@ from flax import nnx
 
 from jaxmoe.config import MoEConfig
 from jaxmoe.model.layers import RMSNorm, linear
+from jaxmoe.model.matmul import einsum
 from jaxmoe.model.rope import apply_rope, apply_rope_pairs, rope_cos_sin
 from jaxmoe.model.window import cache_write
 
@@ -81,9 +82,9 @@ class LatentAttention(nnx.Module):
         query = jnp.concatenate([q[..., :dn], q_rot], axis=-1)  # [B, T, H, Dq]
         mscale = cfg.rope_yarn.softmax_mscale if cfg.rope_yarn else 1.0
         scale = (dn + dr) ** -0.5 * mscale * mscale  # in transformers' order
-        scores = jnp.einsum("bthd,bshd->bhts", query, keys) * scale  # [B, H, T, S]
+        scores = einsum("bthd,bshd->bhts", query, keys) * scale  # [B, H, T, S]
         visible = jnp.arange(s)[None, None, :] <= positions[:, :, None]  # [B, T, S]
         scores = jnp.where(visible[:, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(query.dtype)
-        out = jnp.einsum("bhts,bshd->bthd", probs, expanded[..., dn:]).reshape(b, t, h * dv)
+        out = einsum("bhts,bshd->bthd", probs, expanded[..., dn:]).reshape(b, t, h * dv)
         return self.o_proj(out), LatentKV(latent_cache, rope_cache)

@@ -5,12 +5,14 @@ Memory, all counted against the byte budget:
            (jaxmoe/quant/format.py), preallocated; a program unpacks (and dequantizes)
            only the rows it gathers (`pool_experts`). Bytes, not bf16, because XLA CPU
            writes a bf16 array in place through fp32 (docs/DECODE.md)
-  workspace  the gather: the expert program computes its U experts as one batched
-           contraction, so it gathers them out of the pool first (U experts, or for a
-           quantized format U stored rows plus their unpacked weights); `workspace_experts`
+  workspace  none for a decode step of up to PAIR_TOKENS rows: each (row, k) pair's expert is
+           read where it lies in the pool (model/experts.py, `expert_pairs`). A larger batch
+           computes its U distinct experts as one batched contraction, gathered out of the
+           pool first (U experts, or for a quantized format U stored rows plus their unpacked
+           weights); `workspace_experts`
 Copies take no room of their own: each lands in its pool slot in place (the deviceless
 H100 compile of the fetch and decode programs allocates no landing buffer: docs/DECODE.md).
-A budget of every expert plus that gather preloads them all: no copies.
+A budget of every expert (plus any gather) preloads them all: no copies.
 
 Copies go straight into their pool slots: a fetch program (`fetch_into_pool`, a fixed U + P
 lanes, so one compiled program serves every pass) copies each planned expert's row from
@@ -39,7 +41,8 @@ import numpy as np
 from jaxmoe.engine.metrics import fmt_bytes, tree_bytes
 from jaxmoe.engine.phases import PhaseClock
 from jaxmoe.engine.programs import Programs
-from jaxmoe.model import PackedExperts
+from jaxmoe.model import PackedExperts, num_unique_experts
+from jaxmoe.model.experts import PAIR_TOKENS
 from jaxmoe.offload import device_cache as dc
 from jaxmoe.offload.host_store import HostExpertStore
 from jaxmoe.offload.policy import EvictionPolicy
@@ -125,42 +128,46 @@ class CacheCounters:
         return self.expert_hits / total if total else None
 
 
-def workspace_experts(unique_max: int, fmt: ExpertFormat, cfg: MoEConfig) -> int:
-    """Device memory the cache needs beside its pool while a layer computes, in stored experts:
-    the expert program's gather, the `unique_max` rows it takes from the pool and, for a
-    quantized format, their unpacked weights in the compute dtype (as many bytes as
-    `unique_max` dense experts). The one figure the budget check, the geometry and the
-    cache's accounting all use."""
+def workspace_experts(batch: int, fmt: ExpertFormat, cfg: MoEConfig) -> int:
+    """Device memory a decode step of `batch` rows needs beside the pool, in stored experts. Up
+    to PAIR_TOKENS rows none: each (row, k) pair's expert is read in place (`expert_pairs`; the
+    deviceless H100 compile of the step allocates no copy of an expert). Beyond, the step
+    gathers its U distinct experts' rows and, for a quantized format, their unpacked weights
+    in the compute dtype (as many bytes as U dense experts). The one figure the budget check,
+    the geometry and the cache's accounting all use."""
+    if batch <= PAIR_TOKENS:
+        return 0
+    unique = num_unique_experts(cfg.num_experts, batch, cfg.top_k)
     if fmt.kind == "dense":
-        return unique_max
-    return unique_max + -(-unique_max * DENSE.nbytes(cfg) // fmt.nbytes(cfg))
+        return unique
+    return unique + -(-unique * DENSE.nbytes(cfg) // fmt.nbytes(cfg))
 
 
-def minimum_experts(unique_max: int, workspace: int | None = None) -> int:
+def minimum_experts(unique_max: int, workspace: int = 0) -> int:
     """The smallest budget, in experts: the `unique_max` experts one layer can need resident,
-    plus the workspace (`workspace_experts`; `unique_max` for dense experts)."""
-    return unique_max + (unique_max if workspace is None else workspace)
+    plus the workspace (`workspace_experts`)."""
+    return unique_max + workspace
 
 
 def plan_geometry(budget_bytes: int, expert_bytes: int, total_experts: int, unique_max: int,
-                  workspace: int | None = None) -> int:  # fmt: skip
+                  workspace: int = 0) -> int:  # fmt: skip
     """Pool slots S for a budget (S == total_experts: every expert resident, nothing copied
     while decoding), or BudgetError naming the minimum.
 
     A layer needs up to `unique_max` experts resident at once, so S >= unique_max; the
-    workspace (default: a dense format's, `unique_max`) comes out of the same budget.
+    workspace (`workspace_experts`) comes out of the same budget.
     Prefetches need no room of their own: they take slots no current expert holds, or wait.
     """
     capacity = budget_bytes // expert_bytes
-    workspace = unique_max if workspace is None else workspace
     if capacity >= total_experts + workspace:
         return total_experts
     minimum = minimum_experts(unique_max, workspace)
     if capacity < minimum:
+        gather = f" and the expert program's gather ({workspace} experts' bytes)" if workspace else ""
         raise BudgetError(
             f"expert budget {fmt_bytes(budget_bytes)} is below the minimum working set of "
-            f"{fmt_bytes(minimum * expert_bytes)}: {unique_max} experts one layer can need for this batch "
-            f"and the expert program's gather ({workspace} experts' bytes), at {fmt_bytes(expert_bytes)} each"
+            f"{fmt_bytes(minimum * expert_bytes)}: {unique_max} experts one layer can need for this batch"
+            f"{gather}, at {fmt_bytes(expert_bytes)} each"
         )
     return capacity - workspace
 
@@ -172,20 +179,21 @@ class DeviceExpertCache:
         budget_bytes: int,
         policy: EvictionPolicy,
         unique_max: int,
+        workspace: int = 0,
         prefetch_max: int = 0,
         device=None,
         check_budget: bool = False,
         programs: Programs | None = None,
     ):
-        """`programs`: where the cache's own programs (take, write) are compiled; the
-        engine passes its own, so that preparing a bucket compiles them too."""
+        """`workspace`: the decode step's, in stored experts (`workspace_experts`); `programs`:
+        where the cache's own programs (take, write) are compiled; the engine passes its own,
+        so that preparing a bucket compiles them too."""
         cfg = store.config
         self.programs = programs if programs is not None else Programs()
         self.store, self.budget_bytes, self.check_budget = store, budget_bytes, check_budget
-        self.unique_max = unique_max
+        self.unique_max, self.workspace = unique_max, workspace
         self.device = jax.sharding.SingleDeviceSharding(device or jax.devices()[0], memory_kind="device")
         total = len(store.keys())
-        workspace = workspace_experts(unique_max, store.format, cfg)
         slots = plan_geometry(budget_bytes, store.expert_bytes, total, unique_max, workspace)
         resident = slots == total
         if resident:  # nothing to prefetch

@@ -137,16 +137,25 @@ class ExpertFormat:
         return jnp.concatenate(columns, axis=1)
 
     # -- inside a program --------------------------------------------------------------
-    def unpack(self, cfg: MoEConfig, rows: jax.Array) -> ExpertWeights:
-        """rows [..., bytes] uint8 -> the experts' weights [..., K, N] in the model dtype."""
-        lead, dtype = rows.shape[:-1], jnp.dtype(cfg.dtype)
+    def unpack(self, cfg: MoEConfig, rows: jax.Array, index: jax.Array | None = None) -> ExpertWeights:
+        """rows [..., bytes] uint8 -> the experts' weights [..., K, N] in the model dtype; with
+        `index` [P], only rows `index` of rows [S, bytes] ([P, K, N]).
+
+        Each part is viewed in its dtype over all the rows first (a bitcast of the whole
+        buffer, which costs nothing) and indexed after: XLA fuses an index and a slice of
+        that view into the kernel that consumes the weights, so an expert computed from a
+        pool is read where it lies. Indexed the other way round (bytes first, then
+        bitcast), the gathered bytes are a copy."""
+        dtype = jnp.dtype(cfg.dtype)
         views: dict[tuple[str, str], jax.Array] = {}
         for part in self.parts(cfg):
-            raw = rows[..., part.offset : part.offset + part.nbytes]
             size = part.dtype.itemsize
-            if size > 1:
-                raw = raw.reshape(lead + (part.nbytes // size, size))
-            views[part.matrix, part.role] = jax.lax.bitcast_convert_type(raw, part.dtype).reshape(lead + part.shape)
+            whole = rows if size == 1 else rows.reshape(rows.shape[:-1] + (rows.shape[-1] // size, size))
+            whole = jax.lax.bitcast_convert_type(whole, part.dtype)  # [..., bytes / size]
+            raw = whole[..., part.offset // size : (part.offset + part.nbytes) // size]
+            if index is not None:
+                raw = raw[index]
+            views[part.matrix, part.role] = raw.reshape(raw.shape[:-1] + part.shape)
         matrices = [self._matrix(views, m, dtype) for m in ("w_gate_up", "w_down")]
         if not cfg.expert_bias:
             return ExpertWeights(*matrices)
@@ -189,9 +198,9 @@ class RowUnpacker:
     fmt: ExpertFormat
     cfg: MoEConfig
 
-    def __call__(self, parts) -> ExpertWeights:
+    def __call__(self, parts, index: jax.Array | None = None) -> ExpertWeights:
         (rows,) = parts
-        return self.fmt.unpack(self.cfg, rows)
+        return self.fmt.unpack(self.cfg, rows, index)
 
 
 def packed_experts(rows: jax.Array, fmt: ExpertFormat, cfg: MoEConfig) -> PackedExperts:

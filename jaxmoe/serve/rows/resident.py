@@ -13,7 +13,7 @@ import numpy as np
 
 from jaxmoe.engine.resident import ResidentEngine
 from jaxmoe.engine.sampling import SamplingParams
-from jaxmoe.engine.step import decode_step
+from jaxmoe.engine.step import forward_step
 from jaxmoe.serve.rows.base import RowPrefill, Rows
 from jaxmoe.serve.rows.exact import per_token_moe
 from jaxmoe.serve.rows.sampling import row_sampler, sample_rows
@@ -55,29 +55,24 @@ class ResidentRows(Rows):
         """The engine's decode step with each row at its own position and its own sampler, its
         experts and head computed as a one-row step computes them (rows/exact.py)."""
         model = self.engine.piece.merge(state)
-        b = tokens.shape[0]
-        x_start = jnp.zeros((b, 1, self.config.hidden_size), self.config.dtype)
-        out = decode_step(model, tokens[:, None], positions[:, None], jnp.ones((b,), bool), kv, experts, None,
-                          jnp.int32(0), x_start, jax.random.key(0), jnp.int32(0), sampling=SamplingParams(),
-                          moe_fn=per_token_moe, sampler=row_sampler(sampling))  # fmt: skip
-        return out.token, out.kv
+        return forward_step(model, tokens[:, None], positions[:, None], kv, experts, jax.random.key(0), jnp.int32(0),
+                            sampling=SamplingParams(), moe_fn=per_token_moe, sampler=row_sampler(sampling))  # fmt: skip
 
     def _decode_exact(self, state, experts, tokens, positions, kv, sampling):
         """Row after row, each the engine's one-row decode step on its slice of the cache,
         written back in place."""
         model = self.engine.piece.merge(state)
-        x_start = jnp.zeros((1, 1, self.config.hidden_size), self.config.dtype)
         one = lambda a, r: jax.lax.dynamic_slice_in_dim(a, r, 1)  # noqa: E731
 
         def row(r, carry):
             out_tokens, kv = carry
             kv_row = jax.tree.map(lambda a: one(a, r), kv)
-            out = decode_step(model, one(tokens, r)[:, None], one(positions, r)[:, None], jnp.ones((1,), bool), kv_row,
-                              experts, None, jnp.int32(0), x_start, jax.random.key(0), jnp.int32(0),
-                              sampling=SamplingParams(), moe_fn=self.engine.moe_fn,
-                              sampler=row_sampler(tuple(one(a, r) for a in sampling)))  # fmt: skip
-            kv = jax.tree.map(lambda a, new: jax.lax.dynamic_update_slice_in_dim(a, new, r, 0), kv, tuple(out.kv))
-            return jax.lax.dynamic_update_slice_in_dim(out_tokens, out.token, r, 0), kv
+            token, kv_row = forward_step(model, one(tokens, r)[:, None], one(positions, r)[:, None], kv_row, experts,
+                                         jax.random.key(0), jnp.int32(0), sampling=SamplingParams(),
+                                         moe_fn=self.engine.moe_fn,
+                                         sampler=row_sampler(tuple(one(a, r) for a in sampling)))  # fmt: skip
+            kv = jax.tree.map(lambda a, new: jax.lax.dynamic_update_slice_in_dim(a, new, r, 0), kv, kv_row)
+            return jax.lax.dynamic_update_slice_in_dim(out_tokens, token, r, 0), kv
 
         return jax.lax.fori_loop(0, tokens.shape[0], row, (jnp.zeros_like(tokens), kv))
 
