@@ -20,7 +20,7 @@ from bench import gpu_aot
 from jaxmoe.engine.device_step import device_step
 from jaxmoe.engine.offloaded_decode import offloaded_step
 from jaxmoe.engine.programs import COMPILER_OPTIONS
-from jaxmoe.engine.executor import Piece
+from jaxmoe.engine.executor import Piece, pack_module
 from jaxmoe.engine.sampling import SamplingParams
 from jaxmoe.engine.step import forward_step
 from jaxmoe.model import MoEDecoder, init_kv_cache, num_unique_experts
@@ -59,7 +59,7 @@ def report(model: str = "olmoe-1b-7b", target: str = "h100", batch: int = 1, bud
            policy: str = "lru", cache_len: int = 256, dtype: str = "bfloat16", keep: str | None = None) -> dict:  # fmt: skip
     cfg = _config(model, dtype)
     graphdef_model = nnx.eval_shape(lambda: MoEDecoder(cfg, nnx.Rngs(0)))
-    piece = Piece(graphdef_model)
+    piece = Piece(graphdef_model, pack_module(graphdef_model))  # the engines' packed weights
     merged = lambda leaves: piece.merge(leaves)  # noqa: E731
     leaves = _on_cpu(piece.leaves)
     spec = jax.ShapeDtypeStruct
@@ -102,7 +102,7 @@ def report(model: str = "olmoe-1b-7b", target: str = "h100", batch: int = 1, bud
     resume_args = (leaves, rows, rows, _on_cpu(spec((batch,), jnp.bool_)), kv, _on_cpu(pool),
                    _on_cpu(spec((cfg.num_layers, cfg.num_experts), jnp.int32)), scalar, _on_cpu(x), root, scalar, ())
     programs["offloaded_resume"] = gpu_aot.compile_counts(
-        "offloaded_resume", lambda leaves, *a, **s: offloaded_step(merged(leaves), *a, **s), resume_args, target=target,
+        "offloaded_resume", lambda leaves, *a, **s: offloaded_step(lambda: merged(leaves), *a, **s), resume_args, target=target,
         static={"sampling": sampling, "scorer": None, "picks": 0, "fmt": fmt}, donate=(4, 5), options=options,
         keep=keep)  # fmt: skip
     return {"target": target, "jax": jax.__version__, "model": model, "batch": batch, "budget_frac": budget_frac,

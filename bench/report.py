@@ -15,6 +15,7 @@ import datetime
 import sys
 
 from bench import stats
+from bench.budgets import num_experts
 from bench.common import fmt, table
 
 SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
@@ -150,7 +151,8 @@ def make_row(job, r: dict, look: Lookup, problems: list[str]) -> dict:
             demand = min(job.model.config(job.dtype).num_experts, job.batch * job.model.config(job.dtype).top_k)
             row |= offload_fields(r, look.at("jaxmoe", job), look.gbps(job, demand), demand)
             row |= {"hit_rate": r["hit_rate"], "expert_budget_bytes": r["expert_budget_bytes"]}
-            row["all_experts_fit"] = r["cache_slots"] == b.experts  # preloaded: nothing moves
+            # preloaded: nothing moves (a pool of every expert of the model)
+            row["all_experts_fit"] = r["cache_slots"] == num_experts(job.model.config(job.dtype))
             accel = [v for (w, m, d, bb, pp), v in look.by.items() if w == "hf-accelerate" and (m, d, bb, pp) ==
                      (job.model.name, job.dtype, job.batch, job.prompt_tokens)]  # fmt: skip
             rate = next((a.get("decode_tokens_per_s") for a in accel if a.get("decode_tokens_per_s")), None)

@@ -145,7 +145,7 @@ def worker_jaxmoe(spec: dict) -> dict:
     check_jax_backend(spec["gpu"])
     cfg, model, experts = models.build(model_spec(spec), spec["dtype"], spec["seed"], spec["gpu"], offload=False)
     built = after_build()
-    engine = ResidentEngine(cfg, model, experts)
+    engine = ResidentEngine(cfg, model, experts, own_model=True)
     out = timed_runs(lambda: stamped(engine.generate, spec, cfg.vocab_size), spec["repeats"])
     return {**out, **built, "expert_bytes": tree_bytes(experts), "versions": jax_versions()}
 
@@ -175,7 +175,7 @@ def worker_offload(spec: dict) -> dict:
     built = after_build()
     predictor = load_scorer(spec["predictor"], model) if spec["policy"] == "predictor" else None
     engine = OffloadedEngine(cfg, model, store, spec["budget_bytes"], spec["policy"], predictor=predictor,
-                             **spec.get("engine_kwargs", {}))  # fmt: skip
+                             own_model=True, **spec.get("engine_kwargs", {}))  # fmt: skip
 
     def run():
         engine.reset_cache()  # a cold cache every run: no contents or use counts from the run before

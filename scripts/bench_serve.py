@@ -214,7 +214,8 @@ def check_greedy(args, requests: list[dict]) -> dict:
     from jaxmoe.tokenizer import eos_ids, load_tokenizer
 
     loaded = load(args.model)
-    engine = ResidentEngine(loaded.config, loaded.model, loaded.experts, prefill_chunk=args.prefill_chunk)
+    engine = ResidentEngine(loaded.config, loaded.model, loaded.experts, prefill_chunk=args.prefill_chunk,
+                            own_model=True)  # fmt: skip
     tokenizer = load_tokenizer(loaded.tokenizer_path)
     eos, want, mismatches = eos_ids(loaded.generation_config), {}, []
     for r in requests:

@@ -147,7 +147,8 @@ def build_engine(path: Path, args: argparse.Namespace):
     """(engine, config, generation_config, tokenizer_path): offloaded when a budget is given."""
     if args.expert_budget_gb is None and args.expert_budget_frac is None:
         loaded = load(path)
-        engine = ResidentEngine(loaded.config, loaded.model, loaded.experts, prefill_chunk=args.prefill_chunk)
+        engine = ResidentEngine(loaded.config, loaded.model, loaded.experts, prefill_chunk=args.prefill_chunk,
+                                own_model=True)  # fmt: skip
         return engine, loaded.config, loaded.generation_config, loaded.tokenizer_path
     if args.expert_budget_gb is not None:
         budget = round(args.expert_budget_gb * 1e9)

@@ -93,16 +93,17 @@ def test_auto_budget_arithmetic_olmoe_at_5_gib():
 @pytest.mark.e2e
 def test_matrix_main_point_and_sweeps():
     script = bench_script()
-    args = script.parse_args(["--models", "olmoe-small", "--budgets", "0.1,0.5,1", "--prompt-tokens", "128,512"])
+    args = script.parse_args(["--models", "olmoe-small", "--budgets", "0.05,0.5,1", "--prompt-tokens", "128,512"])
     jobs, _ = script.matrix.model_jobs(args, args.models[0], "bfloat16")
     main = [j for j in jobs if j.worker == "offload" and j.prompt_tokens == 128]
     runnable = {(j.policy, j.budget.spec) for j in main if not j.skipped}
-    # Every policy at 0.5; the all-experts budget once; every policy refused at 0.1, below the
-    # minimum working set (the same for all: a prefetch takes no room of its own).
+    # Every policy at 0.5; the all-experts budget once; every policy refused at 0.05 (3 of 64
+    # experts), below the minimum working set of one layer's 4 (the same for all: a prefetch
+    # takes no room of its own).
     assert {p for p, b in runnable if b == "0.5"} == {"ondemand", "lru", "lfu", "predictor"}
     assert [p for p, b in runnable if b == "1"] == ["ondemand"]
     refused = [j for j in main if j.skipped]
-    assert sorted((j.policy, j.budget.spec) for j in refused) == [(p, "0.1") for p in ("lfu", "lru", "ondemand", "predictor")]
+    assert sorted((j.policy, j.budget.spec) for j in refused) == [(p, "0.05") for p in ("lfu", "lru", "ondemand", "predictor")]
     assert all("minimum working set" in j.skipped for j in refused)
     sweep = [j for j in jobs if j.prompt_tokens == 512]
     assert {(j.worker, j.policy) for j in sweep} == {("jaxmoe", None), ("hf", None), ("hf-accelerate", None),

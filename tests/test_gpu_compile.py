@@ -25,3 +25,32 @@ def test_the_offloaded_decode_never_reads_the_host_on_an_h100():
     assert offloaded["host_slices"] > 0  # the fetch reads pinned host memory: memory kinds survived
     assert offloaded["expert_weight_copy_bytes"] == 0  # no copy of the pool
     assert out["programs"]["resident_decode"]["host_slices"] == 0
+
+
+def test_the_decode_steps_read_their_weights_in_place(tmp_path):
+    """Experts read where they lie, dense weights in a few arguments: in two layers of
+    OLMoE-1B-7B's shape (12.6 MB experts), XLA's own allocations in either decode step stay
+    below one expert's bytes, where the gather of the step's 4 experts took 4 of them; and
+    the step takes the packed dense weights as a handful of arguments, not one per array."""
+    import json
+
+    from bench.gpu_compile import report
+    from bench.shapes import SHAPES
+    from jaxmoe.config import load_hf_config
+    from jaxmoe.quant import DENSE
+
+    fields = SHAPES["olmoe-1b-7b"] | {"num_hidden_layers": 2, "num_experts": 16, "num_experts_per_tok": 4,
+                                      "vocab_size": 8192, "torch_dtype": "bfloat16"}  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(fields))
+    cfg = load_hf_config(tmp_path)
+    out = report(str(tmp_path), "h100", batch=1, budget_frac=0.25, policy="lru")
+    expert = DENSE.nbytes(cfg)
+    assert expert > 12e6
+    for name in ("resident_decode", "offloaded_decode"):
+        counts = out["programs"][name]
+        assert counts["temp_bytes"] < expert, (name, counts["temp_bytes"])
+        assert counts["host_reads"] == 0
+    # resident: at most 6 arguments of dense weights (a buffer per dtype and width, the
+    # embedding, the head), per layer 4 (its two expert stacks, its keys and values), and
+    # tokens, positions, step, key; the layers' 2 x 9 dense arrays are no arguments of their own
+    assert out["programs"]["resident_decode"]["arguments"] <= 6 + 4 * cfg.num_layers + 4

@@ -1,19 +1,24 @@
 """Running an engine's modules as compiled programs: one named program cache per engine.
 
-A module goes in split (`Piece`: its graphdef and its weights as a flat tuple of arrays),
-so a call hands over a tuple instead of flattening a module every time; modules with
-equal graphdefs (layers of one kind) share one compiled program per argument shape.
+A module goes in split (`Piece`: its graphdef and its weights as a flat tuple of arrays, or
+as slots of the engine's WeightPack), so a call hands over a tuple instead of flattening a
+module every time; modules with equal graphdefs (layers of one kind) share one compiled
+program per argument shape.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxmoe.engine.phases import PhaseClock
 from jaxmoe.engine.programs import Programs
+from jaxmoe.engine.weights import WeightPack
 from jaxmoe.model import MoEDecoder
 
 
@@ -27,15 +32,43 @@ class Ends(nnx.Module):
 
 
 class Piece:
-    """A module split for per-call speed: graphdef, and its weights as a flat tuple of arrays."""
+    """A module split for per-call speed: its graphdef, and its weights, which a program takes
+    as `leaves`: a flat tuple of the module's arrays, or with `pack` the pack's arguments and
+    the first rows of this module's slots (`WeightPack.view_at`). Every piece of an engine then
+    passes the same few arrays, every program views its weights the same way (a dynamic slice:
+    XLA may round a product differently when one operand is a constant slice and another a
+    dynamic one), and pieces of equal graphdefs (layers of one kind) share one compiled program."""
 
-    def __init__(self, module: nnx.Module):
+    def __init__(self, module: nnx.Module, pack: WeightPack | None = None):
         self.graphdef, state = nnx.split(module)
         leaves, self.treedef = jax.tree.flatten(state)
-        self.leaves = tuple(leaves)
+        self.pack = pack
+        if pack is None:
+            self._leaves, self.slots, self.layout = tuple(leaves), (), ()
+            return
+        self.slots = pack.slots_of(leaves)
+        rows = np.array([slot.row for slot in self.slots], np.int32)
+        abstract = not isinstance(pack.arguments[0], jax.Array)
+        self._rows = jax.ShapeDtypeStruct(rows.shape, rows.dtype) if abstract else jnp.asarray(rows)
+        # What a compiled program bakes in: which argument and shape each weight has.
+        self.layout = tuple((s.buffer, s.row < 0, s.shape) for s in self.slots)
+
+    @property
+    def leaves(self) -> tuple:
+        return self._leaves if self.pack is None else (*self.pack.arguments, self._rows)
 
     def merge(self, leaves) -> nnx.Module:
-        return nnx.merge(self.graphdef, jax.tree.unflatten(self.treedef, leaves))
+        if self.pack is None:
+            arrays = leaves
+        else:
+            *arguments, rows = leaves
+            arrays = WeightPack.view_at(arguments, self.slots, rows)
+        return nnx.merge(self.graphdef, jax.tree.unflatten(self.treedef, arrays))
+
+
+def pack_module(module: nnx.Module, consume: bool = False) -> WeightPack:
+    """A module's weights packed (engine/weights.py); `consume`: its own arrays are freed."""
+    return WeightPack(jax.tree.leaves(nnx.state(module)), consume=consume)
 
 
 class Executor:
@@ -46,7 +79,8 @@ class Executor:
 
     def run(self, name: str, fn: Callable, static: dict, donate: tuple[int, ...], piece: Piece, *args, options=None):
         """`fn(module, *args, **static)` compiled for these shapes and called; `donate` are
-        positions in `args` whose buffers the outputs reuse (the KV cache, the expert pool)."""
+        positions in `args` whose buffers the outputs reuse (the KV cache, the expert pool).
+        (`compile` with `lazy`: `fn` gets a function that merges the module where it is called.)"""
         program = self.compile(name, fn, static, donate, piece, *args, options=options)
         with self.clock.phase("dispatch"):
             out = program(piece.leaves, *args)
@@ -54,19 +88,21 @@ class Executor:
         return out
 
     def compile(self, name: str, fn: Callable, static: dict, donate: tuple[int, ...], piece: Piece, *args,
-                options=None) -> jax.stages.Compiled:  # fmt: skip
-        """The compiled program `run` calls; `args` may be jax.ShapeDtypeStructs (compile only)."""
-        signature = (name, id(piece.graphdef), tuple(static.items()))
+                options=None, lazy: bool = False) -> jax.stages.Compiled:  # fmt: skip
+        """The compiled program `run` calls; `args` may be jax.ShapeDtypeStructs (compile only).
+        `lazy`: `fn` takes, in place of the module, a function that merges it, for a program that
+        reads weights inside conditionals (engine/step.py's `decode_step`)."""
+        signature = (name, id(piece.graphdef), tuple(static.items()), lazy)
         signature += tuple((a.shape, a.dtype) for a in jax.tree.leaves(args))
         program = self._by_signature.get(signature)
         if program is None:
 
             def bound(leaves, *a, **kw):  # Programs.get names the program after `name`
-                return fn(piece.merge(leaves), *a, **kw)
+                return fn(functools.partial(piece.merge, leaves) if lazy else piece.merge(leaves), *a, **kw)
 
             donate = tuple(i + 1 for i in donate)  # after the leaves
             program = self.programs.get(
-                (name, piece.graphdef), bound, static, donate, piece.leaves, *args, options=options
+                (name, piece.graphdef, piece.layout, lazy), bound, static, donate, piece.leaves, *args, options=options
             )
             self._by_signature[signature] = program
         return program

@@ -23,11 +23,10 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jaxmoe.config import MoEConfig
 from jaxmoe.engine.buckets import DEFAULT_PREFILL_CHUNK, cache_bucket, check_chunk, chunk_starts, prompt_bucket
-from jaxmoe.engine.executor import Ends, Executor, Piece
+from jaxmoe.engine.executor import Ends, Executor, Piece, pack_module
 from jaxmoe.engine.metrics import device_peak_bytes, tree_bytes
 from jaxmoe.engine.device_decode import DeviceDecoder
 from jaxmoe.engine.offloaded_decode import OffloadedDecoder
@@ -90,6 +89,7 @@ class OffloadedEngine:
         amortize: Amortize = Amortize(),
         costs: CostModel = CostModel(),
         skip_below: float = 0.0,
+        own_model: bool = False,
     ):
         """`prefill`: "stream" (every expert, layer by layer, overlapped), "routed" (only the
         routed experts, like decode), "auto" (routed for short prompts) or "injit" (stream
@@ -101,7 +101,9 @@ class OffloadedEngine:
         model a gated prefetch weighs (jaxmoe/offload/costs.py). `skip_below` W > 0: approximate
         decode (opt-in): a missed expert whose routing weight is below W is not fetched and not
         computed (device_cache.DevicePolicy; the policies the device runs only), and the
-        metrics say `approximate`."""
+        metrics say `approximate`. `own_model`: the engine owns `model`, whose arrays are freed
+        once packed (engine/weights.py; the caller must not use it afterwards); otherwise the
+        packed weights are a second copy."""
         if prefill not in MODES:
             raise ValueError(f"prefill must be one of {', '.join(MODES)}, got {prefill!r}")
         if prefill == INJIT and not prefill_overlap:
@@ -126,11 +128,12 @@ class OffloadedEngine:
         self.prefetches = kind.prefetches(predictor is not None)
         self.check_budget = check_budget
         self.check_batch(1)  # refuse now a budget too small even for one sequence; larger batches per call
-        self.ends = Piece(Ends(model))
-        self.layers = [Piece(layer) for layer in model.layers]
-        self.model_piece = Piece(model)  # the decode step's program takes the whole model
-        self.embedding = model.embed_tokens.embedding[...]  # for the prompts' semantic vectors (expert maps)
-        self.dense_bytes = tree_bytes(nnx.state(model))
+        # Every program takes the same few buffers of dense weights (engine/weights.py).
+        pack = pack_module(model, consume=own_model)
+        self.ends = Piece(Ends(model), pack)
+        self.layers = [Piece(layer, pack) for layer in model.layers]
+        self.model_piece = Piece(model, pack)  # the decode step's program takes the whole model
+        self.dense_bytes = tree_bytes(pack.arguments)
         self.executor = Executor()
         self.programs = self.executor.programs
         self._zeros: dict[tuple, jax.Array] = {}
@@ -196,7 +199,8 @@ class OffloadedEngine:
             from jaxmoe.predictor.fingerprint import model_summary
 
             maps = ExpertMaps.load(maps, model_summary(cfg))
-        engine = cls(cfg, loaded.model, store, expert_budget_bytes, policy, predictor=predictor, maps=maps, **kw)
+        engine = cls(cfg, loaded.model, store, expert_budget_bytes, policy, predictor=predictor, maps=maps,
+                     own_model=True, **kw)  # fmt: skip
         engine.generation_config, engine.tokenizer_path = loaded.generation_config, loaded.tokenizer_path
         return engine
 
@@ -402,7 +406,7 @@ class OffloadedEngine:
     def _semantic_vector(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """The prompts' mean input embedding (a request's key in the expert maps); the rows
         are gathered at the padded shape, so a prompt bucket compiles one gather."""
-        rows = np.asarray(jnp.take(self.embedding, jnp.asarray(tokens), axis=0), np.float32)
+        rows = np.asarray(self.executor.run("embed", embed, {}, (), self.ends, jnp.asarray(tokens)), np.float32)
         mask = np.arange(tokens.shape[1])[None, :] < lengths[:, None]
         return normalise(rows[mask].mean(0))
 

@@ -32,16 +32,19 @@ from jaxmoe.offload.cache import pool_experts
 DONATE = (3, 4)  # the KV cache and the pool: updated in place
 
 
-def offloaded_step(model, tok, positions, valid, kv, pool, table, start, x_start, root, step,
+def offloaded_step(model_at, tok, positions, valid, kv, pool, table, start, x_start, root, step,
                    scorer_leaves, *, sampling, scorer, picks, fmt, **step_options):  # fmt: skip
     """decode_step on tok [B] at positions [B] with the cache's pool standing for every MoE
     layer's experts; also returns the pool (passed through, donated), and the next step's
     positions and step (used after a run that completed the token), so the host feeds device
-    arrays straight back in. `step_options`: decode_step's own (the server's per-row `moe_fn`
-    and `sampler`)."""
+    arrays straight back in. `model_at`: the model, merged where it is called (decode_step's
+    `merge`; the executor's `lazy`). `step_options`: decode_step's own (the server's per-row
+    `moe_fn` and `sampler`)."""
+    model = model_at()
     experts = [pool_experts(pool, fmt, model.cfg) if moe else None for moe in model.cfg.moe_layers]
     out = decode_step(model, tok[:, None], positions[:, None], valid, kv, experts, table, start, x_start, root,
-                      step, scorer_leaves, sampling=sampling, scorer=scorer, picks=picks, **step_options)  # fmt: skip
+                      step, scorer_leaves, sampling=sampling, scorer=scorer, picks=picks, merge=model_at,
+                      **step_options)  # fmt: skip
     # What the host reads, as one int32 array (one transfer): first miss, tokens, routing ids,
     # picks; the picks' probabilities apart (fp32).
     report = jnp.concatenate([out.first_miss[None], out.token, out.ids.reshape(-1), out.picks.reshape(-1)])
@@ -100,7 +103,7 @@ class OffloadedDecoder:
                              spec((batch, 1, cfg.hidden_size), jnp.dtype(cfg.dtype)),
                              jax.eval_shape(lambda: jax.random.key(0)), spec((), jnp.int32), cache_inputs)  # fmt: skip
             self.engine.executor.compile(self.program_name, self.step_program, self.static(), DONATE,
-                                         self.engine.model_piece, *args)  # fmt: skip
+                                         self.engine.model_piece, *args, lazy=True)  # fmt: skip
         self.predict = True
 
     def start(self, positions: np.ndarray, max_new_tokens: int, first_tokens: np.ndarray | None = None) -> None:
@@ -125,7 +128,8 @@ class OffloadedDecoder:
         program = self._programs.get(self.predict)
         if program is None:  # looked up once per generate: a lookup per call costs a signature
             program = self._programs[self.predict] = engine.executor.compile(
-                self.program_name, self.step_program, self.static(), DONATE, engine.model_piece, *args)  # fmt: skip
+                self.program_name, self.step_program, self.static(), DONATE, engine.model_piece, *args,
+                lazy=True)  # fmt: skip
         with engine.executor.clock.phase("dispatch"):
             out, pool, *run = program(engine.model_piece.leaves, *args)
         engine.executor.clock.device("compute", out)

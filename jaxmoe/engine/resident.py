@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from jaxmoe.config import MoEConfig
-from jaxmoe.engine.executor import Piece
+from jaxmoe.engine.executor import Piece, pack_module
 from jaxmoe.engine.buckets import DEFAULT_PREFILL_CHUNK, check_chunk, chunk_starts
 from jaxmoe.engine.metrics import device_peak_bytes, tree_bytes
 from jaxmoe.engine.inputs import pad_prompts
@@ -49,13 +49,17 @@ class ResidentEngine:
         experts: Sequence[ExpertWeights | None],
         moe_fn: Callable = moe_ffn,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        own_model: bool = False,
     ):
+        """`own_model`: the engine owns `model`, whose arrays are freed once packed (the caller
+        must not use it afterwards); otherwise the packed weights are a second copy."""
         check_model_dtype(config, model)
         self.config = config
         self.prefill_chunk = check_chunk(prefill_chunk)
-        # The weights go in as a flat tuple: flattening the module's state on every call
-        # costs more host time than a decode step computes on a small model.
-        self.piece = Piece(model)
+        # The weights go in as the pack's few buffers (engine/weights.py): flattening the
+        # module's state on every call costs more host time than a decode step computes on a
+        # small model, and a GPU call costs host time per argument.
+        self.piece = Piece(model, pack_module(model, consume=own_model))
         self.state = self.piece.leaves
         self.experts = tuple(experts)
         self.moe_fn = moe_fn

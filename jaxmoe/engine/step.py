@@ -97,9 +97,13 @@ def decode_step(
     picks: int = 0,
     moe_fn: Callable = moe_ffn,
     sampler: Callable | None = None,
+    merge: Callable[[], MoEDecoder] | None = None,
 ) -> StepOut:
-    """`sampler`: as `head_token` takes it."""
+    """`sampler`: as `head_token` takes it. `merge`: the model merged anew, called inside each
+    conditional branch for the weights that branch reads (a packed model's weights are slices
+    of its buffers, and a slice taken outside a conditional is copied into it on every run)."""
     cfg = model.cfg
+    inside = merge or (lambda: model)  # noqa: E731
     num_layers = cfg.num_layers
     b, t = tokens.shape
     n, k = b * t, cfg.top_k
@@ -119,13 +123,14 @@ def decode_step(
 
         if not module.is_moe:
 
-            def run(x, layer_kv, module=module):
-                x, layer_kv, _ = module(x, positions, layer_kv, None, moe_fn)
+            def run(x, layer_kv, layer=layer):
+                x, layer_kv, _ = inside().layers[layer](x, positions, layer_kv, None, moe_fn)
                 return x, layer_kv, jnp.asarray(False), zeros_ids, zeros_picks, zeros_probs
 
         else:
 
-            def run(x, layer_kv, module=module, layer=layer):
+            def run(x, layer_kv, layer=layer):
+                module = inside().layers[layer]
                 x_att, layer_kv, h, routing = module.attend_and_route(x, positions, layer_kv)
                 rows = routing.ids if table is None else table[layer][routing.ids]  # [N, K]
                 miss = jnp.any((rows < 0) & rows_valid[:, None])
@@ -156,7 +161,7 @@ def decode_step(
         picks_all.append(best)
         probs_all.append(probs)
 
-    head = lambda x: head_token(model, x, root, step, sampling, sampler)  # noqa: E731
+    head = lambda x: head_token(inside(), x, root, step, sampling, sampler)  # noqa: E731
     token = jax.lax.cond(missed, lambda x: jnp.zeros((b,), jnp.int32), head, x)
     return StepOut(token, tuple(new_kv), first_miss, x_miss, jnp.stack(ids_all), jnp.stack(picks_all),
                    jnp.stack(probs_all))  # fmt: skip

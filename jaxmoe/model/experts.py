@@ -212,8 +212,8 @@ def expert_pairs(x: jax.Array, ids: jax.Array, w: "ExpertWeights | PackedExperts
     """[N, K, D]: each (token, k) pair's expert on its token, P = N x K pairs.
 
     A decode step's contraction is a matrix-vector product per pair, which XLA computes
-    as a reduction; the index into the stack or pool (and a packed format's unpacking)
-    fuses into that reduction, so each expert's bytes are read once, in place: no
+    as a reduction (`pair_product`); the index into the stack or pool (and a packed format's
+    unpacking) fuses into that reduction, so each expert's bytes are read once, in place: no
     gathered copy, no workspace beside the pool, and no distinct-expert bookkeeping
     (sort, scatter, search). An expert two rows share is read twice, which at decode
     batch sizes costs less than the copy did. A pair's value depends only on its token
@@ -222,13 +222,40 @@ def expert_pairs(x: jax.Array, ids: jax.Array, w: "ExpertWeights | PackedExperts
     chosen = _take(w, ids.reshape(-1))  # [P, D, 2I], [P, I, D]
     xp = jnp.repeat(x, k, axis=0)  # [P, D]
     width = chosen.w_down.shape[1]
-    gate_up = einsum("pd,pdf->pf", xp, chosen.w_gate_up)
+    gate_up = pair_product(xp, chosen.w_gate_up)
     if chosen.b_gate_up is not None:
         gate_up = gate_up + chosen.b_gate_up
-    out = einsum("pi,pid->pd", activate(gate_up, width, chosen.act), chosen.w_down)
+    # The activation is materialised ([P, I]): fused into the next reduction it would be
+    # recomputed for every output column, and XLA then writes the whole elementwise product
+    # out instead (seen in the deviceless H100 compile of a 4096-wide expert).
+    act = jax.lax.optimization_barrier(activate(gate_up, width, chosen.act))
+    out = pair_product(act, chosen.w_down)
     if chosen.b_down is not None:
         out = out + chosen.b_down
     return out.reshape(n, k, -1)
+
+
+# XLA on a GPU computes a product as a reduction (which can read a gathered operand in place)
+# only while its matrices hold fewer than 10M elements in all; past that it calls a GEMM
+# kernel, which needs the gathered experts copied out first.
+REDUCTION_ELEMENTS = 10_000_000
+
+
+def pair_product(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [P, Kin] times each pair's own matrix w [P, Kin, F] -> [P, F], in fp32 accumulation.
+    A matrix past REDUCTION_ELEMENTS is split into C column blocks made a batch dimension,
+    so each product stays a reduction (the same sums, each column over the whole Kin)."""
+    p, k_in, f = w.shape
+    c = column_blocks(k_in, f)
+    if c == 1:
+        return einsum("pk,pkf->pf", x, w)
+    xc = jnp.broadcast_to(x[:, None, :], (p, c, k_in))
+    return einsum("pck,pkcf->pcf", xc, w.reshape(p, k_in, c, f // c)).reshape(p, f)
+
+
+def column_blocks(k_in: int, f: int) -> int:
+    """The fewest blocks C dividing f with a [1, Kin] x [Kin, F / C] product under REDUCTION_ELEMENTS."""
+    return next((c for c in range(1, f + 1) if f % c == 0 and k_in * (f // c + 1) < REDUCTION_ELEMENTS), f)
 
 
 def expert_outputs(x: jax.Array, w_gate_up: jax.Array, w_down: jax.Array, b_gate_up=None, b_down=None,

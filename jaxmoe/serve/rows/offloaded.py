@@ -32,11 +32,11 @@ def first_token_rows(ends, x, index, sampling):
     return sample_rows(head_logits(ends.embed_tokens, ends.lm_head, h), sampling)
 
 
-def rows_step(model, *args, scorer, picks, fmt):
+def rows_step(model_at, *args, scorer, picks, fmt):
     """offloaded_step (engine/offloaded_decode.py) whose last argument is the rows' sampling,
     with experts and head computed per row (rows/exact.py): the same decode step and report."""
     *step_args, sampling = args
-    return offloaded_step(model, *step_args, sampling=SamplingParams(), scorer=scorer, picks=picks, fmt=fmt,
+    return offloaded_step(model_at, *step_args, sampling=SamplingParams(), scorer=scorer, picks=picks, fmt=fmt,
                           moe_fn=per_token_moe, sampler=row_sampler(sampling))  # fmt: skip
 
 
