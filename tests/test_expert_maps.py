@@ -84,6 +84,13 @@ def test_maps_learn_a_deterministic_routing_and_round_trip(tmp_path):
         ExpertMaps.load(path, {**summary, "model_hash": "other"})
     with pytest.raises(FileNotFoundError, match="build_expert_maps"):
         ExpertMaps.load(tmp_path / "none.npz")
+    # A damaged file is refused by name (each .npz member carries a CRC32 that reading checks).
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) // 3, len(data) // 3 + 64):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(MapsMismatch, match="m.npz: damaged"):
+        ExpertMaps.load(path, summary)
 
 
 def test_maps_stay_bounded():

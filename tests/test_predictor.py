@@ -174,6 +174,29 @@ def test_predictor_round_trips_and_runs_as_one_program_for_every_layer(tmp_path,
     assert step._cache_size() == 1
 
 
+def test_a_damaged_or_unchecked_predictor_is_refused_or_flagged(tmp_path):
+    """A predictor carries the CRC32 of its parameter files: a damaged one is refused, naming the
+    file, before anything is read; one saved before checksums loads with a warning."""
+    from jaxmoe.checkpoint import CheckpointError
+    from jaxmoe.checkpoint.legacy_params import UncheckedWeightsWarning
+
+    cfg = from_hf_dict(SMALL)
+    _save_tiny_predictor(cfg, tmp_path / "p")
+    meta = json.loads((tmp_path / "p" / "predictor.json").read_text())
+    assert meta["checksums"] and all(isinstance(v, int) for v in meta["checksums"].values())
+    shutil.copytree(tmp_path / "p", tmp_path / "old")
+    biggest = max((tmp_path / "p" / "params").rglob("*"), key=lambda f: f.stat().st_size if f.is_file() else -1)
+    data = bytearray(biggest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    biggest.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"{biggest.name}: damaged"):
+        load_predictor(tmp_path / "p", cfg)
+    old = {k: v for k, v in meta.items() if k != "checksums"}
+    (tmp_path / "old" / "predictor.json").write_text(json.dumps(old))
+    with pytest.warns(UncheckedWeightsWarning, match="without checksums"):
+        load_predictor(tmp_path / "old", cfg)
+
+
 def test_a_predictor_for_another_model_is_refused(tmp_path):
     cfg = from_hf_dict(SMALL)
     _save_tiny_predictor(cfg, tmp_path / "p")

@@ -7,8 +7,8 @@ experts (with a scorer), brings its own missing experts from pinned host memory 
 the pool (`ensure`), computes with the pool's rows, and then copies
 the predicted experts of the next layer that are absent (`prefetch`), so those copies
 can run while the next layer attends. The expert contraction is the resident engine's
-call with the same shapes (U experts gathered, one batched contraction), so the tokens
-are the resident ones whatever was cached. The one exception is opt-in: with the policy's
+call with the same shapes (each (row, k) pair's expert read where it lies: model/experts.py's
+`expert_pairs`), so the tokens are the resident ones whatever was cached. The one exception is opt-in: with the policy's
 `skip_below` W > 0 a missed expert whose routing weight is below W is neither fetched nor
 computed (`drop_experts` zeroes its weight), and the tokens are approximate.
 

@@ -79,8 +79,7 @@ class Executor:
 
     def run(self, name: str, fn: Callable, static: dict, donate: tuple[int, ...], piece: Piece, *args, options=None):
         """`fn(module, *args, **static)` compiled for these shapes and called; `donate` are
-        positions in `args` whose buffers the outputs reuse (the KV cache, the expert pool).
-        (`compile` with `lazy`: `fn` gets a function that merges the module where it is called.)"""
+        positions in `args` whose buffers the outputs reuse (the KV cache, the expert pool)."""
         program = self.compile(name, fn, static, donate, piece, *args, options=options)
         with self.clock.phase("dispatch"):
             out = program(piece.leaves, *args)

@@ -27,17 +27,16 @@ import numpy as np
 from jaxmoe.config import MoEConfig
 from jaxmoe.engine.buckets import DEFAULT_PREFILL_CHUNK, cache_bucket, check_chunk, chunk_starts, prompt_bucket
 from jaxmoe.engine.executor import Ends, Executor, Piece, pack_module
-from jaxmoe.engine.metrics import device_peak_bytes, tree_bytes
+from jaxmoe.engine.metrics import tree_bytes
 from jaxmoe.engine.device_decode import DeviceDecoder
 from jaxmoe.engine.offloaded_decode import OffloadedDecoder
-from jaxmoe.engine.outputs import TokenCollector, timing_metrics
+from jaxmoe.engine.outputs import GenerationResult, TokenCollector, generate_metrics
 from jaxmoe.engine.phases import PhaseClock
-from jaxmoe.engine.inputs import pad_prompts
-from jaxmoe.engine.outputs import GenerationResult
+from jaxmoe.engine.inputs import prepare
 from jaxmoe.engine.routed import compile_routed, embed, routed_chunk
 from jaxmoe.engine.sampling import SamplingParams, sample
 from jaxmoe.engine.stream_prefill import StreamStats, compile_stream, run_stream
-from jaxmoe.model import MoEDecoder, check_model_dtype, init_kv_cache, num_unique_experts
+from jaxmoe.model import MoEDecoder, check_model_dtype, num_unique_experts
 from jaxmoe.model.decoder import head_logits
 from jaxmoe.model.window import mark_padding
 from jaxmoe.offload.cache import BudgetError, DeviceExpertCache, plan_geometry, workspace_experts
@@ -321,16 +320,16 @@ class OffloadedEngine:
         on_token: Callable[[int], None] | None = None,
     ) -> GenerationResult:
         """Same contract and tokens as ResidentEngine.generate; metrics add the cache counters."""
-        lengths, tokens, cache_len = pad_prompts(self.config, prompts, max_new_tokens)
+        inputs = prepare(self.config, prompts, max_new_tokens, seed)
+        lengths, tokens, root = inputs.lengths, inputs.tokens, inputs.root
         b, p_len = tokens.shape
         self.ensure_cache(b)
         cache = self.cache
         cache.begin()
         self.driver.begin_request(self._semantic_vector(tokens, lengths) if self.maps is not None else None)
         predicted_before = self.driver.counts()
-        kv = list(init_kv_cache(self.config, b, cache_len))
+        kv = list(inputs.kv)
         kv_bytes = tree_bytes(kv)
-        root = jax.random.key(seed)
         out = TokenCollector(b, eos_ids, on_token)
 
         # Programs compile on first use inside the timed regions; their compile time is
@@ -366,12 +365,9 @@ class OffloadedEngine:
         plan = self.prefill_plan
         streamed_bytes = plan.max_streamed_layers * self.config.num_experts * self.store.expert_bytes
         metrics = {
-            **timing_metrics(out, ttft, decode_seconds, steps),
-            "peak_device_bytes": device_peak_bytes() or self.dense_bytes + kv_bytes + c.peak_bytes + streamed_bytes,
-            "compile_ms": 1e3 * self.programs.compile_seconds,
-            "compile_cache_hits": self.programs.cache_hits,
-            "batch": b,
-            "prompt_bucket": p_len,
+            **generate_metrics(out, ttft, decode_seconds, steps, self.programs, b, p_len,
+                               self.dense_bytes + kv_bytes + c.peak_bytes + streamed_bytes, self.store.format,
+                               self.store.expert_bytes),  # fmt: skip
             "policy": self.policy_name,
             "expert_budget_bytes": self.expert_budget_bytes,
             "cache_slots": cache.num_slots,
@@ -389,8 +385,6 @@ class OffloadedEngine:
             # The prefill's token is read once; each decode token once per program run.
             "host_syncs_per_token": d.runs / d.tokens if d.tokens else None,
             "resumes_per_token": d.resumes / d.tokens if d.tokens else None,
-            "expert_format": self.store.format.name,
-            "expert_bytes": self.store.expert_bytes,
             # Opt-in skipping of missed low-weight experts: tokens no longer the resident ones.
             "approximate": self.skip_below > 0,
             "skip_below": self.skip_below,

@@ -7,6 +7,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from jaxmoe.engine.metrics import device_peak_bytes
+
 
 class TokenCollector:
     """Generated tokens per row; a row stops collecting after its first EOS."""
@@ -37,6 +39,23 @@ def timing_metrics(out: TokenCollector, ttft_s: float, decode_s: float, steps: i
         "ttft_ms": 1e3 * ttft_s,
         "tpot_ms": 1e3 * decode_s / steps if steps else None,
         "decode_tokens_per_s": decoded / decode_s if steps else None,
+    }
+
+
+def generate_metrics(out: TokenCollector, ttft_s: float, decode_s: float, steps: int, programs, batch: int,
+                     prompt_bucket: int, counted_peak_bytes: int, fmt, expert_bytes: int) -> dict:  # fmt: skip
+    """The metrics both engines report: timing, the peak device bytes (the device's own figure
+    where it keeps one, else `counted_peak_bytes`, the engine's count), compile time and disk
+    cache hits of `programs`, the batch, the prompt bucket and the expert format."""
+    return {
+        **timing_metrics(out, ttft_s, decode_s, steps),
+        "peak_device_bytes": device_peak_bytes() or counted_peak_bytes,
+        "compile_ms": 1e3 * programs.compile_seconds,
+        "compile_cache_hits": programs.cache_hits,
+        "batch": batch,
+        "prompt_bucket": prompt_bucket,
+        "expert_format": fmt.name,
+        "expert_bytes": expert_bytes,
     }
 
 

@@ -17,18 +17,17 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jaxmoe.config import MoEConfig
 from jaxmoe.engine.executor import Piece, pack_module
 from jaxmoe.engine.buckets import DEFAULT_PREFILL_CHUNK, check_chunk, chunk_starts
-from jaxmoe.engine.metrics import device_peak_bytes, tree_bytes
-from jaxmoe.engine.inputs import pad_prompts
-from jaxmoe.engine.outputs import GenerationResult, TokenCollector, timing_metrics
+from jaxmoe.engine.metrics import tree_bytes
+from jaxmoe.engine.inputs import prepare
+from jaxmoe.engine.outputs import GenerationResult, TokenCollector, generate_metrics
 from jaxmoe.engine.programs import Programs
 from jaxmoe.engine.sampling import SamplingParams, sample
 from jaxmoe.engine.step import forward_step
-from jaxmoe.model import ExpertWeights, MoEDecoder, check_model_dtype, init_kv_cache, moe_ffn
+from jaxmoe.model import ExpertWeights, MoEDecoder, check_model_dtype, moe_ffn
 from jaxmoe.model.window import mark_padding
 from jaxmoe.quant import format_of
 
@@ -107,12 +106,10 @@ class ResidentEngine:
         on_token: Callable[[int], None] | None = None,
     ) -> GenerationResult:
         """Generate up to `max_new_tokens` per prompt; a row stops at its first EOS."""
-        lengths, tokens, cache_len = pad_prompts(self.config, prompts, max_new_tokens)
+        inputs = prepare(self.config, prompts, max_new_tokens, seed)
+        lengths, tokens, kv, root = inputs.lengths, inputs.tokens, inputs.kv, inputs.root
         b, p_len = tokens.shape
-        kv = init_kv_cache(self.config, b, cache_len)
         kv_bytes = tree_bytes(kv)
-        root = jax.random.key(seed)
-
         lengths_dev = jnp.asarray(lengths)
         last = jnp.zeros((b, self.config.hidden_size), self.config.dtype)
         size, starts = chunk_starts(p_len, self.prefill_chunk)
@@ -140,17 +137,12 @@ class ResidentEngine:
             steps += 1
         decode_seconds = time.perf_counter() - decode_start
 
+        fmt = format_of(self.experts)
         metrics = {
-            **timing_metrics(out, ttft, decode_seconds, steps),
-            "peak_device_bytes": device_peak_bytes() or tree_bytes((self.state, self.experts)) + kv_bytes,
-            "compile_ms": 1e3 * self.programs.compile_seconds,
-            "compile_cache_hits": self.programs.cache_hits,
-            "batch": b,
-            "prompt_bucket": p_len,
+            **generate_metrics(out, ttft, decode_seconds, steps, self.programs, b, p_len,
+                               tree_bytes((self.state, self.experts)) + kv_bytes, fmt, fmt.nbytes(self.config)),
             "prefill_chunks": len(starts),
             "host_syncs_per_token": 1.0 if steps else None,  # the token, read once per step
             "resumes_per_token": 0.0 if steps else None,
-            "expert_format": format_of(self.experts).name,
-            "expert_bytes": format_of(self.experts).nbytes(self.config),
-        }
+        }  # fmt: skip
         return GenerationResult(out.token_ids, metrics)

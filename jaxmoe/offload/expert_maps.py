@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -182,6 +184,17 @@ class ExpertMaps:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no expert maps file (build one with scripts/build_expert_maps.py)")
+        try:
+            return cls._read(path, model)
+        except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, KeyError) as e:
+            if isinstance(e, MapsMismatch):
+                raise
+            # An .npz is a zip whose members carry a CRC32 that reading checks.
+            raise MapsMismatch(f"{path}: damaged or not an expert maps file ({e}); build it again "
+                               "(scripts/build_expert_maps.py)") from e  # fmt: skip
+
+    @classmethod
+    def _read(cls, path: Path, model: dict | None) -> "ExpertMaps":
         with np.load(path) as z:
             meta = json.loads(z["meta"].tobytes().decode())
             if meta.get("format") != FORMAT:

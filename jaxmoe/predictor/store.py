@@ -3,7 +3,8 @@
 A directory holding:
   predictor.json   metadata: model summary (hash, MoE layers, experts, top-k, hidden
                    size), layer pairs, arch, width, input projection, training
-                   settings, recall, the trace split and per-layer expert frequency
+                   settings, recall, the trace split and per-layer expert frequency, and
+                   the CRC32 of every file under params/ (checked before they are read)
   params/          Orbax: the module's state (trained parameters and the projection)
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 
 import jax
@@ -19,6 +21,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from jaxmoe.checkpoint.atomic import atomic_directory
+from jaxmoe.checkpoint.file_checksums import directory_checksums, verify_checksums
+from jaxmoe.checkpoint.legacy_params import UncheckedWeightsWarning
 from jaxmoe.config import MoEConfig
 from jaxmoe.predictor.fingerprint import layer_pairs, model_summary, router_hash
 from jaxmoe.predictor.mlp import ExpertPredictor
@@ -69,7 +73,8 @@ def save_predictor(out: str | Path, module: ExpertPredictor, meta: dict) -> Path
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp.resolve() / PARAMS, nnx.state(module).to_pure_dict())
             ckptr.wait_until_finished()
-        (tmp / META).write_text(json.dumps({"version": VERSION, **meta}, indent=1))
+        checksums = directory_checksums(tmp / PARAMS)
+        (tmp / META).write_text(json.dumps({"version": VERSION, **meta, "checksums": checksums}, indent=1))
     return out
 
 
@@ -125,6 +130,11 @@ def load_predictor(path: str | Path, cfg: MoEConfig | None, model=None) -> Loade
         check_compatible(meta, cfg, str(path))
     if model is not None:
         check_router(meta, model, str(path))
+    if "checksums" in meta:
+        verify_checksums(path / PARAMS, meta["checksums"], "train the predictor again (scripts/train_predictor.py)")
+    else:
+        warnings.warn(f"{path}: a predictor saved without checksums: a damaged file would load unnoticed; "
+                      "train it again for a checked one", UncheckedWeightsWarning, stacklevel=2)  # fmt: skip
     proj = meta.get("projection")
     shape = None if proj is None else (meta["model"]["hidden_size"], proj["dim"])
     abstract = nnx.eval_shape(lambda: build_module(meta, None if shape is None else np.zeros(shape, np.float32)))

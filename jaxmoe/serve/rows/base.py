@@ -15,14 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmoe.engine.buckets import cache_bucket, chunk_starts, prompt_bucket
+from jaxmoe.engine.inputs import pad_right
 from jaxmoe.model import init_kv_cache
-
-
-def padded_prompt(prompt: list[int]) -> np.ndarray:
-    """tokens [1, P bucket], right-padded."""
-    tokens = np.zeros((1, prompt_bucket(len(prompt))), np.int32)
-    tokens[0, : len(prompt)] = prompt
-    return tokens
 
 
 class RowPrefill:
@@ -30,7 +24,7 @@ class RowPrefill:
 
     def __init__(self, rows: "Rows", prompt: list[int], cache_len: int):
         self.rows, self.prompt_len = rows, len(prompt)
-        self.tokens = padded_prompt(prompt)
+        self.tokens = pad_right([prompt])[1]  # [1, P bucket]
         self.size, self.starts = chunk_starts(self.tokens.shape[1], rows.engine.prefill_chunk)
         self.kv = rows.new_kv(1, cache_len)
         self.next_chunk = 0
