@@ -212,7 +212,7 @@ def ensure(state: CacheState, host, policy: DevicePolicy, layer: int, ids: jax.A
     state = state._replace(tick=state.tick + 1)
     if policy.name == "ondemand":  # nothing outlives its layer
         state = _drop_other_layers(state, layer)
-    wanted = jnp.unique(jnp.where(valid[:, None], ids, e_count), size=unique, fill_value=e_count)  # [U] sorted
+    wanted = distinct_experts(jnp.where(valid[:, None], ids, e_count), unique, e_count)  # [U]
     need = wanted < e_count
     experts = jnp.minimum(wanted, e_count - 1)
     slot = lookup(state, layer, experts)
@@ -239,6 +239,15 @@ def ensure(state: CacheState, host, policy: DevicePolicy, layer: int, ids: jax.A
     if policy.skip_below > 0 and weights is not None:  # a valid row's absent (row, k) is a skipped one
         state = count(state, "skipped_experts", jnp.sum(valid[:, None] & (slots < 0)))
     return state, slots
+
+
+def distinct_experts(ids: jax.Array, unique: int, fill: int) -> jax.Array:
+    """The distinct values of ids [N, K] padded with `fill` to [U]. One row's top-k are distinct
+    already: that row is the answer, with none of `jnp.unique`'s sort, scan and scatter (four
+    kernels a layer in a GPU step)."""
+    if ids.shape[0] == 1 and unique == ids.shape[1]:
+        return ids[0]
+    return jnp.unique(ids, size=unique, fill_value=fill)
 
 
 def skippable(experts: jax.Array, ids: jax.Array, weights: jax.Array, valid: jax.Array, below: float) -> jax.Array:
