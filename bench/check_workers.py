@@ -95,11 +95,10 @@ def exact_model(name: str, dtype: str, seed: int):
 
 def min_experts(cfg, batch: int) -> int:
     """The smallest cache (in experts) the offloaded engine accepts for this batch."""
-    from jaxmoe.model import num_unique_experts
-    from jaxmoe.offload.cache import minimum_experts
+    from jaxmoe.offload.cache import batch_minimum_experts
+    from jaxmoe.quant import DENSE
 
-    unique = num_unique_experts(cfg.num_experts, batch, cfg.top_k)
-    return minimum_experts(unique)
+    return batch_minimum_experts(batch, DENSE, cfg)
 
 
 def exact_prompts(vocab: int, batch: int, seed: int) -> list[list[int]]:

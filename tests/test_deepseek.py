@@ -19,8 +19,8 @@ from jax_from_hf import jaxmoe_from_hf
 from jaxmoe.config import ConfigError, from_hf_dict
 from jaxmoe.engine import ResidentEngine
 from jaxmoe.engine.offloaded import OffloadedEngine
-from jaxmoe.model import LatentKV, init_kv_cache, num_unique_experts, route
-from jaxmoe.offload.cache import minimum_experts
+from jaxmoe.model import LatentKV, init_kv_cache, route
+from jaxmoe.offload.cache import batch_minimum_experts
 from jaxmoe.offload.host_store import HostExpertStore, total_expert_bytes
 from test_cli import hf_greedy, script
 
@@ -103,7 +103,7 @@ def resident_tokens(family: str, batch: int, new: int):
 
 def budget_experts(family: str, batch: int, budget: str) -> int:
     cfg, *_, store = wide(family)
-    least = minimum_experts(num_unique_experts(cfg.num_experts, batch, cfg.top_k))
+    least = batch_minimum_experts(batch, store.format, cfg)
     return least if budget == "min" else max(least, len(store.keys()) // 2)
 
 

@@ -15,8 +15,7 @@ from hf_models import tiny_hf_model
 from jax_from_hf import jaxmoe_from_hf
 from jaxmoe.engine import ResidentEngine
 from jaxmoe.engine.offloaded import OffloadedEngine
-from jaxmoe.model import num_unique_experts
-from jaxmoe.offload.cache import BudgetError, minimum_experts
+from jaxmoe.offload.cache import BudgetError, batch_minimum_experts, workspace_experts
 from jaxmoe.offload.host_store import HostExpertStore, HostMemoryError, ensure_host_memory
 from jaxmoe.offload.prefetch import GateAhead, NextLayerScorer
 
@@ -39,11 +38,10 @@ def resident_tokens(family: str, batch: int, new: int, dtype: str = "float32"):
 def budgets(family: str, batch: int) -> dict[str, int]:
     """Expert counts from the minimum working set to everything resident."""
     cfg, *_, store = setup(family)
-    unique = num_unique_experts(cfg.num_experts, batch, cfg.top_k)
     total = len(store.keys())
-    least = minimum_experts(unique)
-    # "all": every expert and the expert program's gather, so everything is preloaded.
-    return {"min": least, "min+4": least + 4, "total-3": total - 3, "all": total + unique}
+    least = batch_minimum_experts(batch, store.format, cfg)
+    # "all": every expert and any gather of them, so everything is preloaded.
+    return {"min": least, "min+4": least + 4, "total-3": total - 3, "all": total + workspace_experts(batch, store.format, cfg)}
 
 
 def offloaded(family, policy, experts_in_budget, batch, new):
@@ -169,9 +167,8 @@ PREFETCH = [pytest.param(family, batch, scorer, marks=() if (scorer, family) in 
 @pytest.mark.parametrize("family,batch,scorer", PREFETCH)
 def test_prefetch_never_changes_tokens(family, batch, scorer):
     cfg, model, _, store = setup(family)
-    unique = num_unique_experts(cfg.num_experts, batch, cfg.top_k)
     predictor = GateAhead(model) if scorer == "gate-ahead" else _WrongScorer(cfg.num_experts)
-    budget = (minimum_experts(unique) + 2) * store.expert_bytes  # the minimum plus two slots
+    budget = (batch_minimum_experts(batch, store.format, cfg) + 2) * store.expert_bytes  # the minimum plus two slots
     engine = OffloadedEngine(cfg, model, store, budget, "predictor", check_budget=True, predictor=predictor)
     result = engine.generate(PROMPTS[:batch], 16)
     assert result.token_ids == resident_tokens(family, batch, 16)

@@ -19,8 +19,8 @@ from jax_from_hf import jaxmoe_from_hf
 from jaxmoe.engine import ResidentEngine
 from jaxmoe.engine.offloaded import OffloadedEngine
 from jaxmoe.engine.inputs import pad_prompts
-from jaxmoe.model import init_kv_cache, num_unique_experts
-from jaxmoe.offload.cache import minimum_experts
+from jaxmoe.model import init_kv_cache
+from jaxmoe.offload.cache import batch_minimum_experts
 from jaxmoe.offload.host_store import HostExpertStore
 from jaxmoe.offload.prefetch import GateAhead
 from jaxmoe.offload.prefill_plan import choose_mode, plan_stream, routed_slot_crossover
@@ -47,7 +47,7 @@ def engine(family: str, experts_in_budget: int | None = None, policy: str = "lru
     """Default budget: a little over the minimum working set of a batch of four, short of all experts."""
     cfg, model, _, store = setup(family)
     if experts_in_budget is None:
-        experts_in_budget = minimum_experts(num_unique_experts(cfg.num_experts, 4, cfg.top_k)) + 3
+        experts_in_budget = batch_minimum_experts(4, store.format, cfg) + 3
         assert experts_in_budget < len(store.keys())
     kw = {"prefill_chunk": CHUNK, **kw}
     budget = experts_in_budget * store.expert_bytes
@@ -267,9 +267,8 @@ def test_prepare_compiles_every_program_a_generate_runs(prefill, policy, batch):
     """Prefill in its mode, the first token, the decode layers and head, the cache's own
     programs: after prepare, generating in that bucket compiles nothing."""
     cfg, model, _, store = setup("olmoe")
-    unique = num_unique_experts(cfg.num_experts, batch, cfg.top_k)
     kw = {"predictor": GateAhead(model)} if policy == "predictor" else {}
-    experts = minimum_experts(unique) + 3
+    experts = batch_minimum_experts(batch, store.format, cfg) + 3
     eng = engine("olmoe", experts, policy=policy, prefill=prefill, **kw)
     eng.prepare(batch=batch, prompt_tokens=64, max_new_tokens=6)
     compiled = len(eng.programs)

@@ -47,7 +47,7 @@ def test_every_compiled_program_is_named_after_its_program():
     engines[0].generate([[1, 2, 3]], 2)
     # Every expert and the gather (a routed prefill, nothing copied), then the minimum (a cache
     # of two slots: the prefill streams, copies go through the cache's own programs).
-    for experts_in_budget in (minimum_experts(CFG.top_k) + 2, minimum_experts(CFG.top_k)):  # batch 1
+    for experts_in_budget in (minimum_experts(CFG.top_k, 0) + 2, minimum_experts(CFG.top_k, 0)):  # batch 1: no gather
         budget = experts_in_budget * store.expert_bytes
         engines.append(OffloadedEngine(CFG, model, store, budget))
         engines[-1].generate([[1, 2, 3]], 2)  # the prefill and a decode step (misses in the program)

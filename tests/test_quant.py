@@ -179,7 +179,7 @@ def test_a_quantized_budget_pays_for_the_unpacked_gather():
     OffloadedEngine(cfg, model, store, least * store.expert_bytes, "lru").check_batch(batch)
 
     one = num_unique_experts(cfg.num_experts, 1, cfg.top_k)
-    assert workspace_experts(1, INT4, cfg) == 0 and minimum_experts(one) == one
+    assert workspace_experts(1, INT4, cfg) == 0 and minimum_experts(one, 0) == one
     with pytest.raises(BudgetError, match=f"minimum working set of {fmt_bytes(one * store.expert_bytes)}"):
         OffloadedEngine(cfg, model, store, (one - 1) * store.expert_bytes, "lru")
     engine = OffloadedEngine(cfg, model, store, one * store.expert_bytes, "lru", check_budget=True)

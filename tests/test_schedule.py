@@ -81,7 +81,7 @@ def test_budget_geometry():
     # PAIR_TOKENS rows reads its experts in place, so nothing else takes room).
     assert plan_geometry(63 * 10, 10, total_experts=64, unique_max=8) == 63
     assert plan_geometry(8 * 10, 10, total_experts=64, unique_max=8) == 8  # the minimum: U
-    assert minimum_experts(8) == 8
+    assert minimum_experts(8, 0) == 8
     with pytest.raises(BudgetError, match="minimum working set of 80 B: 8 experts one layer can need for this "
                                           "batch, at 10 B each"):  # fmt: skip
         plan_geometry(7 * 10, 10, total_experts=64, unique_max=8)

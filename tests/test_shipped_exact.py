@@ -14,8 +14,7 @@ from jaxmoe.checkpoint import load
 from jaxmoe.config import load_hf_config
 from jaxmoe.engine import ResidentEngine
 from jaxmoe.engine.offloaded import OffloadedEngine
-from jaxmoe.model import num_unique_experts
-from jaxmoe.offload.cache import minimum_experts
+from jaxmoe.offload.cache import batch_minimum_experts
 from jaxmoe.offload.host_store import total_expert_bytes
 from jaxmoe.quant import DENSE
 
@@ -34,7 +33,7 @@ def resident_tokens(batch: int) -> list[list[int]]:
 def budget_bytes(budget: str, batch: int) -> int:
     cfg = load_hf_config(SHIPPED)
     if budget == "min":
-        return minimum_experts(num_unique_experts(cfg.num_experts, batch, cfg.top_k)) * DENSE.nbytes(cfg)
+        return batch_minimum_experts(batch, DENSE, cfg) * DENSE.nbytes(cfg)
     return int(float(budget) * total_expert_bytes(cfg, DENSE))
 
 

@@ -23,7 +23,7 @@ from jaxmoe.engine.device_step import skip_missed
 from jaxmoe.engine.offloaded import OffloadedEngine
 from jaxmoe.model import init_kv_cache, moe_ffn
 from jaxmoe.model.experts import ExpertWeights, drop_experts, expert_ffn
-from jaxmoe.offload.cache import minimum_experts
+from jaxmoe.offload.cache import batch_minimum_experts
 from jaxmoe.offload.device_cache import DevicePolicy, skippable
 from jaxmoe.offload.device_sim import simulate_device
 from jaxmoe.offload.host_store import HostExpertStore
@@ -41,7 +41,7 @@ def setup(variant: str):
 
 def engine(variant, policy, extra, skip_below=0.0):
     cfg, model, _, store = setup(variant)
-    budget = (minimum_experts(min(cfg.num_experts, 3 * cfg.top_k)) + extra) * store.expert_bytes
+    budget = (batch_minimum_experts(3, store.format, cfg) + extra) * store.expert_bytes
     return OffloadedEngine(cfg, model, store, budget, policy, prefill="routed", skip_below=skip_below)
 
 

@@ -174,10 +174,12 @@ def moe_ffn(x: jax.Array, ids: jax.Array, weights: jax.Array, w: ExpertWeights, 
     return combine(expert_rows(x, ids, w, num_unique), weights, x.dtype)
 
 
-# Up to this many tokens in a call (decode steps), each (token, k) pair computes its expert on
-# its token alone, reading the expert's weights where they lie (`expert_pairs`); more tokens
-# (prefill) compute each distinct expert once over all of them, as a gathered batched matmul.
-PAIR_TOKENS = 16
+# Up to this many tokens in a call (a one-row decode step), each (token, k) pair computes its
+# expert on its token alone, reading the expert's weights where they lie (`expert_pairs`); more
+# tokens compute each distinct expert once over all of them, as a gathered batched matmul. One:
+# at 8 rows (64 pairs) XLA transposed each pair's pool expert into an fp32 copy before reducing
+# (1.07 GB a layer in the deviceless H100 compile of OLMoE-1B-7B), worse than the gather.
+PAIR_TOKENS = 1
 
 
 @jax.named_scope("experts")

@@ -5,8 +5,8 @@ Memory, all counted against the byte budget:
            (jaxmoe/quant/format.py), preallocated; a program unpacks (and dequantizes)
            only the rows it gathers (`pool_experts`). Bytes, not bf16, because XLA CPU
            writes a bf16 array in place through fp32 (docs/DECODE.md)
-  workspace  none for a decode step of up to PAIR_TOKENS rows: each (row, k) pair's expert is
-           read where it lies in the pool (model/experts.py, `expert_pairs`). A larger batch
+  workspace  none for a one-row decode step: each of its k experts is read where it lies in
+           the pool (model/experts.py, `expert_pairs`). A larger batch
            computes its U distinct experts as one batched contraction, gathered out of the
            pool first (U experts, or for a quantized format U stored rows plus their unpacked
            weights); `workspace_experts`
@@ -129,8 +129,8 @@ class CacheCounters:
 
 
 def workspace_experts(batch: int, fmt: ExpertFormat, cfg: MoEConfig) -> int:
-    """Device memory a decode step of `batch` rows needs beside the pool, in stored experts. Up
-    to PAIR_TOKENS rows none: each (row, k) pair's expert is read in place (`expert_pairs`; the
+    """Device memory a decode step of `batch` rows needs beside the pool, in stored experts. A
+    one-row step (PAIR_TOKENS) none: each of its experts is read in place (`expert_pairs`; the
     deviceless H100 compile of the step allocates no copy of an expert). Beyond, the step
     gathers its U distinct experts' rows and, for a quantized format, their unpacked weights
     in the compute dtype (as many bytes as U dense experts). The one figure the budget check,
@@ -143,10 +143,15 @@ def workspace_experts(batch: int, fmt: ExpertFormat, cfg: MoEConfig) -> int:
     return unique + -(-unique * DENSE.nbytes(cfg) // fmt.nbytes(cfg))
 
 
-def minimum_experts(unique_max: int, workspace: int = 0) -> int:
+def minimum_experts(unique_max: int, workspace: int) -> int:
     """The smallest budget, in experts: the `unique_max` experts one layer can need resident,
     plus the workspace (`workspace_experts`)."""
     return unique_max + workspace
+
+
+def batch_minimum_experts(batch: int, fmt: ExpertFormat, cfg: MoEConfig) -> int:
+    """The smallest budget, in experts, of a decode step of `batch` rows (`minimum_experts`)."""
+    return minimum_experts(num_unique_experts(cfg.num_experts, batch, cfg.top_k), workspace_experts(batch, fmt, cfg))
 
 
 def plan_geometry(budget_bytes: int, expert_bytes: int, total_experts: int, unique_max: int,
