@@ -10,7 +10,11 @@ on a free localhost port (the same flags otherwise), warmed up, then driven with
     last one finished (C = 1 is one request at a time, the baseline the speed-up is against);
   - Poisson arrivals at each --rates R (requests/s), if given;
   - --long-prompt: 8 requests decoding when a --long-tokens prompt arrives; the 8 rows'
-    token gaps around its arrival (their time per token, p50 and p99).
+    token gaps around its arrival (their time per token, p50 and p99);
+  - --schedules edf,fcfs,task: for each admission rule (serve.py --schedule) a continuous server
+    driven by a mixed workload (MIXED: short chat, long generation, long prompt, each with its
+    own TTFT and TPOT objectives), Poisson arrivals at --mixed-rate, the same requests for every
+    rule; SLO attainment per class.
 Every request streams (TTFT: to the first token; TPOT: mean gap after it) with temperature 0;
 with --check the greedy tokens of every request are compared with the offline engine's for
 that prompt alone. Prints one JSON object (also --out FILE) and plots throughput and TTFT
@@ -65,6 +69,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--long-prompt", action="store_true", help="run the long-prompt interference scenario")
     p.add_argument("--long-tokens", type=int, default=1000)
+    p.add_argument("--schedules", default="", help="admission rules to compare on the mixed workload, e.g. edf,fcfs,task")
+    p.add_argument("--mixed-rate", type=float, default=6.0, help="the mixed workload's arrivals (requests/s)")
+    p.add_argument("--mixed-requests", type=int, default=64)
+    p.add_argument("--mixed-doc-tokens", type=int, default=512, help="prompt tokens of the mixed workload's 'doc' class")
     p.add_argument("--slo-ttft-ms", type=float, default=2000.0)
     p.add_argument("--slo-tpot-ms", type=float, default=200.0)
     p.add_argument("--check", action="store_true", help="compare every greedy output with the offline engine's")
@@ -80,11 +88,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args, static: bool) -> tuple[subprocess.Popen, str]:
+# The mixed workload's classes: (name, share of the requests, prompt, max_tokens, TTFT ms, TPOT ms).
+# "doc" prompts are the first --mixed-doc-tokens tokens of the long-prompt text.
+MIXED = (("chat", 0.5, "short", 16, 1500.0, 400.0), ("generate", 0.3, "short", 96, 4000.0, 400.0),
+         ("doc", 0.2, "long", 8, 5000.0, 400.0))  # fmt: skip
+
+
+def start_server(args, static: bool, schedule: str = "edf") -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, str(ROOT / "scripts" / "serve.py"), "--model", str(args.model), "--port", str(port),
            "--max-batch", str(args.max_batch), "--max-queue", "1024", "--prefill-chunk", str(args.prefill_chunk),
-           "--slo-ttft-ms", str(args.slo_ttft_ms), "--slo-tpot-ms", str(args.slo_tpot_ms)]  # fmt: skip
+           "--slo-ttft-ms", str(args.slo_ttft_ms), "--slo-tpot-ms", str(args.slo_tpot_ms), "--schedule", schedule]  # fmt: skip
     if args.expert_budget_frac:
         cmd += ["--expert-budget-frac", str(args.expert_budget_frac)]
     if static:
@@ -107,10 +121,12 @@ def start_server(args, static: bool) -> tuple[subprocess.Popen, str]:
 
 
 async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt, max_tokens: int,
-                      times: list | None = None) -> dict:  # fmt: skip
+                      times: list | None = None, slo: dict | None = None) -> dict:  # fmt: skip
     """A streamed greedy request: its tokens, arrival, first-token and per-token times
-    (`times` fills while it runs)."""
+    (`times` fills while it runs); `slo`: its objectives and class ({"ttft_ms", "tpot_ms", "class"})."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    if slo:
+        body["slo"] = slo
     start, ids, error = time.perf_counter(), [], None
     times = [] if times is None else times
     try:
@@ -126,7 +142,8 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt, m
                     ids += new
     except httpx.HTTPError as e:
         error = f"{type(e).__name__}: {e}"
-    return {"prompt": prompt, "max_tokens": max_tokens, "start": start, "times": times, "ids": ids, "error": error}
+    return {"prompt": prompt, "max_tokens": max_tokens, "start": start, "times": times, "ids": ids, "error": error,
+            "slo": slo}  # fmt: skip
 
 
 def ms_percentile(seconds: list[float], q: float) -> float | None:
@@ -173,6 +190,53 @@ async def poisson(url, model, rate: float, count: int, max_tokens: int, seed: in
             await asyncio.sleep(rng.expovariate(rate))
         done = await asyncio.gather(*tasks)
     return list(done), time.perf_counter() - start
+
+
+def mixed_requests(args, text_ids: list[int]) -> list[tuple[float, object, int, dict]]:
+    """The mixed workload, the same for every rule: (delay before it, prompt, max_tokens, slo)."""
+    rng = random.Random(args.seed)
+    classes, shares = MIXED, [c[1] for c in MIXED]
+    out = []
+    for _ in range(args.mixed_requests):
+        name, _, kind, max_tokens, ttft, tpot = rng.choices(classes, shares)[0]
+        prompt = rng.choice(PROMPTS) if kind == "short" else text_ids[: args.mixed_doc_tokens]
+        out.append((rng.expovariate(args.mixed_rate), prompt, max_tokens, {"ttft_ms": ttft, "tpot_ms": tpot, "class": name}))
+    return out
+
+
+async def mixed(url, model, requests: list) -> tuple[list, float]:
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=len(requests) + 4)) as client:
+        start, tasks = time.perf_counter(), []
+        for delay, prompt, max_tokens, slo in requests:
+            tasks.append(asyncio.create_task(one_request(client, url, model, prompt, max_tokens, slo=slo)))
+            await asyncio.sleep(delay)
+        done = await asyncio.gather(*tasks)
+    return list(done), time.perf_counter() - start
+
+
+def warm_up(args, url: str, model: str, requests: list) -> None:
+    """Every program the measured run needs, compiled before it (unmeasured): each class's
+    prompt and length alone, then every row bucket; a compile inside the run would stall it."""
+    from jaxmoe.serve.batch_kv import row_buckets
+
+    firsts = {slo["class"]: (0.0, prompt, max_tokens, slo) for _, prompt, max_tokens, slo in requests}
+    for one in firsts.values():
+        asyncio.run(mixed(url, model, [one]))
+    for c in row_buckets(args.max_batch):
+        asyncio.run(closed_loop(url, model, c, 1, args.max_tokens, args.seed))
+    asyncio.run(mixed(url, model, [(0.0, *r[1:]) for r in requests[: args.max_batch]]))
+
+
+def per_class(results: list[dict], wall_s: float) -> dict:
+    """SLO attainment (and the misses) per class, with each class's own objectives."""
+    out = {}
+    for name in sorted({r["slo"]["class"] for r in results}):
+        mine = [r for r in results if r["slo"]["class"] == name]
+        slo = mine[0]["slo"]
+        out[name] = summarize(mine, wall_s, slo["ttft_ms"] / 1e3, slo["tpot_ms"] / 1e3)
+        out[name]["slo_misses"] = round(len(mine) * (1 - (out[name]["slo_attainment"] or 0)))
+    misses = sum(c["slo_misses"] for c in out.values())
+    return {"classes": out, "slo_misses": misses, "slo_miss_rate": misses / len(results)}
 
 
 async def long_prompt(url, model, long_ids: list[int], decode_tokens: int) -> dict:
@@ -283,12 +347,13 @@ def plot(report: dict, path: Path) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     long_ids: list[int] = []
-    if args.long_prompt:
+    text_ids: list[int] = []
+    if args.long_prompt or args.schedules:
         from jaxmoe.tokenizer import load_tokenizer
 
         text = " ".join(PROMPTS) + ". "
-        ids = load_tokenizer(args.model / "tokenizer.json").encode(text * 200).ids
-        long_ids = ids[: args.long_tokens]
+        text_ids = load_tokenizer(args.model / "tokenizer.json").encode(text * 200).ids
+        long_ids = text_ids[: args.long_tokens] if args.long_prompt else []
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
@@ -312,6 +377,23 @@ def main(argv=None) -> int:
             if proc:
                 proc.terminate()
                 proc.wait(60)
+    schedules = [x for x in args.schedules.split(",") if x]
+    if schedules:
+        report["mixed"] = {"classes": [dict(zip(("name", "share", "prompt", "max_tokens", "ttft_ms", "tpot_ms"), c))
+                                       for c in MIXED], "rate": args.mixed_rate, "rules": {}}  # fmt: skip
+        requests = mixed_requests(args, text_ids)
+    for rule in schedules:
+        print(f"mixed workload, schedule {rule}", file=sys.stderr)
+        proc, url = start_server(args, static=False, schedule=rule)
+        try:
+            model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+            warm_up(args, url, model, requests)
+            results, wall = asyncio.run(mixed(url, model, requests))
+            report["mixed"]["rules"][rule] = per_class(results, wall)
+            print(f"  {rule}: {report['mixed']['rules'][rule]['slo_misses']} SLO misses", file=sys.stderr)
+        finally:
+            proc.terminate()
+            proc.wait(60)
     for mode, res in report["modes"].items():
         one = res["closed_loop"].get("1", {}).get("tokens_per_s")
         res["speedup_over_one_at_a_time"] = {c: r["tokens_per_s"] / one for c, r in res["closed_loop"].items()} if one else None

@@ -30,6 +30,7 @@ from generate import build_engine, check_engine_flags, default_model  # noqa: E4
 from jaxmoe.engine.buckets import DEFAULT_PREFILL_CHUNK  # noqa: E402
 from jaxmoe.engine.programs import enable_compilation_cache  # noqa: E402
 from jaxmoe.offload.policy import POLICY_NAMES  # noqa: E402
+from jaxmoe.serve.scheduling import RULES  # noqa: E402
 
 DEFAULT_MAX_BATCH = 8
 
@@ -58,6 +59,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batched-decode", action="store_true",
                    help="resident: decode every row in one batched step (more parallel on a GPU) instead of each "
                    "row as the one-row step (the default: tokens exactly those of the prompt alone)")
+    p.add_argument("--schedule", choices=RULES, default="edf",
+                   help="the order queued requests take free rows in: edf (earliest TTFT deadline), fcfs, or task "
+                   "(task-aware: those that can still meet their TTFT first, least slack first, from the measured "
+                   "chunk and step times and each SLO class's learned output length)")  # fmt: skip
     p.add_argument("--static-batching", action="store_true",
                    help="admit a new batch only when the last one finished (the benchmark's baseline)")
     p.add_argument("--shutdown-grace-s", type=float, default=10.0, help="on SIGTERM, how long running requests get")
@@ -88,7 +93,7 @@ def main(argv=None) -> int:
         state = make_state(engine, generation_config, tokenizer_path, path, max_batch=max_batch,
                            max_queue=args.max_queue, api_key=args.api_key, slo_ttft_ms=args.slo_ttft_ms,
                            slo_tpot_ms=args.slo_tpot_ms, static=args.static_batching, model_id=args.model_id,
-                           exact_rows=not args.batched_decode)  # fmt: skip
+                           exact_rows=not args.batched_decode, schedule=args.schedule)  # fmt: skip
     except BudgetError as e:  # an explicit --max-batch: the cache is sized for every row's experts at once
         print(f"error: {e}; a smaller --max-batch needs fewer experts per layer at once", file=sys.stderr)
         return 2

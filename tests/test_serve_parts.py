@@ -188,7 +188,14 @@ def test_exact_rows_keep_a_near_tie_token_in_a_batch_of_8():
     assert got == want
 
 
-def test_queue_admits_by_ttft_deadline_and_refuses_when_full():
+@pytest.mark.parametrize("schedule,admits", [
+    ("edf", [2, 3]),  # the two earliest deadlines, most urgent first
+    ("fcfs", [1, 2]),  # the two first arrivals
+    # a turn with a chunk takes 1 s: request 2 (TTFT 0.5 s) can no longer make it and waits for
+    # the rest; of those that can, the earliest deadline first
+    ("task", [3, 1]),
+])  # fmt: skip
+def test_queue_admits_in_the_schedule_order_and_refuses_when_full(schedule, admits):
     from jaxmoe.serve.batcher import Batcher, QueueFull
     from jaxmoe.serve.request import SLO, Request
     from jaxmoe.serve.rows import RowPrefill, Rows
@@ -196,7 +203,7 @@ def test_queue_admits_by_ttft_deadline_and_refuses_when_full():
     admitted = []
 
     class Pending(RowPrefill):  # a prompt whose prefill never ends: admission needs no engine
-        done = False
+        done, chunks_left = False, 1
 
         def __init__(self, prompt):
             admitted.append(prompt[0])
@@ -205,7 +212,7 @@ def test_queue_admits_by_ttft_deadline_and_refuses_when_full():
             pass
 
     class NoRows(Rows):
-        programs = None
+        programs, prefill_chunk = None, 16
 
         def __init__(self):
             pass
@@ -216,7 +223,8 @@ def test_queue_admits_by_ttft_deadline_and_refuses_when_full():
         def new_kv(self, rows, length):
             return None
 
-    batcher = Batcher(NoRows(), max_batch=2, max_queue=3)
+    batcher = Batcher(NoRows(), max_batch=2, max_queue=3, schedule=schedule)
+    batcher.costs.turn_ran(1.0)
 
     def request(tag: int, ttft_s: float) -> Request:
         return Request([tag], 4, RequestSampling(), SLO(ttft_s, 1.0), TextTracker(None), lambda event: None)
@@ -226,8 +234,8 @@ def test_queue_admits_by_ttft_deadline_and_refuses_when_full():
     with pytest.raises(QueueFull) as full:
         batcher.submit(request(4, 0.1))
     assert full.value.retry_after_s >= 1
-    batcher.step()  # two free rows: the two earliest deadlines, most urgent first
-    assert admitted == [2, 3]
+    batcher.step()  # two free rows
+    assert admitted == admits
     assert batcher.queue_depth == 1
 
 
@@ -243,8 +251,7 @@ def test_serve_takes_the_largest_batch_the_budget_holds_unless_told(monkeypatch,
     import serve
 
     total = total_expert_bytes(load_hf_config(TINY))
-    # 5 of the 96 experts: 2 rows' 4 (a decode step reads them in place), not 3 rows' 6
-    small = OffloadedEngine.from_checkpoint(TINY, int(0.055 * total), "lru")
+    small = OffloadedEngine.from_checkpoint(TINY, int(0.1 * total), "lru")  # holds 2 rows' experts and their gather, not 3
     assert serve.default_max_batch(small) == 2
     assert "at most 2 rows at once" in capsys.readouterr().err
     with pytest.raises(BudgetError, match="minimum working set"):  # an explicit larger batch is refused

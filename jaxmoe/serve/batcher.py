@@ -2,9 +2,9 @@
 queue -> prefill -> a row of the batch -> done, one step at a time.
 
 Each loop: drop what was cancelled (a client gone frees its row before the next step),
-admit queued requests into free rows in deadline order (earliest TTFT deadline first,
-eMoE/DuoServe-style), run one prefill chunk of the most urgent admitted prompt, then one
-decode step for every row. A long prompt thus advances one chunk per decode step instead
+admit queued requests into free rows in the schedule's order (serve/scheduling.py: task-aware,
+earliest TTFT deadline first, or arrival order), run one prefill chunk of the first admitted
+prompt in that order, then one decode step for every row. A long prompt thus advances one chunk per decode step instead
 of stalling the running rows for its whole prefill (phase separation at chunk grain).
 Requests join and leave only between steps; the batch cache moves between a few static
 (rows, length) buckets, so no arrival compiles a new program once its bucket was seen.
@@ -15,7 +15,6 @@ only when the previous one has completely finished.
 
 from __future__ import annotations
 
-import heapq
 import math
 import threading
 import time
@@ -26,6 +25,7 @@ from jaxmoe.serve.batch_kv import BatchKV
 from jaxmoe.serve.request import Request
 from jaxmoe.serve.rows.base import Rows
 from jaxmoe.serve.rows.sampling import row_sampling
+from jaxmoe.serve.scheduling import Costs, check_rule, order
 
 
 class QueueFull(Exception):
@@ -39,13 +39,15 @@ class Closed(Exception):
 
 
 class Batcher:
-    def __init__(self, rows: Rows, max_batch: int, max_queue: int, metrics=None, static: bool = False):
+    def __init__(self, rows: Rows, max_batch: int, max_queue: int, metrics=None, static: bool = False,
+                 schedule: str = "edf"):  # fmt: skip
         self.rows, self.max_batch, self.max_queue = rows, max_batch, max_queue
-        self.metrics, self.static = metrics, static
+        self.metrics, self.static, self.schedule = metrics, static, check_rule(schedule)
+        self.costs = Costs(rows.prefill_chunk)
         self.batch = BatchKV(rows.programs, max_batch)
         self._lock = threading.Condition()
         self._inbox: list[Request] = []
-        self._queue: list[tuple[float, int, Request]] = []  # heap by deadline
+        self._queue: list[Request] = []  # ordered when a row frees (whether a request can still make it changes with time)
         self._prefilling: list[tuple[Request, object]] = []
         self._accepting, self._running = True, False
         self._thread: threading.Thread | None = None
@@ -109,7 +111,7 @@ class Batcher:
             request.fail(503, "the server shut down before this request finished")
 
     def _everyone(self) -> list[Request]:
-        return self._inbox + [r for _, _, r in self._queue] + [r for r, _ in self._prefilling] + self.batch.requests()
+        return self._inbox + self._queue + [r for r, _ in self._prefilling] + self.batch.requests()
 
     # -- the engine thread ------------------------------------------------------
     def _loop(self) -> None:
@@ -125,8 +127,7 @@ class Batcher:
         """One turn of the engine thread: queue what arrived, drop what was cancelled, admit,
         one prefill chunk, one decode step. Without `start()`, the caller drives the batcher."""
         with self._lock:
-            for request in self._inbox:
-                heapq.heappush(self._queue, (request.deadline, request.number, request))
+            self._queue += self._inbox
             self._inbox = []
         try:
             self._step()
@@ -140,10 +141,13 @@ class Batcher:
     def _step(self) -> None:
         self._drop_cancelled()
         self._admit()
-        if self._prefilling:
+        start, chunk = time.perf_counter(), bool(self._prefilling)
+        if chunk:
             self._prefill_one_chunk()
         if self.batch.live():
             self._decode()
+        if chunk:  # its compute is waited for by the first token or the decode step after it
+            self.costs.turn_ran(time.perf_counter() - start)
         self._fit()
 
     def _fit(self, joining: Request | None = None) -> None:
@@ -152,10 +156,9 @@ class Batcher:
         self.batch.fit(len(live), max((h.cache_len for h in live), default=64), self.rows.new_kv)
 
     def _drop_cancelled(self) -> None:
-        gone = [q[2] for q in self._queue if q[2].cancelled] + [r for r, _ in self._prefilling if r.cancelled]
+        gone = [r for r in self._queue if r.cancelled] + [r for r, _ in self._prefilling if r.cancelled]
         if gone:
-            self._queue = [q for q in self._queue if not q[2].cancelled]
-            heapq.heapify(self._queue)
+            self._queue = [r for r in self._queue if not r.cancelled]
             self._prefilling = [(r, job) for r, job in self._prefilling if not r.cancelled]
             for request in gone:
                 self._done(request, None)
@@ -167,15 +170,21 @@ class Batcher:
         free = self.max_batch - len(self.batch.live()) - len(self._prefilling)
         if self.static and (self.batch.live() or self._prefilling):
             free = 0
+        if free > 0 and self._queue:
+            now = time.perf_counter()
+            self._queue = order(self.schedule, self._queue, now, self.costs)
         while free > 0 and self._queue:
-            _, _, request = heapq.heappop(self._queue)
+            request = self._queue.pop(0)
             request.cache_len = self.rows.cache_length(len(request.prompt), request.max_tokens)
             self._prefilling.append((request, self.rows.prefill(request.prompt, request.cache_len)))
             free -= 1
 
     def _prefill_one_chunk(self) -> None:
-        """A chunk of the most urgent prompt; the prompt joins the batch when its last chunk is done."""
-        request, job = min(self._prefilling, key=lambda p: (p[0].deadline, p[0].number))
+        """A chunk of the first prompt in the schedule's order; the prompt joins the batch when its
+        last chunk is done."""
+        left = {r.number: job.chunks_left for r, job in self._prefilling}
+        first = order(self.schedule, [r for r, _ in self._prefilling], time.perf_counter(), self.costs, left)[0]
+        request, job = next(p for p in self._prefilling if p[0] is first)
         job.step()
         self.interleaved_chunks += bool(self.batch.live())
         if not job.done:

@@ -17,9 +17,10 @@ from jaxmoe.tokenizer import eos_ids, load_tokenizer
 def make_state(engine, generation_config: dict, tokenizer_path, model_path: str | Path, *, max_batch: int = 8,
                max_queue: int = 64, api_key: str | None = None, slo_ttft_ms: float = 2000.0,
                slo_tpot_ms: float = 200.0, static: bool = False, model_id: str | None = None,
-               exact_rows: bool = True) -> ServerState:  # fmt: skip
+               exact_rows: bool = True, schedule: str = "edf") -> ServerState:  # fmt: skip
     metrics = ServerMetrics()
-    batcher = Batcher(rows_for(engine, max_batch, exact_rows), max_batch, max_queue, metrics, static=static)
+    batcher = Batcher(rows_for(engine, max_batch, exact_rows), max_batch, max_queue, metrics, static=static,
+                      schedule=schedule)  # fmt: skip
     cfg = engine.config
     return ServerState(
         batcher=batcher,

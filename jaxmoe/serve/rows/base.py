@@ -33,6 +33,10 @@ class RowPrefill:
     def done(self) -> bool:
         return self.next_chunk == len(self.starts)
 
+    @property
+    def chunks_left(self) -> int:
+        return len(self.starts) - self.next_chunk
+
     def step(self) -> None:
         start = self.starts[self.next_chunk]
         self.chunk(start, jnp.asarray(self.tokens[:, start : start + self.size]))
@@ -54,6 +58,11 @@ class Rows:
 
     def __init__(self, engine):
         self.engine, self.config, self.programs = engine, engine.config, engine.programs
+
+    @property
+    def prefill_chunk(self) -> int:
+        """Tokens of one prefill chunk (`RowPrefill.step`)."""
+        return self.engine.prefill_chunk
 
     def cache_length(self, prompt_tokens: int, max_tokens: int) -> int:
         """The cache an offline generate of this one request allocates."""
