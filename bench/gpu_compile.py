@@ -12,12 +12,14 @@ Must run under the CUDA plugin's Python (3.12, jax 0.11.2); see scripts/gpu_comp
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from bench import gpu_aot
-from jaxmoe.engine.device_step import device_step
+from jaxmoe.engine.device_step import device_step_at
 from jaxmoe.engine.offloaded_decode import offloaded_step
 from jaxmoe.engine.programs import COMPILER_OPTIONS
 from jaxmoe.engine.executor import Piece, pack_module
@@ -50,8 +52,9 @@ def _on_cpu(tree, memory_kind: str = "device"):
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
 
 
-def _resident(model, experts, tokens, positions, step, kv, root, sampling):
-    token, kv = forward_step(model, tokens[:, None], positions[:, None], kv, experts, root, step, sampling=sampling)
+def _resident(model_at, experts, tokens, positions, step, kv, root, sampling):
+    token, kv = forward_step(model_at(None), tokens[:, None], positions[:, None], kv, experts, root, step,
+                             sampling=sampling, merge=model_at)  # fmt: skip
     return token, positions + 1, step + 1, kv
 
 
@@ -60,7 +63,7 @@ def report(model: str = "olmoe-1b-7b", target: str = "h100", batch: int = 1, bud
     cfg = _config(model, dtype)
     graphdef_model = nnx.eval_shape(lambda: MoEDecoder(cfg, nnx.Rngs(0)))
     piece = Piece(graphdef_model, pack_module(graphdef_model))  # the engines' packed weights
-    merged = lambda leaves: piece.merge(leaves)  # noqa: E731
+    merged = lambda leaves: functools.partial(piece.merge, leaves)  # (after) -> the model, the engines' lazy form  # noqa: E731
     leaves = _on_cpu(piece.leaves)
     spec = jax.ShapeDtypeStruct
     rows = _on_cpu(spec((batch,), jnp.int32))
@@ -94,7 +97,7 @@ def report(model: str = "olmoe-1b-7b", target: str = "h100", batch: int = 1, bud
     static = {"sampling": sampling, "policy": device_policy, "fmt": fmt, "scorer": scorer}
     scorer_leaves = _on_cpu(scorer.leaves) if scorer else ()
     programs["offloaded_decode"] = gpu_aot.compile_counts(
-        "offloaded_decode", lambda leaves, *a, **s: device_step(merged(leaves), *a, **s),
+        "offloaded_decode", lambda leaves, *a, **s: device_step_at(merged(leaves), *a, **s),
         (leaves, rows, rows, _on_cpu(spec((batch,), jnp.bool_)), kv, state, hosts, root, scalar, scorer_leaves),
         target=target, static=static, donate=(4, 5), options={**options, **dc.FETCH_OPTIONS}, keep=keep)  # fmt: skip
 
@@ -102,7 +105,7 @@ def report(model: str = "olmoe-1b-7b", target: str = "h100", batch: int = 1, bud
     resume_args = (leaves, rows, rows, _on_cpu(spec((batch,), jnp.bool_)), kv, _on_cpu(pool),
                    _on_cpu(spec((cfg.num_layers, cfg.num_experts), jnp.int32)), scalar, _on_cpu(x), root, scalar, ())
     programs["offloaded_resume"] = gpu_aot.compile_counts(
-        "offloaded_resume", lambda leaves, *a, **s: offloaded_step(lambda: merged(leaves), *a, **s), resume_args, target=target,
+        "offloaded_resume", lambda leaves, *a, **s: offloaded_step(merged(leaves), *a, **s), resume_args, target=target,
         static={"sampling": sampling, "scorer": None, "picks": 0, "fmt": fmt}, donate=(4, 5), options=options,
         keep=keep)  # fmt: skip
     return {"target": target, "jax": jax.__version__, "model": model, "batch": batch, "budget_frac": budget_frac,

@@ -36,6 +36,7 @@ from jaxmoe.engine.inputs import check_fits
 from jaxmoe.offload.cache import BudgetError
 from jaxmoe.checkpoint.expert_format import read_format
 from jaxmoe.offload.host_store import HostMemoryError, total_expert_bytes
+from jaxmoe.offload.device_cache import check_skip_below
 from jaxmoe.offload.driver import Amortize
 from jaxmoe.offload.expert_maps import MapsMismatch
 from jaxmoe.offload.policy import POLICY_NAMES, policy_class
@@ -120,8 +121,10 @@ def check_engine_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> 
         p.error(f"--predict-every/--predict-below: {e}")
     args.maps = getattr(args, "maps", None)
     args.skip_below = getattr(args, "skip_below", 0.0)
-    if not 0.0 <= args.skip_below < float("inf"):
-        p.error(f"--skip-below must be a finite weight >= 0, got {args.skip_below}")
+    try:
+        check_skip_below(args.skip_below)
+    except ValueError as e:
+        p.error(f"--skip-below: {e}")
     if args.skip_below > 0 and args.expert_budget_gb is None and args.expert_budget_frac is None:
         p.error("--skip-below needs --expert-budget-gb or --expert-budget-frac: only missed experts are skipped")
 

@@ -110,6 +110,17 @@ def test_host_planned_policies_refuse_it(policy):
         engine("wide", policy, 4, skip_below=0.1)
 
 
+@pytest.mark.parametrize("weight", [-0.1, float("nan"), float("inf")])
+def test_a_weight_not_finite_and_non_negative_is_refused_alike_everywhere(weight):
+    from jaxmoe.offload.device_cache import DevicePolicy, check_skip_below
+
+    refusals = (lambda: check_skip_below(weight), lambda: DevicePolicy("lru", skip_below=weight),
+                lambda: engine("wide", "lru", 4, skip_below=weight))  # fmt: skip
+    for refuse in refusals:
+        with pytest.raises(ValueError, match="skip_below must be a finite weight >= 0"):
+            refuse()
+
+
 @pytest.mark.slow  # ~25 s: a resident forward compiled per row
 def test_the_engine_equals_the_replay_with_skipping():
     """One layer, so its routing depends on the fed tokens alone: the resident model's routing

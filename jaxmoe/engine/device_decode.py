@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmoe.engine.device_step import device_step
+from jaxmoe.engine.device_step import device_step_at
 from jaxmoe.engine.offloaded_decode import DecodeCounters  # resumes and stall stay 0: a miss never leaves the program
 from jaxmoe.model import init_kv_cache
 from jaxmoe.offload import device_cache as dc
@@ -39,7 +39,7 @@ def device_policy(engine) -> dc.DevicePolicy:
 class DeviceDecoder:
     """Drives one generate's decode steps with the cache's state on the device."""
 
-    program_name, step_program = "device_step", staticmethod(device_step)
+    program_name, step_program = "device_step", staticmethod(device_step_at)
     skipped_experts = 0  # (row, k) the approximate decode did not compute; read in finish()
 
     def __init__(self, engine, sampling):
@@ -59,7 +59,7 @@ class DeviceDecoder:
     def _program(self, *args):
         engine = self.engine
         return engine.executor.compile(self.program_name, self.step_program, self.static(), DONATE, engine.model_piece,
-                                       *args, options=dc.FETCH_OPTIONS)  # fmt: skip
+                                       *args, options=dc.FETCH_OPTIONS, lazy=True)  # fmt: skip
 
     def compile(self, batch: int, cache_len: int) -> None:
         """The step program for this batch from shapes (prepare)."""

@@ -68,8 +68,10 @@ def device_step(
     scorer=None,
     moe_fn: Callable = moe_ffn,
     sampler: Callable | None = None,
+    merge: Callable | None = None,
 ) -> DeviceStepOut:
-    """`sampler`: as engine/step.py's `head_token` takes it (the server)."""
+    """`sampler`: as engine/step.py's `head_token` takes it (the server). `merge`: as
+    `forward_step` takes it, each layer's weights viewed after its input."""
     cfg = model.cfg
     b = tok.shape[0]
     unique = num_unique_experts(cfg.num_experts, b, cfg.top_k)
@@ -78,7 +80,8 @@ def device_step(
     pos = positions[:, None]
     state, predict_now = dc.begin_token(state, policy, step, scorer is not None)
     new_kv = []
-    for layer, (module, layer_kv) in enumerate(zip(model.layers, kv, strict=True)):
+    for layer, layer_kv in enumerate(kv):
+        module = (merge(x) if merge else model).layers[layer]
         if not module.is_moe:
             x, layer_kv, _ = module(x, pos, layer_kv, None, moe_fn)
             new_kv.append(layer_kv)
@@ -104,3 +107,9 @@ def device_step(
         new_kv.append(layer_kv)
     token = head_token(model, x, root, step, sampling, sampler)
     return DeviceStepOut(token, tuple(new_kv), state, positions + 1, step + 1)
+
+
+def device_step_at(model_at: Callable, *args, **kw) -> DeviceStepOut:
+    """device_step with the model merged by `model_at` (after) -> model: the executor's lazy
+    form (executor.Piece.merge), so that each layer's weights are viewed after its input."""
+    return device_step(model_at(None), *args, merge=model_at, **kw)

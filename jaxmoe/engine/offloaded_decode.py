@@ -40,7 +40,7 @@ def offloaded_step(model_at, tok, positions, valid, kv, pool, table, start, x_st
     arrays straight back in. `model_at`: the model, merged where it is called (decode_step's
     `merge`; the executor's `lazy`). `step_options`: decode_step's own (the server's per-row
     `moe_fn` and `sampler`)."""
-    model = model_at()
+    model = model_at(None)
     experts = [pool_experts(pool, fmt, model.cfg) if moe else None for moe in model.cfg.moe_layers]
     out = decode_step(model, tok[:, None], positions[:, None], valid, kv, experts, table, start, x_start, root,
                       step, scorer_leaves, sampling=sampling, scorer=scorer, picks=picks, merge=model_at,

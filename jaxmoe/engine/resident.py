@@ -11,6 +11,7 @@ Shapes: B batch, P prompt bucket, C chunk, S cache bucket, D hidden, V vocab.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Callable, Sequence
 
@@ -90,9 +91,9 @@ class ResidentEngine:
     def _decode(self, state, experts, tokens, positions, step, kv, root, sampling):
         """Every layer straight through (engine/step.py): the calls the offloaded steps make
         per layer, on the same shapes, so the same numbers."""
-        model = self.piece.merge(state)
-        token, kv = forward_step(model, tokens[:, None], positions[:, None], kv, experts, root, step,
-                                 sampling=sampling, moe_fn=self.moe_fn)  # fmt: skip
+        token, kv = forward_step(self.piece.merge(state), tokens[:, None], positions[:, None], kv, experts, root, step,
+                                 sampling=sampling, moe_fn=self.moe_fn,
+                                 merge=functools.partial(self.piece.merge, state))  # fmt: skip
         return token, positions + 1, step + 1, kv
 
     # -- host loop --------------------------------------------------------------

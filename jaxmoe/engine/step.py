@@ -57,11 +57,15 @@ def forward_step(
     sampling: SamplingParams,
     moe_fn: Callable = moe_ffn,
     sampler: Callable | None = None,
+    merge: Callable | None = None,
 ) -> tuple[jax.Array, tuple[LayerKV, ...]]:
-    """(tokens [B], the cache): every layer straight through, then `head_token`."""
+    """(tokens [B], the cache): every layer straight through, then `head_token`. `merge`:
+    (after) -> the model with its weights viewed after `after` (executor.Piece.merge), called
+    for each layer with its input."""
     x = model.embed_tokens(tokens)
     new_kv = []
-    for module, layer_kv, layer_experts in zip(model.layers, kv, experts, strict=True):
+    for layer, (layer_kv, layer_experts) in enumerate(zip(kv, experts, strict=True)):
+        module = (merge(x) if merge else model).layers[layer]
         x, layer_kv, _ = module(x, positions, layer_kv, layer_experts, moe_fn)
         new_kv.append(layer_kv)
     return head_token(model, x, root, step, sampling, sampler), tuple(new_kv)
@@ -97,13 +101,15 @@ def decode_step(
     picks: int = 0,
     moe_fn: Callable = moe_ffn,
     sampler: Callable | None = None,
-    merge: Callable[[], MoEDecoder] | None = None,
+    merge: Callable | None = None,
 ) -> StepOut:
-    """`sampler`: as `head_token` takes it. `merge`: the model merged anew, called inside each
-    conditional branch for the weights that branch reads (a packed model's weights are slices
-    of its buffers, and a slice taken outside a conditional is copied into it on every run)."""
+    """`sampler`: as `head_token` takes it. `merge`: (after) -> the model merged anew with its
+    weights viewed after `after` (executor.Piece.merge), called inside each conditional branch
+    with the layer's input for the weights that branch reads (a packed model's weights are
+    slices of its buffers, and a slice taken outside a conditional is copied into it on every
+    run)."""
     cfg = model.cfg
-    inside = merge or (lambda: model)  # noqa: E731
+    inside = merge or (lambda after: model)  # noqa: E731
     num_layers = cfg.num_layers
     b, t = tokens.shape
     n, k = b * t, cfg.top_k
@@ -124,13 +130,13 @@ def decode_step(
         if not module.is_moe:
 
             def run(x, layer_kv, layer=layer):
-                x, layer_kv, _ = inside().layers[layer](x, positions, layer_kv, None, moe_fn)
+                x, layer_kv, _ = inside(x).layers[layer](x, positions, layer_kv, None, moe_fn)
                 return x, layer_kv, jnp.asarray(False), zeros_ids, zeros_picks, zeros_probs
 
         else:
 
             def run(x, layer_kv, layer=layer):
-                module = inside().layers[layer]
+                module = inside(x).layers[layer]
                 x_att, layer_kv, h, routing = module.attend_and_route(x, positions, layer_kv)
                 rows = routing.ids if table is None else table[layer][routing.ids]  # [N, K]
                 miss = jnp.any((rows < 0) & rows_valid[:, None])
@@ -161,7 +167,7 @@ def decode_step(
         picks_all.append(best)
         probs_all.append(probs)
 
-    head = lambda x: head_token(inside(), x, root, step, sampling, sampler)  # noqa: E731
+    head = lambda x: head_token(inside(x), x, root, step, sampling, sampler)  # noqa: E731
     token = jax.lax.cond(missed, lambda x: jnp.zeros((b,), jnp.int32), head, x)
     return StepOut(token, tuple(new_kv), first_miss, x_miss, jnp.stack(ids_all), jnp.stack(picks_all),
                    jnp.stack(probs_all))  # fmt: skip

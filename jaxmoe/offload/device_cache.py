@@ -70,8 +70,16 @@ class DevicePolicy:
     def __post_init__(self):
         if self.name not in DEVICE_POLICIES:
             raise ValueError(f"no device policy {self.name!r}; choose one of {', '.join(DEVICE_POLICIES)}")
-        if not 0.0 <= self.skip_below < float("inf"):  # nan fails too
-            raise ValueError(f"skip_below must be a finite weight >= 0, got {self.skip_below}")
+        check_skip_below(self.skip_below)
+
+
+def check_skip_below(weight: float) -> float:
+    """The approximate decode's routing-weight threshold (0: exact), as a float; ValueError
+    unless it is a finite weight >= 0 (nan fails too)."""
+    weight = float(weight)
+    if not 0.0 <= weight < float("inf"):
+        raise ValueError(f"skip_below must be a finite weight >= 0, got {weight}")
+    return weight
 
 
 class CacheState(NamedTuple):

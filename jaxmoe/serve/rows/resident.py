@@ -7,6 +7,8 @@ Shapes: B rows, C chunk, S cache length, D hidden.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,9 +56,10 @@ class ResidentRows(Rows):
     def _decode(self, state, experts, tokens, positions, kv, sampling):
         """The engine's decode step with each row at its own position and its own sampler, its
         experts and head computed as a one-row step computes them (rows/exact.py)."""
-        model = self.engine.piece.merge(state)
-        return forward_step(model, tokens[:, None], positions[:, None], kv, experts, jax.random.key(0), jnp.int32(0),
-                            sampling=SamplingParams(), moe_fn=per_token_moe, sampler=row_sampler(sampling))  # fmt: skip
+        piece = self.engine.piece
+        return forward_step(piece.merge(state), tokens[:, None], positions[:, None], kv, experts, jax.random.key(0),
+                            jnp.int32(0), sampling=SamplingParams(), moe_fn=per_token_moe,
+                            sampler=row_sampler(sampling), merge=functools.partial(piece.merge, state))  # fmt: skip
 
     def _decode_exact(self, state, experts, tokens, positions, kv, sampling):
         """Row after row, each the engine's one-row decode step on its slice of the cache,
@@ -70,7 +73,8 @@ class ResidentRows(Rows):
             token, kv_row = forward_step(model, one(tokens, r)[:, None], one(positions, r)[:, None], kv_row, experts,
                                          jax.random.key(0), jnp.int32(0), sampling=SamplingParams(),
                                          moe_fn=self.engine.moe_fn,
-                                         sampler=row_sampler(tuple(one(a, r) for a in sampling)))  # fmt: skip
+                                         sampler=row_sampler(tuple(one(a, r) for a in sampling)),
+                                         merge=functools.partial(self.engine.piece.merge, state))  # fmt: skip
             kv = jax.tree.map(lambda a, new: jax.lax.dynamic_update_slice_in_dim(a, new, r, 0), kv, kv_row)
             return jax.lax.dynamic_update_slice_in_dim(out_tokens, token, r, 0), kv
 
