@@ -140,14 +140,14 @@ def build(spec: ModelSpec, dtype: str, seed: int, gpu: bool, offload: bool):
     from jaxmoe.offload.host_store import HostExpertStore, ensure_host_memory, total_expert_bytes
 
     if spec.source == "checkpoint":
-        from jaxmoe.checkpoint import load
-        from jaxmoe.config import load_hf_config
+        from jaxmoe.checkpoint import load, open_checkpoint
 
-        cfg = load_hf_config(spec.path)
+        ckpt = open_checkpoint(spec.path)
+        cfg = ckpt.config
         if offload:
-            ensure_host_memory(total_expert_bytes(cfg, spec.fmt()))  # before the backend starts
+            ensure_host_memory(total_expert_bytes(cfg, ckpt.expert_format))  # before the backend starts
             # Experts a layer at a time from disk into pinned memory: one copy, never on the device.
-            return cfg, load(spec.path, experts=False).model, HostExpertStore.from_checkpoint(spec.path, cfg)
+            return cfg, load(ckpt, experts=False).model, HostExpertStore.from_checkpoint(ckpt)
         loaded = load(spec.path)
         return cfg, loaded.model, list(loaded.experts)
     fmt = spec.fmt()

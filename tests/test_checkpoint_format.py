@@ -21,7 +21,7 @@ from jaxmoe.checkpoint.random_model import TINY_OLMOE
 from jaxmoe.checkpoint.safetensors_io import SafetensorsFile
 from jaxmoe.checkpoint.safetensors_write import SafetensorsWriter
 from jaxmoe.config import from_hf_dict, load_hf_config
-from jaxmoe.model import ExpertWeights, MoEDecoder, dense_dict, init_experts
+from jaxmoe.model import MoEDecoder, dense_dict, init_experts
 from jaxmoe.offload.host_store import HostExpertStore
 
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "jaxmoe-tiny"
@@ -48,7 +48,7 @@ def tiny(tmp_path_factory):
 def test_params_file_round_trips(tiny):
     dense, experts, path = tiny
     cfg = load_hf_config(path)
-    assert_same(restore_params(path, cfg), (dense, experts))
+    assert_same(restore_params(path), (dense, experts))
     names = set(SafetensorsFile(path / FILE).entries)
     assert {"dense.layers.0.self_attn.q_proj.kernel", "experts.3.w_gate_up", "experts.3.w_down"} <= names
     with safe_open(str(path / FILE), "np") as f:  # the reference reader agrees with ours
@@ -57,7 +57,7 @@ def test_params_file_round_trips(tiny):
 
 def test_pinned_store_matches_the_stacks(tiny):
     _, experts, path = tiny
-    store = HostExpertStore.from_checkpoint(path, load_hf_config(path))
+    store = HostExpertStore.from_checkpoint(path)
     assert store.layer(2).sharding.memory_kind == "pinned_host"
     np.testing.assert_array_equal(store.weights(2, 5).w_gate_up, np.asarray(experts[2].w_gate_up[5]))
     np.testing.assert_array_equal(store.weights(3, 15).w_down, np.asarray(experts[3].w_down[15]))
@@ -96,9 +96,9 @@ def test_an_orbax_checkpoint_loads_a_layer_at_a_time(tiny, tmp_path):
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save((tmp_path / "params").resolve(), tree)
     with pytest.warns(UncheckedWeightsWarning, match="no checksums.*convert_hf.py"):
-        got_dense, got_experts = restore_params(tmp_path, cfg)
+        got_dense, got_experts = restore_params(tmp_path)
     assert_same((got_dense, got_experts), (dense, experts))
-    store = HostExpertStore.from_checkpoint(tmp_path, cfg)
+    store = HostExpertStore.from_checkpoint(tmp_path)
     np.testing.assert_array_equal(store.weights(3, 7).w_down, np.asarray(experts[3].w_down[7]))
 
 
@@ -116,7 +116,7 @@ def test_every_tensor_carries_a_checksum_and_a_damaged_one_is_refused_by_name(ti
     with pytest.raises(CheckpointError, match=r"params\.safetensors: tensor 'experts\.2\.w_down' is damaged"):
         load(damaged)
     with pytest.raises(CheckpointError, match="is damaged"):  # the offloaded engine's store reads it too
-        HostExpertStore.from_checkpoint(damaged, load_hf_config(damaged))
+        HostExpertStore.from_checkpoint(damaged)
 
 
 def test_the_shipped_checkpoint_is_checked():

@@ -61,7 +61,7 @@ def test_side_files_and_expert_placement(hf_checkpoint, tmp_path):
     assert loaded.tokenizer_path == dst / "tokenizer.json" and loaded.tokenizer_path.read_text() == '{"model": {}}'
 
     pinned = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
-    dense, experts = restore_params(dst, loaded.config, sharding=pinned)
+    dense, experts = restore_params(dst, sharding=pinned)
     assert all(a.sharding.memory_kind == "pinned_host" for a in jax.tree.leaves(experts))
     assert jax.tree.leaves(dense)[0].sharding.memory_kind == "device"
     for got, want in zip(jax.tree.leaves(experts), jax.tree.leaves(loaded.experts)):

@@ -54,7 +54,7 @@ def test_export_round_trips_through_conversion(hf_checkpoint, tmp_path, family):
     assert _keys(tmp_path / "hf") == _keys(src)
     convert_hf(tmp_path / "hf", tmp_path / "b", progress=False)
     cfg = jaxmoe.load_hf_config(tmp_path / "a")
-    a, b = restore_params(tmp_path / "a", cfg), restore_params(tmp_path / "b", cfg)
+    a, b = restore_params(tmp_path / "a"), restore_params(tmp_path / "b")
     assert jax.tree.structure(a) == jax.tree.structure(b)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

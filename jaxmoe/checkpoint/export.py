@@ -17,14 +17,13 @@ import numpy as np
 
 from jaxmoe.checkpoint.assemble import CheckpointError, np_dtype
 from jaxmoe.checkpoint.atomic import atomic_directory
-from jaxmoe.checkpoint.expert_format import read_format
 from jaxmoe.checkpoint.convert import TOKENIZER_FILES
 from jaxmoe.checkpoint.gpt_oss_keys import hf_layer_tensors
 from jaxmoe.checkpoint.hf_keys import ExpertTarget, dense_targets, expert_targets
 from jaxmoe.checkpoint.params_file import dense_name, expected
 from jaxmoe.checkpoint.safetensors_write import SafetensorsWriter
-from jaxmoe.checkpoint.store import open_params
-from jaxmoe.config import MoEConfig, load_hf_config
+from jaxmoe.checkpoint.store import open_checkpoint, open_params
+from jaxmoe.config import MoEConfig
 from jaxmoe.model import ExpertWeights
 from jaxmoe.tokenizer import load_tokenizer
 
@@ -80,8 +79,8 @@ def export_hf(src: str | Path, dst: str | Path) -> Path:
     src, dst = Path(src), Path(dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise CheckpointError(f"{dst}: already exists and is not empty; choose a new destination")
-    cfg = load_hf_config(src)
-    fmt = read_format(src, cfg)
+    ckpt = open_checkpoint(src)
+    cfg, fmt = ckpt.config, ckpt.expert_format
     if fmt.kind == "mxfp4":
         raise CheckpointError(
             f"{src}: its experts are MXFP4; export_hf writes dense experts, so it would have to widen them "
@@ -96,7 +95,7 @@ def export_hf(src: str | Path, dst: str | Path) -> Path:
     hf["dtype"] = cfg.dtype  # what the tensors are stored in
     gen_path = src / "generation_config.json"
     generation = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
-    with open_params(src, cfg) as params, atomic_directory(dst) as tmp:
+    with open_params(ckpt) as params, atomic_directory(dst) as tmp:
         _write_weights(tmp / "model.safetensors", cfg, params)
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
         if gen_path.is_file():

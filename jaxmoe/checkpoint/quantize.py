@@ -20,10 +20,10 @@ from tqdm import tqdm
 from jaxmoe.checkpoint.assemble import CheckpointError
 from jaxmoe.checkpoint.atomic import atomic_directory
 from jaxmoe.checkpoint.convert import TOKENIZER_FILES
-from jaxmoe.checkpoint.expert_format import read_format, write_format
+from jaxmoe.checkpoint.expert_format import write_format
 from jaxmoe.checkpoint.params_file import ParamsWriter, expected
-from jaxmoe.checkpoint.store import open_params
-from jaxmoe.config import MoEConfig, load_hf_config
+from jaxmoe.checkpoint.store import open_checkpoint, open_params
+from jaxmoe.config import MoEConfig
 from jaxmoe.quant import ExpertFormat, packed_rows
 
 SIDE_FILES = ("config.json", "generation_config.json", "training.json", *TOKENIZER_FILES)
@@ -42,16 +42,17 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, fmt: ExpertFormat, ref
         raise ValueError("quantize to int8 or int4; dense is what the source already is")
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise CheckpointError(f"{dst}: already exists and is not empty; choose a new destination")
-    cfg = load_hf_config(src)
-    if read_format(src, cfg).kind != "dense":
-        raise CheckpointError(f"{src}: its experts are already quantized ({read_format(src, cfg).name})")
+    ckpt = open_checkpoint(src)
+    cfg = ckpt.config
+    if ckpt.expert_format.kind != "dense":
+        raise CheckpointError(f"{src}: its experts are already quantized ({ckpt.expert_format.name})")
     try:
         fmt.check(cfg)
     except ValueError as e:
         raise CheckpointError(f"{src}/config.json: {e}") from e
     bar = tqdm(total=len(cfg.moe_layer_ids), desc=f"quantize {fmt.name}", unit="layer", file=sys.stderr,
                disable=not progress)  # fmt: skip
-    with bar, open_params(src, cfg) as params, atomic_directory(dst) as tmp:
+    with bar, open_params(ckpt) as params, atomic_directory(dst) as tmp:
         with ParamsWriter(tmp, expected(cfg, fmt)) as out:
             for key_path, value in params.dense():
                 out.dense(key_path, value)

@@ -46,22 +46,45 @@ def save_params(path: str | Path, dense: dict, experts: tuple[ExpertWeights | No
             out.experts(layer, w)
 
 
-def open_params(path: str | Path, cfg: MoEConfig) -> ParamsSource:
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint directory with its config and expert format, each read once
+    (`open_checkpoint`): what every loader here takes in place of a path."""
+
+    path: Path
+    config: MoEConfig
+    expert_format: ExpertFormat
+
+
+def open_checkpoint(source: "str | Path | Checkpoint") -> Checkpoint:
+    """`source` opened (a Checkpoint is returned as it is); CheckpointError without config.json."""
+    if isinstance(source, Checkpoint):
+        return source
+    path = Path(source)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path}: no config.json (not a jaxmoe checkpoint directory)")
+    cfg = load_hf_config(path)
+    return Checkpoint(path, cfg, read_format(path, cfg))
+
+
+def open_params(source: str | Path | Checkpoint) -> ParamsSource:
     """The checkpoint's weights, in either layout, read on demand (see ParamsSource)."""
-    path = Path(path)
+    ckpt = open_checkpoint(source)
+    path, cfg = ckpt.path, ckpt.config
     if (path / FILE).is_file():
-        return ParamsReader(path, cfg, read_format(path, cfg))
+        return ParamsReader(path, cfg, ckpt.expert_format)
     if (path / LEGACY_DIRECTORY).is_dir():
         return OrbaxParamsReader(path, cfg)
     raise CheckpointError(f"{path}: no {FILE} (convert the model with scripts/convert_hf.py)")
 
 
-def expert_layers(path: str | Path, cfg: MoEConfig) -> Iterator[ExpertWeights | np.ndarray | None]:
+def expert_layers(source: str | Path | Checkpoint) -> Iterator[ExpertWeights | np.ndarray | None]:
     """Per layer, its experts as host numpy (None for dense layers), read when asked for: the
     stacks of a dense checkpoint, the packed rows [E, bytes] of a quantized one. A consumer
     that drops each before asking for the next holds one layer."""
-    packed = read_format(path, cfg).kind != "dense"
-    with open_params(path, cfg) as params:
+    ckpt = open_checkpoint(source)
+    cfg, packed = ckpt.config, ckpt.expert_format.kind != "dense"
+    with open_params(ckpt) as params:
         for layer in range(cfg.num_layers):
             if not cfg.moe_layers[layer]:
                 yield None
@@ -82,11 +105,11 @@ def place(values, sharding):
     return placed
 
 
-def restore_dense(path: str | Path, cfg: MoEConfig) -> dict:
+def restore_dense(source: str | Path | Checkpoint) -> dict:
     """The dense pure dict, each tensor read and put on the default device in turn."""
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     dense: dict = {}
-    with open_params(path, cfg) as params:
+    with open_params(source) as params:
         for key_path, value in params.dense():
             node = dense
             for key in key_path[:-1]:
@@ -95,9 +118,7 @@ def restore_dense(path: str | Path, cfg: MoEConfig) -> dict:
     return dense
 
 
-def restore_params(
-    path: str | Path, cfg: MoEConfig, sharding: jax.sharding.Sharding | None = None
-) -> tuple[dict, tuple]:
+def restore_params(source: str | Path | Checkpoint, sharding: jax.sharding.Sharding | None = None) -> tuple[dict, tuple]:
     """(dense pure dict, per-layer experts) as jax arrays: ExpertWeights stacks, or for a
     quantized checkpoint PackedExperts over each layer's byte rows.
 
@@ -105,15 +126,16 @@ def restore_params(
     (default: the default device too), one layer at a time.
     """
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    fmt = read_format(path, cfg)
-    dense = restore_dense(path, cfg)
+    ckpt = open_checkpoint(source)
+    cfg, fmt = ckpt.config, ckpt.expert_format
+    dense = restore_dense(ckpt)
 
     def placed(w):
         if w is None:
             return None
         return place(w, sharding) if fmt.kind == "dense" else packed_experts(place(w, sharding), fmt, cfg)
 
-    return dense, tuple(placed(w) for w in expert_layers(path, cfg))
+    return dense, tuple(placed(w) for w in expert_layers(ckpt))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,20 +149,20 @@ class LoadedModel:
     expert_format: ExpertFormat
 
 
-def load(path: str | Path, sharding: jax.sharding.Sharding | None = None, experts: bool = True) -> LoadedModel:
-    """Load a jaxmoe checkpoint directory; `sharding` places the routed experts.
+def load(source: str | Path | Checkpoint, sharding: jax.sharding.Sharding | None = None,
+         experts: bool = True) -> LoadedModel:  # fmt: skip
+    """Load a jaxmoe checkpoint (a directory, or one `open_checkpoint` opened); `sharding`
+    places the routed experts.
 
     With `experts=False` the experts stay on disk (`LoadedModel.experts` is None), for a
     caller that reads them itself, e.g. `HostExpertStore.from_checkpoint`.
     """
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise CheckpointError(f"{path}: no config.json (not a jaxmoe checkpoint directory)")
-    cfg = load_hf_config(path)
+    ckpt = open_checkpoint(source)
+    path, cfg = ckpt.path, ckpt.config
     if experts:
-        dense, stacks = restore_params(path, cfg, sharding)
+        dense, stacks = restore_params(ckpt, sharding)
     else:
-        dense, stacks = restore_dense(path, cfg), None
+        dense, stacks = restore_dense(ckpt), None
     gen = path / "generation_config.json"
     tokenizer = path / "tokenizer.json"
     return LoadedModel(
@@ -150,5 +172,5 @@ def load(path: str | Path, sharding: jax.sharding.Sharding | None = None, expert
         generation_config=json.loads(gen.read_text()) if gen.is_file() else {},
         tokenizer_path=tokenizer if tokenizer.is_file() else None,
         path=path,
-        expert_format=read_format(path, cfg),
+        expert_format=ckpt.expert_format,
     )

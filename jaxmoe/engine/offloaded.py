@@ -178,16 +178,14 @@ class OffloadedEngine:
         no training), the directory of a trained predictor, or a scorer. A "maps" policy
         starts from `maps` (an ExpertMaps or its file), else from MODEL/expert_maps.npz if
         there is one."""
-        from jaxmoe.checkpoint import load
+        from jaxmoe.checkpoint import load, open_checkpoint
         from jaxmoe.offload.host_store import ensure_host_memory, total_expert_bytes
-        from jaxmoe.config import load_hf_config
 
-        from jaxmoe.checkpoint.expert_format import read_format
-
-        cfg = load_hf_config(path)
-        ensure_host_memory(total_expert_bytes(cfg, read_format(path, cfg)))  # before anything is allocated
-        loaded = load(path, experts=False)
-        store = HostExpertStore.from_checkpoint(path, cfg)
+        ckpt = open_checkpoint(path)  # the config and the expert format, read once for all below
+        cfg = ckpt.config
+        ensure_host_memory(total_expert_bytes(cfg, ckpt.expert_format))  # before anything is allocated
+        loaded = load(ckpt, experts=False)
+        store = HostExpertStore.from_checkpoint(ckpt)
         if predictor is not None:
             predictor = load_scorer(predictor, loaded.model)
         maps = kw.pop("maps", None)

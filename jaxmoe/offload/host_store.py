@@ -20,7 +20,7 @@ from typing import Iterable
 import jax
 import numpy as np
 
-from jaxmoe.checkpoint.store import expert_layers, place
+from jaxmoe.checkpoint.store import expert_layers, open_checkpoint, place
 from jaxmoe.config import MoEConfig
 from jaxmoe.model import ExpertWeights
 from jaxmoe.quant import DENSE, ExpertFormat, packed_rows
@@ -113,13 +113,12 @@ class HostExpertStore:
         return cls(cfg, layers, fmt)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, cfg: MoEConfig, device=None) -> "HostExpertStore":
-        """A checkpoint's experts, read a layer at a time into host numpy and copied from there
-        into pinned memory: nothing passes through device memory, and host memory peaks at
-        the experts plus one layer."""
-        from jaxmoe.checkpoint.expert_format import read_format
-
-        return cls.from_stacks(cfg, expert_layers(path, cfg), device, read_format(path, cfg))
+    def from_checkpoint(cls, source, *, device=None) -> "HostExpertStore":
+        """A checkpoint's experts (a directory, or a checkpoint.store.Checkpoint), read a layer at
+        a time into host numpy and copied from there into pinned memory: nothing passes through
+        device memory, and host memory peaks at the experts plus one layer."""
+        ckpt = open_checkpoint(source)
+        return cls.from_stacks(ckpt.config, expert_layers(ckpt), device, ckpt.expert_format)
 
     def layer(self, layer: int) -> jax.Array:
         """MoE layer `layer`'s experts, [E, bytes] uint8 in pinned host memory."""
