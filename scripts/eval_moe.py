@@ -114,15 +114,14 @@ def evaluate_text(model_dir: Path, text_file: Path, seq_len: int | None, offload
 def offloaded_ppl(model_dir: Path, windows: np.ndarray, scored: int, frac: float, policy: str,
                   skip_below: float) -> dict:  # fmt: skip
     """Perplexity through the offloaded engine's teacher-forced decode (jaxmoe/engine/forced.py)."""
-    from jaxmoe.checkpoint.expert_format import read_format
-    from jaxmoe.config import load_hf_config
+    from jaxmoe.checkpoint import open_checkpoint
     from jaxmoe.engine.forced import forced_nll
     from jaxmoe.engine.offloaded import OffloadedEngine
     from jaxmoe.offload.host_store import total_expert_bytes
 
-    cfg = load_hf_config(model_dir)
-    budget = round(frac * total_expert_bytes(cfg, read_format(model_dir, cfg)))
-    engine = OffloadedEngine.from_checkpoint(model_dir, budget, policy, prefill="routed", skip_below=skip_below)
+    ckpt = open_checkpoint(model_dir)
+    budget = round(frac * total_expert_bytes(ckpt.config, ckpt.expert_format))
+    engine = OffloadedEngine.from_checkpoint(ckpt, budget, policy, prefill="routed", skip_below=skip_below)
     r = forced_nll(engine, windows, scored)
     n = r["tokens"]
     return {"model_ppl": math.exp(r["nll"] / n), "offloaded": {

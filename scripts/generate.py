@@ -27,14 +27,13 @@ except ImportError:  # run from a checkout without installing
 
 from tqdm import tqdm
 
-from jaxmoe.checkpoint import CheckpointError, load
+from jaxmoe.checkpoint import CheckpointError, load, open_checkpoint
 from jaxmoe.checkpoint.random_model import make_random_checkpoint
 from jaxmoe.config import ConfigError, load_hf_config
 from jaxmoe.engine import ContextError, ResidentEngine, SamplingParams
 from jaxmoe.engine.offloaded import OffloadedEngine
 from jaxmoe.engine.inputs import check_fits
 from jaxmoe.offload.cache import BudgetError
-from jaxmoe.checkpoint.expert_format import read_format
 from jaxmoe.offload.host_store import HostMemoryError, total_expert_bytes
 from jaxmoe.offload.device_cache import check_skip_below
 from jaxmoe.offload.driver import Amortize
@@ -153,16 +152,16 @@ def build_engine(path: Path, args: argparse.Namespace):
         engine = ResidentEngine(loaded.config, loaded.model, loaded.experts, prefill_chunk=args.prefill_chunk,
                                 own_model=True)  # fmt: skip
         return engine, loaded.config, loaded.generation_config, loaded.tokenizer_path
+    ckpt = open_checkpoint(path)  # the engine loads from it: config and format read once
     if args.expert_budget_gb is not None:
         budget = round(args.expert_budget_gb * 1e9)
     else:
-        cfg = load_hf_config(path)
-        budget = round(args.expert_budget_frac * total_expert_bytes(cfg, read_format(path, cfg)))
+        budget = round(args.expert_budget_frac * total_expert_bytes(ckpt.config, ckpt.expert_format))
     policy, predictor = choose_policy(Path(path), args.policy, args.predictor)
     if args.maps is not None and not policy_class(policy).maps:
         raise ValueError(f"--maps needs --policy maps, not --policy {policy}")
     engine = OffloadedEngine.from_checkpoint(
-        path, budget, policy, predictor=predictor, prefill=args.prefill,
+        ckpt, budget, policy, predictor=predictor, prefill=args.prefill,
         prefill_overlap=not args.no_prefill_overlap, prefill_chunk=args.prefill_chunk, maps=args.maps,
         amortize=args.amortize, skip_below=args.skip_below,
     )  # fmt: skip

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +50,9 @@ from jaxmoe.offload.prefetch import NextLayerScorer, load_scorer
 from jaxmoe.offload.policy import PolicyShape, make_policy, policy_class
 from jaxmoe.offload.prefill_plan import INJIT, MODES, ROUTED, PrefillPlan, choose_mode, plan_stream
 from jaxmoe.offload.schedule import PassPlan
+
+if TYPE_CHECKING:
+    from jaxmoe.checkpoint import Checkpoint
 
 
 def first_token(ends, x, index, root, step, sampling):
@@ -170,9 +173,9 @@ class OffloadedEngine:
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path, expert_budget_bytes: int, policy: str = "lru", predictor=None, **kw
+        cls, path: str | Path | Checkpoint, expert_budget_bytes: int, policy: str = "lru", predictor=None, **kw
     ) -> "OffloadedEngine":
-        """Dense weights to the device; experts read a layer at a time into host numpy and
+        """`path`: a checkpoint directory, or one `checkpoint.open_checkpoint` opened. Dense weights to the device; experts read a layer at a time into host numpy and
         copied from there into pinned host memory (never through the device, never two
         copies of the experts). `predictor`: None, "gate-ahead" (the next layer's router,
         no training), the directory of a trained predictor, or a scorer. A "maps" policy
@@ -182,6 +185,7 @@ class OffloadedEngine:
         from jaxmoe.offload.host_store import ensure_host_memory, total_expert_bytes
 
         ckpt = open_checkpoint(path)  # the config and the expert format, read once for all below
+        path = ckpt.path
         cfg = ckpt.config
         ensure_host_memory(total_expert_bytes(cfg, ckpt.expert_format))  # before anything is allocated
         loaded = load(ckpt, experts=False)
