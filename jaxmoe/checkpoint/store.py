@@ -118,7 +118,9 @@ def restore_dense(source: str | Path | Checkpoint) -> dict:
     return dense
 
 
-def restore_params(source: str | Path | Checkpoint, sharding: jax.sharding.Sharding | None = None) -> tuple[dict, tuple]:
+def restore_params(
+    source: str | Path | Checkpoint, sharding: jax.sharding.Sharding | None = None
+) -> tuple[dict, tuple]:
     """(dense pure dict, per-layer experts) as jax arrays: ExpertWeights stacks, or for a
     quantized checkpoint PackedExperts over each layer's byte rows.
 

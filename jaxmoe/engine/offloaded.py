@@ -175,9 +175,10 @@ class OffloadedEngine:
     def from_checkpoint(
         cls, path: str | Path | Checkpoint, expert_budget_bytes: int, policy: str = "lru", predictor=None, **kw
     ) -> "OffloadedEngine":
-        """`path`: a checkpoint directory, or one `checkpoint.open_checkpoint` opened. Dense weights to the device; experts read a layer at a time into host numpy and
-        copied from there into pinned host memory (never through the device, never two
-        copies of the experts). `predictor`: None, "gate-ahead" (the next layer's router,
+        """`path`: a checkpoint directory, or one `checkpoint.open_checkpoint` opened. Dense
+        weights to the device; experts read a layer at a time into host numpy and copied from
+        there into pinned host memory (never through the device, never two copies of the
+        experts). `predictor`: None, "gate-ahead" (the next layer's router,
         no training), the directory of a trained predictor, or a scorer. A "maps" policy
         starts from `maps` (an ExpertMaps or its file), else from MODEL/expert_maps.npz if
         there is one."""

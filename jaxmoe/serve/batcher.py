@@ -2,10 +2,11 @@
 queue -> prefill -> a row of the batch -> done, one step at a time.
 
 Each loop: drop what was cancelled (a client gone frees its row before the next step),
-admit queued requests into free rows in the schedule's order (serve/scheduling.py: task-aware,
-earliest TTFT deadline first, or arrival order), run one prefill chunk of the first admitted
-prompt in that order, then one decode step for every row. A long prompt thus advances one chunk per decode step instead
-of stalling the running rows for its whole prefill (phase separation at chunk grain).
+admit queued requests into free rows in the schedule's order (serve/scheduling.py: earliest
+TTFT deadline first, arrival order, or task-aware), run one prefill chunk of the first
+admitted prompt in that order, then one decode step for every row. A long prompt thus
+advances one chunk per decode step instead of stalling the running rows for its whole
+prefill (phase separation at chunk grain).
 Requests join and leave only between steps; the batch cache moves between a few static
 (rows, length) buckets, so no arrival compiles a new program once its bucket was seen.
 
@@ -47,7 +48,7 @@ class Batcher:
         self.batch = BatchKV(rows.programs, max_batch)
         self._lock = threading.Condition()
         self._inbox: list[Request] = []
-        self._queue: list[Request] = []  # ordered when a row frees (whether a request can still make it changes with time)
+        self._queue: list[Request] = []  # ordered when a row frees: who can still make it changes with time
         self._prefilling: list[tuple[Request, object]] = []
         self._accepting, self._running = True, False
         self._thread: threading.Thread | None = None
