@@ -35,7 +35,7 @@ from jaxmoe.engine.offloaded import OffloadedEngine
 from jaxmoe.engine.inputs import check_fits
 from jaxmoe.offload.cache import BudgetError
 from jaxmoe.offload.host_store import HostMemoryError, total_expert_bytes
-from jaxmoe.offload.device_cache import check_skip_below
+from jaxmoe.offload.device_cache import skip_weight
 from jaxmoe.offload.driver import Amortize
 from jaxmoe.offload.expert_maps import MapsMismatch
 from jaxmoe.offload.policy import POLICY_NAMES, policy_class
@@ -121,7 +121,7 @@ def check_engine_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> 
     args.maps = getattr(args, "maps", None)
     args.skip_below = getattr(args, "skip_below", 0.0)
     try:
-        check_skip_below(args.skip_below)
+        skip_weight(args.skip_below)
     except ValueError as e:
         p.error(f"--skip-below: {e}")
     if args.skip_below > 0 and args.expert_budget_gb is None and args.expert_budget_frac is None:

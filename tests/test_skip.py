@@ -24,7 +24,7 @@ from jaxmoe.engine.offloaded import OffloadedEngine
 from jaxmoe.model import init_kv_cache, moe_ffn
 from jaxmoe.model.experts import ExpertWeights, drop_experts, expert_ffn
 from jaxmoe.offload.cache import batch_minimum_experts
-from jaxmoe.offload.device_cache import DevicePolicy, skippable
+from jaxmoe.offload.device_cache import DevicePolicy, skip_weight, skippable
 from jaxmoe.offload.device_sim import simulate_device
 from jaxmoe.offload.host_store import HostExpertStore
 from jaxmoe.offload.policy import PolicyShape, make_policy
@@ -112,9 +112,7 @@ def test_host_planned_policies_refuse_it(policy):
 
 @pytest.mark.parametrize("weight", [-0.1, float("nan"), float("inf")])
 def test_a_weight_not_finite_and_non_negative_is_refused_alike_everywhere(weight):
-    from jaxmoe.offload.device_cache import DevicePolicy, check_skip_below
-
-    refusals = (lambda: check_skip_below(weight), lambda: DevicePolicy("lru", skip_below=weight),
+    refusals = (lambda: skip_weight(weight), lambda: DevicePolicy("lru", skip_below=weight),
                 lambda: engine("wide", "lru", 4, skip_below=weight))  # fmt: skip
     for refuse in refusals:
         with pytest.raises(ValueError, match="skip_below must be a finite weight >= 0"):

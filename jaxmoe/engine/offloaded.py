@@ -41,8 +41,7 @@ from jaxmoe.model.decoder import head_logits
 from jaxmoe.model.window import mark_padding
 from jaxmoe.offload.cache import BudgetError, DeviceExpertCache, plan_geometry, workspace_experts
 from jaxmoe.offload.costs import CostModel
-from jaxmoe.offload import device_cache
-from jaxmoe.offload.device_cache import DEVICE_POLICIES
+from jaxmoe.offload.device_cache import DEVICE_POLICIES, skip_weight
 from jaxmoe.offload.driver import Amortize, DecodeDriver, DriverConfig
 from jaxmoe.offload.expert_maps import MAPS_FILE, ExpertMaps, normalise
 from jaxmoe.offload.host_store import HostExpertStore
@@ -66,7 +65,7 @@ def first_token(ends, x, index, root, step, sampling):
 def check_skip_below(skip_below: float, policy: str) -> float:
     """The approximate decode's weight threshold (0: exact); refused for the policies whose
     decode is planned on the host (reuse, maps): only the device's step program skips."""
-    skip_below = device_cache.check_skip_below(skip_below)
+    skip_below = skip_weight(skip_below)
     if skip_below > 0 and policy not in DEVICE_POLICIES:
         raise ValueError(f"--skip-below (skip_below) needs a policy the device runs ({', '.join(DEVICE_POLICIES)}); "
                          f"policy {policy!r} plans its loads on the host and decodes exactly")  # fmt: skip

@@ -70,10 +70,10 @@ class DevicePolicy:
     def __post_init__(self):
         if self.name not in DEVICE_POLICIES:
             raise ValueError(f"no device policy {self.name!r}; choose one of {', '.join(DEVICE_POLICIES)}")
-        check_skip_below(self.skip_below)
+        skip_weight(self.skip_below)
 
 
-def check_skip_below(weight: float) -> float:
+def skip_weight(weight: float) -> float:
     """The approximate decode's routing-weight threshold (0: exact), as a float; ValueError
     unless it is a finite weight >= 0 (nan fails too)."""
     weight = float(weight)
