@@ -79,9 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="amortised prediction: the step program runs the predictor on every K-th token only")
     p.add_argument("--predict-below", type=float,
                    help="amortised prediction: ... and only while the recent hit rate is below this")
-    p.add_argument("--skip-below", type=float, default=0.0, metavar="W",
-                   help="approximate decode (off by default): with a budget and a device policy (ondemand, lru, lfu, "
-                   "lfru, predictor), a missed expert whose routing weight is below W is not loaded or computed")  # fmt: skip
+    add_skip_below(p)
     p.add_argument("--prefill", choices=MODES, default="auto",
                    help="offloaded prefill: stream every expert layer by layer, overlapped with compute; load only "
                    "the routed experts; or auto (routed for short prompts)")  # fmt: skip
@@ -99,6 +97,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not args.prompts:
         p.error("give at least one --prompt or --prompt-ids")
     return args
+
+
+def add_skip_below(p: argparse.ArgumentParser) -> None:
+    """--skip-below (scripts/serve.py takes it too)."""
+    p.add_argument("--skip-below", type=float, default=0.0, metavar="W",
+                   help="approximate decode (off by default): with a budget and a device policy (ondemand, lru, lfu, "
+                   "lfru, predictor), a missed expert whose routing weight is below W is not loaded or computed")  # fmt: skip
 
 
 def check_engine_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:

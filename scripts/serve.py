@@ -25,7 +25,7 @@ except ImportError:  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # The same engine choice and flag checks as generate.py.
-from generate import build_engine, check_engine_flags, default_model  # noqa: E402
+from generate import add_skip_below, build_engine, check_engine_flags, default_model  # noqa: E402
 
 from jaxmoe.engine.buckets import DEFAULT_PREFILL_CHUNK  # noqa: E402
 from jaxmoe.engine.programs import enable_compilation_cache  # noqa: E402
@@ -43,6 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--expert-budget-frac", type=float, help="the same as a fraction of all expert bytes, e.g. 0.5")
     p.add_argument("--policy", choices=sorted(POLICY_NAMES), help="expert cache policy (with a budget), as generate.py")
     p.add_argument("--predictor", help="predictor directory, or 'gate-ahead'")
+    add_skip_below(p)  # every response then carries "approximate": true
     p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
                    help="tokens per prefill chunk (a power of two); a long prompt advances one chunk per decode "
                    "step, so smaller chunks disturb running requests less")  # fmt: skip

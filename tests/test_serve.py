@@ -14,6 +14,7 @@ for _module in ("fastapi", "uvicorn", "openai"):
     pytest.importorskip(_module, reason="needs the serve extra: pip install -e .[serve]")
 
 import concurrent.futures as cf  # noqa: E402
+import json  # noqa: E402
 
 import httpx  # noqa: E402
 import openai  # noqa: E402
@@ -259,8 +260,30 @@ def test_offloaded_at_half_the_expert_bytes_serves_the_resident_tokens(loaded, e
         with cf.ThreadPoolExecutor(len(jobs)) as pool:
             got = list(pool.map(lambda job: complete(client, *job), jobs))
         metrics = httpx.get(server.url + "/metrics").text
+        body = {"model": "jaxmoe-tiny", "prompt": PROMPTS[1], "max_tokens": 4}
+        assert "approximate" not in httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()
     for (prompt, max_tokens, _), (text, ids) in zip(jobs, got):
         assert ids == offline(engine, tokenizer, prompt, max_tokens), prompt
     values = parse_metrics(metrics)
     assert values["jaxmoe_host_to_device_bytes"] > 0
     assert 0 < values["jaxmoe_expert_hit_rate"] < 1
+    assert values["jaxmoe_skipped_experts"] == 0
+
+
+def test_an_approximate_server_says_so_in_every_body_and_counts_what_it_skipped(loaded):
+    """--skip-below W (issue 41's opt-in approximate decode) in the server: a missed expert of
+    weight below W is not loaded; every body, whole or streamed, says "approximate": true."""
+    from jaxmoe.engine.offloaded import OffloadedEngine
+    from jaxmoe.offload.host_store import total_expert_bytes
+
+    budget = total_expert_bytes(loaded.config, loaded.expert_format) // 4
+    offloaded = OffloadedEngine.from_checkpoint(TINY, budget, "lru", prefill_chunk=CHUNK, skip_below=0.3)
+    with ServerThread(offloaded, loaded.generation_config, loaded.tokenizer_path, max_batch=2) as server:
+        body = {"model": "jaxmoe-tiny", "prompt": PROMPTS[0], "max_tokens": 16, "temperature": 0}
+        whole = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()
+        with httpx.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+            chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        values = parse_metrics(httpx.get(server.url + "/metrics").text)
+    assert whole["approximate"] is True and len(whole["choices"][0]["token_ids"]) == 16
+    assert chunks and all(c["approximate"] is True for c in chunks)
+    assert values["jaxmoe_skipped_experts"] > 0

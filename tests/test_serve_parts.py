@@ -258,3 +258,42 @@ def test_serve_takes_the_largest_batch_the_budget_holds_unless_told(monkeypatch,
         small.check_batch(3)
     half = OffloadedEngine.from_checkpoint(TINY, int(0.5 * total), "lru")
     assert serve.default_max_batch(half) == 8 and capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("policy", ["lru", pytest.param("reuse", marks=pytest.mark.slow)])  # reuse: the host-planned step
+def test_offloaded_rows_interleave_prefill_and_decode_with_the_resident_tokens(policy):
+    """The batcher over the offloaded rows at a quarter of the expert bytes: three prompts of
+    several chunks, two rows, so chunks run between decode steps. Every request gets the
+    tokens of the resident engine alone. A device policy (lru) runs one program per decode
+    step whatever it misses, and its counters agree before and after its state comes back."""
+    from jaxmoe.checkpoint import load
+    from jaxmoe.engine import ResidentEngine
+    from jaxmoe.engine.offloaded import OffloadedEngine
+    from jaxmoe.offload.host_store import total_expert_bytes
+    from jaxmoe.serve.batcher import Batcher
+    from jaxmoe.serve.request import SLO, Request
+    from jaxmoe.serve.rows import OffloadedRows
+
+    loaded = load(TINY)
+    resident = ResidentEngine(loaded.config, loaded.model, loaded.experts, prefill_chunk=16)
+    budget = total_expert_bytes(loaded.config, loaded.expert_format) // 4
+    engine = OffloadedEngine.from_checkpoint(TINY, budget, policy, prefill_chunk=16)
+    rows = OffloadedRows(engine, 2)
+    batcher = Batcher(rows, max_batch=2, max_queue=8)
+    rng = np.random.default_rng(0)
+    jobs = [(rng.integers(1, 900, n).tolist(), m) for n, m in ((40, 12), (23, 9), (50, 10))]
+    requests = [Request(p, m, RequestSampling(), SLO(60.0, 60.0), TextTracker(None), lambda event: None)
+                for p, m in jobs]  # fmt: skip
+    for request in requests:
+        batcher.submit(request)
+    while any(not r.released.is_set() for r in requests):
+        batcher.step()
+    for (prompt, m), request in zip(jobs, requests):
+        assert request.tokens == resident.generate([prompt], m).token_ids[0]
+    assert batcher.interleaved_chunks > 0  # a prompt's chunk ran while other rows were decoding
+    live = rows.counters()
+    assert live["expert_misses"] > 0 and live["h2d_bytes"] > 0
+    if policy == "lru":
+        assert rows.decoder.counters.runs == batcher.steps  # no step returned to the host for a miss
+        rows.settle()
+    assert rows.counters() == live

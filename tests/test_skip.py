@@ -157,16 +157,17 @@ def test_the_engine_equals_the_replay_with_skipping():
         simulate_device(np.stack(ids), cfg.moe_layer_ids, cfg.num_layers, cfg.num_experts, 8, DevicePolicy("lru", skip_below=0.3))
 
 
-def test_generate_refuses_it_without_a_budget():
-    import importlib.util
+def test_generate_and_serve_refuse_it_without_a_budget(monkeypatch):
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "generate.py"
-    spec = importlib.util.spec_from_file_location("generate_script", path)
-    generate = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(generate)
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "scripts"))
+    import generate
+    import serve
 
     with pytest.raises(SystemExit):
         generate.parse_args(["--prompt", "a", "--skip-below", "0.1"])
     with pytest.raises(SystemExit):
         generate.parse_args(["--prompt", "a", "--expert-budget-frac", "0.5", "--skip-below", "-1"])
+    with pytest.raises(SystemExit):
+        serve.parse_args(["--skip-below", "0.1"])
+    assert serve.parse_args(["--expert-budget-frac", "0.5", "--skip-below", "0.1"]).skip_below == 0.1

@@ -72,10 +72,16 @@ class DeviceDecoder:
 
     def start(self, positions: np.ndarray, max_new_tokens: int, first_tokens: np.ndarray | None = None) -> None:
         """Before the first decode step: the rows' positions [B] (the prompt lengths)."""
-        self._positions, self._step = jnp.asarray(positions, jnp.int32), jnp.int32(1)
+        self.place(positions)
+        self._step = jnp.int32(1)
         self._valid_host, self._valid = None, None
         self._state = self.engine.cache.device_state()
-        self._compiled = None
+        self._compiled, self._compiled_for = None, None
+
+    def place(self, positions: np.ndarray) -> None:
+        """The rows' positions [B] for the next step (each step advances them by one; a
+        continuous batch whose rows change sets them every step)."""
+        self._positions = jnp.asarray(positions, jnp.int32)
 
     def token(self, step: int, tok: jax.Array, valid: np.ndarray, kv: list, root):
         """One decode step for tok [B] (on the device); `valid` [B] marks rows still generating.
@@ -83,8 +89,9 @@ class DeviceDecoder:
         if self._valid_host is None or not np.array_equal(valid, self._valid_host):  # rows finish rarely
             self._valid_host, self._valid = valid.copy(), jnp.asarray(valid)
         args = self._args(tok, self._positions, self._valid, kv, self._state, root, self._step)
-        if self._compiled is None:  # looked up once per generate: a lookup per call costs a signature
-            self._compiled = self._program(*args)
+        shapes = (tok.shape, jax.tree.leaves(kv[0])[0].shape)  # a continuous batch changes its bucket
+        if self._compiled_for != shapes:  # looked up per shape: a lookup per call costs a signature
+            self._compiled, self._compiled_for = self._program(*args), shapes
         clock = self.engine.executor.clock
         with clock.phase("dispatch"):
             out = self._compiled(self.engine.model_piece.leaves, *args)
@@ -98,10 +105,14 @@ class DeviceDecoder:
         self.counters.tokens += 1
         return out.token, tok_host
 
+    def counts(self) -> dict:
+        """The device's counters since `start` (a small read; the program is waited for)."""
+        return dict(zip(dc.COUNTERS, (int(c) for c in np.asarray(self._state.counts))))
+
     def finish(self) -> dict:
         """After the last step: the counters into the cache's, the slots back to its schedule;
         returns the prediction counts (the driver's keys)."""
-        counts = dict(zip(dc.COUNTERS, (int(c) for c in np.asarray(self._state.counts))))
+        counts = self.counts()
         self.engine.cache.take_device_state(self._state, counts)
         self.skipped_experts = counts["skipped_experts"]
         return {"predictor_calls": counts["predictor_calls"], "map_calls": 0,

@@ -348,7 +348,10 @@ class DeviceExpertCache:
         self.schedule.reassign(dc.slots_of(np.asarray(state.slot_key), self.store.config.num_experts))
         self._table_stale = True
         self._policy_arrays = dc.policy_arrays(state)
-        c = self.counters
+        self.count_device(self.counters, counts)
+
+    def count_device(self, c: CacheCounters, counts: dict) -> None:
+        """Add a device decode's counters (device_cache.COUNTERS by name) into `c`."""
         c.expert_hits += counts["expert_hits"]
         c.expert_misses += counts["expert_misses"]
         c.prefetch_issued += counts["prefetch_issued"]

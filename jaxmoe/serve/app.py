@@ -45,6 +45,7 @@ class ServerState:
     chat_template: ChatTemplate
     slo: SLO
     api_key: str | None = None
+    skip_below: float = 0.0  # > 0: the engine's approximate decode (--skip-below); every response says so
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
 
@@ -200,7 +201,7 @@ async def _serve(state: ServerState, body, prompt: list[int], http: HTTPRequest,
     except Closed as e:
         raise ServeError(503, str(e)) from None
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-    bodies = ResponseBodies(rid, state.model_id, chat, int(time.time()))
+    bodies = ResponseBodies(rid, state.model_id, chat, int(time.time()), state.skip_below > 0)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(_stream(state, request, events, bodies, include_usage), media_type="text/event-stream",

@@ -1,6 +1,6 @@
 """What /metrics exposes (prometheus-client, one registry per server): requests by final
 status, TTFT and time-per-token histograms, queue depth, running rows, the expert cache's
-hit rate and host-to-device bytes, and SLO attainment per request class."""
+hit rate, host-to-device bytes and (approximate decode) skipped experts, and SLO attainment per request class."""
 
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ class ServerMetrics:
         self.hit_rate = Gauge("jaxmoe_expert_hit_rate", "Expert cache hits / lookups since start (offloaded)",
                               registry=r)  # fmt: skip
         self.h2d = Gauge("jaxmoe_host_to_device_bytes", "Expert bytes copied host to device since start", registry=r)
+        self.skipped = Gauge("jaxmoe_skipped_experts", "Routed (row, expert) pairs the approximate decode "
+                             "(--skip-below) did not compute since start", registry=r)  # fmt: skip
         self.slo_requests = Counter("jaxmoe_slo_requests", "Finished requests per SLO class", ["slo_class"], registry=r)
         self.slo_met = Counter("jaxmoe_slo_met", "Finished requests that met TTFT and TPOT objectives",
                                ["slo_class"], registry=r)  # fmt: skip
@@ -59,6 +61,7 @@ class ServerMetrics:
         if lookups:
             self.hit_rate.set(counters["expert_hits"] / lookups)
         self.h2d.set(counters["h2d_bytes"])
+        self.skipped.set(counters["skipped_experts"])
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

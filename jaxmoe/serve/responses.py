@@ -1,5 +1,7 @@
 """The response bodies OpenAI sends, for completions and chat, whole or streamed in
-chunks. `token_ids` is an extension: the generated ids, as generate.py reports them."""
+chunks. Extensions: `token_ids`, the generated ids, as generate.py reports them; and on
+every body of a server whose decode skips missed low-weight experts (--skip-below),
+`"approximate": true` (its tokens need not be the exact model's)."""
 
 from __future__ import annotations
 
@@ -21,9 +23,11 @@ class ResponseBodies:
     model: str
     chat: bool
     created: int
+    approximate: bool = False
 
     def head(self, kind: str) -> dict:
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+        head = {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+        return {**head, "approximate": True} if self.approximate else head
 
     def chunk(self, delta, finish_reason: str | None, token_ids: list[int] | None = None) -> dict:
         if self.chat:

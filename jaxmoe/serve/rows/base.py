@@ -81,5 +81,6 @@ class Rows:
         raise NotImplementedError
 
     def counters(self) -> dict:
-        """The expert cache's totals since the server started (none without one)."""
-        return {"expert_hits": 0, "expert_misses": 0, "h2d_bytes": 0}
+        """The expert cache's totals since the server started (none without one), and the
+        (row, expert) pairs an approximate decode skipped."""
+        return {"expert_hits": 0, "expert_misses": 0, "h2d_bytes": 0, "skipped_experts": 0}
