@@ -6,7 +6,7 @@
   offloaded_decode   the offloaded engine's step with the cache on the device (misses fetched
                      in the program; engine/device_step.py), as `policy` runs it
   offloaded_resume   the host-planned step (engine/step.py through engine/offloaded_decode.py:
-                     a missed layer returns to the host), which the reuse and maps policies run
+                     a missed layer returns to the host), which the maps policy runs
 Must run under the CUDA plugin's Python (3.12, jax 0.11.2); see scripts/gpu_compile.py.
 """
 
@@ -30,6 +30,7 @@ from jaxmoe.model.decoder import init_experts
 from jaxmoe.offload import device_cache as dc
 from jaxmoe.offload.cache import plan_geometry, workspace_experts
 from jaxmoe.offload.host_store import total_expert_bytes
+from jaxmoe.offload.policy import PolicyShape, make_policy
 from jaxmoe.offload.prefetch import GateAhead
 from jaxmoe.quant import DENSE
 
@@ -90,10 +91,12 @@ def report(model: str = "olmoe-1b-7b", target: str = "h100", batch: int = 1, bud
     pool = spec((slots, nbytes), jnp.uint8)
     hosts = tuple(_on_cpu(spec((cfg.num_experts, nbytes), jnp.uint8), "pinned_host") if moe else None
                   for moe in cfg.moe_layers)  # fmt: skip
+    host_policy = make_policy(policy, PolicyShape(tuple(cfg.moe_layer_ids), cfg.num_experts, cfg.top_k))
     state = _on_cpu(jax.eval_shape(lambda: dc.new_state(jnp.zeros(pool.shape, pool.dtype), {}, slots, cfg.num_layers,
-                                                        cfg.num_experts)))  # fmt: skip
+                                                        cfg.num_experts, reuse=host_policy.device_arrays(cfg.num_layers))))  # fmt: skip
     scorer = _RouterTable(cfg) if policy == "predictor" else None
-    device_policy = dc.DevicePolicy(policy, prefetch=prefetch, picks=cfg.top_k if prefetch else 0)
+    device_policy = dc.DevicePolicy.of(host_policy, cfg.moe_layer_ids, prefetch=prefetch,
+                                       picks=cfg.top_k if prefetch else 0)  # fmt: skip
     static = {"sampling": sampling, "policy": device_policy, "fmt": fmt, "scorer": scorer}
     scorer_leaves = _on_cpu(scorer.leaves) if scorer else ()
     programs["offloaded_decode"] = gpu_aot.compile_counts(

@@ -19,10 +19,8 @@ import json
 import sys
 from pathlib import Path
 
-try:
-    import jaxmoe  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# This checkout's jaxmoe, before any installed one (a venv's editable install may point at another checkout).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jaxmoe.checkpoint import load
 from jaxmoe.predictor.pipeline import (INPUT_ERRORS, build_maps_on_traces, maps_token_range, progress_bar, refuse,

@@ -16,10 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-try:
-    import jaxmoe  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# This checkout's jaxmoe, before any installed one (a venv's editable install may point at another checkout).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jaxmoe.predictor.collect import collect_traces
 from jaxmoe.predictor.pipeline import INPUT_ERRORS, progress_bar, refuse, script_parser

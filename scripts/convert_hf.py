@@ -14,10 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-try:
-    import jaxmoe  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# This checkout's jaxmoe, before any installed one (a venv's editable install may point at another checkout).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jaxmoe.checkpoint import CheckpointError, convert_hf, count_params
 from jaxmoe.config import ConfigError, load_hf_config

@@ -38,10 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-try:
-    import jaxmoe  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# This checkout's jaxmoe, before any installed one (a venv's editable install may point at another checkout).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 from jaxmoe.checkpoint import load
@@ -143,7 +141,7 @@ def main(argv=None) -> int:
     p.add_argument("--expert-budget-frac", type=float,
                    help="--text: score through the offloaded decode with an expert cache of this fraction of the "
                    "expert bytes (teacher forced, batch 1)")  # fmt: skip
-    p.add_argument("--policy", default="lru", choices=DEVICE_POLICIES[:-1],
+    p.add_argument("--policy", default="lru", choices=[n for n in DEVICE_POLICIES if n != "predictor"],  # no scorer here
                    help="--expert-budget-frac: the cache's eviction policy (default lru)")
     p.add_argument("--skip-below", type=float, default=0.0, metavar="W",
                    help="--expert-budget-frac: approximate decode, a missed expert whose routing weight is below W "

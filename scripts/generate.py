@@ -20,10 +20,8 @@ import json
 import sys
 from pathlib import Path
 
-try:
-    import jaxmoe  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# This checkout's jaxmoe, before any installed one (a venv's editable install may point at another checkout).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tqdm import tqdm
 
@@ -102,8 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def add_skip_below(p: argparse.ArgumentParser) -> None:
     """--skip-below (scripts/serve.py takes it too)."""
     p.add_argument("--skip-below", type=float, default=0.0, metavar="W",
-                   help="approximate decode (off by default): with a budget and a device policy (ondemand, lru, lfu, "
-                   "lfru, predictor), a missed expert whose routing weight is below W is not loaded or computed")  # fmt: skip
+                   help="approximate decode (off by default): with a budget and a device policy (every one but "
+                   "maps), a missed expert whose routing weight is below W is not loaded or computed")  # fmt: skip
 
 
 def check_engine_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -20,12 +20,14 @@ sys.path.insert(0, str(ROOT))
 
 
 def main(argv=None) -> int:
+    from jaxmoe.offload.device_cache import DEVICE_POLICIES
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="olmoe-1b-7b", help="a checkpoint directory or a bench/shapes.py name")
     p.add_argument("--target", default="h100", choices=("h100", "h200"))
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--expert-budget-frac", type=float, default=0.25)
-    p.add_argument("--policy", default="lru", choices=("ondemand", "lru", "lfu", "lfru", "predictor"))
+    p.add_argument("--policy", default="lru", choices=DEVICE_POLICIES)
     p.add_argument("--keep", default=None, help="a directory for the optimized HLO and thunk sequences")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)

@@ -18,10 +18,8 @@ import signal
 import sys
 from pathlib import Path
 
-try:
-    import jaxmoe  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# This checkout's jaxmoe, before any installed one (a venv's editable install may point at another checkout).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # The same engine choice and flag checks as generate.py.

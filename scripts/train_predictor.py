@@ -17,10 +17,8 @@ import json
 import sys
 from pathlib import Path
 
-try:
-    import jaxmoe  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# This checkout's jaxmoe, before any installed one (a venv's editable install may point at another checkout).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jaxmoe.config import load_hf_config
 from jaxmoe.predictor.mlp import ARCHS

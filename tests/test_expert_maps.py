@@ -234,3 +234,39 @@ def test_the_shipped_maps_belong_to_the_shipped_model():
     token = max(maps.token_visits, key=maps.token_visits.get)
     p = maps.predict(token, {}, list(range(maps.lm)))
     assert np.allclose(p.sum(-1), cfg.top_k, atol=0.3) and p.max() > 0.5
+
+
+def test_the_device_reuse_rule_is_the_host_rule():
+    """The reuse rule the decode step runs (device_cache: estimates as device arrays, updated as
+    `ensure` visits a layer) against offload/reuse.py's: the same estimates and errors after the
+    same visits, and each cached expert's expected wait equal to expected_next_use, with and
+    without a prediction for the next layer."""
+    import jax.numpy as jnp
+
+    from jaxmoe.offload import device_cache as dc
+
+    rng = np.random.default_rng(0)
+    shape = PolicyShape((0, 2, 3, 5), 8, 2)  # MoE layer ids need not be contiguous
+    layers, slots = 6, 10
+    host = make_policy("reuse", shape)
+    device = dc.DevicePolicy.of(host, shape.moe_layers)
+    state = dc.new_state(None, {}, slots, layers, 8, reuse=host.device_arrays(layers))
+    for _ in range(25):
+        for layer in shape.moe_layers:
+            ids = rng.choice(8, 2, replace=False)
+            host.visit(layer, [int(e) for e in ids])
+            state, _ = dc.ensure(state, None, device, layer, jnp.asarray(ids[None], jnp.int32), jnp.ones(1, bool), 2)
+    np.testing.assert_allclose(np.asarray(state.reuse.estimates)[:, list(shape.moe_layers)], host.estimates, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(state.reuse.errors), host.errors, rtol=1e-4, atol=1e-6)
+    keys = [(int(k) // 8, int(k) % 8) for k in np.asarray(state.slot_key) if k >= 0]
+    owner, e = jnp.asarray([k[0] for k in keys]), jnp.asarray([k[1] for k in keys])
+    host.visit(2, [])  # the layer being planned (waits count from it); the device starts from the host's estimates
+    state = state._replace(reuse=host.device_arrays(layers))
+    wait = dc.expected_wait(state, device, owner, e, 2, None)
+    np.testing.assert_allclose(np.asarray(wait), [host.expected_next_use(k) for k in keys], rtol=1e-5)
+    probs = np.where(rng.random(8) < 0.5, rng.random(8), 0.0)  # the device keeps the likeliest few
+    host.observe(3, {e: q for e, q in enumerate(probs) if q > 0})
+    state = state._replace(predicted=state.predicted.at[3].set(jnp.asarray(probs, jnp.float32)))
+    wait = dc.expected_wait(state, device, owner, e, 2, 3)
+    np.testing.assert_allclose(np.asarray(wait), [host.expected_next_use(k) for k in keys], rtol=1e-5)
+    assert any(k[0] == 3 for k in keys)  # the prediction mattered to some cached expert

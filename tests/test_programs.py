@@ -51,7 +51,7 @@ def test_every_compiled_program_is_named_after_its_program():
         budget = experts_in_budget * store.expert_bytes
         engines.append(OffloadedEngine(CFG, model, store, budget))
         engines[-1].generate([[1, 2, 3]], 2)  # the prefill and a decode step (misses in the program)
-        engines.append(OffloadedEngine(CFG, model, store, budget, "reuse"))
+        engines.append(OffloadedEngine(CFG, model, store, budget, "maps"))
         engines[-1].generate([[1, 2, 3]], 2)  # a host-planned decode step
         engines.append(OffloadedEngine(CFG, model, store, budget, prefill="stream"))
         engines[-1].prepare(1, 3, 2)  # the streamed prefill's chunk programs and the cache's own

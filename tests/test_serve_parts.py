@@ -260,7 +260,7 @@ def test_serve_takes_the_largest_batch_the_budget_holds_unless_told(monkeypatch,
     assert serve.default_max_batch(half) == 8 and capsys.readouterr().err == ""
 
 
-@pytest.mark.parametrize("policy", ["lru", pytest.param("reuse", marks=pytest.mark.slow)])  # reuse: the host-planned step
+@pytest.mark.parametrize("policy", ["lru", pytest.param("maps", marks=pytest.mark.slow)])  # maps: the host-planned step
 def test_offloaded_rows_interleave_prefill_and_decode_with_the_resident_tokens(policy):
     """The batcher over the offloaded rows at a quarter of the expert bytes: three prompts of
     several chunks, two rows, so chunks run between decode steps. Every request gets the

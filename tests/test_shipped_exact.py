@@ -42,18 +42,18 @@ def budget_bytes(budget: str, batch: int) -> int:
     [
         ("lru", "min", 3, "routed"),  # every layer evicts: misses inside the step program
         ("predictor", "0.25", 1, "stream"),  # the shipped predictor prefetches in the step program
-        ("reuse", "min", 1, "routed"),  # the host-planned decode (a missed layer resumes)
+        ("maps", "min", 1, "routed"),  # the host-planned decode (a missed layer resumes)
     ],
 )
 def test_offloaded_shipped_model_gives_the_resident_tokens(policy, budget, batch, prefill):
-    predictor = SHIPPED / "predictor" if policy in ("predictor", "reuse") else None
+    predictor = SHIPPED / "predictor" if policy in ("predictor", "maps") else None
     engine = OffloadedEngine.from_checkpoint(SHIPPED, budget_bytes(budget, batch), policy, predictor=predictor,
                                              prefill=prefill, check_budget=True)  # fmt: skip
     result = engine.generate(PROMPTS[:batch], NEW)
     assert result.token_ids == resident_tokens(batch)
     m = result.metrics
     assert m["decode_expert_loads"] > 0  # the budget made it miss: a trained model's routing
-    if policy == "reuse":  # planned on the host: a missed layer returns to it
+    if policy == "maps":  # planned on the host: a missed layer returns to it
         assert m["resumes_per_token"] > 0
     else:  # misses inside the step program: one run and one read per token
         assert m["resumes_per_token"] == 0 and m["host_syncs_per_token"] == 1.0

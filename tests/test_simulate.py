@@ -208,7 +208,8 @@ def _engine_and_replay(policy, batch, budget, predictor=None, amortize=Amortize(
             prefill.plan_layer(0, layer, trace.prefill[j])
         probs = None if trace.scores is None else trace.scores
         counts = simulate_device(trace.ids, moe, cfg.num_layers, cfg.num_experts, schedule.num_slots,
-                                 device_policy(engine), probs=probs, slot_of=prefill.slot_of)  # fmt: skip
+                                 device_policy(engine), probs=probs, slot_of=prefill.slot_of,
+                                 reuse=prefill.policy.device_arrays(cfg.num_layers))  # fmt: skip
         return engine, result, counts, trace
     sim = simulate_decode(trace, moe, cfg.num_layers, schedule.num_slots, policy, staging=schedule.staging,
                           prefetch_max=schedule.prefetch_staging, picks=cfg.top_k if predictor else 0,

@@ -9,7 +9,7 @@ generate ends, and hands the slots back to the cache's schedule (the next prefil
 with them).
 
 Used for the policies the device can run (device_cache.DEVICE_POLICIES); the policies
-whose planning lives on the host (reuse, maps) run engine/offloaded_decode.py.
+whose planning lives on the host (maps) runs engine/offloaded_decode.py.
 """
 
 from __future__ import annotations
@@ -30,10 +30,9 @@ def device_policy(engine) -> dc.DevicePolicy:
     """The engine's policy as the device runs it."""
     cfg, schedule = engine.config, engine.cache.schedule
     prefetch = schedule.prefetch_staging if engine.predictor is not None else 0
-    decay = getattr(schedule.policy, "rate", 1.0)  # lfru's per-visit decay
     a = engine.amortize
-    return dc.DevicePolicy(engine.policy_name, decay=decay, prefetch=prefetch, picks=cfg.top_k if prefetch else 0,
-                           every=a.every, below=a.below, window=a.window, skip_below=engine.skip_below)  # fmt: skip
+    return dc.DevicePolicy.of(schedule.policy, cfg.moe_layer_ids, prefetch=prefetch, picks=cfg.top_k if prefetch else 0,
+                              every=a.every, below=a.below, window=a.window, skip_below=engine.skip_below)  # fmt: skip
 
 
 class DeviceDecoder:

@@ -64,7 +64,7 @@ def first_token(ends, x, index, root, step, sampling):
 
 def check_skip_below(skip_below: float, policy: str) -> float:
     """The approximate decode's weight threshold (0: exact); refused for the policies whose
-    decode is planned on the host (reuse, maps): only the device's step program skips."""
+    decode is planned on the host (maps): only the device's step program skips."""
     skip_below = skip_weight(skip_below)
     if skip_below > 0 and policy not in DEVICE_POLICIES:
         raise ValueError(f"--skip-below (skip_below) needs a policy the device runs ({', '.join(DEVICE_POLICIES)}); "

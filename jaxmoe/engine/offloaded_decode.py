@@ -1,4 +1,4 @@
-"""Offloaded decode planned on the host (the reuse and maps policies, and the server's rows):
+"""Offloaded decode planned on the host (the maps policy, also in the server's rows):
 one program per token while its experts are cached, a host round trip only where one is
 missing. The other policies run engine/device_decode.py, which never returns for a miss.
 

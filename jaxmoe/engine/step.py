@@ -4,7 +4,7 @@
 every layer straight through, the final norm, the head and sampling in one program, with
 nothing under a conditional.
 
-`decode_step`: the host-planned offloaded step (the reuse and maps policies, through
+`decode_step`: the host-planned offloaded step (the maps policy, through
 engine/offloaded_decode.py). Each MoE layer finds its experts through a table:
 `table[l, e]` is the row of `experts[l]` that holds expert e of layer l, or -1 when it is
 not on the device. A layer that needs an expert outside the pool cannot be computed here:

@@ -339,7 +339,7 @@ class DeviceExpertCache:
         the device policy learned in earlier generates."""
         cfg = self.store.config
         return dc.new_state(self.pool, self.schedule.slot_of, self.num_slots, cfg.num_layers, cfg.num_experts,
-                            self._policy_arrays)  # fmt: skip
+                            self._policy_arrays, self.schedule.policy.device_arrays(cfg.num_layers))  # fmt: skip
 
     def take_device_state(self, state: "dc.CacheState", counts: dict) -> None:
         """After such a decode: its pool, its slot owners (read back to the schedule, which the next
@@ -348,6 +348,8 @@ class DeviceExpertCache:
         self.schedule.reassign(dc.slots_of(np.asarray(state.slot_key), self.store.config.num_experts))
         self._table_stale = True
         self._policy_arrays = dc.policy_arrays(state)
+        if state.reuse is not None:
+            self.schedule.policy.take_device_arrays(state.reuse)
         self.count_device(self.counters, counts)
 
     def count_device(self, c: CacheCounters, counts: dict) -> None:

@@ -37,7 +37,7 @@ import numpy as np
 COUNTERS = ("expert_hits", "expert_misses", "prefetch_issued", "prefetch_used", "predictor_calls",
             "predictor_skipped_tokens", "skipped_experts")  # fmt: skip
 FETCH_OPTIONS = {"xla_disable_hlo_passes": "host-memory-transfer-asyncifier"}
-DEVICE_POLICIES = ("ondemand", "lru", "lfu", "lfru", "predictor")
+DEVICE_POLICIES = ("ondemand", "lru", "lfu", "lfru", "reuse", "predictor")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +49,10 @@ class DevicePolicy:
     lru       least recently used
     lfu       fewest uses so far (counts outlive eviction), ties least recent
     lfru      uses decayed by `decay` per layer visit, ties least recent
+    reuse     the largest expected wait until the next use first (offload/reuse.py's rule: each
+              layer's decayed use frequency per decay in `decays`, the one that foretold
+              recent visits best; the next layer's latest prediction where there is one),
+              ties least recent; prefetches as `predictor` does where a scorer predicts
     predictor lowest predicted probability x (uses + 1) (FineMoE's rule), ties least recent;
               prefetches up to `prefetch` of the next MoE layer's predicted experts
     Every rule breaks its last ties by slot.
@@ -66,11 +70,27 @@ class DevicePolicy:
     below: float | None = None  # ... and only while the recent hit rate is below this
     window: int = 32  # layer visits the recent hit rate averages over
     skip_below: float = 0.0  # approximate decode: skip missed experts whose routing weight is below this
+    # reuse (offload/reuse.py's ReuseConfig and the model's MoE layers)
+    decays: tuple[float, ...] = ()
+    score_window: int = 256
+    floor: float = 0.02
+    moe_layers: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.name not in DEVICE_POLICIES:
             raise ValueError(f"no device policy {self.name!r}; choose one of {', '.join(DEVICE_POLICIES)}")
+        if self.name == "reuse" and not (self.decays and self.moe_layers):
+            raise ValueError("the reuse device policy needs its decays and the model's MoE layers")
         skip_weight(self.skip_below)
+
+    @classmethod
+    def of(cls, host_policy, moe_layers, **kw) -> "DevicePolicy":
+        """The device form of a host policy (offload/policy.py: its name, lfru's rate, reuse's
+        config); `kw`: prefetch, picks, amortisation, skip_below."""
+        config = getattr(host_policy, "config", None)
+        reuse = {"decays": tuple(config.decays), "score_window": config.score_window, "floor": config.floor,
+                 "moe_layers": tuple(moe_layers)} if host_policy.name == "reuse" else {}  # fmt: skip
+        return cls(host_policy.name, decay=getattr(host_policy, "rate", 1.0), **reuse, **kw)
 
 
 def skip_weight(weight: float) -> float:
@@ -80,6 +100,13 @@ def skip_weight(weight: float) -> float:
     if not 0.0 <= weight < float("inf"):
         raise ValueError(f"skip_below must be a finite weight >= 0, got {weight}")
     return weight
+
+
+class ReuseState(NamedTuple):
+    """The reuse rule's estimates (offload/reuse.py's ReuseAware keeps the same on the host)."""
+
+    estimates: jax.Array  # [D, L, E] fp32: per decay, each layer's decayed per-visit use frequency
+    errors: jax.Array  # [D] fp32: each decay's recent error at foretelling a visit
 
 
 class CacheState(NamedTuple):
@@ -93,11 +120,14 @@ class CacheState(NamedTuple):
     tick: jax.Array  # [] int32: layer visits so far
     hit_rate: jax.Array  # [] fp32: recent hit rate (amortised prediction)
     counts: jax.Array  # [len(COUNTERS)] int32
+    reuse: ReuseState | None = None  # the reuse policy's estimates; None for the others
 
 
-def new_state(pool, slot_of: dict, num_slots: int, num_layers: int, num_experts: int, policy_arrays=None) -> CacheState:
+def new_state(pool, slot_of: dict, num_slots: int, num_layers: int, num_experts: int, policy_arrays=None,
+              reuse: ReuseState | None = None) -> CacheState:  # fmt: skip
     """A state whose pool holds `slot_of` ({(layer, expert): slot}); the policy's arrays
-    (last_use, uses, predicted) carry over from `policy_arrays` (an earlier state) if given."""
+    (last_use, uses, predicted) carry over from `policy_arrays` (an earlier state) if given;
+    `reuse`: the reuse policy's estimates (the host policy's, offload/reuse.py)."""
     slot_key = np.full((num_slots,), -1, np.int32)
     for (layer, e), slot in slot_of.items():
         slot_key[slot] = layer * num_experts + e
@@ -108,7 +138,7 @@ def new_state(pool, slot_of: dict, num_slots: int, num_layers: int, num_experts:
     last_use, uses, predicted, tick, hit_rate = policy_arrays
     return CacheState(pool, jnp.asarray(slot_key), jnp.asarray(last_use), jnp.asarray(uses), jnp.asarray(predicted),
                       jnp.zeros((num_slots,), bool), jnp.asarray(tick), jnp.asarray(hit_rate),
-                      jnp.zeros((len(COUNTERS),), jnp.int32))  # fmt: skip
+                      jnp.zeros((len(COUNTERS),), jnp.int32), reuse)  # fmt: skip
 
 
 def policy_arrays(state: CacheState) -> tuple:
@@ -146,26 +176,52 @@ def count(state: CacheState, name: str, amount) -> CacheState:
     return state._replace(counts=state.counts.at[COUNTERS.index(name)].add(jnp.asarray(amount, jnp.int32)))
 
 
-def _victims(state: CacheState, policy: DevicePolicy, protect: jax.Array, n: int) -> jax.Array:
-    """[n] slots in eviction order (empty slots first, `protect` [S] never)."""
+def _victims(state: CacheState, policy: DevicePolicy, protect: jax.Array, n: int, layer: int,
+             next_layer: int | None) -> jax.Array:  # fmt: skip
+    """[n] slots in eviction order (empty slots first, `protect` [S] never), while `layer` is
+    visited (`next_layer`: the next MoE layer, where a scorer predicts)."""
     e_count = state.last_use.shape[1]
     key = state.slot_key
     occupied = key >= 0
-    layer, e = jnp.where(occupied, key // e_count, 0), jnp.where(occupied, key % e_count, 0)
-    last, uses = state.last_use[layer, e], state.uses[layer, e]
+    owner, e = jnp.where(occupied, key // e_count, 0), jnp.where(occupied, key % e_count, 0)
+    last, uses = state.last_use[owner, e], state.uses[owner, e]
     if policy.name in ("lru", "ondemand"):
         primary = jnp.zeros_like(uses)
     elif policy.name == "lfu":
         primary = uses
     elif policy.name == "lfru":
         primary = uses * jnp.float32(policy.decay) ** (state.tick - last).astype(jnp.float32)
+    elif policy.name == "reuse":
+        primary = -expected_wait(state, policy, owner, e, layer, next_layer)
     else:  # predictor
-        primary = state.predicted[layer, e] * (uses + 1.0)
+        primary = state.predicted[owner, e] * (uses + 1.0)
     primary = jnp.where(occupied, primary, -jnp.inf)
     primary = jnp.where(protect, jnp.inf, primary)
     last = jnp.where(occupied, last, -2)
     order = jnp.lexsort((jnp.arange(key.shape[0]), last, primary))  # the last key sorts first
     return order[: min(n, key.shape[0])]
+
+
+def expected_wait(state: CacheState, policy: DevicePolicy, owner: jax.Array, e: jax.Array, layer: int,
+                   next_layer: int | None) -> jax.Array:  # fmt: skip
+    """Layer visits until expert `e` of layer `owner` ([S] each) is expected to be needed, while
+    `layer` is visited (offload/reuse.py): d + (1 - q) Lm / p, with d the visits until its
+    layer's turn, p its decayed use frequency (the decay that foretold best lately, at least
+    `floor`), and q the chance it is needed then: the next layer's latest prediction where it
+    names the expert (`predict` keeps the likeliest), else p."""
+    moe = policy.moe_layers
+    index = np.full(state.last_use.shape[0], len(moe), np.int32)  # MoE index of each layer id
+    index[list(moe)] = np.arange(len(moe))
+    j, here = jnp.asarray(index)[owner], moe.index(layer)
+    r = state.reuse
+    freq = r.estimates[jnp.argmin(r.errors)][owner, e]
+    q = freq
+    if next_layer is not None:
+        predicted = state.predicted[next_layer, e]
+        q = jnp.where((owner == next_layer) & (predicted > 0), predicted, freq)
+    distance = (j - here) % len(moe)
+    distance = jnp.where(distance == 0, len(moe), distance).astype(jnp.float32)
+    return distance + (1.0 - q) * len(moe) / jnp.maximum(freq, policy.floor)
 
 
 def _install(state: CacheState, host, layer: int, experts: jax.Array, do: jax.Array, dest: jax.Array,
@@ -196,15 +252,31 @@ def fetch_into(pool: jax.Array, host: jax.Array, experts: jax.Array, slots: jax.
     return pool
 
 
-def _use(state: CacheState, policy: DevicePolicy, layer: int, experts: jax.Array, need: jax.Array) -> CacheState:
-    """Experts [U] of `layer` (where `need`) used at the current tick."""
+def _use(state: CacheState, policy: DevicePolicy, layer: int, experts: jax.Array, need: jax.Array,
+         top: int) -> CacheState:  # fmt: skip
+    """Experts [U] of `layer` (where `need`) used at the current tick; `top` = K."""
     e_count = state.last_use.shape[1]
     used = (jax.nn.one_hot(experts, e_count, dtype=jnp.bool_) & need[:, None]).any(0)  # [E]
     uses, last = state.uses[layer], state.last_use[layer]
     if policy.name == "lfru":
         uses = uses * jnp.float32(policy.decay) ** (state.tick - last).astype(jnp.float32)
+    if policy.name == "reuse":
+        state = state._replace(reuse=_reuse_visit(state.reuse, policy, layer, used, top))
     return state._replace(uses=state.uses.at[layer].set(jnp.where(used, uses + 1.0, state.uses[layer])),
                           last_use=state.last_use.at[layer].set(jnp.where(used, state.tick, last)))  # fmt: skip
+
+
+def _reuse_visit(r: ReuseState, policy: DevicePolicy, layer: int, used: jax.Array, k: int) -> ReuseState:
+    """The reuse estimates after a visit of `layer` that used `used` [E] bool (ReuseAware.visit):
+    each decay's error, the share of the used experts outside its 2K likeliest, enters its
+    recent average; each frequency moves toward this visit by its decay."""
+    used = used.astype(jnp.float32)
+    est = r.estimates[:, layer]  # [D, E]
+    _, likeliest = jax.lax.top_k(est, min(2 * k, est.shape[-1]))  # [D, 2K]
+    error = 1.0 - used[likeliest].sum(-1) / jnp.maximum(used.sum(), 1.0)
+    errors = r.errors + (error - r.errors) / policy.score_window
+    decays = jnp.asarray(policy.decays, jnp.float32)[:, None]
+    return ReuseState(r.estimates.at[:, layer].set(est + decays * (used - est)), errors)
 
 
 def ensure(state: CacheState, host, policy: DevicePolicy, layer: int, ids: jax.Array, valid: jax.Array,
@@ -232,12 +304,12 @@ def ensure(state: CacheState, host, policy: DevicePolicy, layer: int, ids: jax.A
     if next_layer is not None:  # the next layer's predicted experts, if the misses still fit without them
         wider = protect | _predicted_held(state, next_layer)
         protect = jnp.where(num_slots - jnp.sum(wider) >= jnp.sum(miss), wider, protect)
-    victims = _victims(state, policy, protect, unique)
+    victims = _victims(state, policy, protect, unique, layer, next_layer)
     dest = jnp.where(miss, victims[jnp.clip(jnp.cumsum(miss) - 1, 0, victims.shape[0] - 1)], slot)
     state = _install(state, host, layer, experts, miss, dest)
     used_prefetch = need & state.prefetched[dest]  # installed lanes were just cleared: a miss is not one
     state = state._replace(prefetched=state.prefetched & ~_slots_mask(dest, need, num_slots))
-    state = _use(state, policy, layer, experts, need)
+    state = _use(state, policy, layer, experts, need, ids.shape[1])
     hits, needed = jnp.sum(hit), jnp.sum(need)
     rate = hits.astype(jnp.float32) / jnp.maximum(needed, 1).astype(jnp.float32)
     state = state._replace(hit_rate=state.hit_rate + (rate - state.hit_rate) / policy.window)
@@ -323,7 +395,7 @@ def prefetch(state: CacheState, host, policy: DevicePolicy, layer: int, next_lay
     room = num_slots - jnp.sum(protect)
     rank = jnp.cumsum(wanted) - 1
     do = wanted & (rank < room)
-    victims = _victims(state, policy, protect, policy.prefetch)
+    victims = _victims(state, policy, protect, policy.prefetch, layer, next_layer)
     dest = jnp.where(do, victims[jnp.clip(rank, 0, victims.shape[0] - 1)], 0)
     state = _install(state, host, next_layer, experts, do, dest, prefetched=True)
     return count(state, "prefetch_issued", jnp.sum(do))

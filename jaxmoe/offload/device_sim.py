@@ -46,13 +46,16 @@ def _replay(state, ids, weights, valid, probs, steps, **static):
 def simulate_device(ids: np.ndarray, moe_layers: Sequence[int], num_layers: int, num_experts: int, slots: int,
                     policy: dc.DevicePolicy, *, probs: np.ndarray | None = None, valid: np.ndarray | None = None,
                     slot_of: dict | None = None, first_step: int = 1, weights: np.ndarray | None = None,
-                    ) -> dict:  # fmt: skip
+                    reuse: dc.ReuseState | None = None) -> dict:  # fmt: skip
     """Replay routing ids [B, T, Lm, K] (rows `valid` [B, T]; scorer probabilities [B, T, Lm, E]
     for the predictor; routing weights [B, T, Lm, K], which `policy.skip_below` needs)
     through a cache of `slots` that starts holding `slot_of` ({(layer, expert): slot}, e.g.
-    what a prefill left). Returns the device counters (device_cache.COUNTERS)."""
+    what a prefill left; `reuse`: the reuse policy's estimates to start from, its host
+    policy's `device_arrays`). Returns the device counters (device_cache.COUNTERS)."""
     if policy.skip_below > 0 and weights is None:
         raise ValueError("skip_below needs the routing weights")
+    if (policy.name == "reuse") != (reuse is not None):
+        raise ValueError("the reuse policy, and only it, starts from its estimates (reuse=)")
     ids = np.asarray(ids, np.int32)
     weights = np.ones(ids.shape, np.float32) if weights is None else np.asarray(weights, np.float32)
     b, t_count, lm, k = ids.shape
@@ -61,7 +64,7 @@ def simulate_device(ids: np.ndarray, moe_layers: Sequence[int], num_layers: int,
     probs = np.zeros((b, t_count, lm, 0), np.float32) if not scored else np.asarray(probs, np.float32)
     layers = tuple(moe_layers)
     following = tuple(next_moe_layers(layers).values())
-    state = dc.new_state(None, slot_of or {}, slots, num_layers, num_experts)
+    state = dc.new_state(None, slot_of or {}, slots, num_layers, num_experts, reuse=reuse)
     steps = np.arange(first_step, first_step + t_count, dtype=np.int32)
     state = _replay(state, ids.swapaxes(0, 1), weights.swapaxes(0, 1), valid.T, probs.swapaxes(0, 1), steps, policy=policy,
                     moe_layers=layers, next_layers=following, unique=min(num_experts, b * k), scored=scored)  # fmt: skip

@@ -2,7 +2,7 @@
 
 The one code path from a run's report (the layers it computed and their routing ids; where a
 layer missed, the scorer's picks for the next MoE layer) to the schedule. The host-planned
-decode (engine/offloaded_decode.py: the reuse and maps policies, the server's rows) and the
+decode (engine/offloaded_decode.py: the maps policy, in generate and the server) and the
 cache simulator (jaxmoe/predictor/simulate.py) both run it, so simulated counts are the
 engine's. It acts at a missed layer (`plan`: demand loads and the prefetches its policy asks
 for) and at the token boundary (`end_token`); what it plans there and why: docs/DECODE.md

@@ -1,8 +1,9 @@
 """Eviction policies for the device expert cache: which cached expert makes room.
 
-These run on the host: they plan the prefill, the host-planned decode (reuse, maps, the
-server's rows) and the cache simulator; the decode of the other policies runs their device
-form (device_cache.DevicePolicy).
+These run on the host: they plan the prefill, the host-planned decode (maps) and the host's
+cache simulator; the decode of the other policies runs their device form
+(device_cache.DevicePolicy), which starts from what the host policy learned (reuse's
+estimates: `device_arrays`) and hands it back at the end.
 
 A policy sees only (layer, expert) keys, a monotonically increasing tick (one
 per layer pass), each layer visit's experts and the predictions the decode driver
@@ -68,6 +69,14 @@ class EvictionPolicy:
     def need_probability(self, key: Key) -> float:
         """The chance `key` is needed at its layer's next visit, as far as the policy knows."""
         return 0.0
+
+    def device_arrays(self, num_layers: int):
+        """What a decode on the device starts from, beyond recency and counts (device_cache.py's
+        CacheState.reuse): None but for reuse."""
+        return None
+
+    def take_device_arrays(self, arrays) -> None:
+        """What that decode learned (device_arrays' form), for the next prefill's plans."""
 
     def victim(self, candidates: Iterable[Key]) -> Key:
         raise NotImplementedError

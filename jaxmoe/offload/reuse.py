@@ -18,6 +18,12 @@ exactly the layer about to run in a cyclic pass, this keeps what the next layers
 `ExpertMapsPolicy` is the same rule with expert maps (jaxmoe/offload/expert_maps.py): they
 predict every later layer of the token where a layer missed, and a request's prior
 comes from the maps of similar earlier requests.
+
+Here the rule plans the prefill (and the maps policy's decode); the `reuse` decode runs it
+on the device (device_cache.expected_wait, tested equal to this), starting from these
+estimates (`device_arrays`) and handing them back when it ends. There a prediction is the
+scorer's for the next MoE layer (the device's prefetch rule), and its copies are not gated
+by the cost model.
 """
 
 from __future__ import annotations
@@ -26,8 +32,10 @@ import dataclasses
 import itertools
 from typing import Iterable, Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
+from jaxmoe.offload.device_cache import ReuseState
 from jaxmoe.offload.expert_maps import ExpertMaps, MapsConfig
 from jaxmoe.offload.policy import EvictionPolicy, Key, PolicyShape
 
@@ -113,6 +121,16 @@ class ReuseAware(EvictionPolicy):
         distance = (j - self.position) % self.lm
         distance = np.where(distance == 0, self.lm, distance)
         return q, distance + (1.0 - q) * self.lm / p
+
+    def device_arrays(self, num_layers: int) -> ReuseState:
+        """The estimates by layer id ([D, L, E], the device's indexing) and their errors."""
+        estimates = np.zeros((len(self.config.decays), num_layers, self.shape.num_experts), np.float32)
+        estimates[:, list(self.shape.moe_layers)] = self.estimates
+        return ReuseState(jnp.asarray(estimates), jnp.asarray(self.errors, jnp.float32))
+
+    def take_device_arrays(self, arrays: ReuseState) -> None:
+        self.estimates = np.asarray(arrays.estimates, np.float64)[:, list(self.shape.moe_layers)]
+        self.errors = np.asarray(arrays.errors, np.float64)
 
     def need_probability(self, key: Key) -> float:
         q, _ = self._estimates(np.array([self.order[key[0]]]), np.array([key[1]]))

@@ -5,7 +5,7 @@ trained MLP, gate_ahead, prev_token, frequency, and the expert maps (from the to
 the layers so far, learning online as the replay goes, as the engine does). Policies:
 every runtime policy replayed through the code the engine runs it with (the decode step's
 own cache code for the policies the device runs, offload/device_sim.py; the host's decode
-driver for reuse and maps, simulate_decode), amortised variants (eMoE), and Belady's MIN. Every policy gets the same cache slots at
+driver for maps, simulate_decode), amortised variants (eMoE), and Belady's MIN. Every policy gets the same cache slots at
 one budget, as in the engine (a prefetch lands in a slot, jaxmoe/offload/cache.py).
 Each policy's counts come with a
 modelled decode time per token (jaxmoe/offload/costs.py: a model, not a measurement).
@@ -73,9 +73,10 @@ POLICY_RUNS = {
 def _simulate_on_device(trace: DecodeTrace, requests, moe, num_layers: int, e: int, slots: int, policy, room: int,
                         picks: int, amortize: Amortize, expert_bytes: int) -> SimResult:  # fmt: skip
     """A policy the device runs, replayed through the decode step's own cache code (device_sim)."""
-    device = DevicePolicy(policy.name, decay=getattr(policy, "rate", 1.0), prefetch=room, picks=picks,
-                          every=amortize.every, below=amortize.below, window=amortize.window)  # fmt: skip
-    c = simulate_device(trace.ids, moe, num_layers, e, slots, device, probs=trace.scores if picks else None)
+    device = DevicePolicy.of(policy, moe, prefetch=room, picks=picks, every=amortize.every, below=amortize.below,
+                             window=amortize.window)  # fmt: skip
+    c = simulate_device(trace.ids, moe, num_layers, e, slots, device, probs=trace.scores if picks else None,
+                        reuse=policy.device_arrays(num_layers))  # fmt: skip
     tokens = trace.ids.shape[1]
     return SimResult(policy.name, slots, requests=len(requests), needed=sum(len(r[2]) for r in requests),
                      demand_misses=c["expert_misses"], prefetch_loads=c["prefetch_issued"],

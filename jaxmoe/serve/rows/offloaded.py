@@ -4,7 +4,7 @@ Prefill: chunk by chunk through the routed prefill (engine/routed.py: only the e
 tokens route to are loaded), which computes the resident engine's numbers. Decode: the
 engine's own decoder, whose step program also takes each row's sampling: for the policies
 the device runs, the one-program step that fetches its misses itself (engine/device_decode.py,
-one host read per step); for the host-planned policies (reuse, maps), the step that
+one host read per step); for the host-planned policy (maps), the step that
 returns to the host per missed layer (engine/offloaded_decode.py). The device expert cache
 is the engine's, shared by every row and kept across requests.
 
