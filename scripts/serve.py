@@ -60,8 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "row as the one-row step (the default: tokens exactly those of the prompt alone)")
     p.add_argument("--schedule", choices=RULES, default="edf",
                    help="the order queued requests take free rows in: edf (earliest TTFT deadline), fcfs, or task "
-                   "(task-aware: those that can still meet their TTFT first, least slack first, from the measured "
-                   "chunk and step times and each SLO class's learned output length)")  # fmt: skip
+                   "(task-aware: those that can still meet their TTFT first, by deadline, judged by their prefill "
+                   "chunks times the measured time of a turn that runs one; then the late ones, oldest first)")  # fmt: skip
     p.add_argument("--static-batching", action="store_true",
                    help="admit a new batch only when the last one finished (the benchmark's baseline)")
     p.add_argument("--shutdown-grace-s", type=float, default=10.0, help="on SIGTERM, how long running requests get")
