@@ -51,9 +51,9 @@ def offloaded(family, policy, experts_in_budget, batch, new):
 
 
 BUDGETS = ("min", "min+4", "total-3", "all")
-# lru at every budget by default; ondemand and lfu at the smallest and the near-full budget,
-# their other budgets with --slow.
-FAST_BUDGETS = {"min", "total-3"}
+# lru at every budget by default; ondemand and lfu at the smallest budget, their other
+# budgets with --slow.
+FAST_BUDGETS = {"min"}
 CASES = [pytest.param(policy, budget, marks=() if policy == "lru" or budget in FAST_BUDGETS else pytest.mark.slow,
                       id=f"{budget}-{policy}")
          for policy in ("ondemand", "lru", "lfu") for budget in BUDGETS]  # fmt: skip

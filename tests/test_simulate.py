@@ -1,6 +1,6 @@
 """The cache simulator: Belady's MIN is optimal (checked by brute force) and a lower bound
 for every policy; the replay through the decode driver gives the offloaded engine's own
-counts for every policy at batch 3 (batch 1 and the unscored reuse/maps: --slow)."""
+counts for every policy (in the default run at batch 3, all but ondemand and lfu)."""
 
 from __future__ import annotations
 
@@ -217,10 +217,12 @@ def _engine_and_replay(policy, batch, budget, predictor=None, amortize=Amortize(
     return engine, result, sim, trace
 
 
-# Every policy at batch 3 in the default run (one engine each, ~8 s); the same at batch 1
-# and reuse/maps without a scorer repeat what these cover: --slow.
+# At batch 3 in the default run (one engine each, ~8 s): every policy but ondemand and lfu,
+# whose exactness tests/test_offload.py checks by default and whose replay is the same code
+# as lru's but for the victim order; they, batch 1 and reuse/maps without a scorer: --slow.
 SLOW = pytest.mark.slow
-CASES = [("ondemand", False), ("lru", False), ("lfu", False), ("lfru", False), ("predictor", True),
+CASES = [pytest.param("ondemand", False, marks=SLOW), ("lru", False), pytest.param("lfu", False, marks=SLOW),
+         ("lfru", False), ("predictor", True),
          ("reuse", True), pytest.param("reuse", False, marks=SLOW), ("maps", True),
          pytest.param("maps", False, marks=SLOW)]  # fmt: skip
 
