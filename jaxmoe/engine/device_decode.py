@@ -40,6 +40,7 @@ class DeviceDecoder:
 
     program_name, step_program = "device_step", staticmethod(device_step_at)
     skipped_experts = 0  # (row, k) the approximate decode did not compute; read in finish()
+    counts_each_step = False  # copy the counters with each token (for a caller that reads them every step)
 
     def __init__(self, engine, sampling):
         self.engine, self.cfg, self.sampling = engine, engine.config, sampling
@@ -98,6 +99,8 @@ class DeviceDecoder:
         kv[:] = out.kv
         self._state, self._positions, self._step = out.state, out.positions, out.step
         self.engine.cache.pool = out.state.pool  # the donated pool's successor
+        if self.counts_each_step:  # in flight with the token's copy: `counts` then waits for nothing more
+            out.state.counts.copy_to_host_async()
         with clock.phase("host_read"):  # the one host read of a token
             tok_host = np.asarray(out.token)
         self.counters.runs += 1

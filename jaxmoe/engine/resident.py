@@ -42,6 +42,8 @@ def pick_last(h: jax.Array, start, lengths: jax.Array, last: jax.Array) -> jax.A
 
 
 class ResidentEngine:
+    skip_below = 0.0  # every expert is on the device: nothing is missed, nothing skipped (exact)
+
     def __init__(
         self,
         config: MoEConfig,

@@ -33,7 +33,7 @@ def make_state(engine, generation_config: dict, tokenizer_path, model_path: str 
         chat_template=ChatTemplate.for_checkpoint(model_path),
         slo=SLO(slo_ttft_ms / 1e3, slo_tpot_ms / 1e3),
         api_key=api_key,
-        skip_below=getattr(engine, "skip_below", 0.0),  # the resident engine never skips
+        skip_below=engine.skip_below,
     )
 
 

@@ -84,6 +84,7 @@ class RowsDeviceDecoder(RowSampling, DeviceDecoder):
     """DeviceDecoder whose step program is `rows_device_step`."""
 
     program_name, step_program = "serve_device_step", staticmethod(rows_device_step)
+    counts_each_step = True  # the batcher reports the cache's counters after every step (OffloadedRows.counters)
 
     def _args(self, *step_args) -> tuple:
         return (*super()._args(*step_args), self.sampling_rows)
