@@ -37,13 +37,17 @@ def pytest_configure(config):
     # Many tests build engines over the same tiny shapes, each compiling the same programs:
     # JAX's persistent compilation cache, in a directory of this run's own, turns the repeats
     # into loads. A test that checks the cache itself runs a process with its own directory.
-    if os.environ.get("JAXMOE_TEST_COMPILE_CACHE", "1") == "1":
+    # JAXMOE_TEST_COMPILE_CACHE=DIR keeps them in DIR from run to run (a developer's loop).
+    where = os.environ.get("JAXMOE_TEST_COMPILE_CACHE", "1")
+    if where != "0":
         import tempfile
 
         from jaxmoe.engine.programs import enable_compilation_cache
 
-        config._jaxmoe_cache = tempfile.TemporaryDirectory(prefix="jaxmoe-test-xla-")
-        enable_compilation_cache(config._jaxmoe_cache.name)
+        if where == "1":
+            config._jaxmoe_cache = tempfile.TemporaryDirectory(prefix="jaxmoe-test-xla-")
+            where = config._jaxmoe_cache.name
+        enable_compilation_cache(where)
     # The README's test command installs the test extra: there a missing torch is a broken
     # install, not a reason to skip every parity test (scripts/test.sh sets this).
     if os.environ.get("JAXMOE_REQUIRE_TORCH") == "1" and _TEST_EXTRA:

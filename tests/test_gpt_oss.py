@@ -16,7 +16,8 @@ from hf_models import tiny_hf_model, write_mxfp4
 from jax_from_hf import jaxmoe_from_hf
 from jaxmoe.engine import ResidentEngine
 from jaxmoe.engine.offloaded import OffloadedEngine
-from jaxmoe.model import init_kv_cache, num_unique_experts
+from jaxmoe.model import init_kv_cache, kv_layout, num_unique_experts
+from jaxmoe.model.kv import KEY_AXIS
 from jaxmoe.offload.cache import minimum_experts, workspace_experts
 from jaxmoe.offload.host_store import HostExpertStore
 from jaxmoe.quant import mxfp4, parse_format
@@ -140,7 +141,9 @@ def test_offloaded_matches_resident(budget, batch, fmt, policy, prefill):
 def test_sliding_layers_keep_the_window_only():
     cfg, *_ = _setup()
     kv = init_kv_cache(cfg, 2, 256)
-    assert [layer.k.shape[1] for layer in kv] == [5, 256, 5]  # sliding, full, sliding (window 5)
+    # sliding, full, sliding (window 5): the two rings stacked, the full layer on its own
+    assert [(type(s).__name__, s.k.shape[:3]) for s in kv] == [("RingKV", (2, 2, 5)), ("LayerKV", (1, 2, 256))]
+    assert kv_layout(cfg) == ((0, 0), (1, 0), (0, 1))
 
 
 def test_mxfp4_round_trip_and_transformers_dequantization():
@@ -216,7 +219,8 @@ def test_served_rows_with_ring_caches_equal_offline_generation():
             got[r].append(int(out[r]))
             pos[r] += 1
     assert got == want
-    assert {layer.k.shape[1] for i, layer in enumerate(batch.kv) if cfg.is_sliding(i)} == {cfg.sliding_window}
+    rings = {kv_layout(cfg)[i][0] for i in range(cfg.num_layers) if cfg.is_sliding(i)}
+    assert {batch.kv[s].k.shape[KEY_AXIS] for s in rings} == {cfg.sliding_window}
 
 
 def test_export_round_trips_bf16_and_refuses_mxfp4(tmp_path):

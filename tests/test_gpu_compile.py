@@ -51,9 +51,10 @@ def test_the_decode_steps_read_their_weights_in_place(tmp_path):
         assert counts["temp_bytes"] < expert, (name, counts["temp_bytes"])
         assert counts["host_reads"] == 0
     # resident: at most 6 arguments of dense weights (a buffer per dtype and width, the
-    # embedding, the head), per layer 4 (its two expert stacks, its keys and values), and
-    # tokens, positions, step, key; the layers' 2 x 9 dense arrays are no arguments of their own
-    assert out["programs"]["resident_decode"]["arguments"] <= 6 + 4 * cfg.num_layers + 4
+    # embedding, the head), per layer 2 (its two expert stacks), the KV cache's 2 (keys and
+    # values, every layer's stacked: model/kv.py), and tokens, positions, step, key; the
+    # layers' 2 x 9 dense arrays are no arguments of their own
+    assert out["programs"]["resident_decode"]["arguments"] <= 6 + 2 * cfg.num_layers + 2 + 4
     # 8 rows: every dense product is a GEMM, which copies a slice of the pack before reading
     # it. Each layer's weights are viewed after its input, so the copies of one layer's
     # attention projections (4 x 8.4 MB) are made when it runs, not every layer's at once.

@@ -17,7 +17,7 @@ from jaxmoe.engine.offloaded import OffloadedEngine
 from jaxmoe.engine.programs import program_name
 from jaxmoe.engine.sampling import SamplingParams
 from jaxmoe.engine.step import decode_step
-from jaxmoe.model import MoEDecoder, init_experts, init_kv_cache, moe_ffn
+from jaxmoe.model import MoEDecoder, init_experts, init_kv_cache, layer_slot, moe_ffn
 from jaxmoe.offload.cache import minimum_experts
 from jaxmoe.offload.host_store import HostExpertStore
 
@@ -79,8 +79,9 @@ def test_model_phases_are_named_scopes_in_the_lowered_program():
     def moe_layer(x, kv, w):
         return model.layers[1](x, positions, kv, w, moe_ffn)
 
-    assert {"attention", "mlp"} <= scopes(dense_layer, x, kv[0])
-    assert {"attention", "router", "experts", "combine", "shared_expert"} <= scopes(moe_layer, x, kv[1], experts[1])
+    assert {"attention", "mlp"} <= scopes(dense_layer, x, layer_slot(kv, CFG, 0))
+    assert {"attention", "router", "experts", "combine", "shared_expert"} <= scopes(moe_layer, x, layer_slot(kv, CFG, 1),
+                                                                                    experts[1])  # fmt: skip
     assert "head" in scopes(model.logits, x[:, 0])
 
 
@@ -103,3 +104,23 @@ def test_the_decode_step_has_no_loop(b):
     tokens = jnp.ones((b, 1), jnp.int32)
     text = jax.jit(step).lower(tokens, tokens, kv).as_text()
     assert "stablehlo.while" not in text
+
+
+def test_the_kv_cache_is_one_stack_whatever_the_layers_and_each_layer_writes_its_own_entry():
+    """A program takes the cache as a few arrays (a call costs host time per argument), and
+    each layer writes its rows' keys at their positions in its own entry of the stack."""
+    import dataclasses
+
+    import numpy as np
+
+    cfg = dataclasses.replace(CFG, num_layers=6, moe_layers=(False,) + (True,) * 5)
+    kv = init_kv_cache(cfg, 2, 8)
+    assert len(jax.tree.leaves(kv)) == 2 and kv[0].k.shape == (6, 2, 8, 2, 8)
+    model, experts = MoEDecoder(cfg, nnx.Rngs(0)), init_experts(cfg, jax.random.key(1))
+    _, new, _ = model(jnp.array([[3], [7]]), jnp.array([[3], [5]]), kv, experts)
+    keys = np.asarray(new[0].k)  # [L, B, S, Hk, Dh]
+    written = np.abs(keys).sum(axis=(3, 4)) > 0
+    want = np.zeros((6, 2, 8), bool)
+    want[:, 0, 3] = want[:, 1, 5] = True
+    assert (written == want).all()
+    assert not np.allclose(keys[0], keys[1])  # each layer its own keys

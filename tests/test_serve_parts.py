@@ -98,16 +98,16 @@ def test_row_sampling_is_greedy_like_the_engine_and_seeded_per_row():
 
 def test_batch_cache_grows_at_once_and_shrinks_only_to_a_quarter():
     from jaxmoe.engine.programs import Programs
-    from jaxmoe.model.decoder import LayerKV
+    from jaxmoe.model import LayerKV
 
     assert row_buckets(16) == [1, 2, 4, 8, 16] and row_buckets(6) == [1, 2, 4, 6]
 
     def new_kv(rows, length):
-        return (LayerKV(jnp.zeros((rows, length, 1, 2)), jnp.zeros((rows, length, 1, 2))),)
+        return (LayerKV(jnp.zeros((1, rows, length, 1, 2)), jnp.zeros((1, rows, length, 1, 2))),)
 
     batch = BatchKV(Programs(), 8)
     batch.fit(1, 64, new_kv)
-    row_kv = (LayerKV(jnp.ones((1, 64, 1, 2)), jnp.ones((1, 64, 1, 2))),)
+    row_kv = (LayerKV(jnp.ones((1, 1, 64, 1, 2)), jnp.ones((1, 1, 64, 1, 2))),)
     assert (batch.rows, batch.length, batch.put("a", row_kv)) == (1, 64, 0)
     batch.fit(3, 128, new_kv)
     assert (batch.rows, batch.length) == (4, 128)
@@ -119,7 +119,7 @@ def test_batch_cache_grows_at_once_and_shrinks_only_to_a_quarter():
     batch.free(1)
     batch.fit(1, 32, new_kv)  # a quarter of both: packed and cut
     assert (batch.rows, batch.length, batch.holders) == (1, 32, ["c"])
-    assert float(batch.kv[0].k[0, 0, 0, 0]) == 1.0  # row "c" moved to the front with its cache
+    assert float(batch.kv[0].k[0, 0, 0, 0, 0]) == 1.0  # row "c" moved to the front with its cache
 
 
 @pytest.mark.e2e
@@ -174,7 +174,7 @@ def test_exact_rows_keep_a_near_tie_token_in_a_batch_of_8():
     while not prefill.done:
         prefill.step()
     token, row_kv = prefill.first_token(row_sampling([None], np.zeros(1)))
-    batch.fit(8, row_kv[0].k.shape[1], rows.new_kv)
+    batch.fit(8, row_kv[0].k.shape[2], rows.new_kv)
     batch.put("x", row_kv)
     got = [token]
     others = np.arange(100, 108, dtype=np.int32)  # seven other rows decoding whatever they hold

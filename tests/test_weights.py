@@ -55,9 +55,9 @@ def test_layers_of_one_kind_share_a_program_and_each_reads_its_own_weights():
 
 
 def _kv():
-    from jaxmoe.model import init_kv_cache
+    from jaxmoe.model import LayerSlot, init_kv_cache
 
-    return init_kv_cache(CFG, 1, 8)[0]
+    return LayerSlot(init_kv_cache(CFG, 1, 8)[0], jnp.int32(0))
 
 
 def test_consuming_the_model_frees_its_arrays_and_keeps_the_values():

@@ -24,8 +24,7 @@ import jax.numpy as jnp
 
 from jaxmoe.engine.sampling import SamplingParams
 from jaxmoe.engine.step import head_token
-from jaxmoe.model import MoEDecoder, moe_ffn, num_unique_experts
-from jaxmoe.model.decoder import LayerKV
+from jaxmoe.model import LayerCache, MoEDecoder, layer_slot, moe_ffn, num_unique_experts, with_slot
 from jaxmoe.model.experts import drop_experts
 from jaxmoe.offload import device_cache as dc
 from jaxmoe.offload.policy import next_moe_layers
@@ -34,7 +33,7 @@ from jaxmoe.quant import ExpertFormat, packed_experts
 
 class DeviceStepOut(NamedTuple):
     token: jax.Array  # [B] int32 sampled from the last position
-    kv: tuple[LayerKV, ...]
+    kv: tuple[LayerCache, ...]
     state: dc.CacheState
     positions: jax.Array  # [B] the next step's positions
     step: jax.Array  # [] the next step
@@ -55,7 +54,7 @@ def device_step(
     tok: jax.Array,  # [B] int32
     positions: jax.Array,  # [B] int32
     valid: jax.Array,  # [B] bool: rows whose experts count (padding and finished rows load nothing)
-    kv: Sequence[LayerKV],
+    kv: Sequence[LayerCache],  # the cache's stacks (model/kv.py)
     state: dc.CacheState,
     hosts: Sequence[jax.Array | None],  # per layer: its experts [E, bytes] in pinned host memory
     root: jax.Array,  # PRNG key
@@ -79,14 +78,14 @@ def device_step(
     x = model.embed_tokens(tok[:, None])  # [B, 1, D]
     pos = positions[:, None]
     state, predict_now = dc.begin_token(state, policy, step, scorer is not None)
-    new_kv = []
-    for layer, layer_kv in enumerate(kv):
+    for layer in range(cfg.num_layers):
         module = (merge(x) if merge else model).layers[layer]
         if not module.is_moe:
-            x, layer_kv, _ = module(x, pos, layer_kv, None, moe_fn)
-            new_kv.append(layer_kv)
+            x, slot, _ = module(x, pos, layer_slot(kv, cfg, layer), None, moe_fn)
+            kv = with_slot(kv, cfg, layer, slot)
             continue
-        x_att, layer_kv, h, routing = module.attend_and_route(x, pos, layer_kv)
+        x_att, slot, h, routing = module.attend_and_route(x, pos, layer_slot(kv, cfg, layer))
+        kv = with_slot(kv, cfg, layer, slot)
         nxt = following[layer] if scorer is not None else None
 
         def scores(h=h, layer=layer):  # the next layer's probabilities [B, E]
@@ -104,9 +103,8 @@ def device_step(
         if nxt is not None:  # masked, not under a cond: a conditional holding another stays off a CUDA graph
             with jax.named_scope("prefetch"):
                 state = dc.prefetch(state, hosts[nxt], policy, layer, nxt, routing.ids, valid, predict_now)
-        new_kv.append(layer_kv)
     token = head_token(model, x, root, step, sampling, sampler)
-    return DeviceStepOut(token, tuple(new_kv), state, positions + 1, step + 1)
+    return DeviceStepOut(token, tuple(kv), state, positions + 1, step + 1)
 
 
 def device_step_at(model_at: Callable, *args, **kw) -> DeviceStepOut:

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmoe.model import combine, expert_rows, moe_ffn, num_unique_experts
+from jaxmoe.model import LayerSlot, combine, expert_rows, kv_layout, moe_ffn, num_unique_experts
 from jaxmoe.offload.cache import pool_experts
 
 
@@ -26,14 +26,16 @@ def embed(ends, tokens):
     return ends.embed_tokens(tokens)
 
 
-def dense_layer(layer, x, positions, kv):
-    x, kv, _ = layer(x, positions, kv, None, moe_ffn)
-    return x, kv
+def dense_layer(layer, x, positions, stack, index):
+    """A dense layer on x; `stack`: its kind's KV stack (donated, written in place), `index`:
+    its entry there (an argument: the layers of a kind share the program)."""
+    x, slot, _ = layer(x, positions, LayerSlot(stack, index), None, moe_ffn)
+    return x, slot.stack
 
 
-def attend_route(layer, x, positions, kv):
-    x, kv, h, routing = layer.attend_and_route(x, positions, kv)
-    return x, kv, h, routing.ids, routing.weights
+def attend_route(layer, x, positions, stack, index):
+    x, slot, h, routing = layer.attend_and_route(x, positions, LayerSlot(stack, index))
+    return x, slot.stack, h, routing.ids, routing.weights
 
 
 def experts_pass(layer, x, h, slot_ids, in_pass, weights, y_prev, pool, num_unique, fmt):
@@ -49,16 +51,17 @@ def experts_pass(layer, x, h, slot_ids, in_pass, weights, y_prev, pool, num_uniq
 
 
 def routed_chunk(engine, tokens, positions: np.ndarray, valid: np.ndarray, kv: list) -> jax.Array:
-    """tokens/positions/valid [B, T] (rows not `valid` load no experts); kv is updated in
-    place, per layer. Returns x [B, T, D] after the last layer."""
+    """tokens/positions/valid [B, T] (rows not `valid` load no experts); kv (the cache's
+    stacks, a list) is updated in place, per layer. Returns x [B, T, D] after the last layer."""
     run, cache, clock = engine.executor.run, engine.cache, engine.executor.clock
     x = run("embed", embed, {}, (), engine.ends, tokens)
     positions, valid_rows = jnp.asarray(positions), valid.reshape(-1)
-    for layer, piece in enumerate(engine.layers):
+    for layer, (piece, (stack, index)) in enumerate(zip(engine.layers, kv_layout(engine.config), strict=True)):
         if not engine.config.moe_layers[layer]:
-            x, kv[layer] = run("dense", dense_layer, {}, (2,), piece, x, positions, kv[layer])
+            x, kv[stack] = run("dense", dense_layer, {}, (2,), piece, x, positions, kv[stack], jnp.int32(index))
             continue
-        x_in, kv[layer], h, ids, weights = run("attend_route", attend_route, {}, (2,), piece, x, positions, kv[layer])
+        x_in, kv[stack], h, ids, weights = run("attend_route", attend_route, {}, (2,), piece, x, positions, kv[stack],
+                                               jnp.int32(index))  # fmt: skip
         with clock.phase("host_read"):  # the one host sync of this layer
             ids_host = np.asarray(ids)
         n, k = ids_host.shape
@@ -90,14 +93,16 @@ def compile_routed(engine, batch: int, tokens: int, cache_len: int):
     plain = lambda tree: jax.tree.map(lambda o: spec(o.shape, o.dtype), tree)  # noqa: E731
     x = plain(compile_("embed", embed, {}, (), engine.ends, spec((batch, tokens), jnp.int32)).out_info)
     positions = spec((batch, tokens), jnp.int32)
-    kv = jax.eval_shape(lambda: init_kv_cache(cfg, batch, cache_len)[0])
+    kv = jax.eval_shape(lambda: init_kv_cache(cfg, batch, cache_len))
+    index = spec((), jnp.int32)
     cache = engine.cache
     pool = plain(cache.pool)
-    for layer, piece in enumerate(engine.layers):
+    for layer, (piece, (stack, _)) in enumerate(zip(engine.layers, kv_layout(cfg), strict=True)):
         if not cfg.moe_layers[layer]:
-            compile_("dense", dense_layer, {}, (2,), piece, x, positions, kv)
+            compile_("dense", dense_layer, {}, (2,), piece, x, positions, kv[stack], index)
             continue
-        x_in, _, h, ids, weights = plain(compile_("attend_route", attend_route, {}, (2,), piece, x, positions, kv).out_info)
+        out = compile_("attend_route", attend_route, {}, (2,), piece, x, positions, kv[stack], index).out_info
+        x_in, _, h, ids, weights = plain(out)
         n, k = ids.shape
         unique = min(num_unique_experts(cfg.num_experts, n, k), cache.num_slots)
         args = (x_in, h, spec((n, k), jnp.int32), spec((n, k), jnp.bool_), weights,

@@ -29,8 +29,9 @@ from typing import Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
-from jaxmoe.model import ExpertWeights, MoEDecoder, moe_ffn, num_unique_experts
-from jaxmoe.model.decoder import LayerKV, head_logits
+from jaxmoe.model import ExpertWeights, LayerCache, LayerSlot, MoEDecoder, layer_slot, moe_ffn, num_unique_experts
+from jaxmoe.model import with_slot
+from jaxmoe.model.decoder import head_logits
 from jaxmoe.engine.sampling import SamplingParams, sample
 
 
@@ -49,7 +50,7 @@ def forward_step(
     model: MoEDecoder,
     tokens: jax.Array,  # [B, T] int32
     positions: jax.Array,  # [B, T] int32
-    kv: Sequence[LayerKV],
+    kv: Sequence[LayerCache],  # the cache's stacks (model/kv.py)
     experts: Sequence[ExpertWeights | None],  # per layer: its whole stack (expert e is row e)
     root: jax.Array,  # PRNG key
     step: jax.Array,  # [] int32: the token step (sampling key)
@@ -58,22 +59,22 @@ def forward_step(
     moe_fn: Callable = moe_ffn,
     sampler: Callable | None = None,
     merge: Callable | None = None,
-) -> tuple[jax.Array, tuple[LayerKV, ...]]:
+) -> tuple[jax.Array, tuple[LayerCache, ...]]:
     """(tokens [B], the cache): every layer straight through, then `head_token`. `merge`:
     (after) -> the model with its weights viewed after `after` (executor.Piece.merge), called
     for each layer with its input."""
     x = model.embed_tokens(tokens)
-    new_kv = []
-    for layer, (layer_kv, layer_experts) in enumerate(zip(kv, experts, strict=True)):
+    cfg = model.cfg
+    for layer, layer_experts in enumerate(experts):
         module = (merge(x) if merge else model).layers[layer]
-        x, layer_kv, _ = module(x, positions, layer_kv, layer_experts, moe_fn)
-        new_kv.append(layer_kv)
-    return head_token(model, x, root, step, sampling, sampler), tuple(new_kv)
+        x, slot, _ = module(x, positions, layer_slot(kv, cfg, layer), layer_experts, moe_fn)
+        kv = with_slot(kv, cfg, layer, slot)
+    return head_token(model, x, root, step, sampling, sampler), tuple(kv)
 
 
 class StepOut(NamedTuple):
     token: jax.Array  # [B] int32, sampled from the last position; meaningful when first_miss == L
-    kv: tuple[LayerKV, ...]
+    kv: tuple[LayerCache, ...]
     first_miss: jax.Array  # [] int32: the first layer at or after `start` missing an expert; L if none
     x_miss: jax.Array  # [B, T, D]: the hidden state entering that layer (the next run's x_start)
     ids: jax.Array  # [L, N, K] int32: each layer's routing in this run (zeros for layers not run)
@@ -87,7 +88,7 @@ def decode_step(
     tokens: jax.Array,  # [B, T] int32
     positions: jax.Array,  # [B, T] int32
     valid: jax.Array,  # [B] bool: rows whose experts count (padding and finished rows load nothing)
-    kv: Sequence[LayerKV],
+    kv: Sequence[LayerCache],  # the cache's stacks (model/kv.py)
     experts: Sequence[ExpertWeights | None],  # per layer: the rows `table` points into
     table: jax.Array | None,  # [L, E] int32, or None: expert e is row e of its layer's stack
     start: jax.Array,  # [] int32: the first layer to run
@@ -120,31 +121,32 @@ def decode_step(
     first_miss, x_miss = jnp.int32(num_layers), x
     zeros_ids = jnp.zeros((n, k), jnp.int32)
     zeros_picks, zeros_probs = jnp.zeros((n, picks), jnp.int32), jnp.zeros((n, picks), jnp.float32)
-    ids_all, picks_all, probs_all, new_kv = [], [], [], []
-    for layer, (module, layer_kv) in enumerate(zip(model.layers, kv, strict=True)):
+    ids_all, picks_all, probs_all = [], [], []
+    for layer, module in enumerate(model.layers):
         active = (layer >= start) & ~missed
+        slot = layer_slot(kv, cfg, layer)  # the conditional takes and gives back its kind's whole stack
 
-        def skip(x, layer_kv):
-            return x, layer_kv, jnp.asarray(False), zeros_ids, zeros_picks, zeros_probs
+        def skip(x, stack):
+            return x, stack, jnp.asarray(False), zeros_ids, zeros_picks, zeros_probs
 
         if not module.is_moe:
 
-            def run(x, layer_kv, layer=layer):
-                x, layer_kv, _ = inside(x).layers[layer](x, positions, layer_kv, None, moe_fn)
-                return x, layer_kv, jnp.asarray(False), zeros_ids, zeros_picks, zeros_probs
+            def run(x, stack, layer=layer, index=slot.index):
+                x, out, _ = inside(x).layers[layer](x, positions, LayerSlot(stack, index), None, moe_fn)
+                return x, out.stack, jnp.asarray(False), zeros_ids, zeros_picks, zeros_probs
 
         else:
 
-            def run(x, layer_kv, layer=layer):
+            def run(x, stack, layer=layer, index=slot.index):
                 module = inside(x).layers[layer]
-                x_att, layer_kv, h, routing = module.attend_and_route(x, positions, layer_kv)
+                x_att, out, h, routing = module.attend_and_route(x, positions, LayerSlot(stack, index))
                 rows = routing.ids if table is None else table[layer][routing.ids]  # [N, K]
                 miss = jnp.any((rows < 0) & rows_valid[:, None])
                 y = moe_fn(h, jnp.maximum(rows, 0), routing.weights, experts[layer], unique)
                 # A missing expert leaves the layer undone: keep its input for the resume.
                 x_out = jnp.where(miss, x, module.finish_moe(x_att, h, y))
                 if not picks:
-                    return x_out, layer_kv, miss, routing.ids, zeros_picks, zeros_probs
+                    return x_out, out.stack, miss, routing.ids, zeros_picks, zeros_probs
 
                 def predict(h, layer=layer):
                     logits = scorer.score(scorer_leaves, h, jnp.int32(layer)).astype(jnp.float32)
@@ -154,20 +156,20 @@ def decode_step(
                 # The host acts on predictions only where a layer missed (it loads then), so
                 # only that layer predicts.
                 best, probs = jax.lax.cond(miss, predict, lambda h: (zeros_picks, zeros_probs), h)
-                return x_out, layer_kv, miss, routing.ids, best, probs
+                return x_out, out.stack, miss, routing.ids, best, probs
 
         x_in = x
-        x, layer_kv, miss, ids, best, probs = jax.lax.cond(active, run, skip, x, layer_kv)
+        x, stack, miss, ids, best, probs = jax.lax.cond(active, run, skip, x, slot.stack)
+        kv = with_slot(kv, cfg, layer, slot._replace(stack=stack))
         new_miss = active & miss
         first_miss = jnp.where(new_miss, layer, first_miss)
         x_miss = jnp.where(new_miss, x_in, x_miss)
         missed = missed | new_miss
-        new_kv.append(layer_kv)
         ids_all.append(ids)
         picks_all.append(best)
         probs_all.append(probs)
 
     head = lambda x: head_token(inside(x), x, root, step, sampling, sampler)  # noqa: E731
     token = jax.lax.cond(missed, lambda x: jnp.zeros((b,), jnp.int32), head, x)
-    return StepOut(token, tuple(new_kv), first_miss, x_miss, jnp.stack(ids_all), jnp.stack(picks_all),
+    return StepOut(token, tuple(kv), first_miss, x_miss, jnp.stack(ids_all), jnp.stack(picks_all),
                    jnp.stack(probs_all))  # fmt: skip

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmoe.model import init_kv_cache, moe_ffn
+from jaxmoe.model import LayerSlot, init_kv_cache, kv_layout, moe_ffn
 from jaxmoe.offload.cache import fetch_in_jit
 from jaxmoe.offload.prefill_plan import PrefillPlan
 
@@ -40,31 +40,33 @@ def fetch_options() -> dict:
 
 
 
-def _dense_chunk(layer, x, positions, start, kv, chunk):
+def _dense_chunk(layer, x, positions, start, stack, index, chunk):
+    """One chunk through one dense layer; `stack`: its kind's KV stack (donated, written in
+    place), `index`: its entry there (an argument: the layers of a kind share the program)."""
     xc = jax.lax.dynamic_slice_in_dim(x, start, chunk, axis=1)  # [B, C, D]
     pc = jax.lax.dynamic_slice_in_dim(positions, start, chunk, axis=1)
-    xc, kv, _ = layer(xc, pc, kv, None, moe_ffn)
-    return jax.lax.dynamic_update_slice_in_dim(x, xc, start, axis=1), kv
+    xc, slot, _ = layer(xc, pc, LayerSlot(stack, index), None, moe_ffn)
+    return jax.lax.dynamic_update_slice_in_dim(x, xc, start, axis=1), slot.stack
 
 
-def _moe_chunk(layer, x, positions, valid, start, kv, counts, experts, chunk):
+def _moe_chunk(layer, x, positions, valid, start, stack, index, counts, experts, chunk):
     """One chunk through one MoE layer: the resident engine's layer call, with the layer's
-    experts stacked as it holds them (cache.stack_experts);
+    experts stacked as it holds them (cache.stack_experts); KV as `_dense_chunk`'s.
     `counts` [E] accumulates how many valid tokens chose each expert."""
     xc = jax.lax.dynamic_slice_in_dim(x, start, chunk, axis=1)
     pc = jax.lax.dynamic_slice_in_dim(positions, start, chunk, axis=1)
     vc = jax.lax.dynamic_slice_in_dim(valid, start, chunk, axis=1).reshape(-1)  # [B*C]
-    xc, kv, routing = layer(xc, pc, kv, experts, moe_ffn)
+    xc, slot, routing = layer(xc, pc, LayerSlot(stack, index), experts, moe_ffn)
     chosen = jax.nn.one_hot(routing.ids, counts.shape[0], dtype=jnp.int32) * vc[:, None, None]  # [B*C, K, E]
     counts = counts + jnp.sum(chosen, axis=(0, 1))
-    return jax.lax.dynamic_update_slice_in_dim(x, xc, start, axis=1), kv, counts
+    return jax.lax.dynamic_update_slice_in_dim(x, xc, start, axis=1), slot.stack, counts
 
 
-def _moe_chunk_fetch(layer, x, positions, valid, start, kv, counts, experts, host_next, sent, chunk):
+def _moe_chunk_fetch(layer, x, positions, valid, start, stack, index, counts, experts, host_next, sent, chunk):
     """_moe_chunk that also copies the next MoE layer's experts `sent` [W] from its pinned host
     layer (the injit variant)."""
-    x, kv, counts = _moe_chunk(layer, x, positions, valid, start, kv, counts, experts, chunk)
-    return x, kv, counts, fetch_in_jit(host_next, sent)
+    x, stack, counts = _moe_chunk(layer, x, positions, valid, start, stack, index, counts, experts, chunk)
+    return x, stack, counts, fetch_in_jit(host_next, sent)
 
 
 @dataclasses.dataclass
@@ -74,8 +76,8 @@ class StreamStats:
 
 
 def run_stream(engine, plan: PrefillPlan, x, positions, valid, kv: list) -> tuple[jax.Array, StreamStats]:
-    """Execute `plan` on x [B, P, D] (embedded prompt), positions/valid [B, P]; kv is
-    updated in place (per layer). Returns the final x and the timing stats."""
+    """Execute `plan` on x [B, P, D] (embedded prompt), positions/valid [B, P]; kv (the
+    cache's stacks, a list) is updated in place. Returns the final x and the timing stats."""
     run = _StreamRun(engine, plan, x, positions, valid, kv)
     for step in plan.steps:
         getattr(run, step.op)(step)
@@ -114,25 +116,27 @@ class _StreamRun:
 
     def compute(self, step) -> None:
         layer, piece, kv = step.layer, self.engine.layers[step.layer], self.kv
+        stack, index = kv_layout(self.cfg)[layer]
+        index = jnp.int32(index)
         static = {"chunk": self.plan.chunk}
         if not self.cfg.moe_layers[layer]:
             for start in self.starts:
-                self.x, kv[layer] = self.engine.executor.run(
-                    "dense_chunk", _dense_chunk, static, (0, 3), piece, self.x, self.positions, start, kv[layer]
+                self.x, kv[stack] = self.engine.executor.run(
+                    "dense_chunk", _dense_chunk, static, (0, 3), piece, self.x, self.positions, start, kv[stack], index
                 )
             return
         experts = self.stacks[layer]
         total = jnp.zeros((self.cfg.num_experts,), jnp.int32)
         for start in self.starts[:-1] if self.fetch else self.starts:
-            self.x, kv[layer], total = self.engine.executor.run(
-                "moe_chunk", _moe_chunk, static, (0, 4, 5), piece,
-                self.x, self.positions, self.valid, start, kv[layer], total, experts,
+            self.x, kv[stack], total = self.engine.executor.run(
+                "moe_chunk", _moe_chunk, static, (0, 4, 6), piece,
+                self.x, self.positions, self.valid, start, kv[stack], index, total, experts,
             )  # fmt: skip
         if self.fetch:
             next_layer, sent, host = self.fetch
-            self.x, kv[layer], total, fetched = self.engine.executor.run(
-                "moe_chunk_fetch", _moe_chunk_fetch, static, (0, 4, 5), piece,
-                self.x, self.positions, self.valid, self.starts[-1], kv[layer], total, experts, *host,
+            self.x, kv[stack], total, fetched = self.engine.executor.run(
+                "moe_chunk_fetch", _moe_chunk_fetch, static, (0, 4, 6), piece,
+                self.x, self.positions, self.valid, self.starts[-1], kv[stack], index, total, experts, *host,
                 options=fetch_options(),
             )  # fmt: skip
             self.layer_experts[next_layer].update(zip(sent, fetched))
@@ -174,22 +178,23 @@ def compile_stream(engine, batch: int, p_len: int, chunk: int, cache_len: int, i
     tokens = spec((batch, p_len), jnp.int32)
     x = spec((batch, p_len, cfg.hidden_size), jnp.dtype(cfg.dtype))
     positions, valid, start = tokens, spec((batch, p_len), jnp.bool_), spec((), jnp.int32)
-    kv = jax.eval_shape(lambda: init_kv_cache(cfg, batch, cache_len)[0])
+    kv, index = jax.eval_shape(lambda: init_kv_cache(cfg, batch, cache_len)), spec((), jnp.int32)
     nbytes = engine.store.expert_bytes
     pinned = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
     host_layer = spec((cfg.num_experts, nbytes), jnp.uint8, sharding=pinned)
     counts = spec((cfg.num_experts,), jnp.int32)
     static = {"chunk": chunk}
-    for layer, piece in enumerate(engine.layers):
+    for layer, (piece, (stack, _)) in enumerate(zip(engine.layers, kv_layout(cfg), strict=True)):
         if cfg.moe_layers[layer]:
-            args = (x, positions, valid, start, kv, counts, engine.cache.stack_spec)
-            engine.executor.compile("moe_chunk", _moe_chunk, static, (0, 4, 5), piece, *args)
+            args = (x, positions, valid, start, kv[stack], index, counts, engine.cache.stack_spec)
+            engine.executor.compile("moe_chunk", _moe_chunk, static, (0, 4, 6), piece, *args)
             if in_jit:
                 sent = spec((cfg.num_experts,), jnp.int32)  # a cold cache: every expert
-                engine.executor.compile("moe_chunk_fetch", _moe_chunk_fetch, static, (0, 4, 5), piece, *args,
+                engine.executor.compile("moe_chunk_fetch", _moe_chunk_fetch, static, (0, 4, 6), piece, *args,
                                         host_layer, sent)  # fmt: skip
         else:
-            engine.executor.compile("dense_chunk", _dense_chunk, static, (0, 3), piece, x, positions, start, kv)
+            engine.executor.compile("dense_chunk", _dense_chunk, static, (0, 3), piece, x, positions, start,
+                                    kv[stack], index)  # fmt: skip
     return x
 
 

@@ -1,7 +1,7 @@
 """The MoE decoder (Flax NNX dense parts) and the pure routed-expert functions."""
 
-from jaxmoe.model.decoder import LayerCache, LayerKV, MoEDecoder, init_experts, init_kv_cache
-from jaxmoe.model.mla import LatentKV
+from jaxmoe.model.decoder import MoEDecoder, init_experts
+from jaxmoe.model.kv import LatentKV, LayerCache, LayerKV, LayerSlot, init_kv_cache, kv_layout, layer_slot, with_slot
 from jaxmoe.model.window import RingKV
 from jaxmoe.model.experts import (
     ExpertWeights,
@@ -29,6 +29,7 @@ __all__ = [
     "LatentKV",
     "LayerCache",
     "LayerKV",
+    "LayerSlot",
     "MoEDecoder",
     "PackedExperts",
     "RingKV",
@@ -44,8 +45,11 @@ __all__ = [
     "dense_shapes",
     "init_experts",
     "init_kv_cache",
+    "kv_layout",
+    "layer_slot",
     "moe_ffn",
     "moe_ffn_reference",
     "num_unique_experts",
     "route",
+    "with_slot",
 ]

@@ -14,7 +14,7 @@ metadata only and leaves the numbers unchanged.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,34 +24,11 @@ from jaxmoe.config import MoEConfig
 from jaxmoe.model.experts import ExpertWeights, Routing, expert_activation, moe_ffn, num_unique_experts, route
 from jaxmoe.model.layers import Attention, DenseMLP, RMSNorm, linear
 from jaxmoe.model.matmul import einsum
-from jaxmoe.model.mla import LatentAttention, LatentKV, init_latent_kv
-from jaxmoe.model.window import RingKV
+from jaxmoe.model.kv import LayerCache, LayerSlot, kv_layout
+from jaxmoe.model.mla import LatentAttention
 
 MoEFn = Callable[..., jax.Array]  # (x, ids, weights, experts, num_unique) -> [N, D]
 Experts = Sequence[ExpertWeights | None]  # one entry per layer
-
-
-class LayerKV(NamedTuple):
-    k: jax.Array  # [B, S, Hk, Dh]
-    v: jax.Array  # [B, S, Hk, Dh]
-
-
-LayerCache = LayerKV | RingKV | LatentKV  # one layer's cache: its attention's KV type
-
-
-def init_kv_cache(cfg: MoEConfig, batch: int, length: int) -> tuple[LayerCache, ...]:
-    """Every layer's empty cache for a context of `length`. Each layer's attention owns its KV
-    type (a pytree whose leaves are all [B, S, ...]; a sliding layer's ring has S = min(length,
-    window) slots), so engines and the server move caches without knowing it."""
-    return tuple(_layer_cache(cfg, i, batch, length) for i in range(cfg.num_layers))
-
-
-def _layer_cache(cfg: MoEConfig, layer: int, batch: int, length: int) -> LayerCache:
-    if cfg.attention == "mla":
-        return init_latent_kv(cfg, batch, length)
-    shape = (batch, cfg.kv_length(layer, length), cfg.num_kv_heads, cfg.head_dim)
-    kind = RingKV if cfg.is_sliding(layer) else LayerKV
-    return kind(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
 
 
 class SparseMoeBlock(nnx.Module):
@@ -96,11 +73,11 @@ class DecoderLayer(nnx.Module):
             self.mlp = DenseMLP(cfg, cfg.dense_intermediate_size, rngs)
 
     @jax.named_scope("attention")
-    def attend(self, x: jax.Array, positions: jax.Array, kv: LayerCache) -> tuple[jax.Array, LayerCache]:
+    def attend(self, x: jax.Array, positions: jax.Array, kv: LayerSlot) -> tuple[jax.Array, LayerSlot]:
         out, kv = self.self_attn(self.input_layernorm(x), positions, kv)
         return x + out, kv
 
-    def attend_and_route(self, x: jax.Array, positions: jax.Array, kv: LayerCache):
+    def attend_and_route(self, x: jax.Array, positions: jax.Array, kv: LayerSlot):
         """The half of a MoE layer before its experts: (x, kv, h [B*T, D], routing)."""
         x, kv = self.attend(x, positions, kv)
         with jax.named_scope("router"):  # the norm is the router's input (the experts' too)
@@ -112,8 +89,8 @@ class DecoderLayer(nnx.Module):
         return x + self.mlp.add_shared(h, routed).reshape(x.shape)
 
     def __call__(
-        self, x: jax.Array, positions: jax.Array, kv: LayerCache, experts: ExpertWeights | None, moe_fn: MoEFn
-    ) -> tuple[jax.Array, LayerCache, Routing | None]:
+        self, x: jax.Array, positions: jax.Array, kv: LayerSlot, experts: ExpertWeights | None, moe_fn: MoEFn
+    ) -> tuple[jax.Array, LayerSlot, Routing | None]:
         if not self.is_moe:
             x, kv = self.attend(x, positions, kv)
             with jax.named_scope("mlp"):
@@ -143,18 +120,18 @@ class MoEDecoder(nnx.Module):
         self,
         tokens: jax.Array,  # [B, T] int32
         positions: jax.Array,  # [B, T] int32
-        kv: Sequence[LayerCache],
+        kv: Sequence[LayerCache],  # the cache's stacks (model/kv.py)
         experts: Experts,
         moe_fn: MoEFn = moe_ffn,
     ) -> tuple[jax.Array, tuple[LayerCache, ...], tuple[Routing | None, ...]]:
         """Final-norm hidden states [B, T, D], the updated cache and each layer's routing."""
         x = self.embed_tokens(tokens)
-        new_kv, routings = [], []
-        for layer, layer_kv, layer_experts in zip(self.layers, kv, experts, strict=True):
-            x, layer_kv, routing = layer(x, positions, layer_kv, layer_experts, moe_fn)
-            new_kv.append(layer_kv)
+        kv, routings = list(kv), []
+        for (stack, index), layer, layer_experts in zip(kv_layout(self.cfg), self.layers, experts, strict=True):
+            x, slot, routing = layer(x, positions, LayerSlot(kv[stack], index), layer_experts, moe_fn)
+            kv[stack] = slot.stack
             routings.append(routing)
-        return self.norm(x), tuple(new_kv), tuple(routings)
+        return self.norm(x), tuple(kv), tuple(routings)
 
     def logits(self, h: jax.Array) -> jax.Array:
         """[..., D] -> fp32 [..., V]."""

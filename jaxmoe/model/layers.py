@@ -73,11 +73,10 @@ class Attention(nnx.Module):
         self,
         x: jax.Array,  # [B, T, D]
         positions: jax.Array,  # [B, T] absolute position of each token
-        kv,  # LayerKV: k and v [B, S, Hk, Dh]; a sliding layer's RingKV [B, R, Hk, Dh]
+        kv,  # LayerSlot: this layer's LayerKV (k, v [B, S, Hk, Dh]) or a sliding layer's RingKV [B, R, Hk, Dh]
     ):
-        """(output [B, T, D], the cache with this call's keys and values written)."""
+        """(output [B, T, D], the slot with this call's keys and values written)."""
         cfg = self.cfg
-        k_cache, v_cache = kv
         b, t, _ = x.shape
         h, hk, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -93,19 +92,20 @@ class Attention(nnx.Module):
 
         if self.sliding:
             # Keys: the ring before this call, then this call's own (model/window.py).
+            k_cache, v_cache = kv.read()
             key_pos = jnp.concatenate([ring_keys(positions, k_cache.shape[1]), positions], axis=1)
             keys = jnp.concatenate([k_cache, k.astype(k_cache.dtype)], axis=1)
             values = jnp.concatenate([v_cache, v.astype(v_cache.dtype)], axis=1)
             visible = window_visible(positions, key_pos, cfg.sliding_window)  # [B, T, R + T]
-            k_cache, v_cache = ring_write(k_cache, k, positions), ring_write(v_cache, v, positions)
+            kv = kv.write(ring_write, (k, v), positions)
         else:
             # Write this call's keys/values at their absolute positions, then attend over
             # the whole static cache: every call sees the same key length S, so a prompt
             # gives the same numbers alone or padded inside a batch. Padding (a negative
             # position) is not written.
-            k_cache, v_cache = cache_write(k_cache, k, positions), cache_write(v_cache, v, positions)
-            keys, values = k_cache, v_cache
-            visible = jnp.arange(k_cache.shape[1])[None, None, :] <= positions[:, :, None]  # [B, T, S]
+            kv = kv.write(cache_write, (k, v), positions)
+            keys, values = kv.read()
+            visible = jnp.arange(keys.shape[1])[None, None, :] <= positions[:, :, None]  # [B, T, S]
 
         q = q.reshape(b, t, hk, h // hk, dh)
         scores = einsum("btkgd,bskd->bkgts", q, keys) * (dh**-0.5)  # [B, Hk, G, T, S]
@@ -115,7 +115,7 @@ class Attention(nnx.Module):
         else:
             probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
         out = einsum("bkgts,bskd->btkgd", probs, values).reshape(b, t, h * dh)
-        return self.o_proj(out), type(kv)(k_cache, v_cache)
+        return self.o_proj(out), kv
 
 
 class DenseMLP(nnx.Module):

@@ -13,32 +13,19 @@ rounds differently).
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxmoe.config import MoEConfig
 from jaxmoe.model.layers import RMSNorm, linear
+from jaxmoe.model.kv import LayerSlot
 from jaxmoe.model.matmul import einsum
 from jaxmoe.model.rope import apply_rope, apply_rope_pairs, rope_cos_sin
 from jaxmoe.model.window import cache_write
 
 # transformers builds q_a_layernorm and kv_a_layernorm with the RMSNorm default, not rms_norm_eps.
 LATENT_NORM_EPS = 1e-6
-
-
-class LatentKV(NamedTuple):
-    latent: jax.Array  # [B, S, C] kv_a_layernorm's output
-    rope_key: jax.Array  # [B, S, Dr] after RoPE
-
-
-def init_latent_kv(cfg: MoEConfig, batch: int, length: int) -> LatentKV:
-    return LatentKV(
-        jnp.zeros((batch, length, cfg.kv_lora_rank), cfg.dtype),
-        jnp.zeros((batch, length, cfg.qk_rope_head_dim), cfg.dtype),
-    )
 
 
 class LatentAttention(nnx.Module):
@@ -57,8 +44,9 @@ class LatentAttention(nnx.Module):
         self.kv_b_proj = linear(cfg, cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), False, rngs)
         self.o_proj = linear(cfg, h * cfg.v_head_dim, d, cfg.o_bias, rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, kv: LatentKV) -> tuple[jax.Array, LatentKV]:
-        """x [B, T, D], positions [B, T] -> (output [B, T, D], the cache with this call's tokens written)."""
+    def __call__(self, x: jax.Array, positions: jax.Array, kv: LayerSlot) -> tuple[jax.Array, LayerSlot]:
+        """x [B, T, D], positions [B, T], the layer's LatentKV slot -> (output [B, T, D], the
+        slot with this call's tokens written)."""
         cfg = self.cfg
         b, t, _ = x.shape
         h, dn, dr, dv = cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
@@ -73,8 +61,8 @@ class LatentAttention(nnx.Module):
         q_rot, rope_key = rotate(q[..., dn:], cos, sin), rotate(rope_key, cos, sin)[:, :, 0]
 
         # As in layers.Attention: write at absolute positions, attend over the whole static cache.
-        latent_cache = cache_write(kv.latent, latent, positions)
-        rope_cache = cache_write(kv.rope_key, rope_key, positions)
+        kv = kv.write(cache_write, (latent, rope_key), positions)
+        latent_cache, rope_cache = kv.read()
 
         s = latent_cache.shape[1]
         expanded = self.kv_b_proj(latent_cache).reshape(b, s, h, dn + dv)  # [B, S, H, Dn + Dv]
@@ -87,4 +75,4 @@ class LatentAttention(nnx.Module):
         scores = jnp.where(visible[:, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(query.dtype)
         out = einsum("bhts,bshd->bthd", probs, expanded[..., dn:]).reshape(b, t, h * dv)
-        return self.o_proj(out), LatentKV(latent_cache, rope_cache)
+        return self.o_proj(out), kv

@@ -29,8 +29,9 @@ PAD_POSITION = -1  # the position engines give a prompt's padding
 
 class RingKV(NamedTuple):
     """A sliding layer's cache: position p's key and value in slot p mod R. Its leaves are
-    [B, R, ...] like every layer cache's, so engines and the server move it as they move the
-    others (serve/batch_kv.py cuts or pads it to the R a context's length gives)."""
+    [B, R, ...] like every layer cache's ([Lk, B, R, ...] stacked: model/kv.py), so engines
+    and the server move it as they move the others (serve/batch_kv.py cuts or pads it to the
+    R a context's length gives)."""
 
     k: jax.Array  # [B, R, Hk, Dh]
     v: jax.Array  # [B, R, Hk, Dh]
@@ -42,11 +43,19 @@ def mark_padding(positions, valid):
     return where(valid, positions, PAD_POSITION)
 
 
-def cache_write(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
-    """A full cache [B, S, ...] with new [B, T, ...] written at its absolute positions [B, T];
-    padding (a negative position, which indexing would wrap to the end) is dropped."""
-    slot = jnp.where(positions >= 0, positions, cache.shape[1])  # slot S: dropped
-    return cache.at[jnp.arange(cache.shape[0])[:, None], slot].set(new.astype(cache.dtype), mode="drop")
+def cache_write(stack: jax.Array, new: jax.Array, positions: jax.Array, index) -> jax.Array:
+    """Full caches stack [Lk, B, S, ...] with new [B, T, ...] written into entry `index` at
+    its absolute positions [B, T]; padding (a negative position, which indexing would wrap
+    to the end) is dropped."""
+    slot = jnp.where(positions >= 0, positions, stack.shape[2])  # slot S: dropped
+    return _write(stack, new, slot, index)
+
+
+def _write(stack: jax.Array, new: jax.Array, slot: jax.Array, index) -> jax.Array:
+    """stack [Lk, B, S, ...] with new [B, T, ...] at [index, row, slot[row, t]] (slot S: dropped),
+    in place: one scatter into the stack (a slice written back would be copied)."""
+    rows = jnp.arange(stack.shape[1])[:, None]
+    return stack.at[index, rows, slot].set(new.astype(stack.dtype), mode="drop")
 
 
 def ring_keys(positions: jax.Array, slots: int) -> jax.Array:
@@ -55,15 +64,16 @@ def ring_keys(positions: jax.Array, slots: int) -> jax.Array:
     return last - jnp.mod(last - jnp.arange(slots)[None, :], slots)
 
 
-def ring_write(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
-    """cache [B, R, ...] with the call's keys (or values) new [B, T, ...] written at slot
-    position mod R: padding and all but the last R tokens are dropped, so no slot is
-    written twice (a scatter with repeated indices keeps an unspecified one)."""
-    slots = cache.shape[1]
+def ring_write(stack: jax.Array, new: jax.Array, positions: jax.Array, index) -> jax.Array:
+    """Rings stack [Lk, B, R, ...] with the call's keys (or values) new [B, T, ...] written
+    into entry `index` at slot position mod R: padding and all but the last R tokens are
+    dropped, so no slot is written twice (a scatter with repeated indices keeps an
+    unspecified one)."""
+    slots = stack.shape[2]
     newest = jnp.max(positions, axis=1, keepdims=True)
     keep = (positions >= 0) & (positions > newest - slots)
     slot = jnp.where(keep, jnp.mod(positions, slots), slots)  # slot R: dropped
-    return cache.at[jnp.arange(cache.shape[0])[:, None], slot].set(new.astype(cache.dtype), mode="drop")
+    return _write(stack, new, slot, index)
 
 
 def window_visible(query_pos: jax.Array, key_pos: jax.Array, window: int) -> jax.Array:

@@ -7,10 +7,11 @@ key s > position per row), so a row taken over by a new request needs no clearin
 rows can be gathered, padded or truncated freely as long as every live row's own length
 fits.
 
-Shapes: B rows, S cache length. A layer's cache is whatever its attention keeps (k and v
-[B, S, Hk, Dh], a sliding layer's ring [B, min(S, window), Hk, Dh], or MLA's latent and
-rope key [B, S, ...]): every leaf has rows first and keys second, so it is resized and
-filled leaf by leaf, to the shapes a fresh cache of the new length has.
+Shapes: B rows, S cache length. The cache is one stack per kind of layer (model/kv.py) of
+whatever its attention keeps (k and v [Lk, B, S, Hk, Dh], a sliding layer's ring
+[Lk, B, min(S, window), Hk, Dh], or MLA's latent and rope key [Lk, B, S, ...]): every leaf
+has layers first, rows second and keys third, so it is resized and filled leaf by leaf, to
+the shapes a fresh cache of the new length has.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmoe.engine.buckets import bucket
+from jaxmoe.model.kv import KEY_AXIS
 
 
 def row_buckets(max_rows: int) -> list[int]:
@@ -42,18 +44,18 @@ def resize(kv, index: jax.Array, *, keys: tuple[int, ...]):
     position, where cutting or padding keeps each key in its slot."""
 
     def fit(a, n):
-        a = a[index]
-        if a.shape[1] >= n:
-            return a[:, :n]
-        return jnp.pad(a, ((0, 0), (0, n - a.shape[1])) + ((0, 0),) * (a.ndim - 2))
+        a = a[:, index]
+        if a.shape[KEY_AXIS] >= n:
+            return a[:, :, :n]
+        return jnp.pad(a, ((0, 0), (0, 0), (0, n - a.shape[KEY_AXIS])) + ((0, 0),) * (a.ndim - 3))
 
     leaves, tree = jax.tree.flatten(kv)
     return jax.tree.unflatten(tree, [fit(a, n) for a, n in zip(leaves, keys, strict=True)])
 
 
 def insert(kv, row_kv, row: jax.Array):
-    """One request's prefilled cache row_kv [1, S_row] into row `row` of kv [B, S >= S_row]."""
-    at = lambda a, r: jax.lax.dynamic_update_slice(a, r, (row,) + (0,) * (a.ndim - 1))  # noqa: E731
+    """One request's prefilled cache row_kv [Lk, 1, S_row] into row `row` of kv [Lk, B, S >= S_row]."""
+    at = lambda a, r: jax.lax.dynamic_update_slice(a, r, (0, row) + (0,) * (a.ndim - 2))  # noqa: E731
     return jax.tree.map(at, tuple(kv), tuple(row_kv))
 
 
@@ -63,7 +65,7 @@ class BatchKV:
     def __init__(self, programs, max_rows: int):
         self.programs, self.max_rows = programs, max_rows
         self._length = 0  # keys per row of a full layer (a sliding layer's ring may keep fewer)
-        self.kv = None  # one cache per layer, each leaf [B, S, ...]
+        self.kv = None  # the cache's stacks, each leaf [Lk, B, S, ...]
         self.holders: list = []  # per row: the request holding it, or None
 
     @property
@@ -86,7 +88,7 @@ class BatchKV:
         index[: len(order)] = order
         index = jnp.asarray(index)
         # Each leaf's keys in a fresh cache of this length (a ring's: its window at most).
-        keys = tuple(a.shape[1] for a in jax.tree.leaves(jax.eval_shape(lambda: new_kv(rows, length))))
+        keys = tuple(a.shape[KEY_AXIS] for a in jax.tree.leaves(jax.eval_shape(lambda: new_kv(rows, length))))
         program = self.programs.get("kv_resize", resize, {"keys": keys}, (), self.kv, index)
         self.kv, self._length = program(self.kv, index), length
         self.holders = [self.holders[r] for r in order] + [None] * (rows - len(order))

@@ -16,6 +16,7 @@ import numpy as np
 from jaxmoe.engine.resident import ResidentEngine
 from jaxmoe.engine.sampling import SamplingParams
 from jaxmoe.engine.step import forward_step
+from jaxmoe.model.kv import ROW_AXIS
 from jaxmoe.serve.rows.base import RowPrefill, Rows
 from jaxmoe.serve.rows.exact import per_token_moe
 from jaxmoe.serve.rows.sampling import row_sampler, sample_rows
@@ -69,13 +70,13 @@ class ResidentRows(Rows):
 
         def row(r, carry):
             out_tokens, kv = carry
-            kv_row = jax.tree.map(lambda a: one(a, r), kv)
+            kv_row = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, r, 1, ROW_AXIS), kv)
             token, kv_row = forward_step(model, one(tokens, r)[:, None], one(positions, r)[:, None], kv_row, experts,
                                          jax.random.key(0), jnp.int32(0), sampling=SamplingParams(),
                                          moe_fn=self.engine.moe_fn,
                                          sampler=row_sampler(tuple(one(a, r) for a in sampling)),
                                          merge=functools.partial(self.engine.piece.merge, state))  # fmt: skip
-            kv = jax.tree.map(lambda a, new: jax.lax.dynamic_update_slice_in_dim(a, new, r, 0), kv, kv_row)
+            kv = jax.tree.map(lambda a, new: jax.lax.dynamic_update_slice_in_dim(a, new, r, ROW_AXIS), kv, kv_row)
             return jax.lax.dynamic_update_slice_in_dim(out_tokens, token, r, 0), kv
 
         return jax.lax.fori_loop(0, tokens.shape[0], row, (jnp.zeros_like(tokens), kv))
