@@ -16,6 +16,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from bench import gpu_aot
@@ -60,7 +61,10 @@ def _resident(model_at, experts, tokens, positions, step, kv, root, sampling):
 
 
 def report(model: str = "olmoe-1b-7b", target: str = "h100", batch: int = 1, budget_frac: float = 0.25,
-           policy: str = "lru", cache_len: int = 256, dtype: str = "bfloat16", keep: str | None = None) -> dict:  # fmt: skip
+           policy: str = "lru", cache_len: int = 256, dtype: str = "bfloat16", keep: str | None = None,
+           serve: bool = False) -> dict:  # fmt: skip
+    """The decode programs' counts (gpu_aot.count); `serve`: also the server's offloaded rows
+    step (`serve_decode`: the device step with each row's experts, head and sampling its own)."""
     cfg = _config(model, dtype)
     graphdef_model = nnx.eval_shape(lambda: MoEDecoder(cfg, nnx.Rngs(0)))
     piece = Piece(graphdef_model, pack_module(graphdef_model))  # the engines' packed weights
@@ -103,6 +107,16 @@ def report(model: str = "olmoe-1b-7b", target: str = "h100", batch: int = 1, bud
         "offloaded_decode", lambda leaves, *a, **s: device_step_at(merged(leaves), *a, **s),
         (leaves, rows, rows, _on_cpu(spec((batch,), jnp.bool_)), kv, state, hosts, root, scalar, scorer_leaves),
         target=target, static=static, donate=(4, 5), options={**options, **dc.FETCH_OPTIONS}, keep=keep)  # fmt: skip
+    if serve:
+        from jaxmoe.serve.rows.offloaded import rows_device_step
+        from jaxmoe.serve.rows.sampling import row_sampling
+
+        sampling_rows = _on_cpu(jax.eval_shape(lambda: row_sampling([None] * batch, np.zeros(batch))))
+        programs["serve_decode"] = gpu_aot.compile_counts(
+            "serve_decode", lambda leaves, *a, **s: rows_device_step(merged(leaves), *a, **s),
+            (leaves, rows, rows, _on_cpu(spec((batch,), jnp.bool_)), kv, state, hosts, root, scalar, scorer_leaves,
+             sampling_rows), target=target, static={k: v for k, v in static.items() if k != "sampling"},
+            donate=(4, 5), options={**options, **dc.FETCH_OPTIONS}, keep=keep)  # fmt: skip
 
     x = spec((batch, 1, cfg.hidden_size), jnp.dtype(cfg.dtype))
     resume_args = (leaves, rows, rows, _on_cpu(spec((batch,), jnp.bool_)), kv, _on_cpu(pool),

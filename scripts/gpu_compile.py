@@ -2,7 +2,7 @@
 buffers, host reads per execution (bench/gpu_compile.py).
 
 usage: python scripts/gpu_compile.py [--model DIR|SHAPE] [--target h100|h200] [--batch N]
-           [--expert-budget-frac F] [--policy lru|...] [--keep DIR] [--json]
+           [--expert-budget-frac F] [--policy lru|...] [--keep DIR] [--serve] [--json]
 Needs the CUDA plugin's Python (3.12 with jax-cuda13-plugin 0.11.2): scripts/setup_aot_env.sh
 makes one (.venv-aot), and this script re-runs itself there when started elsewhere.
 """
@@ -29,6 +29,7 @@ def main(argv=None) -> int:
     p.add_argument("--expert-budget-frac", type=float, default=0.25)
     p.add_argument("--policy", default="lru", choices=DEVICE_POLICIES)
     p.add_argument("--keep", default=None, help="a directory for the optimized HLO and thunk sequences")
+    p.add_argument("--serve", action="store_true", help="also the server's offloaded rows step (serve_decode)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     from bench import gpu_aot
@@ -42,7 +43,7 @@ def main(argv=None) -> int:
         return 2
     from bench.gpu_compile import report
 
-    out = report(a.model, a.target, a.batch, a.expert_budget_frac, a.policy, keep=a.keep)
+    out = report(a.model, a.target, a.batch, a.expert_budget_frac, a.policy, keep=a.keep, serve=a.serve)
     if a.json:
         print(json.dumps(out))
         return 0

@@ -17,13 +17,15 @@ pytestmark = pytest.mark.skipif(gpu_aot.available() is not None, reason=str(gpu_
 def test_the_offloaded_decode_never_reads_the_host_on_an_h100():
     from bench.gpu_compile import report
 
-    out = report("olmoe-small", "h100", batch=1, budget_frac=0.25, policy="lru")
-    offloaded = out["programs"]["offloaded_decode"]
-    # Misses are fetched inside the program: every conditional stays in the CUDA graph.
-    assert offloaded["host_reads"] == 0 and offloaded["d2h_transfers"] == 0
-    assert offloaded["conditionals_outside_command_buffers"] == 0 and offloaded["conditionals"] > 0
-    assert offloaded["host_slices"] > 0  # the fetch reads pinned host memory: memory kinds survived
-    assert offloaded["expert_weight_copy_bytes"] == 0  # no copy of the pool
+    out = report("olmoe-small", "h100", batch=1, budget_frac=0.25, policy="lru", serve=True)
+    # The server's offloaded rows run the same step with each row's experts and head its own.
+    for name in ("offloaded_decode", "serve_decode"):
+        offloaded = out["programs"][name]
+        # Misses are fetched inside the program: every conditional stays in the CUDA graph.
+        assert offloaded["host_reads"] == 0 and offloaded["d2h_transfers"] == 0, name
+        assert offloaded["conditionals_outside_command_buffers"] == 0 and offloaded["conditionals"] > 0, name
+        assert offloaded["host_slices"] > 0, name  # the fetch reads pinned host memory: memory kinds survived
+        assert offloaded["expert_weight_copy_bytes"] == 0, name  # no copy of the pool
     assert out["programs"]["resident_decode"]["host_slices"] == 0
 
 
