@@ -103,9 +103,9 @@ def report(model: str = "olmoe-1b-7b", target: str = "h100", batch: int = 1, bud
                                        picks=cfg.top_k if prefetch else 0)  # fmt: skip
     static = {"sampling": sampling, "policy": device_policy, "fmt": fmt, "scorer": scorer}
     scorer_leaves = _on_cpu(scorer.leaves) if scorer else ()
+    step_args = (leaves, rows, rows, _on_cpu(spec((batch,), jnp.bool_)), kv, state, hosts, root, scalar, scorer_leaves)
     programs["offloaded_decode"] = gpu_aot.compile_counts(
-        "offloaded_decode", lambda leaves, *a, **s: device_step_at(merged(leaves), *a, **s),
-        (leaves, rows, rows, _on_cpu(spec((batch,), jnp.bool_)), kv, state, hosts, root, scalar, scorer_leaves),
+        "offloaded_decode", lambda leaves, *a, **s: device_step_at(merged(leaves), *a, **s), step_args,
         target=target, static=static, donate=(4, 5), options={**options, **dc.FETCH_OPTIONS}, keep=keep)  # fmt: skip
     if serve:
         from jaxmoe.serve.rows.offloaded import rows_device_step
@@ -114,8 +114,7 @@ def report(model: str = "olmoe-1b-7b", target: str = "h100", batch: int = 1, bud
         sampling_rows = _on_cpu(jax.eval_shape(lambda: row_sampling([None] * batch, np.zeros(batch))))
         programs["serve_decode"] = gpu_aot.compile_counts(
             "serve_decode", lambda leaves, *a, **s: rows_device_step(merged(leaves), *a, **s),
-            (leaves, rows, rows, _on_cpu(spec((batch,), jnp.bool_)), kv, state, hosts, root, scalar, scorer_leaves,
-             sampling_rows), target=target, static={k: v for k, v in static.items() if k != "sampling"},
+            (*step_args, sampling_rows), target=target, static={k: v for k, v in static.items() if k != "sampling"},
             donate=(4, 5), options={**options, **dc.FETCH_OPTIONS}, keep=keep)  # fmt: skip
 
     x = spec((batch, 1, cfg.hidden_size), jnp.dtype(cfg.dtype))

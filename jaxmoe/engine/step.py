@@ -29,8 +29,8 @@ from typing import Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
-from jaxmoe.model import ExpertWeights, LayerCache, LayerSlot, MoEDecoder, layer_slot, moe_ffn, num_unique_experts
-from jaxmoe.model import with_slot
+from jaxmoe.model import (ExpertWeights, LayerCache, LayerSlot, MoEDecoder, layer_slot, moe_ffn, num_unique_experts,
+                          with_slot)
 from jaxmoe.model.decoder import head_logits
 from jaxmoe.engine.sampling import SamplingParams, sample
 

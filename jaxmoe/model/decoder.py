@@ -24,7 +24,7 @@ from jaxmoe.config import MoEConfig
 from jaxmoe.model.experts import ExpertWeights, Routing, expert_activation, moe_ffn, num_unique_experts, route
 from jaxmoe.model.layers import Attention, DenseMLP, RMSNorm, linear
 from jaxmoe.model.matmul import einsum
-from jaxmoe.model.kv import LayerCache, LayerSlot, kv_layout
+from jaxmoe.model.kv import LayerCache, LayerSlot, layer_slot, with_slot
 from jaxmoe.model.mla import LatentAttention
 
 MoEFn = Callable[..., jax.Array]  # (x, ids, weights, experts, num_unique) -> [N, D]
@@ -126,10 +126,10 @@ class MoEDecoder(nnx.Module):
     ) -> tuple[jax.Array, tuple[LayerCache, ...], tuple[Routing | None, ...]]:
         """Final-norm hidden states [B, T, D], the updated cache and each layer's routing."""
         x = self.embed_tokens(tokens)
-        kv, routings = list(kv), []
-        for (stack, index), layer, layer_experts in zip(kv_layout(self.cfg), self.layers, experts, strict=True):
-            x, slot, routing = layer(x, positions, LayerSlot(kv[stack], index), layer_experts, moe_fn)
-            kv[stack] = slot.stack
+        routings = []
+        for i, (layer, layer_experts) in enumerate(zip(self.layers, experts, strict=True)):
+            x, slot, routing = layer(x, positions, layer_slot(kv, self.cfg, i), layer_experts, moe_fn)
+            kv = with_slot(kv, self.cfg, i, slot)
             routings.append(routing)
         return self.norm(x), tuple(kv), tuple(routings)
 
