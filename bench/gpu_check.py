@@ -8,9 +8,12 @@ tiny shapes):
   bandwidth    pinned host -> device, one OLMoE-1B-7B expert and one layer's decode demand
   exactness    offloaded == resident tokens: shipped model + a tiny model of each family,
                lru / predictor, smallest legal budget / half the experts, batch 1 / 3, bf16 / fp32
-  decode       OLMoE-1B-7B shape, batch 1, 128-token prompt, 64 new tokens: jaxmoe resident,
-               transformers, transformers + accelerate at 5 GiB, jaxmoe offloaded within 5 GiB
-               (lru, predictor) and 8 GiB (lru), judged against max(resident step, transfers)
+  decode       OLMoE-1B-7B shape, batch 1, 128-token prompt, 64 new tokens, random weights that
+               route like a trained model's (embeddings x28): jaxmoe resident, transformers,
+               transformers + accelerate at 5 GiB, jaxmoe offloaded within 5 GiB (lru, predictor)
+               and 8 GiB (lru), judged against max(resident step, transfers); then the hit path
+               (plain random weights, which route every token alike): resident, lru and
+               predictor within 5 GiB
   phases       where one offloaded decode step's time goes (host phases; device time synced)
   prefill      512 and 2048 tokens: stream, stream without overlap, routed, injit; accelerate at 2048
   injit_probe  does a dynamic slice of a pinned_host stack inside jit copy only the slice, async?
@@ -54,12 +57,16 @@ from bench import matrix
 from bench.check_report import markdown
 from bench.matrix import Job
 from bench.report import code_version, make_report
-from bench.shapes import DEFAULT_CHECKPOINT, ModelSpec, resolve
+from bench.shapes import DEFAULT_CHECKPOINT, ROUTED_EMBED_SCALE, ModelSpec, resolve
 from bench.common import log
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILY_MODELS = ("mixtral-tiny16", "olmoe-tiny16", "qwen2-moe-tiny16", "qwen3-moe-tiny16")
-GPU_MODEL, CPU_MODEL = ModelSpec("olmoe-1b-7b", "random"), ModelSpec("olmoe-small", "random")
+# Random weights routed like a trained model's (bench/shapes.py): the hit rates the rows report
+# are the ones a real checkpoint would get, not the 0.99 of weights that route every token alike.
+GPU_MODEL = ModelSpec("olmoe-1b-7b", "random", embed_scale=ROUTED_EMBED_SCALE)
+CPU_MODEL = ModelSpec("olmoe-small", "random", embed_scale=ROUTED_EMBED_SCALE)
+HIT_PATH = "hit-path:"  # --decode-rows prefix of the rows on plain random weights
 DEFAULT_DEADLINE_S = 420.0  # the issue's 7 minutes, compilation included
 
 
@@ -237,24 +244,31 @@ def step_exactness(c: Check) -> tuple[str, dict]:
 
 
 def decode_jobs(c: Check) -> tuple[list[Job], list[str]]:
-    """resident, offloaded at the first device budget (lru, predictor) and the second (lru),
-    transformers, accelerate at the first budget: the cheapest rows first."""
+    """On the routed weights: resident, offloaded at the first device budget (lru, predictor)
+    and the second (lru), transformers, accelerate at the first budget; then the hit path's
+    resident and offloaded rows at the first budget (measured before: last)."""
     jobs, arithmetic = matrix.model_jobs(c.bench, c.model, "bfloat16")
+    hit_path, _ = matrix.model_jobs(c.bench, dataclasses.replace(c.model, embed_scale=1.0), "bfloat16")
     first = lambda j: j.budget is not None and j.budget == first_budget(jobs)  # noqa: E731
     keep = [j for j in jobs if j.worker == "jaxmoe"]
     keep += [j for j in jobs if j.worker == "offload" and first(j)]
     keep += [j for j in jobs if j.worker == "offload" and not first(j) and j.policy == "lru"]
     keep += [j for j in jobs if j.worker == "hf"]
     keep += [j for j in jobs if j.worker == "hf-accelerate"][:1]
+    keep += [j for j in hit_path if j.worker == "jaxmoe" or (j.worker == "offload" and first(j))]
     rows = c.opts.decode_rows
     return [j for j in keep if not rows or row_name(j) in rows], arithmetic
 
 
 def row_name(job: Job) -> str:
-    """--decode-rows names: resident, hf, hf-accelerate, lru@5GiB, predictor@5GiB, lru@8GiB."""
+    """--decode-rows names: resident, hf, hf-accelerate, lru@5GiB, predictor@5GiB, lru@8GiB, and
+    hit-path:resident, hit-path:lru@5GiB, hit-path:predictor@5GiB (plain random weights)."""
     if job.worker == "offload":
-        return f"{job.policy}@{job.budget.spec.removeprefix('auto@')}"
-    return {"jaxmoe": "resident"}.get(job.worker, job.worker)
+        name = f"{job.policy}@{job.budget.spec.removeprefix('auto@')}"
+    else:
+        name = {"jaxmoe": "resident"}.get(job.worker, job.worker)
+    plain = job.model.embed_scale == 1.0 and job.worker in ("jaxmoe", "offload")
+    return HIT_PATH + name if plain else name
 
 
 def first_budget(jobs: list[Job]) -> B.Budget | None:
@@ -429,7 +443,7 @@ STEPS = (
     Step("bandwidth", "Pinned host -> device bandwidth", 45, step_bandwidth),
     Step("exactness", "Exactness: offloaded vs resident tokens", 100, step_exactness),
     Step("exact_diagnosis", "Where offloaded tokens leave resident ones", 120, step_exact_diagnosis, default=False),
-    Step("decode", "Decode: OLMoE-1B-7B shape", 170, step_decode),
+    Step("decode", "Decode: OLMoE-1B-7B shape, routed like a trained model, then the hit path", 240, step_decode),
     Step("phases", "Where an offloaded decode step's time goes", 50, step_phases),
     Step("prefill", "Prefill modes", 90, step_prefill),
     Step("injit_probe", "In-jit selective fetch probe", 45, step_injit_probe),

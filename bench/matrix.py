@@ -94,12 +94,14 @@ def model_jobs(args, model: ModelSpec, dtype: str) -> tuple[list[Job], list[str]
         peers = model.has_peers and fmt.kind == "dense"  # transformers runs the dense weights only
         if "jaxmoe" in args.engines:
             out.append(Job("jaxmoe", **at, skipped=no_fit))
+        # transformers builds its own weights: an embedding scale is jaxmoe's random weights' only
+        at_peer = at | {"model": dataclasses.replace(model, embed_scale=1.0)}
         if peers and "hf" in args.engines:
-            out.append(Job("hf", **at, skipped=no_fit))
+            out.append(Job("hf", **at_peer, skipped=no_fit))
         if peers and "hf-accelerate" in args.engines:
             why = hfa.unavailable(args.gpu)
             for d in device_budgets if main else device_budgets[:1]:
-                out.append(Job("hf-accelerate", **at, device_budget_bytes=d, skipped=why))
+                out.append(Job("hf-accelerate", **at_peer, device_budget_bytes=d, skipped=why))
         fit = {"batch": batch, "prompt_tokens": prompt, "new_tokens": args.new_tokens, "workspace": args.workspace}
         budgets, lines = B.parse(args.budgets, cfg, fit, device_budgets, fmt)
         arithmetic += [f"{model.name}/{dtype} batch {batch} prompt {prompt}: {line}" for line in lines]

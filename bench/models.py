@@ -13,7 +13,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from bench.shapes import ModelSpec
 
@@ -39,12 +38,17 @@ def random_layer_experts(cfg, seed: int, layer: int):
     return w
 
 
-def random_dense(cfg, seed: int):
+def random_dense(cfg, seed: int, embed_scale: float = 1.0):
+    """The dense weights, seeded; token embeddings x `embed_scale` (bench/shapes.py: ROUTED_EMBED_SCALE)."""
     from flax import nnx
 
     from jaxmoe.model import MoEDecoder
 
-    return MoEDecoder(cfg, nnx.Rngs(seed))
+    model = MoEDecoder(cfg, nnx.Rngs(seed))
+    if embed_scale != 1.0:
+        table = model.embed_tokens.embedding
+        table.value = table.value * jnp.asarray(embed_scale, table.value.dtype)
+    return model
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2, 3))
@@ -59,7 +63,7 @@ def random_layer_rows(cfg, seed: int, layer: int, fmt):
         from jaxmoe.offload.cache import dense_parts
 
         return fmt.pack_stacks(cfg, dense_parts(w))
-    e, dtype = cfg.num_experts, jnp.dtype(cfg.dtype)
+    e = cfg.num_experts
     # std of uniform codes: int8 in [-128, 127] ~ 73.9; int4 in [0, 15] around 8 ~ 4.61
     scale = EXPERT_STD / (73.9 if fmt.kind == "int8" else 4.61)
     if fmt.kind == "mxfp4":  # codes are e2m1 values (std about 2.9): a power-of-two scale near EXPERT_STD / 2.9
@@ -154,9 +158,9 @@ def build(spec: ModelSpec, dtype: str, seed: int, gpu: bool, offload: bool):
     if spec.source == "random":
         cfg = spec.config(dtype)
         if offload:
-            ensure_host_memory(total_expert_bytes(cfg, fmt))
-            return cfg, random_dense(cfg, seed), random_host_store(cfg, seed, fmt)
-        return cfg, random_dense(cfg, seed), random_resident(cfg, seed, fmt)
+            ensure_host_memory(total_expert_bytes(cfg, fmt))  # before random_dense starts the backend
+            return cfg, random_dense(cfg, seed, spec.embed_scale), random_host_store(cfg, seed, fmt)
+        return cfg, random_dense(cfg, seed, spec.embed_scale), random_resident(cfg, seed, fmt)
     cfg, model, stacks = from_torch(spec, dtype, seed, gpu)
     if offload:
         # from_stacks frees each layer's numpy stack once it is pinned: one extra layer at most.

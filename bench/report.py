@@ -42,15 +42,18 @@ class Lookup:
         for job, r in results.items():
             if job.policy is None:
                 self.by.setdefault((job.worker, job.model.label, job.dtype, job.batch, job.prompt_tokens), r)
-        self.bandwidth = {(j.model.label, j.dtype): r.get("bandwidth") or {} for j, r in results.items()
+        # The link carries bytes: one measurement serves every set of weights of a layout.
+        self.bandwidth = {(j.model.layout, j.dtype): r.get("bandwidth") or {} for j, r in results.items()
                           if j.worker == "bandwidth"}  # fmt: skip
 
     def at(self, worker: str, job) -> dict:
-        return self.by.get((worker, job.model.label, job.dtype, job.batch, job.prompt_tokens)) or {}
+        # transformers runs weights of its own, whatever embedding scale jaxmoe's random weights have
+        model = job.model.layout if worker in ("hf", "hf-accelerate") else job.model.label
+        return self.by.get((worker, model, job.dtype, job.batch, job.prompt_tokens)) or {}
 
     def gbps(self, job, demand: int) -> dict | None:
         """The bandwidth measured for this decode demand (or the nearest measured one)."""
-        measured = self.bandwidth.get((job.model.label, job.dtype)) or {}
+        measured = self.bandwidth.get((job.model.layout, job.dtype)) or {}
         if not measured:
             return None
         return measured[min(measured, key=lambda n: abs(int(n) - demand))]
@@ -95,8 +98,8 @@ def offload_fields(r: dict, resident: dict, bw: dict | None, demand: int) -> dic
 def base_row(job, r: dict) -> dict:
     settings = r.get("settings", {})
     return {
-        "model": f"{job.model.name}/{SHORT.get(job.dtype, job.dtype)}" + (
-            "" if job.model.label == job.model.name else f"/{job.model.fmt().name}"),
+        "model": f"{job.model.name}/{SHORT.get(job.dtype, job.dtype)}" + job.model.label.removeprefix(job.model.name),
+        "routing": job.model.routing,
         "policy": job.policy or PEER[job.worker], "expert_budget_bytes": r.get("expert_bytes"),
         "batch": job.batch, "prompt_tokens": job.prompt_tokens, "ttft_ms": r.get("ttft_ms"),
         "decode_tokens_per_s": r.get("decode_tokens_per_s"), "peak_device_bytes": r.get("peak_device_bytes"),
@@ -153,8 +156,9 @@ def make_row(job, r: dict, look: Lookup, problems: list[str]) -> dict:
             row |= {"hit_rate": r["hit_rate"], "expert_budget_bytes": r["expert_budget_bytes"]}
             # preloaded: nothing moves (a pool of every expert of the model)
             row["all_experts_fit"] = r["cache_slots"] == num_experts(job.model.config(job.dtype))
+            # accelerate moves whole layers whatever the routing: the row of the same shape
             accel = [v for (w, m, d, bb, pp), v in look.by.items() if w == "hf-accelerate" and (m, d, bb, pp) ==
-                     (job.model.name, job.dtype, job.batch, job.prompt_tokens)]  # fmt: skip
+                     (job.model.layout, job.dtype, job.batch, job.prompt_tokens)]  # fmt: skip
             rate = next((a.get("decode_tokens_per_s") for a in accel if a.get("decode_tokens_per_s")), None)
             row["speedup_vs_accelerate"] = stats.ratio(r.get("decode_tokens_per_s"), rate)
             if row["greedy_agree"] is not None and row["greedy_agree"] < row["greedy_compared"]:

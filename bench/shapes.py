@@ -107,6 +107,12 @@ SHAPES = {
     ),
 }  # fmt: skip
 SOURCE = {"olmoe-small": "hf", "olmoe-1b-7b": "hf"}  # the rest: "random"
+# Random weights route almost every token to the same experts (a decode hit rate of 0.99 where
+# a trained model gets 0.2-0.6): each layer's output, shared by every token, drowns the small
+# random embedding in the residual stream the routers see. Scaling the embeddings by 28 gave
+# the OLMoE-1B-7B shape the shipped model's lru decode hit rates at 20% and 45% of the experts
+# (0.26 and 0.62 against 0.26 and 0.57, greedy; docs/BENCHMARKS.md, "Routing for honest GPU rows").
+ROUTED_EMBED_SCALE = 28.0
 # Total device budgets (GiB) of the GPU matrix: each gives an `auto` expert budget and
 # the accelerate peer's max_memory.
 GPU_DEVICE_BUDGETS_GIB = {"olmoe-1b-7b": (5, 8, 16), "qwen3-30b-a3b": (16, 24, 40), "mixtral-8x7b": (24,)}
@@ -118,6 +124,12 @@ class ModelSpec:
     source: str  # "hf" | "random" | "checkpoint"
     path: str | None = None  # checkpoint directory
     expert_format: str = "dense"  # how the experts are held (a checkpoint: its own, see fmt())
+    embed_scale: float = 1.0  # "random": token embeddings x this (ROUTED_EMBED_SCALE: trained-like routing)
+
+    def __post_init__(self):
+        if self.embed_scale != 1.0 and self.source != "random":
+            raise ValueError(f"model {self.name!r}: an embedding scale applies to random weights only, "
+                             f"not to {self.source!r} weights")  # fmt: skip
 
     def fmt(self):
         """The ExpertFormat of the routed experts."""
@@ -130,10 +142,22 @@ class ModelSpec:
         return parse_format(self.expert_format)
 
     @property
-    def label(self) -> str:
-        """The name, with the expert format when it is not dense."""
+    def layout(self) -> str:
+        """The name, with the expert format when it is not dense: what sets the bytes a row moves."""
         fmt = self.fmt().name
         return self.name if fmt == "dense" else f"{self.name}/{fmt}"
+
+    @property
+    def label(self) -> str:
+        """The layout, with the embedding scale when it is not 1: what tells one set of weights from another."""
+        return self.layout if self.embed_scale == 1.0 else f"{self.layout}/embed-x{self.embed_scale:g}"
+
+    @property
+    def routing(self) -> str:
+        """How a random model's tokens pick experts (the hit rate a cache can reach depends on it)."""
+        if self.source != "random":
+            return "trained" if self.source == "checkpoint" else "random weights"
+        return "random weights" if self.embed_scale == 1.0 else f"trained-like (embeddings x{self.embed_scale:g})"
 
     def hf_fields(self, dtype: str) -> dict:
         """The config.json dict of this model in `dtype` (a checkpoint keeps its own dtype)."""

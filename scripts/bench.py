@@ -10,7 +10,7 @@ process per configuration.
   [--engines jaxmoe,hf,hf-accelerate] [--policies ondemand,lru,lfu,predictor] [--sweep-policies lru]
   [--budgets 0.25,0.5,3.8GB,4GiB,auto] [--device-budgets-gib 5,8,16] [--device-gib 80] [--workspace-gib G]
   [--batch 1,4,16] [--prompt-tokens 128,512,2048] [--prefill-modes stream,stream-serial,routed,injit]
-  [--dtypes bfloat16] [--formats dense,int8,int4] [--new-tokens N] [--repeats R] [--accelerate-new-tokens N] [--accelerate-repeats R]
+  [--dtypes bfloat16] [--formats dense,int8,int4] [--embed-scale X] [--new-tokens N] [--repeats R] [--accelerate-new-tokens N] [--accelerate-repeats R]
   [--cpu-threads T] [--seed S] [--out-dir docs/bench] [--name STEM] [--no-plots]
   [--resume] [--stop-after SECONDS] [--worker-timeout SECONDS] [--json]
 
@@ -43,7 +43,7 @@ from bench import budgets as B  # noqa: E402
 from bench import matrix, plots, workers  # noqa: E402
 from bench.common import log  # noqa: E402
 from bench.report import make_report, markdown  # noqa: E402
-from bench.shapes import DEFAULT_CHECKPOINT, SHAPES, resolve  # noqa: E402
+from bench.shapes import DEFAULT_CHECKPOINT, ROUTED_EMBED_SCALE, SHAPES, resolve  # noqa: E402
 from jaxmoe.quant import parse_format  # noqa: E402
 
 ENGINES = ("jaxmoe", "hf", "hf-accelerate")
@@ -69,6 +69,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtypes", default="bfloat16", help="comma list (checkpoints keep their own dtype)")
     p.add_argument("--formats", default="dense", help="expert formats, comma list of dense, int8, int4, int4-gN "
                    "(checkpoints keep their own; transformers rows only for dense)")
+    p.add_argument("--embed-scale", type=float, default=1.0, help="shapes: jaxmoe's random weights with token "
+                   f"embeddings x X ({ROUTED_EMBED_SCALE:g}: decode routes like a trained model's, hit rates a cache "
+                   "really gets; 1: almost every token picks the same experts); shapes built through transformers "
+                   "switch to jaxmoe's random weights; not for checkpoints")
     p.add_argument("--engines", default=",".join(ENGINES), help="comma list of: " + ",".join(ENGINES))
     p.add_argument("--policies", default=",".join(POLICIES), help="offload policies, comma list ('' for none)")
     p.add_argument("--sweep-policies", default="lru", help="policies also run at the other batch/prompt points")
@@ -107,6 +111,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         formats = [parse_format(f).name for f in _list(args.formats)]
     except ValueError as e:
         p.error(str(e))
+    if args.embed_scale <= 0:
+        p.error(f"--embed-scale: expected a positive factor, got {args.embed_scale:g}")
+    if args.embed_scale != 1.0 and any(m.source == "checkpoint" for m in args.models):
+        p.error("--embed-scale: a checkpoint routes as it was trained; the scale is for random-weight shapes")
+    if args.embed_scale != 1.0:
+        args.models = [dataclasses.replace(m, source="random", embed_scale=args.embed_scale) for m in args.models]
     args.models = [m if m.source == "checkpoint" else dataclasses.replace(m, expert_format=f)
                    for m in args.models for f in (formats if m.source != "checkpoint" else [None])]  # fmt: skip
     args.dtypes, args.engines, args.policies = _list(args.dtypes), _list(args.engines), _list(args.policies)

@@ -114,6 +114,24 @@ def test_matrix_main_point_and_sweeps():
     assert len({j.key for j in jobs}) == len(jobs)  # keys name raw result files: they must not collide
 
 
+def test_an_embedding_scale_gives_jaxmoe_rows_their_own_weights_and_leaves_the_peers_alone(capsys):
+    script = bench_script()
+    args = script.parse_args(["--models", "olmoe-small", "--budgets", "0.5", "--embed-scale", "28"])
+    model = args.models[0]
+    assert (model.source, model.embed_scale, model.label) == ("random", 28.0, "olmoe-small/embed-x28")
+    jobs, _ = script.matrix.model_jobs(args, model, "bfloat16")
+    ours = {j.model.label for j in jobs if j.worker in ("jaxmoe", "offload")}
+    peers = {j.model.label for j in jobs if j.worker in ("hf", "hf-accelerate")}
+    assert ours == {"olmoe-small/embed-x28"} and peers == {"olmoe-small"}  # transformers builds its own weights
+    assert script.matrix.spec(args, jobs[1])["model"]["embed_scale"] == 28.0  # what the worker rebuilds
+    for argv, words in ((["--model", "checkpoints/jaxmoe-tiny", "--embed-scale", "28"], "checkpoint routes"),
+                        (["--models", "olmoe-small", "--embed-scale", "0"], "positive factor")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            script.parse_args(argv)
+        err = capsys.readouterr().err
+        assert "--embed-scale" in err and words in err
+
+
 @pytest.mark.e2e
 def test_prefill_modes_become_engine_arguments_at_every_point():
     script = bench_script()

@@ -25,12 +25,22 @@ def check(out: Path, *args: str) -> tuple[int, dict, str]:
 def test_the_dry_run_decodes_every_row(tmp_path):
     """The step the device decode changes, in the default run (the whole dry run is --slow: about 4
     minutes on 2 cores; a GPU session dry-runs its prepared command first anyway)."""
-    rc, record, md = check(tmp_path, "--no-peers", "--steps", "environment,decode")
+    rows = "resident,lru@0.5,predictor@0.5,hit-path:resident,hit-path:lru@0.5"
+    rc, record, md = check(tmp_path, "--no-peers", "--steps", "environment,decode", "--decode-rows", rows)
     assert {s["name"]: s["status"] for s in record["steps"]} == {"environment": "passed", "decode": "passed"}, md
     assert rc == 0
     decode = next(s for s in record["steps"] if s["name"] == "decode")["result"]
-    assert {r["policy"] for r in decode["rows"]} == {"resident", "lru", "predictor"}
-    assert "## Decode" in md
+    by_routing = {}
+    for r in decode["rows"]:
+        by_routing.setdefault(r["routing"], {})[r["policy"]] = r
+    assert {k: set(v) for k, v in by_routing.items()} == {
+        "trained-like (embeddings x28)": {"resident", "lru", "predictor"}, "random weights": {"resident", "lru"}}
+    for r in decode["rows"]:  # each offloaded row against the resident row of its own weights
+        assert r["engine"] != "offload" or r["greedy_agree"] == r["greedy_compared"] == 8, r
+    # The scaled embeddings are the point: plain random weights route every token alike.
+    routed, plain = by_routing["trained-like (embeddings x28)"]["lru"], by_routing["random weights"]["lru"]
+    assert routed["decode_hit_rate"] < plain["decode_hit_rate"] - 0.3, (routed["decode_hit_rate"], plain["decode_hit_rate"])
+    assert "## Decode" in md and "olmoe-small/bf16/embed-x28" in md
 
 
 @pytest.mark.e2e
@@ -44,6 +54,7 @@ def test_the_dry_run_passes_every_step(tmp_path):
     assert exact["summary"]["equal"] == exact["summary"]["cases"] == 5  # one per model, every option twice
     decode = next(s for s in record["steps"] if s["name"] == "decode")["result"]
     assert {r["policy"] for r in decode["rows"]} == {"resident", "lru", "predictor"}
+    assert {r["routing"] for r in decode["rows"]} == {"trained-like (embeddings x28)", "random weights"}
     for title in ("## Exactness", "## Decode", "## Where an offloaded decode step's time goes", "## Prefill modes"):
         assert title in md
 
