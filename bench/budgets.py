@@ -32,8 +32,8 @@ def kv_bytes(cfg, batch: int, prompt_tokens: int, new_tokens: int) -> int:
     values, or MLA's latents): nothing is allocated."""
     import jax
 
-    from jaxmoe.engine.buckets import cache_bucket, prompt_bucket
-    from jaxmoe.engine.metrics import tree_bytes
+    from jaxmoe.runtime.buckets import cache_bucket, prompt_bucket
+    from jaxmoe.runtime.metrics import tree_bytes
     from jaxmoe.model import init_kv_cache
 
     length = cache_bucket(prompt_bucket(prompt_tokens), new_tokens)
@@ -45,7 +45,7 @@ def dense_bytes(cfg) -> int:
     from the module's abstract shapes: nothing is allocated."""
     from flax import nnx
 
-    from jaxmoe.engine.metrics import tree_bytes
+    from jaxmoe.runtime.metrics import tree_bytes
     from jaxmoe.model.params import abstract_model
 
     return tree_bytes(nnx.state(abstract_model(cfg)))

@@ -4,7 +4,7 @@ each, started by bench.matrix.spawn, returning a JSON-able dict (registered in b
   environment   devices, versions, memory kinds, memory_stats() keys
   exactness     offloaded == resident greedy tokens, case by case (a mismatch is a result)
   prefill_modes one model, every prefill mode and prompt length in one process (TTFT only)
-  phases        where one offloaded decode step's time goes (jaxmoe.engine.phases)
+  phases        where one offloaded decode step's time goes (jaxmoe.runtime.phases)
   injit_probe   does a dynamic slice of a pinned_host stack inside jit copy only the slice,
                 and asynchronously?
   exact_diagnosis  where offloaded tokens leave the resident ones (not in the default steps)
@@ -70,7 +70,7 @@ def exact_model(name: str, dtype: str, seed: int):
     from bench.shapes import resolve
     from jaxmoe.model import cast_floats, cast_model
     from jaxmoe.offload.host_store import HostExpertStore
-    from jaxmoe.offload.prefetch import load_scorer
+    from jaxmoe.predictor.store import load_scorer
 
     m = resolve(name)
     if m.source == "random":
@@ -114,7 +114,7 @@ def worker_exactness(spec: dict) -> dict:
     resident engine's on the same weights. A case that raises is recorded with its error."""
     from bench.shapes import resolve
     from jaxmoe.engine import OffloadedEngine, ResidentEngine
-    from jaxmoe.offload.prefetch import load_scorer
+    from jaxmoe.predictor.store import load_scorer
 
     check_jax_backend(spec["gpu"])
     cases, new = [], spec["new_tokens"]
@@ -168,7 +168,7 @@ def expert_parts(cfg, seed: int) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxmoe.engine.programs import COMPILER_OPTIONS
+    from jaxmoe.runtime.programs import COMPILER_OPTIONS
     from jaxmoe.model import ExpertWeights, expert_rows
     from jaxmoe.offload.cache import pool_experts, stack_experts
     from jaxmoe.quant.format import DENSE
@@ -296,8 +296,8 @@ def worker_phases(spec: dict) -> dict:
     from bench import models
     from jaxmoe.engine import ResidentEngine
     from jaxmoe.engine.offloaded import OffloadedEngine
-    from jaxmoe.engine.phases import PhaseClock
-    from jaxmoe.offload.prefetch import load_scorer
+    from jaxmoe.runtime.phases import PhaseClock
+    from jaxmoe.predictor.store import load_scorer
 
     check_jax_backend(spec["gpu"])
     cfg, model, store = models.build(model_spec(spec), spec["dtype"], spec["seed"], spec["gpu"], offload=True)

@@ -50,7 +50,6 @@ def available() -> str | None:
 
 
 def cuda_device(target: str):
-    import jax
     from jax.experimental import topologies
 
     topo = topologies.get_topology_desc(platform="cuda", target_config=TARGETS[target].read_text(),
@@ -67,7 +66,7 @@ def compile_counts(name: str, fn, args: tuple, *, target: str = "h100", static: 
     from jax._src import compiler
     from jax._src.lib import xla_client as xc
 
-    from jaxmoe.engine.programs import named
+    from jaxmoe.runtime.programs import named
 
     jitted = jax.jit(named(fn, name), static_argnames=tuple(static or {}), donate_argnums=donate)
     lowered = jitted.trace(*args, **(static or {})).lower(lowering_platforms=("cuda",))

@@ -22,7 +22,7 @@ from flax import nnx
 from bench import gpu_aot
 from jaxmoe.engine.device_step import device_step_at
 from jaxmoe.engine.offloaded_decode import offloaded_step
-from jaxmoe.engine.programs import COMPILER_OPTIONS
+from jaxmoe.runtime.programs import COMPILER_OPTIONS
 from jaxmoe.engine.executor import Piece, pack_module
 from jaxmoe.engine.sampling import SamplingParams
 from jaxmoe.engine.step import forward_step
@@ -31,7 +31,8 @@ from jaxmoe.model.decoder import init_experts
 from jaxmoe.offload import device_cache as dc
 from jaxmoe.offload.cache import plan_geometry, workspace_experts
 from jaxmoe.offload.host_store import total_expert_bytes
-from jaxmoe.offload.policy import PolicyShape, make_policy
+from jaxmoe.offload.policy import PolicyShape
+from jaxmoe.offload.policies import make_policy
 from jaxmoe.offload.prefetch import GateAhead
 from jaxmoe.quant import DENSE
 

@@ -60,6 +60,10 @@ def stamped(engine_generate, spec: dict, vocab: int, **kw) -> dict:
         if extra:
             extra(n)
 
+    if spec.get("temperature"):  # sampled: every run and row kind draws with the same key
+        from jaxmoe.engine.sampling import SamplingParams
+
+        kw |= {"sampling": SamplingParams(temperature=spec["temperature"]), "seed": spec["seed"]}
     res = engine_generate(prompts(spec, vocab), spec["new_tokens"], on_token=on_token, **kw)
     return {**res.metrics, "token_ids": res.token_ids, "token_times": times}
 
@@ -140,7 +144,7 @@ def after_build() -> dict:
 def worker_jaxmoe(spec: dict) -> dict:
     from bench import models
     from jaxmoe.engine import ResidentEngine
-    from jaxmoe.engine.metrics import tree_bytes
+    from jaxmoe.runtime.metrics import tree_bytes
 
     check_jax_backend(spec["gpu"])
     cfg, model, experts = models.build(model_spec(spec), spec["dtype"], spec["seed"], spec["gpu"], offload=False)
@@ -168,7 +172,7 @@ def plan_counts(plan, metrics: dict) -> dict:
 def worker_offload(spec: dict) -> dict:
     from bench import models
     from jaxmoe.engine.offloaded import OffloadedEngine
-    from jaxmoe.offload.prefetch import load_scorer
+    from jaxmoe.predictor.store import load_scorer
 
     check_jax_backend(spec["gpu"])
     cfg, model, store = models.build(model_spec(spec), spec["dtype"], spec["seed"], spec["gpu"], offload=True)

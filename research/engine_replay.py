@@ -28,7 +28,8 @@ from jaxmoe.checkpoint import load  # noqa: E402
 from jaxmoe.engine.offloaded import OffloadedEngine  # noqa: E402
 from jaxmoe.engine.inputs import pad_prompts  # noqa: E402
 from jaxmoe.offload.host_store import total_expert_bytes  # noqa: E402
-from jaxmoe.offload.policy import PolicyShape, make_policy, policy_class  # noqa: E402
+from jaxmoe.offload.policy import PolicyShape  # noqa: E402
+from jaxmoe.offload.policies import make_policy, policy_class  # noqa: E402
 from jaxmoe.predictor.collect import text_tokens  # noqa: E402
 from jaxmoe.predictor.simulate import DecodeTrace, simulate_decode  # noqa: E402
 from jaxmoe.tokenizer import load_tokenizer  # noqa: E402

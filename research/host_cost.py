@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jaxmoe.offload.driver import DecodeDriver  # noqa: E402
-from jaxmoe.offload.policy import policy_class  # noqa: E402
+from jaxmoe.offload.policies import policy_class  # noqa: E402
 from jaxmoe.predictor.simulate import DecodeTrace, capacity_for, simulate_decode  # noqa: E402
 
 

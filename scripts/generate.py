@@ -36,10 +36,10 @@ from jaxmoe.offload.host_store import HostMemoryError, total_expert_bytes
 from jaxmoe.offload.device_cache import skip_weight
 from jaxmoe.offload.driver import Amortize
 from jaxmoe.offload.expert_maps import MapsMismatch
-from jaxmoe.offload.policy import POLICY_NAMES, policy_class
-from jaxmoe.engine.buckets import DEFAULT_PREFILL_CHUNK, check_chunk
-from jaxmoe.engine.metrics import tree_bytes
-from jaxmoe.engine.programs import CACHE_ENV, DEFAULT_CACHE_DIR, enable_compilation_cache
+from jaxmoe.offload.policies import POLICY_NAMES, policy_class
+from jaxmoe.runtime.buckets import DEFAULT_PREFILL_CHUNK, check_chunk
+from jaxmoe.runtime.metrics import tree_bytes
+from jaxmoe.runtime.programs import CACHE_ENV, DEFAULT_CACHE_DIR, enable_compilation_cache
 from jaxmoe.offload.prefill_plan import MODES
 from jaxmoe.tokenizer import eos_ids, load_tokenizer
 

@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # The same engine choice and flag checks as generate.py.
 from generate import add_skip_below, build_engine, check_engine_flags, default_model  # noqa: E402
 
-from jaxmoe.engine.buckets import DEFAULT_PREFILL_CHUNK  # noqa: E402
-from jaxmoe.engine.programs import enable_compilation_cache  # noqa: E402
-from jaxmoe.offload.policy import POLICY_NAMES  # noqa: E402
+from jaxmoe.runtime.buckets import DEFAULT_PREFILL_CHUNK  # noqa: E402
+from jaxmoe.runtime.programs import enable_compilation_cache  # noqa: E402
+from jaxmoe.offload.policies import POLICY_NAMES  # noqa: E402
 from jaxmoe.serve.scheduling import RULES  # noqa: E402
 
 DEFAULT_MAX_BATCH = 8

@@ -9,7 +9,8 @@ import pytest
 from jaxmoe.offload.costs import CostModel, cost_model
 from jaxmoe.offload.driver import Amortize, DecodeDriver, DriverConfig
 from jaxmoe.offload.expert_maps import ExpertMaps, MapsConfig, MapsMismatch
-from jaxmoe.offload.policy import LFRU, PolicyShape, make_policy
+from jaxmoe.offload.policy import LFRU, PolicyShape
+from jaxmoe.offload.policies import make_policy
 from jaxmoe.offload.reuse import ReuseAware
 from jaxmoe.offload.schedule import Schedule
 from jaxmoe.predictor.simulate import DecodeTrace, simulate_decode

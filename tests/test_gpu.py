@@ -25,7 +25,7 @@ LOAD_AND_GENERATE = """
 import json, sys
 import jax
 from jaxmoe.engine import OffloadedEngine
-from jaxmoe.engine.metrics import tree_bytes
+from jaxmoe.runtime.metrics import tree_bytes
 from jaxmoe.offload.workspace import workspace_bytes
 
 dev = jax.devices()[0]
@@ -35,7 +35,7 @@ after_load = dev.memory_stats()
 kinds = sorted({engine.store.layer(layer).sharding.memory_kind for layer, _ in engine.store.keys()})
 prompt, new = [[5, 6, 7, 8] * 24], 32
 result = engine.generate(prompt, new)
-from jaxmoe.engine.buckets import cache_bucket, prompt_bucket
+from jaxmoe.runtime.buckets import cache_bucket, prompt_bucket
 from jaxmoe.model import init_kv_cache
 kv = tree_bytes(jax.eval_shape(lambda: init_kv_cache(engine.config, 1, cache_bucket(prompt_bucket(96), new))))
 print(json.dumps({
@@ -95,7 +95,7 @@ def test_a_copy_issued_before_a_dispatched_program_overlaps_it():
     from jaxmoe.model import ExpertWeights
     from jaxmoe.offload.cache import DeviceExpertCache
     from jaxmoe.offload.host_store import HostExpertStore
-    from jaxmoe.offload.policy import make_policy
+    from jaxmoe.offload.policies import make_policy
 
     cfg = from_hf_dict({"architectures": ["OlmoeForCausalLM"], "vocab_size": 64, "hidden_size": 2048,
                         "intermediate_size": 1024, "num_hidden_layers": 1, "num_attention_heads": 16,

@@ -35,7 +35,10 @@ def test_logits_and_router_logits_match(pair):
     theirs = [r for r in ref.router_logits if r is not None]
     assert len(ours) == len(theirs) == len(cfg.moe_layer_ids) > 0
     for layer, (a, r) in enumerate(zip(ours, theirs)):
-        np.testing.assert_allclose(np.asarray(a), r.reshape(b * t, -1).numpy(), atol=1e-5, err_msg=f"layer {layer}")
+        # fp32 on both sides, summed in different orders: on one AMD EPYC machine gpt-oss's yarn_window
+        # variant differed by 1.3e-5 at a logit of 2.19 (5e-6 relative) in its third layer.
+        np.testing.assert_allclose(np.asarray(a), r.reshape(b * t, -1).numpy(), atol=1e-5, rtol=1e-5,
+                                   err_msg=f"layer {layer}")  # fmt: skip
 
 
 def test_32_greedy_tokens_match(pair):

@@ -14,7 +14,7 @@ from flax import nnx
 from jaxmoe.config import MoEConfig
 from jaxmoe.engine import ResidentEngine
 from jaxmoe.engine.offloaded import OffloadedEngine
-from jaxmoe.engine.programs import program_name
+from jaxmoe.runtime.programs import program_name
 from jaxmoe.engine.sampling import SamplingParams
 from jaxmoe.engine.step import decode_step
 from jaxmoe.model import MoEDecoder, init_experts, init_kv_cache, layer_slot, moe_ffn

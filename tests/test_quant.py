@@ -22,11 +22,11 @@ from jaxmoe.engine.offloaded import OffloadedEngine
 from jaxmoe.model.experts import PAIR_TOKENS
 from jaxmoe.model import ExpertWeights, moe_ffn, moe_ffn_reference, num_unique_experts
 from jaxmoe.offload.cache import BudgetError, minimum_experts, workspace_experts
-from jaxmoe.engine.metrics import fmt_bytes
+from jaxmoe.runtime.metrics import fmt_bytes
 from jaxmoe.offload.host_store import HostExpertStore
 from jaxmoe.offload.prefetch import GateAhead
 from jaxmoe.quant import DENSE, ExpertFormat, packed_experts, packed_rows
-from jaxmoe.quant.format import pack_nibbles, unpack_nibbles
+from jaxmoe.quant.nibbles import pack_nibbles, unpack_nibbles
 from jaxmoe.quant.quantize import quantize_int4, quantize_int8
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,7 +7,8 @@ import itertools
 import pytest
 
 from jaxmoe.offload.cache import BudgetError, minimum_experts, plan_geometry
-from jaxmoe.offload.policy import LFU, LRU, OnDemand, make_policy
+from jaxmoe.offload.policy import LFU, LRU, OnDemand
+from jaxmoe.offload.policies import make_policy
 from jaxmoe.offload.schedule import Schedule
 
 

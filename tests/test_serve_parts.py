@@ -97,7 +97,7 @@ def test_row_sampling_is_greedy_like_the_engine_and_seeded_per_row():
 
 
 def test_batch_cache_grows_at_once_and_shrinks_only_to_a_quarter():
-    from jaxmoe.engine.programs import Programs
+    from jaxmoe.runtime.programs import Programs
     from jaxmoe.model import LayerKV
 
     assert row_buckets(16) == [1, 2, 4, 8, 16] and row_buckets(6) == [1, 2, 4, 6]

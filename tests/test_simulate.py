@@ -21,7 +21,8 @@ from jaxmoe.model import init_kv_cache
 from jaxmoe.offload.device_cache import DEVICE_POLICIES
 from jaxmoe.offload.device_sim import simulate_device
 from jaxmoe.offload.driver import Amortize
-from jaxmoe.offload.policy import PolicyShape, make_policy
+from jaxmoe.offload.policy import PolicyShape
+from jaxmoe.offload.policies import make_policy
 from jaxmoe.offload.schedule import Schedule
 from jaxmoe.offload.host_store import HostExpertStore
 from jaxmoe.offload.prefetch import ModuleScorer

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -27,7 +26,8 @@ from jaxmoe.offload.cache import batch_minimum_experts
 from jaxmoe.offload.device_cache import DevicePolicy, skip_weight, skippable
 from jaxmoe.offload.device_sim import simulate_device
 from jaxmoe.offload.host_store import HostExpertStore
-from jaxmoe.offload.policy import PolicyShape, make_policy
+from jaxmoe.offload.policy import PolicyShape
+from jaxmoe.offload.policies import make_policy
 from jaxmoe.offload.schedule import Schedule
 
 PROMPTS = [[5, 7, 9], list(range(3, 19)), [4, 0, 12, 31, 8] * 4]

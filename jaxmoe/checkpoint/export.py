@@ -19,7 +19,8 @@ from jaxmoe.checkpoint.assemble import CheckpointError, np_dtype
 from jaxmoe.checkpoint.atomic import atomic_directory
 from jaxmoe.checkpoint.convert import TOKENIZER_FILES
 from jaxmoe.checkpoint.gpt_oss_keys import hf_layer_tensors
-from jaxmoe.checkpoint.hf_keys import ExpertTarget, dense_targets, expert_targets
+from jaxmoe.checkpoint.hf_keys import dense_targets, expert_targets
+from jaxmoe.checkpoint.targets import ExpertTarget
 from jaxmoe.checkpoint.params_file import dense_name, expected
 from jaxmoe.checkpoint.safetensors_write import SafetensorsWriter
 from jaxmoe.checkpoint.store import open_checkpoint, open_params

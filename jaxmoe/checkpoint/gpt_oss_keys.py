@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from jaxmoe.checkpoint.hf_keys import ExpertTarget
+from jaxmoe.checkpoint.targets import ExpertTarget
 from jaxmoe.config import MoEConfig
 from jaxmoe.model.experts import ExpertWeights, expert_activation
 from jaxmoe.quant import mxfp4

@@ -11,10 +11,10 @@ Each layer must use exactly one of them.
 
 from __future__ import annotations
 
-import dataclasses
 import re
-from typing import Literal
 
+from jaxmoe.checkpoint.gpt_oss_keys import gpt_oss_expert_targets
+from jaxmoe.checkpoint.targets import DenseTarget, ExpertTarget
 from jaxmoe.config import MoEConfig
 
 # Buffers some checkpoints carry that are recomputed, never loaded.
@@ -27,22 +27,6 @@ def beyond_the_layers(cfg: MoEConfig, name: str) -> bool:
     layer (`model.layers.{num_hidden_layers + i}`): transformers does not run them, nor jaxmoe."""
     m = _LAYER.match(name)
     return cfg.family == "deepseek_v3" and m is not None and int(m[1]) >= cfg.num_layers
-
-
-@dataclasses.dataclass(frozen=True)
-class DenseTarget:
-    path: tuple  # key path into the dense pure dict
-    shape: tuple[int, ...]  # the Hugging Face tensor's shape
-    transpose: bool  # torch Linear weight -> NNX kernel
-
-
-@dataclasses.dataclass(frozen=True)
-class ExpertTarget:
-    layer: int
-    # gpt-oss adds its own parts (jaxmoe/checkpoint/gpt_oss_keys.py).
-    part: Literal["gate", "up", "down", "gate_up_fused", "down_fused"] | str
-    expert: int | None  # None for the fused layout (all experts in one tensor)
-    shape: tuple[int, ...]
 
 
 def _linear(prefix: str, path: tuple, d_in: int, d_out: int, bias: bool) -> dict:
@@ -141,8 +125,6 @@ def expert_targets(cfg: MoEConfig) -> tuple[dict[str, ExpertTarget], dict[str, E
     """(per-expert names, fused names) for every routed-expert tensor. gpt-oss has two
     layouts of its own (jaxmoe/checkpoint/gpt_oss_keys.py): (MXFP4 names, bf16 names)."""
     if cfg.family == "gpt_oss":
-        from jaxmoe.checkpoint.gpt_oss_keys import gpt_oss_expert_targets
-
         return gpt_oss_expert_targets(cfg)
     d, i_, e = cfg.hidden_size, cfg.expert_intermediate_size, cfg.num_experts
     if cfg.family == "mixtral":

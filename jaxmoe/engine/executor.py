@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxmoe.engine.phases import PhaseClock
-from jaxmoe.engine.programs import Programs
+from jaxmoe.runtime.phases import PhaseClock
+from jaxmoe.runtime.programs import Programs
 from jaxmoe.engine.weights import WeightPack
 from jaxmoe.model import MoEDecoder
 

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from jaxmoe.config import MoEConfig
-from jaxmoe.engine.buckets import cache_bucket, prompt_bucket
+from jaxmoe.runtime.buckets import cache_bucket, prompt_bucket
 from jaxmoe.model import init_kv_cache
 
 

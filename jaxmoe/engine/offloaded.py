@@ -25,13 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmoe.config import MoEConfig
-from jaxmoe.engine.buckets import DEFAULT_PREFILL_CHUNK, cache_bucket, check_chunk, chunk_starts, prompt_bucket
+from jaxmoe.runtime.buckets import DEFAULT_PREFILL_CHUNK, cache_bucket, check_chunk, chunk_starts, prompt_bucket
 from jaxmoe.engine.executor import Ends, Executor, Piece, pack_module
-from jaxmoe.engine.metrics import tree_bytes
+from jaxmoe.runtime.metrics import tree_bytes
 from jaxmoe.engine.device_decode import DeviceDecoder
 from jaxmoe.engine.offloaded_decode import OffloadedDecoder
 from jaxmoe.engine.outputs import GenerationResult, TokenCollector, generate_metrics
-from jaxmoe.engine.phases import PhaseClock
+from jaxmoe.runtime.phases import PhaseClock
 from jaxmoe.engine.inputs import prepare
 from jaxmoe.engine.routed import compile_routed, embed, routed_chunk
 from jaxmoe.engine.sampling import SamplingParams, sample
@@ -45,8 +45,9 @@ from jaxmoe.offload.device_cache import DEVICE_POLICIES, skip_weight
 from jaxmoe.offload.driver import Amortize, DecodeDriver, DriverConfig
 from jaxmoe.offload.expert_maps import MAPS_FILE, ExpertMaps, normalise
 from jaxmoe.offload.host_store import HostExpertStore
-from jaxmoe.offload.prefetch import NextLayerScorer, load_scorer
-from jaxmoe.offload.policy import PolicyShape, make_policy, policy_class
+from jaxmoe.offload.prefetch import NextLayerScorer
+from jaxmoe.offload.policy import PolicyShape
+from jaxmoe.offload.policies import make_policy, policy_class
 from jaxmoe.offload.prefill_plan import INJIT, MODES, ROUTED, PrefillPlan, choose_mode, plan_stream
 from jaxmoe.offload.schedule import PassPlan
 
@@ -191,6 +192,8 @@ class OffloadedEngine:
         loaded = load(ckpt, experts=False)
         store = HostExpertStore.from_checkpoint(ckpt)
         if predictor is not None:
+            from jaxmoe.predictor.store import load_scorer  # the predictor package: on demand
+
             predictor = load_scorer(predictor, loaded.model)
         maps = kw.pop("maps", None)
         if maps is None and policy_class(policy).maps and (Path(path) / MAPS_FILE).is_file():

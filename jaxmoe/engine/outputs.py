@@ -7,7 +7,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from jaxmoe.engine.metrics import device_peak_bytes
+from jaxmoe.runtime.metrics import device_peak_bytes
 
 
 class TokenCollector:

@@ -21,11 +21,11 @@ import numpy as np
 
 from jaxmoe.config import MoEConfig
 from jaxmoe.engine.executor import Piece, pack_module
-from jaxmoe.engine.buckets import DEFAULT_PREFILL_CHUNK, check_chunk, chunk_starts
-from jaxmoe.engine.metrics import tree_bytes
+from jaxmoe.runtime.buckets import DEFAULT_PREFILL_CHUNK, check_chunk, chunk_starts
+from jaxmoe.runtime.metrics import tree_bytes
 from jaxmoe.engine.inputs import prepare
 from jaxmoe.engine.outputs import GenerationResult, TokenCollector, generate_metrics
-from jaxmoe.engine.programs import Programs
+from jaxmoe.runtime.programs import Programs
 from jaxmoe.engine.sampling import SamplingParams, sample
 from jaxmoe.engine.step import forward_step
 from jaxmoe.model import ExpertWeights, MoEDecoder, check_model_dtype, moe_ffn

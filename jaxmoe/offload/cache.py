@@ -38,9 +38,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmoe.engine.metrics import fmt_bytes, tree_bytes
-from jaxmoe.engine.phases import PhaseClock
-from jaxmoe.engine.programs import Programs
+from jaxmoe.runtime.metrics import fmt_bytes, tree_bytes
+from jaxmoe.runtime.phases import PhaseClock
+from jaxmoe.runtime.programs import Programs
 from jaxmoe.model import PackedExperts, num_unique_experts
 from jaxmoe.model.experts import PAIR_TOKENS
 from jaxmoe.offload import device_cache as dc
@@ -193,7 +193,6 @@ class DeviceExpertCache:
         """`workspace`: the decode step's, in stored experts (`workspace_experts`); `programs`:
         where the cache's own programs (take, write) are compiled; the engine passes its own,
         so that preparing a bucket compiles them too."""
-        cfg = store.config
         self.programs = programs if programs is not None else Programs()
         self.store, self.budget_bytes, self.check_budget = store, budget_bytes, check_budget
         self.unique_max, self.workspace = unique_max, workspace

@@ -16,7 +16,6 @@ import functools
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxmoe.offload import device_cache as dc

@@ -184,29 +184,3 @@ class LFRU(EvictionPolicy):
 
     def victim(self, candidates: Iterable[Key]) -> Key:
         return min(candidates, key=lambda k: (self._value(k), self.last_use.get(k, -1), k))
-
-
-def _policies() -> dict[str, type]:
-    from jaxmoe.offload.reuse import ExpertMapsPolicy, ReuseAware
-
-    return {p.name: p for p in (OnDemand, LRU, LFU, LFRU, PredictorAware, ReuseAware, ExpertMapsPolicy)}
-
-
-POLICY_NAMES = ("ondemand", "lru", "lfu", "lfru", "predictor", "reuse", "maps")
-
-
-def policy_class(name: str) -> type:
-    if name not in POLICY_NAMES:
-        raise ValueError(f"unknown policy {name!r}; choose one of {sorted(POLICY_NAMES)}")
-    return _policies()[name]
-
-
-def make_policy(name: str, shape: PolicyShape | None = None, **options) -> EvictionPolicy:
-    """A fresh policy by name; `shape` is required by the policies that reason about the
-    model's layer order (lfru, reuse, maps); `options` go to the policy's constructor."""
-    cls = policy_class(name)
-    if cls in (OnDemand, LRU, LFU):
-        return cls()
-    if shape is None and cls.needs_shape:
-        raise ValueError(f"policy {name!r} needs the model's MoE layers, experts and top_k (a PolicyShape)")
-    return cls(shape, **options)

@@ -58,16 +58,3 @@ class ModuleScorer(NextLayerScorer):
 
     def score(self, leaves, h, layer):
         return nnx.merge(self.graphdef, jax.tree.unflatten(self.treedef, leaves))(h, layer)
-
-
-def load_scorer(spec, model: MoEDecoder) -> NextLayerScorer:
-    """"gate-ahead", a trained predictor's directory, or a scorer as is; a predictor
-    trained for another model is refused (jaxmoe.predictor.PredictorMismatch)."""
-    if isinstance(spec, NextLayerScorer):
-        return spec
-    if spec == "gate-ahead":
-        return GateAhead(model)
-    from jaxmoe.predictor.store import load_predictor
-
-    # With the model, the router weights are checked too, not only the config.
-    return ModuleScorer(load_predictor(spec, model.cfg, model=model).module)

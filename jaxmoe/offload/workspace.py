@@ -19,7 +19,7 @@ Shapes only: nothing is allocated.
 from __future__ import annotations
 
 from jaxmoe.config import MoEConfig
-from jaxmoe.engine.buckets import DEFAULT_PREFILL_CHUNK, cache_bucket, chunk_starts, prompt_bucket
+from jaxmoe.runtime.buckets import DEFAULT_PREFILL_CHUNK, cache_bucket, chunk_starts, prompt_bucket
 
 SLACK_BYTES = 64 * 2**20
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}

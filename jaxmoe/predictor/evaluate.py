@@ -23,7 +23,8 @@ from jaxmoe.offload.device_cache import DEVICE_POLICIES, DevicePolicy
 from jaxmoe.offload.device_sim import simulate_device
 from jaxmoe.offload.driver import Amortize
 from jaxmoe.offload.expert_maps import ExpertMaps
-from jaxmoe.offload.policy import PolicyShape, make_policy
+from jaxmoe.offload.policy import PolicyShape
+from jaxmoe.offload.policies import make_policy
 from jaxmoe.predictor.baselines import (
     frequency_scores,
     gate_ahead_scores,

@@ -34,7 +34,8 @@ import numpy as np
 
 from jaxmoe.offload.costs import CostModel
 from jaxmoe.offload.driver import Amortize, DecodeDriver, DriverConfig
-from jaxmoe.offload.policy import EvictionPolicy, PolicyShape, make_policy
+from jaxmoe.offload.policy import EvictionPolicy, PolicyShape
+from jaxmoe.offload.policies import make_policy
 from jaxmoe.offload.schedule import PassPlan, Schedule
 
 Key = tuple[int, int]  # (layer, expert)

@@ -24,6 +24,8 @@ from jaxmoe.checkpoint.atomic import atomic_directory
 from jaxmoe.checkpoint.file_checksums import directory_checksums, verify_checksums
 from jaxmoe.checkpoint.legacy_params import UncheckedWeightsWarning
 from jaxmoe.config import MoEConfig
+from jaxmoe.model import MoEDecoder
+from jaxmoe.offload.prefetch import GateAhead, ModuleScorer, NextLayerScorer
 from jaxmoe.predictor.fingerprint import layer_pairs, model_summary, router_hash
 from jaxmoe.predictor.mlp import ExpertPredictor
 
@@ -147,3 +149,14 @@ def load_predictor(path: str | Path, cfg: MoEConfig | None, model=None) -> Loade
         restored = ckptr.restore((path / PARAMS).resolve(), target)
     nnx.replace_by_pure_dict(state, restored)
     return LoadedPredictor(nnx.merge(graphdef, state), meta, path)
+
+
+def load_scorer(spec, model: MoEDecoder) -> NextLayerScorer:
+    """"gate-ahead", a trained predictor's directory, or a scorer as is; a predictor
+    trained for another model is refused (jaxmoe.predictor.PredictorMismatch)."""
+    if isinstance(spec, NextLayerScorer):
+        return spec
+    if spec == "gate-ahead":
+        return GateAhead(model)
+    # With the model, the router weights are checked too, not only the config.
+    return ModuleScorer(load_predictor(spec, model.cfg, model=model).module)

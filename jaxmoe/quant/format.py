@@ -34,6 +34,7 @@ from jaxmoe.config import MoEConfig
 from jaxmoe.model import ExpertWeights, PackedExperts
 from jaxmoe.model.experts import expert_activation
 from jaxmoe.quant import mxfp4
+from jaxmoe.quant.nibbles import unpack_nibbles
 
 FORMATS = ("dense", "int8", "int4", "mxfp4")
 ALIGN = 16  # bytes between parts, so a part's bytes can be viewed without a shift
@@ -176,19 +177,6 @@ class ExpertFormat:
             jnp.float32
         )
         return w.reshape(values.shape).astype(dtype)
-
-
-def pack_nibbles(values: np.ndarray) -> np.ndarray:
-    """[K, N] integers in 0..15 -> [K/2, N] uint8, row 2k in the low nibble, 2k + 1 in the high."""
-    v = values.astype(np.uint8)
-    return (v[0::2] | (v[1::2] << 4)).astype(np.uint8)
-
-
-def unpack_nibbles(packed: jax.Array) -> jax.Array:
-    """[..., K/2, N] uint8 -> [..., K, N] uint8 (the inverse of pack_nibbles)."""
-    low, high = packed & 0xF, packed >> 4
-    both = jnp.stack([low, high], axis=-2)  # [..., K/2, 2, N]
-    return both.reshape(packed.shape[:-2] + (2 * packed.shape[-2], packed.shape[-1]))
 
 
 @dataclasses.dataclass(frozen=True)

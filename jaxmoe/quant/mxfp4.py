@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmoe.quant.nibbles import pack_nibbles, unpack_nibbles
+
 BLOCK = 32
 # e2m1 code -> value; bit 3 is the sign.
 E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32)
@@ -38,8 +40,6 @@ def dequantize(q: jax.Array, scale: jax.Array, dtype) -> jax.Array:
     """Inside a program: q [..., K/2, N], scale [..., K/32, N] uint8 -> [..., K, N] in `dtype`.
     Exact: an e2m1 value times a power of two is representable in bf16 and fp32. The scale
     is built from its exponent bits (2^(s - 127) for s in 1..254; s = 0 reads as zero)."""
-    from jaxmoe.quant.format import unpack_nibbles
-
     codes = unpack_nibbles(q)  # [..., K, N] in 0..15
     values = jnp.asarray(E2M1)[codes.astype(jnp.int32)]
     pow2 = jax.lax.bitcast_convert_type(scale.astype(jnp.uint32) << 23, jnp.float32)  # [..., K/32, N]
@@ -61,8 +61,6 @@ def quantize(w: np.ndarray) -> dict[str, np.ndarray]:
     """w [K, N] float -> {"q": [K/2, N], "scale": [K/32, N]} uint8: per block of 32 along K the
     smallest power of two that puts the block's largest magnitude within e2m1's 6, then each
     value rounded to the nearest e2m1 value (ties to the smaller magnitude)."""
-    from jaxmoe.quant.format import pack_nibbles
-
     k, n = w.shape
     g = w.astype(np.float32).reshape(k // BLOCK, BLOCK, n)
     amax = np.max(np.abs(g), axis=1)  # [K/32, N]

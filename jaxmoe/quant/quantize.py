@@ -18,7 +18,8 @@ import numpy as np
 
 from jaxmoe.model import ExpertWeights
 from jaxmoe.quant import mxfp4
-from jaxmoe.quant.format import ExpertFormat, pack_nibbles
+from jaxmoe.quant.format import ExpertFormat
+from jaxmoe.quant.nibbles import pack_nibbles
 
 
 def _stored(x: np.ndarray, dtype: np.dtype) -> np.ndarray:

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmoe.engine.buckets import bucket
+from jaxmoe.runtime.buckets import bucket
 from jaxmoe.model.kv import KEY_AXIS
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping, Sequence
 
-from jaxmoe.engine.buckets import chunk_starts, prompt_bucket
+from jaxmoe.runtime.buckets import chunk_starts, prompt_bucket
 from jaxmoe.serve.request import Request
 
 RULES = ("edf", "fcfs", "task")

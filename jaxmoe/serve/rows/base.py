@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmoe.engine.buckets import cache_bucket, chunk_starts, prompt_bucket
+from jaxmoe.runtime.buckets import cache_bucket, chunk_starts, prompt_bucket
 from jaxmoe.engine.inputs import pad_right
 from jaxmoe.model import init_kv_cache
 

@@ -5,7 +5,7 @@ read the same fields (DeepSeek-V2-Lite, DeepSeek-V3/R1 and Kimi K2 share this la
 
 from __future__ import annotations
 
-from jaxmoe.config import ConfigError, MoEConfig, resolve_yarn
+from jaxmoe.config.moe_config import ConfigError, MoEConfig, resolve_yarn
 
 
 def _router(hf: dict, family: str) -> dict:

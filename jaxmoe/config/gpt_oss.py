@@ -9,7 +9,7 @@ are read here like bf16 ones: the expert format is the converter's business
 
 from __future__ import annotations
 
-from jaxmoe.config import ConfigError, MoEConfig, _torch_dtype, resolve_yarn, rope_params
+from jaxmoe.config.moe_config import ConfigError, MoEConfig, hf_dtype, resolve_yarn, rope_params
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
 # Options of `quantization_config` that do not change how the stored experts read.
@@ -60,7 +60,7 @@ def gpt_oss_config(hf: dict) -> MoEConfig:
         rope_theta=float(rope_params(hf).get("rope_theta") or hf.get("rope_theta") or 150000.0),
         max_position_embeddings=max_positions,
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        dtype=_torch_dtype(hf),
+        dtype=hf_dtype(hf),
         qkv_bias=bias,
         o_bias=bias,
         sliding_layers=sliding if any(sliding) else (),
