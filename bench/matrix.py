@@ -42,12 +42,14 @@ class Job:
     device_budget_bytes: int | None = None  # hf-accelerate rows
     prefill: str | None = None  # offload rows: a PREFILL_MODES key (None: the engine's default)
     skipped: str | None = None  # why this row is not run (decided before spawning anything)
+    temperature: float = 0.0  # jaxmoe rows: 0 greedy, else sampled with the run's seed (same key resident/offloaded)
 
     @property
     def key(self) -> str:
         parts = [self.worker, self.model.label.replace("/", "-"), self.dtype, f"b{self.batch}", f"p{self.prompt_tokens}"]
         parts += [self.policy or "", str(self.budget.bytes) if self.budget else "", self.prefill or ""]
         parts += [f"dev{self.device_budget_bytes}" if self.device_budget_bytes else ""]
+        parts += [f"t{self.temperature:g}" if self.temperature else ""]
         return "-".join(p for p in parts if p)
 
 
@@ -90,10 +92,11 @@ def model_jobs(args, model: ModelSpec, dtype: str) -> tuple[list[Job], list[str]
     for batch, prompt in points:
         main = (batch, prompt) == points[0]
         at = dict(model=model, dtype=dtype, batch=batch, prompt_tokens=prompt)
+        ours = at | {"temperature": getattr(args, "temperature", 0.0)}  # jaxmoe's rows: transformers decodes greedily
         no_fit = fits_device(cfg, batch, prompt, args.new_tokens, args.device_bytes, fmt)
         peers = model.has_peers and fmt.kind == "dense"  # transformers runs the dense weights only
         if "jaxmoe" in args.engines:
-            out.append(Job("jaxmoe", **at, skipped=no_fit))
+            out.append(Job("jaxmoe", **ours, skipped=no_fit))
         # transformers builds its own weights: an embedding scale is jaxmoe's random weights' only
         at_peer = at | {"model": dataclasses.replace(model, embed_scale=1.0)}
         if peers and "hf" in args.engines:
@@ -109,9 +112,9 @@ def model_jobs(args, model: ModelSpec, dtype: str) -> tuple[list[Job], list[str]
         for budget in budgets if main else budgets[:1]:
             for policy in policies[:1] if budget.experts >= total else policies:
                 why = below_minimum(cfg, budget, batch, fmt)
-                out.append(Job("offload", **at, policy=policy, budget=budget, skipped=why))
+                out.append(Job("offload", **ours, policy=policy, budget=budget, skipped=why))
         sweep = [p for p in args.sweep_policies if p in args.policies] or ["lru"]
-        out += [Job("offload", **at, policy=sweep[0], budget=budgets[0], prefill=m) for m in args.prefill_modes]
+        out += [Job("offload", **ours, policy=sweep[0], budget=budgets[0], prefill=m) for m in args.prefill_modes]
     return out, arithmetic
 
 
@@ -125,6 +128,8 @@ def spec(args, job: Job) -> dict:
          "repeats": args.accelerate_repeats if accelerate else args.repeats,
          "device_budget_bytes": job.device_budget_bytes, "policy": job.policy,
          "budget_bytes": job.budget and job.budget.bytes}  # fmt: skip
+    if job.temperature:
+        s["temperature"] = job.temperature
     if job.policy == "predictor":
         s["predictor"] = job.model.predictor
     if job.prefill:

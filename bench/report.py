@@ -41,14 +41,18 @@ class Lookup:
         self.by = {}
         for job, r in results.items():
             if job.policy is None:
-                self.by.setdefault((job.worker, job.model.label, job.dtype, job.batch, job.prompt_tokens), r)
+                model = job.model.label + (f"@t{job.temperature:g}" if job.temperature else "")
+                self.by.setdefault((job.worker, model, job.dtype, job.batch, job.prompt_tokens), r)
         # The link carries bytes: one measurement serves every set of weights of a layout.
         self.bandwidth = {(j.model.layout, j.dtype): r.get("bandwidth") or {} for j, r in results.items()
                           if j.worker == "bandwidth"}  # fmt: skip
 
     def at(self, worker: str, job) -> dict:
         # transformers runs weights of its own, whatever embedding scale jaxmoe's random weights have
-        model = job.model.layout if worker in ("hf", "hf-accelerate") else job.model.label
+        if worker in ("hf", "hf-accelerate"):
+            model = job.model.layout
+        else:  # the resident row decoded as this row is
+            model = job.model.label + (f"@t{job.temperature:g}" if job.temperature else "")
         return self.by.get((worker, model, job.dtype, job.batch, job.prompt_tokens)) or {}
 
     def gbps(self, job, demand: int) -> dict | None:
@@ -98,8 +102,9 @@ def offload_fields(r: dict, resident: dict, bw: dict | None, demand: int) -> dic
 def base_row(job, r: dict) -> dict:
     settings = r.get("settings", {})
     return {
-        "model": f"{job.model.name}/{SHORT.get(job.dtype, job.dtype)}" + job.model.label.removeprefix(job.model.name),
-        "routing": job.model.routing,
+        "model": f"{job.model.name}/{SHORT.get(job.dtype, job.dtype)}" + job.model.label.removeprefix(job.model.name)
+        + (f", sampled T={job.temperature:g}" if job.temperature else ""),
+        "routing": job.model.routing, "temperature": job.temperature,
         "policy": job.policy or PEER[job.worker], "expert_budget_bytes": r.get("expert_bytes"),
         "batch": job.batch, "prompt_tokens": job.prompt_tokens, "ttft_ms": r.get("ttft_ms"),
         "decode_tokens_per_s": r.get("decode_tokens_per_s"), "peak_device_bytes": r.get("peak_device_bytes"),

@@ -109,10 +109,14 @@ SHAPES = {
 SOURCE = {"olmoe-small": "hf", "olmoe-1b-7b": "hf"}  # the rest: "random"
 # Random weights route almost every token to the same experts (a decode hit rate of 0.99 where
 # a trained model gets 0.2-0.6): each layer's output, shared by every token, drowns the small
-# random embedding in the residual stream the routers see. Scaling the embeddings by 28 gave
-# the OLMoE-1B-7B shape the shipped model's lru decode hit rates at 20% and 45% of the experts
-# (0.26 and 0.62 against 0.26 and 0.57, greedy; docs/BENCHMARKS.md, "Routing for honest GPU rows").
-ROUTED_EMBED_SCALE = 28.0
+# random embedding in the residual stream the routers see. Scaled embeddings let token identity
+# reach the routers. Decoded greedily, a deep random model still falls into a loop (8 layers at
+# x28: two distinct tokens, hit rate 0.985), so rows on scaled weights are sampled. Sampled at
+# T = 1, the scale that matches the shipped model's lru decode hit rate at 20% of the experts
+# (0.26) grows with depth: x28 at 4 layers (0.24), x40 at 8 (0.26, where x28 gave 0.49). The
+# 16-layer shape was not measured (too big for the CPU machine): its rows report their own
+# hit rate (docs/BENCHMARKS.md, "Routing for the GPU rows").
+ROUTED_EMBED_SCALE = 40.0
 # Total device budgets (GiB) of the GPU matrix: each gives an `auto` expert budget and
 # the accelerate peer's max_memory.
 GPU_DEVICE_BUDGETS_GIB = {"olmoe-1b-7b": (5, 8, 16), "qwen3-30b-a3b": (16, 24, 40), "mixtral-8x7b": (24,)}
@@ -124,7 +128,7 @@ class ModelSpec:
     source: str  # "hf" | "random" | "checkpoint"
     path: str | None = None  # checkpoint directory
     expert_format: str = "dense"  # how the experts are held (a checkpoint: its own, see fmt())
-    embed_scale: float = 1.0  # "random": token embeddings x this (ROUTED_EMBED_SCALE: trained-like routing)
+    embed_scale: float = 1.0  # "random": token embeddings x this (ROUTED_EMBED_SCALE: see above)
 
     def __post_init__(self):
         if self.embed_scale != 1.0 and self.source != "random":
@@ -157,7 +161,7 @@ class ModelSpec:
         """How a random model's tokens pick experts (the hit rate a cache can reach depends on it)."""
         if self.source != "random":
             return "trained" if self.source == "checkpoint" else "random weights"
-        return "random weights" if self.embed_scale == 1.0 else f"trained-like (embeddings x{self.embed_scale:g})"
+        return "random weights" if self.embed_scale == 1.0 else f"random weights, embeddings x{self.embed_scale:g}"
 
     def hf_fields(self, dtype: str) -> dict:
         """The config.json dict of this model in `dtype` (a checkpoint keeps its own dtype)."""

@@ -10,7 +10,7 @@ process per configuration.
   [--engines jaxmoe,hf,hf-accelerate] [--policies ondemand,lru,lfu,predictor] [--sweep-policies lru]
   [--budgets 0.25,0.5,3.8GB,4GiB,auto] [--device-budgets-gib 5,8,16] [--device-gib 80] [--workspace-gib G]
   [--batch 1,4,16] [--prompt-tokens 128,512,2048] [--prefill-modes stream,stream-serial,routed,injit]
-  [--dtypes bfloat16] [--formats dense,int8,int4] [--embed-scale X] [--new-tokens N] [--repeats R] [--accelerate-new-tokens N] [--accelerate-repeats R]
+  [--dtypes bfloat16] [--formats dense,int8,int4] [--embed-scale X] [--temperature T] [--new-tokens N] [--repeats R] [--accelerate-new-tokens N] [--accelerate-repeats R]
   [--cpu-threads T] [--seed S] [--out-dir docs/bench] [--name STEM] [--no-plots]
   [--resume] [--stop-after SECONDS] [--worker-timeout SECONDS] [--json]
 
@@ -70,9 +70,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--formats", default="dense", help="expert formats, comma list of dense, int8, int4, int4-gN "
                    "(checkpoints keep their own; transformers rows only for dense)")
     p.add_argument("--embed-scale", type=float, default=1.0, help="shapes: jaxmoe's random weights with token "
-                   f"embeddings x X ({ROUTED_EMBED_SCALE:g}: decode routes like a trained model's, hit rates a cache "
-                   "really gets; 1: almost every token picks the same experts); shapes built through transformers "
+                   f"embeddings x X ({ROUTED_EMBED_SCALE:g}: a 4-layer cut routes like a trained model, though "
+                   "greedy decoding of a deeper one falls into a loop; 1: almost every token picks the same experts); shapes built through transformers "
                    "switch to jaxmoe's random weights; not for checkpoints")
+    p.add_argument("--temperature", type=float, default=0.0, help="jaxmoe's rows sample at this temperature "
+                   "with the run's seed (resident and offloaded draw with the same key, so their tokens are still "
+                   "compared); 0: greedy. transformers' rows decode greedily")
     p.add_argument("--engines", default=",".join(ENGINES), help="comma list of: " + ",".join(ENGINES))
     p.add_argument("--policies", default=",".join(POLICIES), help="offload policies, comma list ('' for none)")
     p.add_argument("--sweep-policies", default="lru", help="policies also run at the other batch/prompt points")
@@ -111,6 +114,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         formats = [parse_format(f).name for f in _list(args.formats)]
     except ValueError as e:
         p.error(str(e))
+    if args.temperature < 0:
+        p.error(f"--temperature: expected 0 (greedy) or more, got {args.temperature:g}")
     if args.embed_scale <= 0:
         p.error(f"--embed-scale: expected a positive factor, got {args.embed_scale:g}")
     if args.embed_scale != 1.0 and any(m.source == "checkpoint" for m in args.models):

@@ -34,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--exact-models", help="exactness step: only these models (comma list)")
     p.add_argument("--exact-policies", help="exactness step: only these policies (comma list)")
     p.add_argument("--decode-rows", help="decode step: only these rows (comma list of resident, hf, hf-accelerate, "
-                   "lru@5GiB, predictor@5GiB, lru@8GiB on weights routed like a trained model's; hit-path:resident, "
+                   "lru@5GiB, predictor@5GiB, lru@8GiB on random weights with embeddings x40; hit-path:resident, "
                    "hit-path:lru@5GiB, hit-path:predictor@5GiB on plain random weights)")
     p.add_argument("--prefill-modes", help="prefill step: only these offloaded modes (comma list of "
                    + ", ".join(PREFILL_MODES) + ")")

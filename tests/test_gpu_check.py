@@ -34,13 +34,14 @@ def test_the_dry_run_decodes_every_row(tmp_path):
     for r in decode["rows"]:
         by_routing.setdefault(r["routing"], {})[r["policy"]] = r
     assert {k: set(v) for k, v in by_routing.items()} == {
-        "trained-like (embeddings x28)": {"resident", "lru", "predictor"}, "random weights": {"resident", "lru"}}
-    for r in decode["rows"]:  # each offloaded row against the resident row of its own weights
+        "random weights, embeddings x40": {"resident", "lru", "predictor"}, "random weights": {"resident", "lru"}}
+    for r in decode["rows"]:  # each offloaded row against the resident row of its own weights and decoding
         assert r["engine"] != "offload" or r["greedy_agree"] == r["greedy_compared"] == 8, r
+        assert r["temperature"] == (1.0 if r["routing"] == "random weights, embeddings x40" else 0.0), r
     # The scaled embeddings are the point: plain random weights route every token alike.
-    routed, plain = by_routing["trained-like (embeddings x28)"]["lru"], by_routing["random weights"]["lru"]
+    routed, plain = by_routing["random weights, embeddings x40"]["lru"], by_routing["random weights"]["lru"]
     assert routed["decode_hit_rate"] < plain["decode_hit_rate"] - 0.3, (routed["decode_hit_rate"], plain["decode_hit_rate"])
-    assert "## Decode" in md and "olmoe-small/bf16/embed-x28" in md
+    assert "## Decode" in md and "olmoe-small/bf16/embed-x40" in md
 
 
 @pytest.mark.e2e
@@ -54,7 +55,7 @@ def test_the_dry_run_passes_every_step(tmp_path):
     assert exact["summary"]["equal"] == exact["summary"]["cases"] == 5  # one per model, every option twice
     decode = next(s for s in record["steps"] if s["name"] == "decode")["result"]
     assert {r["policy"] for r in decode["rows"]} == {"resident", "lru", "predictor"}
-    assert {r["routing"] for r in decode["rows"]} == {"trained-like (embeddings x28)", "random weights"}
+    assert {r["routing"] for r in decode["rows"]} == {"random weights, embeddings x40", "random weights"}
     for title in ("## Exactness", "## Decode", "## Where an offloaded decode step's time goes", "## Prefill modes"):
         assert title in md
 
