@@ -38,8 +38,6 @@ def pytest_configure(config):
     # JAX's persistent compilation cache, in a directory of this run's own, turns the repeats
     # into loads. A test that checks the cache itself runs a process with its own directory.
     # JAXMOE_TEST_COMPILE_CACHE=DIR keeps them in DIR from run to run (a developer's loop).
-    # Under pytest-xdist (-n N) each worker keeps its own (JAX writes cache files in place: a
-    # worker could read another's half-written file).
     where = os.environ.get("JAXMOE_TEST_COMPILE_CACHE", "1")
     if where != "0":
         import tempfile
@@ -49,8 +47,6 @@ def pytest_configure(config):
         if where == "1":
             config._jaxmoe_cache = tempfile.TemporaryDirectory(prefix="jaxmoe-test-xla-")
             where = config._jaxmoe_cache.name
-        elif os.environ.get("PYTEST_XDIST_WORKER"):
-            where = os.path.join(where, os.environ["PYTEST_XDIST_WORKER"])
         enable_compilation_cache(where)
     # The README's test command installs the test extra: there a missing torch is a broken
     # install, not a reason to skip every parity test (scripts/test.sh sets this).
