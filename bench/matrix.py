@@ -52,6 +52,12 @@ class Job:
         parts += [f"t{self.temperature:g}" if self.temperature else ""]
         return "-".join(p for p in parts if p)
 
+    @property
+    def decoded_as(self) -> str:
+        """The weights (model label) and, when sampled, the temperature: rows that agree on it
+        must give the same tokens."""
+        return self.model.label + (f"@t{self.temperature:g}" if self.temperature else "")
+
 
 def fits_device(cfg, batch: int, prompt: int, new: int, device_bytes: int | None, fmt=None) -> str | None:
     """Why every weight cannot be resident on the device, or None."""

@@ -41,18 +41,14 @@ class Lookup:
         self.by = {}
         for job, r in results.items():
             if job.policy is None:
-                model = job.model.label + (f"@t{job.temperature:g}" if job.temperature else "")
-                self.by.setdefault((job.worker, model, job.dtype, job.batch, job.prompt_tokens), r)
+                self.by.setdefault((job.worker, job.decoded_as, job.dtype, job.batch, job.prompt_tokens), r)
         # The link carries bytes: one measurement serves every set of weights of a layout.
         self.bandwidth = {(j.model.layout, j.dtype): r.get("bandwidth") or {} for j, r in results.items()
                           if j.worker == "bandwidth"}  # fmt: skip
 
     def at(self, worker: str, job) -> dict:
         # transformers runs weights of its own, whatever embedding scale jaxmoe's random weights have
-        if worker in ("hf", "hf-accelerate"):
-            model = job.model.layout
-        else:  # the resident row decoded as this row is
-            model = job.model.label + (f"@t{job.temperature:g}" if job.temperature else "")
+        model = job.model.layout if worker in ("hf", "hf-accelerate") else job.decoded_as
         return self.by.get((worker, model, job.dtype, job.batch, job.prompt_tokens)) or {}
 
     def gbps(self, job, demand: int) -> dict | None:
