@@ -1,6 +1,7 @@
 import importlib.util
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -9,6 +10,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(__file__))
 # research/ (offline variants, not the package) lives beside jaxmoe in the checkout.
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+TEST_CACHE_MAX_BYTES = 1 << 30  # `-m "not e2e"` wrote 39 MB
 
 
 def _has_gpu() -> bool:
@@ -34,20 +38,25 @@ def pytest_sessionstart(session):
 
 
 def pytest_configure(config):
-    # Many tests build engines over the same tiny shapes, each compiling the same programs:
-    # JAX's persistent compilation cache, in a directory of this run's own, turns the repeats
-    # into loads. A test that checks the cache itself runs a process with its own directory.
-    # JAXMOE_TEST_COMPILE_CACHE=DIR keeps them in DIR from run to run (a developer's loop).
-    where = os.environ.get("JAXMOE_TEST_COMPILE_CACHE", "1")
+    # Many tests build engines over the same tiny shapes, each compiling the same programs, and
+    # compiling is most of the suite's time (a warm run of test_generation and test_moe took
+    # a quarter of a cold one on 2 cores): JAX's persistent compilation cache turns the
+    # repeats into loads, within a run and from one run to the next. Its entries are keyed
+    # by the program and the jax version, so a changed program compiles anew. A test that
+    # checks the cache itself runs a process with its own directory.
+    # The scripts and bench workers the e2e tests start use it too (unless a test gives one its
+    # own), rather than the user's ~/.cache/jaxmoe.
+    # JAXMOE_TEST_COMPILE_CACHE: DIR instead of the checkout's .cache/xla-tests; 0: no cache.
+    where = os.environ.get("JAXMOE_TEST_COMPILE_CACHE", str(Path(__file__).parents[1] / ".cache" / "xla-tests"))
     if where != "0":
-        import tempfile
+        import jax
 
-        from jaxmoe.runtime.programs import enable_compilation_cache
+        from jaxmoe.runtime.programs import CACHE_ENV, enable_compilation_cache
 
-        if where == "1":
-            config._jaxmoe_cache = tempfile.TemporaryDirectory(prefix="jaxmoe-test-xla-")
-            where = config._jaxmoe_cache.name
-        enable_compilation_cache(where)
+        where = str(enable_compilation_cache(where))
+        jax.config.update("jax_compilation_cache_max_size", TEST_CACHE_MAX_BYTES)  # least recently used go first
+        os.environ.setdefault(CACHE_ENV, where)  # the scripts (generate.py, serve.py, ...)
+        os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", where)  # bench workers
     # The README's test command installs the test extra: there a missing torch is a broken
     # install, not a reason to skip every parity test (scripts/test.sh sets this).
     if os.environ.get("JAXMOE_REQUIRE_TORCH") == "1" and _TEST_EXTRA:
