@@ -43,17 +43,17 @@ def pytest_configure(config):
     # checks the cache itself runs a process with its own directory.
     # The scripts and bench workers the e2e tests start use it too (unless a test gives one its
     # own), rather than the user's ~/.cache/jaxmoe.
-    # JAXMOE_TEST_COMPILE_CACHE: DIR instead of the checkout's .cache/xla-tests; 0: no cache.
-    where = os.environ.get("JAXMOE_TEST_COMPILE_CACHE", str(Path(__file__).parents[1] / ".cache" / "xla-tests"))
-    if where != "0":
-        from jaxmoe.runtime.programs import CACHE_ENV, enable_compilation_cache
+    # JAXMOE_TEST_COMPILE_CACHE: DIR instead of the checkout's .cache/xla-tests; 0 (or off):
+    # no cache. No size cap: JAX's capped cache expects an access-time file beside every
+    # entry, and the entries the e2e tests' scripts write have none (every later write then
+    # failed with a warning). `-m "not e2e"` writes about 40 MB; delete the directory at will.
+    from jaxmoe.runtime.programs import CACHE_ENV, enable_compilation_cache
 
-        # No size cap: JAX's capped cache expects an access-time file beside every entry, and
-        # the entries the e2e tests' scripts write have none (every later write then failed
-        # with a warning). `-m "not e2e"` writes about 40 MB; delete the directory at will.
-        where = str(enable_compilation_cache(where))
-        os.environ.setdefault(CACHE_ENV, where)  # the scripts (generate.py, serve.py, ...)
-        os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", where)  # bench workers
+    where = enable_compilation_cache(os.environ.get("JAXMOE_TEST_COMPILE_CACHE",
+                                                    Path(__file__).parents[1] / ".cache" / "xla-tests"))  # fmt: skip
+    if where is not None:
+        os.environ.setdefault(CACHE_ENV, str(where))  # the scripts (generate.py, serve.py, ...)
+        os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(where))  # bench workers
     # The README's test command installs the test extra: there a missing torch is a broken
     # install, not a reason to skip every parity test (scripts/test.sh sets this).
     if os.environ.get("JAXMOE_REQUIRE_TORCH") == "1" and _TEST_EXTRA:
